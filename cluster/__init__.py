@@ -1,0 +1,1 @@
+"""The bus between edge and cloud (Redis) and the lifecycle of a local cluster (Redis + Ray + Serve)."""

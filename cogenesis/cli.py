@@ -1,0 +1,154 @@
+"""The ``cogenesis`` command. Errors print what was wrong and what to do, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from cogenesis.errors import CoGenesisError
+
+EPILOG = "Docs: README.md. Every command accepts -v for progress logs."
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="run both CoGenesis modes end to end on this machine",
+        description=("Start Redis, a local Ray instance and a Ray Serve app hosting the large model, then run "
+                     "simulated edge clients (each with one record's private context) in sketch and logits mode. "
+                     "Prints each client's output and a summary; everything is shut down on exit or Ctrl-C."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--clients", type=int, default=4, help="simulated edge clients (records are cycled)")
+    p.add_argument("--mode", choices=["sketch", "logits", "both"], default="both", help="which mode(s) to run")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens each client writes per session")
+    p.add_argument("--data", default=None, help="CoGenesis JSON file (default: 8 records shipped with the package)")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting the bundled one")
+    p.add_argument("--json", dest="json_path", default=None, help="write sessions and summary to this JSON file")
+    p.add_argument("--audit-log", default=None, help="cloud appends one JSON line per model request (its input text)")
+    p.add_argument("--large-model", default="embedded:large", help="cloud model: embedded:large, HF dir or hub id")
+    p.add_argument("--small-model", default="embedded:small", help="device model: embedded:small, HF dir or hub id")
+    p.add_argument("--replicas", type=int, default=1, help="Serve replicas of the large model")
+    p.add_argument("--top-k", type=int, default=10, help="top-k the cloud returns per logits step (<= 50)")
+    p.add_argument("--fusion-weight", type=float, default=0.5, help="constant fusion weight of the small model")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (client i uses seed + i)")
+    p.add_argument("--sketch-style", choices=["zero-shot", "paper"], default="zero-shot",
+                   help="sketch prompt: paper instructions alone, or with the paper's few-shot examples")
+    p.add_argument("--step-timeout", type=float, default=30.0, help="seconds to wait for one cloud reply")
+    p.add_argument("--show-private", action="store_true", help="also print each client's private instruction text")
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="prepare, derive and inspect the embedded models",
+                       description="Manage the embedded models (cached under $COGENESIS_HOME, default ~/.cache/cogenesis).")
+    msub = p.add_subparsers(dest="models_cmd", required=True, metavar="{prepare,derive-small,info}")
+    msub.add_parser("prepare", help="convert the embedded GGUF and derive the small model (idempotent)")
+    d = msub.add_parser(
+        "derive-small", help="derive the small model from the large one by layer pruning",
+        description=("Remove decoder layers from the large model. --search recorded keeps the layer list found "
+                     "once by greedy search (fast, identical everywhere); --search greedy redoes that search on "
+                     "held-out answers from --data (~15 min on 2 cores)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--search", choices=["recorded", "greedy"], default="recorded", help="how layers are chosen")
+    d.add_argument("--keep", type=int, default=20, help="layers to keep (greedy search)")
+    d.add_argument("--data", default=None, help="CoGenesis JSON whose gold answers calibrate/measure (default: shipped sample)")
+    d.add_argument("--records", type=int, default=8, help="records used for calibration and measurement")
+    d.add_argument("--out", default=None, help="output directory (default: the cache's small-model directory)")
+    msub.add_parser("info", help="show model paths, derivations and measured quality")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cogenesis", epilog=EPILOG,
+        description=("CoGenesis Serve: a cloud LLM (Ray Serve) and on-device small models write together over "
+                     "Redis; the user's private context never leaves the device."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) to stderr")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _demo_parser(sub)
+    _models_parser(sub)
+    c = sub.add_parser("config", help="print every configuration field with its default and meaning")
+    c.add_argument("--show", action="store_true", help="(default) print the configuration reference")
+    return parser
+
+
+def cmd_demo(args) -> int:
+    from rich.console import Console
+
+    from cogenesis.config import CloudConfig, EdgeConfig, validate
+    from cogenesis.demo import DemoOptions, run_demo
+
+    cloud = validate(CloudConfig, {"large_model": args.large_model, "num_replicas": args.replicas,
+                                   "audit_log": args.audit_log, "sketch_style": args.sketch_style}, "flags")
+    edge = validate(EdgeConfig, {
+        "small_model": args.small_model, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+        "step_timeout_s": args.step_timeout,
+        "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
+        "fusion": {"weight": args.fusion_weight}}, "flags")
+    modes = ("sketch", "logits") if args.mode == "both" else (args.mode,)
+    opts = DemoOptions(clients=args.clients, modes=modes, data=args.data, redis_url=args.redis_url,
+                       json_path=args.json_path, show_private=args.show_private)
+    report = run_demo(opts, cloud, edge, Console())
+    failed = sum(m["failed"] for m in report["summary"]["modes"].values())
+    return 1 if failed else 0
+
+
+def cmd_models(args) -> int:
+    from cogenesis import model_tools
+
+    return model_tools.run(args)
+
+
+def cmd_config(args) -> int:
+    from cogenesis.config import CloudConfig, EdgeConfig
+
+    for model in (CloudConfig, EdgeConfig):
+        print(f"{model.__name__}: {(model.__doc__ or '').strip()}")
+        _print_fields(model, "  ")
+    return 0
+
+
+def _print_fields(model, indent: str) -> None:
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            print(f"{indent}{name}:")
+            _print_fields(ann, indent + "  ")
+        else:
+            print(f"{indent}{name} = {field.default!r}  # {field.description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    handlers = {"demo": cmd_demo, "models": cmd_models, "config": cmd_config}
+    try:
+        return handlers[args.cmd](args)
+    except CoGenesisError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: everything started was shut down", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so plainly; the traceback only with -v
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        print("  hint: rerun with -v for the traceback and report it", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Configuration as validated models. Every field documents itself; bad values name themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cogenesis.errors import ConfigError
+from cogenesis.models import EMBEDDED_LARGE, EMBEDDED_SMALL
+from cogenesis.protocol import MAX_TOP_K
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingConfig(_Cfg):
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Softmax temperature; 0 = greedy decoding.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(0, description="Seed per session (offset by client index); None = random.")
+
+
+class FusionConfig(_Cfg):
+    method: Literal["constant"] = Field("constant", description="Fusion of small and large distributions.")
+    weight: float = Field(0.5, ge=0.0, le=1.0, description="w: weight of the small model (1 = small only).")
+    floor: float = Field(-20.0, le=0.0, description="Log-prob given to tokens missing from the cloud's top-k.")
+
+
+class CloudConfig(_Cfg):
+    """The large-model side: one Ray Serve application."""
+
+    large_model: str = Field(EMBEDDED_LARGE, description="Large model: embedded:large, an HF directory or hub id.")
+    redis_url: str = Field("redis://127.0.0.1:6380/0", description="Redis bus the replicas consume from.")
+    num_replicas: int = Field(1, ge=1, le=64, description="Serve replicas of the large model.")
+    replica_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per replica.")
+    torch_threads: int = Field(2, ge=1, le=256, description="torch intra-op threads per replica.")
+    max_sessions: int = Field(1024, ge=1, description="Open logits sessions a replica keeps; beyond it, oldest idle closes.")
+    session_idle_s: float = Field(300.0, gt=0, description="A session idle this long is closed and its KV cache freed.")
+    sketch_style: Literal["zero-shot", "paper"] = Field(
+        "zero-shot", description="Sketch prompt: the paper's instructions alone, or with its two few-shot examples.")
+    sketch_max_batch: int = Field(16, ge=1, le=256, description="Sketch requests batched into one generate call.")
+    sketch_batch_wait_s: float = Field(0.05, ge=0, le=5, description="How long a sketch batch waits to fill.")
+    audit_log: str | None = Field(None, description="Append one JSON line per model request (the text it conditions on).")
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP ingress port.")
+    route_prefix: str = Field("/", description="Serve route prefix of the app.")
+
+
+class EdgeConfig(_Cfg):
+    """The device side: small model, fusion and sampling, per simulated client."""
+
+    small_model: str = Field(EMBEDDED_SMALL, description="Small model: embedded:small, an HF directory or hub id.")
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Top-k the cloud returns per logits step.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens each client generates per session.")
+    sketch_max_tokens: int = Field(160, ge=8, le=2048, description="Tokens the cloud may spend on a sketch.")
+    max_prompt_tokens: int = Field(1536, ge=64, description="Edge prompt budget; older history is dropped to fit.")
+    torch_threads: int = Field(2, ge=1, le=256, description="torch intra-op threads on the edge.")
+    step_timeout_s: float = Field(30.0, gt=0, le=3600, description="Deadline for one cloud reply (logits step or sketch).")
+    sampling: SamplingConfig = SamplingConfig()
+    fusion: FusionConfig = FusionConfig()
+
+
+def load_yaml(path: str | Path, model: type[_Cfg]):
+    """Load a YAML file into ``model``; every problem becomes one ConfigError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return validate(model, raw, str(path))
+
+
+def validate(model: type[_Cfg], raw: dict, where: str = "config"):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid {model.__name__} in {where}: {problems}",
+                          hint=f"see `cogenesis config --show` for every field of {model.__name__}") from None

@@ -1,0 +1,51 @@
+"""One exception hierarchy. Every error says what was wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class CoGenesisError(Exception):
+    """Base error. ``hint`` tells the user what to do; the CLI prints both, never a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class ConfigError(CoGenesisError):
+    """A configuration value or command-line flag is invalid."""
+
+
+class DataError(CoGenesisError):
+    """A data file is missing or not in the CoGenesis record format."""
+
+
+class ModelError(CoGenesisError):
+    """A model cannot be found, converted or loaded."""
+
+
+class ProtocolError(CoGenesisError):
+    """A message on the bus or over HTTP is malformed or of an unsupported version."""
+
+
+class SessionError(CoGenesisError):
+    """A logits session is unknown, closed, out of order or failed on the cloud side."""
+
+
+class UnknownSession(SessionError):
+    """The cloud has no such session (never opened, closed, or idle too long)."""
+
+
+class BusTimeout(CoGenesisError):
+    """A reply did not arrive before its deadline."""
+
+
+class PrivacyViolation(CoGenesisError):
+    """The edge's outbound gate refused a message that carries private context."""
+
+
+class ClusterError(CoGenesisError):
+    """Redis, Ray or Serve could not be started, reached or stopped."""

@@ -1,0 +1,192 @@
+"""Typed, versioned, binary messages between edge and cloud.
+
+Every message that crosses a process boundary is one of the frozen ``msgspec`` structs below,
+packed with msgpack. Token ids travel as little-endian int32 bytes and log-probabilities as
+float16 bytes, so a top-10 reply is ~60 bytes of payload instead of a JSON map.
+
+Logits-mode exchange (one session, pinned to one cloud replica)::
+
+    edge                                   cloud replica
+    OpenSession(prompt=general instruction) ->  prefill, keep KV cache
+                                            <-  StepReply(step=0, top-k after the prompt)
+    StepRequest(step=1, tokens=[t1])        ->  extend cache by t1
+                                            <-  StepReply(step=1, top-k after t1)
+    ...
+    CloseSession                            ->  free the KV cache
+
+Steps are numbered; a replayed step is answered from the replica's last reply (idempotence),
+a gap is an error. Every request carries an absolute deadline (unix ms).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Union
+
+import msgspec
+import numpy as np
+
+from cogenesis.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_TOP_K = 50
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def deadline_in(seconds: float) -> int:
+    """Absolute deadline (unix ms) ``seconds`` from now."""
+    return now_ms() + int(seconds * 1000)
+
+
+def pack_ids(ids) -> bytes:
+    """Token ids -> little-endian int32 bytes."""
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def unpack_ids(buf: bytes) -> np.ndarray:
+    if len(buf) % 4:
+        raise ProtocolError(f"token-id payload of {len(buf)} bytes is not a multiple of 4 (int32)")
+    return np.frombuffer(buf, dtype="<i4")
+
+
+def pack_logprobs(values) -> bytes:
+    """Log-probabilities -> little-endian float16 bytes (enough for sampling; -65504 floor)."""
+    return np.asarray(values, dtype="<f2").tobytes()
+
+
+def unpack_logprobs(buf: bytes) -> np.ndarray:
+    if len(buf) % 2:
+        raise ProtocolError(f"logprob payload of {len(buf)} bytes is not a multiple of 2 (float16)")
+    return np.frombuffer(buf, dtype="<f2").astype(np.float32)
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    v: int = PROTOCOL_VERSION
+
+
+# ---- logits mode -------------------------------------------------------------------------
+
+
+class OpenSession(_Msg, tag="open"):
+    """Edge -> cloud: start a logits session from the context-free general instruction."""
+
+    session_id: str
+    instruction: str  # general instruction only; the edge's gate checks it carries nothing private
+    top_k: int
+    deadline_ms: int
+
+
+class StepRequest(_Msg, tag="step"):
+    """Edge -> owning replica: extend the session by ``tokens`` and return the next top-k."""
+
+    session_id: str
+    step: int  # 1, 2, ...; step 0 is the reply to OpenSession
+    tokens: bytes  # int32 ids appended since the previous step
+    deadline_ms: int
+
+
+class CloseSession(_Msg, tag="close"):
+    """Edge -> owning replica: free the session's KV cache. No reply."""
+
+    session_id: str
+
+
+class StepReply(_Msg, tag="reply"):
+    """Cloud -> edge: the large model's next-token top-k for ``step``."""
+
+    session_id: str
+    step: int
+    replica: str
+    ids: bytes  # int32 top-k token ids, best first
+    logprobs: bytes  # float16 log-probabilities, same order
+    prompt_tokens: int = 0  # context length the replica conditioned on (after this step)
+    compute_ms: float = 0.0  # time the replica spent in the model for this reply
+
+    def top_k(self) -> tuple[np.ndarray, np.ndarray]:
+        ids, lps = unpack_ids(self.ids), unpack_logprobs(self.logprobs)
+        if ids.shape != lps.shape:
+            raise ProtocolError(f"reply has {ids.size} ids but {lps.size} logprobs")
+        return ids, lps
+
+
+class ErrorReply(_Msg, tag="error"):
+    """Cloud -> edge: the request could not be served. ``code`` is machine-readable."""
+
+    session_id: str
+    step: int
+    code: str  # unknown_session | bad_request | deadline | internal
+    message: str
+
+
+# ---- sketch mode (HTTP through the Serve ingress) ----------------------------------------
+
+
+class SketchRequest(_Msg, tag="sketch"):
+    """Edge -> cloud: write an outline for the general instruction."""
+
+    request_id: str
+    instruction: str
+    kind: str = "context_aware"  # task family: context_aware | paper (selects the sketch examples)
+    max_tokens: int = 160
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+
+
+class SketchReply(_Msg, tag="sketch_reply"):
+    request_id: str
+    sketch: str
+    tokens: int
+    compute_ms: float = 0.0
+
+
+EdgeToCloud = Union[OpenSession, StepRequest, CloseSession]
+CloudToEdge = Union[StepReply, ErrorReply]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {
+    EdgeToCloud: msgspec.msgpack.Decoder(EdgeToCloud),
+    CloudToEdge: msgspec.msgpack.Decoder(CloudToEdge),
+}
+
+
+def encode(msg: _Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def _check_version(msg: _Msg) -> _Msg:
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"message version {msg.v} is not supported (this build speaks v{PROTOCOL_VERSION})",
+            hint="run the same cogenesis-serve version on edge and cloud",
+        )
+    return msg
+
+
+def decode_request(buf: bytes) -> OpenSession | StepRequest | CloseSession:
+    """Decode an edge -> cloud message; malformed input raises ProtocolError, never crashes."""
+    try:
+        msg = _decoders[EdgeToCloud].decode(buf)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed edge->cloud message: {exc}") from None
+    return _check_version(msg)
+
+
+def decode_reply(buf: bytes) -> StepReply | ErrorReply:
+    try:
+        msg = _decoders[CloudToEdge].decode(buf)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed cloud->edge message: {exc}") from None
+    return _check_version(msg)
+
+
+def decode_json(buf: bytes, typ: type[_Msg]) -> _Msg:
+    """Decode a JSON HTTP body into ``typ`` (sketch mode)."""
+    try:
+        msg = msgspec.json.decode(buf, type=typ)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed {typ.__name__}: {exc}") from None
+    return _check_version(msg)

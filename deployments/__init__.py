@@ -1,0 +1,1 @@
+"""Cloud side: the large model behind Ray Serve. Deployments are thin shims over engines."""

@@ -1,0 +1,122 @@
+"""Ray Serve application: a thin shim over a cloud engine.
+
+HTTP ingress (sketch mode, health, stats) and the Redis step loop (logits mode) share one
+engine; a lock serialises model calls. Build it from a CloudConfig with ``build_app`` (also the
+``import_path`` for ``serve run configs/serve.yaml``).
+"""
+
+
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+
+import msgspec
+from fastapi import FastAPI, Request, Response
+from ray import serve
+
+from cogenesis.config import CloudConfig, validate
+from cogenesis.errors import CoGenesisError, ProtocolError
+from cogenesis.protocol import SketchReply, SketchRequest, decode_json
+
+log = logging.getLogger("cogenesis.cloud")
+api = FastAPI(title="CoGenesis cloud", docs_url=None, redoc_url=None)
+
+
+def _json_error(status: int, message: str, hint: str | None = None) -> Response:
+    return Response(msgspec.json.encode({"error": message, "hint": hint}), status_code=status,
+                    media_type="application/json")
+
+
+@serve.deployment(name="CloudServer", health_check_period_s=5, graceful_shutdown_timeout_s=10)
+@serve.ingress(api)
+class CloudServer:
+    def __init__(self, config: dict) -> None:
+        import torch
+
+        from cluster.bus import CloudBus
+        from deployments.engine import build_engine
+        from deployments.step_loop import StepLoop
+
+        self.cfg = validate(CloudConfig, config, "CloudServer")
+        torch.set_num_threads(self.cfg.torch_threads)
+        self.engine = build_engine(self.cfg)
+        self.lock = threading.Lock()
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (tests of the shim)
+            self.replica = uuid.uuid4().hex[:8]
+        self.loop = StepLoop(self.engine, CloudBus(self.cfg.redis_url, self.replica), self.lock,
+                             route_ttl_s=int(self.cfg.session_idle_s)).start()
+        self._sketch_batch.set_max_batch_size(self.cfg.sketch_max_batch)
+        self._sketch_batch.set_batch_wait_timeout_s(self.cfg.sketch_batch_wait_s)
+        log.info("replica %s ready (pid %d)", self.replica, os.getpid())
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def _sketch_batch(self, requests: "list[SketchRequest]") -> "list[SketchReply | CoGenesisError]":
+        def run():
+            with self.lock:
+                return self.engine.sketch(requests)
+
+        try:
+            return await asyncio.to_thread(run)
+        except CoGenesisError:
+            if len(requests) == 1:
+                raise
+            # one bad request must not fail its batch-mates: retry each alone
+            out = []
+            for req in requests:
+                try:
+                    out.append(await asyncio.to_thread(lambda r=req: self._sketch_one(r)))
+                except CoGenesisError as exc:
+                    out.append(exc)
+            return out
+
+    def _sketch_one(self, req: SketchRequest) -> SketchReply:
+        with self.lock:
+            return self.engine.sketch([req])[0]
+
+    @api.post("/v1/sketch")
+    async def sketch(self, request: Request) -> Response:
+        try:
+            req = decode_json(await request.body(), SketchRequest)
+            reply = await self._sketch_batch(req)
+            if isinstance(reply, CoGenesisError):
+                raise reply
+        except ProtocolError as exc:
+            return _json_error(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.protocol)")
+        except CoGenesisError as exc:
+            return _json_error(422, exc.message, exc.hint)
+        return Response(msgspec.json.encode(reply), media_type="application/json")
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"ok": True, "replica": self.replica}
+
+    @api.get("/v1/stats")
+    def stats(self) -> dict:
+        return {"replica": self.replica, **self.engine.stats(), "bus_requests": self.loop.requests,
+                "bus_errors": self.loop.errors}
+
+    def check_health(self) -> None:
+        if not self.loop._thread.is_alive():
+            raise RuntimeError("the step loop thread died")
+
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
+        audit = getattr(self.engine, "audit", None) if hasattr(self, "engine") else None
+        if audit is not None:
+            audit.close()
+
+
+def build_app(args: dict | CloudConfig | None = None):
+    """Serve application builder (``import_path: deployments.server:build_app``)."""
+    cfg = args if isinstance(args, CloudConfig) else validate(CloudConfig, dict(args or {}), "serve args")
+    return CloudServer.options(
+        num_replicas=cfg.num_replicas,
+        ray_actor_options={"num_cpus": cfg.replica_cpus},
+    ).bind(cfg.model_dump())

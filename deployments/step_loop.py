@@ -1,0 +1,124 @@
+"""The replica's logits-mode loop: read requests from the bus, drive the engine, post replies.
+
+Runs in one thread per replica. Errors never kill the loop: each bad request gets an
+ErrorReply naming the problem (or, if it cannot even be decoded, a warning in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from cluster.bus import OPEN_STREAM, CloudBus
+from cogenesis.errors import CoGenesisError, ProtocolError, SessionError, UnknownSession
+from cogenesis.protocol import (
+    CloseSession,
+    ErrorReply,
+    OpenSession,
+    StepReply,
+    StepRequest,
+    decode_request,
+    encode,
+    now_ms,
+    pack_ids,
+    pack_logprobs,
+    unpack_ids,
+)
+from deployments.engine import CloudEngine, TopK
+
+log = logging.getLogger(__name__)
+
+
+def _reply(session_id: str, step: int, replica: str, top: TopK) -> bytes:
+    return encode(StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids),
+                            logprobs=pack_logprobs(top.logprobs), prompt_tokens=top.context_len,
+                            compute_ms=round(top.compute_ms, 3)))
+
+
+def _error(session_id: str, step: int, code: str, message: str) -> bytes:
+    return encode(ErrorReply(session_id=session_id, step=step, code=code, message=message))
+
+
+class StepLoop:
+    def __init__(self, engine: CloudEngine, bus: CloudBus, engine_lock: threading.Lock,
+                 route_ttl_s: int = 600) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.lock = engine_lock
+        self.route_ttl_s = route_ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cogenesis-step-loop", daemon=True)
+        self.requests = self.errors = 0
+
+    def start(self) -> "StepLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        self.bus.close()
+
+    def _run(self) -> None:
+        last_beat = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - last_beat > 2.0:
+                    self.bus.heartbeat()
+                    last_beat = time.monotonic()
+                batch = self.bus.read(block_ms=100)
+                if batch:
+                    self._serve(batch)
+            except Exception:  # the loop must survive Redis hiccups; they are logged, then retried
+                log.exception("step loop error; retrying in 0.5 s")
+                self._stop.wait(0.5)
+
+    def _serve(self, batch: list[tuple[str, bytes, bytes]]) -> None:
+        done, replies, routes = [], [], []
+        for stream, entry_id, payload in batch:
+            done.append((stream, entry_id))
+            self.requests += 1
+            try:
+                msg = decode_request(payload)
+            except ProtocolError as exc:
+                self.errors += 1
+                log.warning("dropped undecodable message %s on %s: %s", entry_id, stream, exc.message)
+                continue
+            if stream == OPEN_STREAM and not isinstance(msg, OpenSession):
+                log.warning("dropped %s on the open stream", type(msg).__name__)
+                continue
+            out = self._handle(msg)
+            if out is not None:
+                replies.append((msg.session_id, out))
+                if isinstance(msg, OpenSession):
+                    routes.append(msg.session_id)
+        self.bus.finish(done, replies, routes, self.route_ttl_s)
+
+    def _handle(self, msg) -> bytes | None:
+        if isinstance(msg, CloseSession):
+            with self.lock:
+                self.engine.close(msg.session_id)
+            return None
+        step = msg.step if isinstance(msg, StepRequest) else 0
+        if msg.deadline_ms < now_ms():
+            self.errors += 1
+            return _error(msg.session_id, step, "deadline", "the request's deadline passed before it was served")
+        try:
+            with self.lock:
+                if isinstance(msg, OpenSession):
+                    top = self.engine.open(msg.session_id, msg.instruction, msg.top_k)
+                else:
+                    top = self.engine.step(msg.session_id, msg.step, unpack_ids(msg.tokens).tolist())
+            return _reply(msg.session_id, step, self.bus.replica, top)
+        except SessionError as exc:
+            self.errors += 1
+            code = "unknown_session" if isinstance(exc, UnknownSession) else "bad_request"
+            return _error(msg.session_id, step, code, exc.message)
+        except CoGenesisError as exc:
+            self.errors += 1
+            return _error(msg.session_id, step, "bad_request", exc.message)
+        except Exception as exc:
+            self.errors += 1
+            log.exception("internal error on session %s step %d", msg.session_id, step)
+            return _error(msg.session_id, step, "internal", f"{type(exc).__name__} on the replica")

@@ -1,0 +1,1 @@
+"""Device side: simulated edge clients that hold private context, run the small model and fuse."""

@@ -1,0 +1,63 @@
+"""The edge's outbound gate: every byte that leaves a device passes ``OutboundGate.seal``.
+
+The gate knows the client's private strings and refuses any outbound text that contains a
+run of ``ngram`` consecutive words from them (word n-grams that also occur in the public
+instruction are public by declaration: the user chose to send that instruction). Generated
+token ids in logits steps pass: sending them is the protocol; what the small model copies
+into its own output is measured separately (see tests/test_privacy.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import msgspec
+
+from cluster.bus import Sealed
+from cogenesis.errors import PrivacyViolation
+from cogenesis.protocol import CloseSession, OpenSession, SketchRequest, StepRequest, encode
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    w = words(text)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+class OutboundGate:
+    def __init__(self, public_instruction: str, private_fields: Iterable[str], ngram: int = 5) -> None:
+        self.n = ngram
+        public = ngrams(public_instruction, ngram)
+        self._private = set().union(*(ngrams(f, ngram) for f in private_fields)) - public if ngram else set()
+        self.sealed = 0
+
+    def check_text(self, text: str) -> None:
+        leaked = ngrams(text, self.n) & self._private
+        if leaked:
+            raise PrivacyViolation(
+                f"outbound message carries {len(leaked)} private {self.n}-word phrase(s); nothing was sent",
+                hint="send only the general instruction (the text before the first ': ') to the cloud",
+            )
+
+    def seal(self, msg: OpenSession | StepRequest | CloseSession) -> Sealed:
+        """Check and encode a bus message (msgpack)."""
+        if isinstance(msg, OpenSession):
+            self.check_text(msg.instruction)
+        elif not isinstance(msg, (StepRequest, CloseSession)):
+            raise TypeError(f"the gate does not send {type(msg).__name__} on the bus")
+        self.sealed += 1
+        return Sealed(encode(msg), type(msg).__name__)
+
+    def seal_json(self, msg: SketchRequest) -> Sealed:
+        """Check and encode an HTTP body (JSON)."""
+        if not isinstance(msg, SketchRequest):
+            raise TypeError(f"the gate does not send {type(msg).__name__} over HTTP")
+        self.check_text(msg.instruction)
+        self.sealed += 1
+        return Sealed(msgspec.json.encode(msg), type(msg).__name__)
