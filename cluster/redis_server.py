@@ -74,8 +74,14 @@ class RedisServer:
                 raise ClusterError(f"redis-server exited at start (code {self._proc.returncode}): {err[-300:]}",
                                    hint=f"is port {self.port} taken? pass another port or --redis-url")
             try:
-                client.ping()
-                break
+                pid = int(client.info("server")["process_id"])
+                if pid == self._proc.pid:
+                    break
+                time.sleep(0.05)  # someone else's server answers on this port; ours should exit
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ClusterError(f"port {self.port} is taken by another Redis (pid {pid})",
+                                       hint="pass another port, or use that server with --redis-url")
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     self.stop()

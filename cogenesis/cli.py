@@ -37,6 +37,11 @@ def _demo_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (client i uses seed + i)")
     p.add_argument("--sketch-style", choices=["zero-shot", "paper"], default="zero-shot",
                    help="sketch prompt: paper instructions alone, or with the paper's few-shot examples")
+    p.add_argument("--sketch-temperature", type=float, default=0.0,
+                   help="outline temperature (the paper: 0.7; greedy writes better outlines with 135M models)")
+    p.add_argument("--sketch-top-p", type=float, default=1.0, help="outline nucleus mass (the paper: 0.9)")
+    p.add_argument("--sketch-repetition-penalty", type=float, default=1.3, help="outline repetition penalty")
+    p.add_argument("--sketch-max-tokens", type=int, default=160, help="tokens the cloud may spend on an outline")
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds to wait for one cloud reply")
     p.add_argument("--show-private", action="store_true", help="also print each client's private instruction text")
 
@@ -84,7 +89,9 @@ def cmd_demo(args) -> int:
                                    "audit_log": args.audit_log, "sketch_style": args.sketch_style}, "flags")
     edge = validate(EdgeConfig, {
         "small_model": args.small_model, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-        "step_timeout_s": args.step_timeout,
+        "step_timeout_s": args.step_timeout, "sketch_max_tokens": args.sketch_max_tokens,
+        "sketch": {"temperature": args.sketch_temperature, "top_p": args.sketch_top_p,
+                   "repetition_penalty": args.sketch_repetition_penalty},
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
         "fusion": {"weight": args.fusion_weight}}, "flags")
     modes = ("sketch", "logits") if args.mode == "both" else (args.mode,)

@@ -23,6 +23,15 @@ class SamplingConfig(_Cfg):
     seed: int | None = Field(0, description="Seed per session (offset by client index); None = random.")
 
 
+class SketchDecodingConfig(_Cfg):
+    """How the cloud decodes outlines. The paper samples (0.7 / 0.9); 135M-class models write far
+    better outlines greedily with a repetition penalty, so that is the default."""
+
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="Outline temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Outline nucleus mass.")
+    repetition_penalty: float = Field(1.3, gt=0.0, le=10.0, description="Outline repetition penalty (1 = none).")
+
+
 class FusionConfig(_Cfg):
     method: Literal["constant"] = Field("constant", description="Fusion of small and large distributions.")
     weight: float = Field(0.5, ge=0.0, le=1.0, description="w: weight of the small model (1 = small only).")
@@ -59,6 +68,7 @@ class EdgeConfig(_Cfg):
     torch_threads: int = Field(2, ge=1, le=256, description="torch intra-op threads on the edge.")
     step_timeout_s: float = Field(30.0, gt=0, le=3600, description="Deadline for one cloud reply (logits step or sketch).")
     sampling: SamplingConfig = SamplingConfig()
+    sketch: SketchDecodingConfig = SketchDecodingConfig()
     fusion: FusionConfig = FusionConfig()
 
 

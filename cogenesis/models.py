@@ -139,19 +139,21 @@ def _keep_layers(model, keep: Sequence[int]):
 
     import torch
 
-    pruned = copy.copy(model)
+    pruned = copy.copy(model)  # shallow: shares parameters; module dicts are copied before edits
+    pruned._modules = dict(model._modules)
     pruned.config = copy.deepcopy(model.config)
     pruned.config.num_hidden_layers = len(keep)
     if getattr(pruned.config, "layer_types", None):
         pruned.config.layer_types = [model.config.layer_types[i] for i in keep]
     inner = copy.copy(model.model)
-    inner.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
+    inner._modules = dict(model.model._modules)
+    inner.layers = torch.nn.ModuleList([copy.copy(model.model.layers[i]) for i in keep])
     inner.config = pruned.config
     pruned.model = inner
-    pruned._modules = dict(model._modules, model=inner)
-    inner._modules = dict(model.model._modules, layers=inner.layers)
     for new_idx, layer in enumerate(inner.layers):
         if hasattr(layer, "self_attn"):
+            layer._modules = dict(layer._modules)
+            layer.self_attn = copy.copy(layer.self_attn)
             layer.self_attn.layer_idx = new_idx
     return pruned
 

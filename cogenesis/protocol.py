@@ -21,7 +21,7 @@ a gap is an error. Every request carries an absolute deadline (unix ms).
 from __future__ import annotations
 
 import time
-from typing import Union
+from typing import Literal, Union
 
 import msgspec
 import numpy as np
@@ -129,10 +129,11 @@ class SketchRequest(_Msg, tag="sketch"):
 
     request_id: str
     instruction: str
-    kind: str = "context_aware"  # task family: context_aware | paper (selects the sketch examples)
+    kind: Literal["context_aware", "paper"] = "context_aware"  # task family: context_aware | paper (selects the sketch examples)
     max_tokens: int = 160
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.3
     seed: int | None = None
 
 

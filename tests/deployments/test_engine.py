@@ -1,0 +1,119 @@
+"""TransformersCloudEngine on a tiny real model: KV-cached steps equal full recomputation."""
+
+import json
+
+import pytest
+import torch
+
+from cogenesis import prompts
+from cogenesis.errors import SessionError, UnknownSession
+from cogenesis.models import load_causal_lm
+from cogenesis.protocol import SketchRequest
+from deployments.audit import AuditLog
+from deployments.engine import TransformersCloudEngine
+
+INSTRUCTION = "Write a short invitation for a charity event"
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_large):
+    return load_causal_lm(str(tiny_large))
+
+
+@pytest.fixture
+def engine(model_tok):
+    model, tok = model_tok
+    return TransformersCloudEngine(model, tok, max_sessions=4)
+
+
+def _reference_topk(model, ids, k):
+    with torch.inference_mode():
+        lp = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+    top = lp.topk(k)
+    return top.indices.tolist(), top.values
+
+
+def test_cached_steps_match_full_recompute(engine, model_tok):
+    model, tok = model_tok
+    prompt_ids = prompts.render(tok, prompts.cloud_messages(INSTRUCTION))
+    top = engine.open("s", INSTRUCTION, 8)
+    ids = list(prompt_ids)
+    for step in range(1, 6):
+        token = int(top.ids[step % 3])  # not always the argmax, to exercise arbitrary paths
+        ids.append(token)
+        top = engine.step("s", step, [token])
+        ref_ids, ref_lp = _reference_topk(model, ids, 8)
+        assert top.ids.tolist() == ref_ids
+        assert torch.allclose(torch.from_numpy(top.logprobs), ref_lp, atol=1e-4)
+        assert top.context_len == len(ids)
+
+
+def test_replayed_step_is_answered_without_recompute(engine):
+    engine.open("s", INSTRUCTION, 5)
+    first = engine.step("s", 1, [42])
+    served = engine.tokens_served
+    again = engine.step("s", 1, [42])
+    assert again is first
+    assert engine.tokens_served == served
+
+
+def test_out_of_order_and_unknown_sessions_are_refused(engine):
+    engine.open("s", INSTRUCTION, 5)
+    with pytest.raises(SessionError, match="out of order"):
+        engine.step("s", 3, [1])
+    with pytest.raises(UnknownSession, match="unknown session"):
+        engine.step("nope", 1, [1])
+    with pytest.raises(SessionError, match="invalid token"):
+        engine.step("s", 1, [10**9])
+    with pytest.raises(SessionError, match="invalid token"):
+        engine.step("s", 1, [])
+
+
+def test_bad_open_requests(engine):
+    with pytest.raises(SessionError, match="empty instruction"):
+        engine.open("e", "   ", 5)
+    with pytest.raises(SessionError, match="top_k"):
+        engine.open("e", INSTRUCTION, 51)
+    engine.open("dup", INSTRUCTION, 5)
+    engine.step("dup", 1, [3])
+    with pytest.raises(SessionError, match="already open"):
+        engine.open("dup", INSTRUCTION, 5)
+
+
+def test_close_frees_and_lru_limit_holds(engine):
+    for i in range(6):
+        engine.open(f"s{i}", INSTRUCTION, 3)
+    assert engine.stats()["active_sessions"] == 4  # max_sessions
+    with pytest.raises(UnknownSession):
+        engine.step("s0", 1, [1])  # least recently used went first
+    assert engine.close("s5") is True
+    assert engine.close("s5") is False
+
+
+def test_sketch_batch_equals_single_requests_under_greedy(engine):
+    reqs = [SketchRequest(request_id=str(i), instruction=text, max_tokens=12, temperature=0.0)
+            for i, text in enumerate([INSTRUCTION, "Outline a blog post about pottery classes for beginners"])]
+    batched = engine.sketch(reqs)
+    single = [engine.sketch([r])[0] for r in reqs]
+    assert [r.request_id for r in batched] == ["0", "1"]
+    assert [b.sketch for b in batched] == [s.sketch for s in single]
+    assert all(0 < b.tokens <= 12 for b in batched)
+
+
+def test_sketch_rejects_empty_instruction(engine):
+    with pytest.raises(SessionError, match="empty instruction"):
+        engine.sketch([SketchRequest(request_id="x", instruction=" ")])
+
+
+def test_audit_log_records_what_the_model_conditions_on(model_tok, tmp_path):
+    model, tok = model_tok
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    engine = TransformersCloudEngine(model, tok, audit=audit)
+    engine.open("a", INSTRUCTION, 4)
+    engine.step("a", 1, [tok.convert_tokens_to_ids("Hello")])
+    engine.sketch([SketchRequest(request_id="k", instruction=INSTRUCTION, max_tokens=4, temperature=0.0)])
+    audit.close()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["open", "step", "sketch"]
+    assert all(INSTRUCTION in x["text"] for x in lines)
+    assert lines[1]["text"].endswith("Hello") and lines[1]["appended"] == "Hello"

@@ -1,0 +1,68 @@
+"""The replica's step loop over a real Redis with a tiny real model."""
+
+import threading
+
+import pytest
+import redis
+
+from cluster.bus import CloudBus, EdgeBus, Sealed, in_stream
+from cogenesis.errors import SessionError
+from cogenesis.models import load_causal_lm
+from cogenesis.protocol import CloseSession, OpenSession, StepRequest, deadline_in, encode, now_ms, pack_ids
+from deployments.engine import TransformersCloudEngine
+from deployments.step_loop import StepLoop
+
+
+@pytest.fixture
+def loop(tiny_large, redis_url):
+    model, tok = load_causal_lm(str(tiny_large))
+    engine = TransformersCloudEngine(model, tok)
+    loop = StepLoop(engine, CloudBus(redis_url, "r1"), threading.Lock()).start()
+    yield loop
+    loop.stop()
+
+
+def seal(msg):
+    return Sealed(encode(msg), type(msg).__name__)
+
+
+def test_open_step_close_through_the_loop(loop, redis_url):
+    edge = EdgeBus(redis_url)
+    edge.send_open(seal(OpenSession(session_id="s", instruction="Write a haiku", top_k=4,
+                                    deadline_ms=deadline_in(10))), "s")
+    first = edge.wait_reply("s", 0, deadline_in(10))
+    assert first.replica == "r1" and len(first.top_k()[0]) == 4
+    token = int(first.top_k()[0][0])
+    edge.send_to("r1", seal(StepRequest(session_id="s", step=1, tokens=pack_ids([token]), deadline_ms=deadline_in(10))))
+    second = edge.wait_reply("s", 1, deadline_in(10))
+    assert second.prompt_tokens == first.prompt_tokens + 1
+    edge.send_to("r1", seal(CloseSession(session_id="s")))
+    edge.send_to("r1", seal(StepRequest(session_id="s", step=2, tokens=pack_ids([token]), deadline_ms=deadline_in(10))))
+    with pytest.raises(SessionError, match="unknown_session"):
+        edge.wait_reply("s", 2, deadline_in(10))
+
+
+def test_malformed_messages_do_not_stop_the_loop(loop, redis_url):
+    r = redis.Redis.from_url(redis_url)
+    r.xadd(in_stream("r1"), {b"m": b"\x00not msgpack"})
+    r.xadd(in_stream("r1"), {b"other": b"field"})
+    edge = EdgeBus(redis_url)
+    edge.send_open(seal(OpenSession(session_id="ok", instruction="Hi", top_k=2, deadline_ms=deadline_in(10))), "ok")
+    assert edge.wait_reply("ok", 0, deadline_in(10)).step == 0
+    assert loop.errors >= 2
+
+
+def test_expired_deadline_gets_an_error_reply(loop, redis_url):
+    edge = EdgeBus(redis_url)
+    edge.send_open(seal(OpenSession(session_id="late", instruction="Hi", top_k=2, deadline_ms=now_ms() - 1)), "late")
+    with pytest.raises(SessionError, match="deadline"):
+        edge.wait_reply("late", 0, deadline_in(10))
+
+
+def test_bad_step_gets_a_clear_error(loop, redis_url):
+    edge = EdgeBus(redis_url)
+    edge.send_open(seal(OpenSession(session_id="s", instruction="Hi", top_k=2, deadline_ms=deadline_in(10))), "s")
+    edge.wait_reply("s", 0, deadline_in(10))
+    edge.send_to("r1", seal(StepRequest(session_id="s", step=5, tokens=pack_ids([1]), deadline_ms=deadline_in(10))))
+    with pytest.raises(SessionError, match="bad_request: .*out of order"):
+        edge.wait_reply("s", 5, deadline_in(10))

@@ -1,0 +1,227 @@
+"""Unit tests for edge_sim.gate: the outbound gate every edge message must pass."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+
+from cluster.bus import Sealed
+from cogenesis.data import load_records, sample_data_path
+from cogenesis.errors import PrivacyViolation
+from cogenesis.protocol import (
+    CloseSession,
+    ErrorReply,
+    OpenSession,
+    SketchReply,
+    SketchRequest,
+    StepReply,
+    StepRequest,
+    decode_json,
+    decode_request,
+    pack_ids,
+    unpack_ids,
+)
+from edge_sim.gate import OutboundGate, ngrams, words
+
+PUBLIC = "Write a birthday message for my colleague"
+PRIVATE = [
+    "mention that she just moved to 42 Willow Lane in Portland last spring",
+    "Name: Dana Whitfield\nOccupation: nurse at St. Mary hospital",
+    "Write a birthday message for my colleague who loves jazz",  # shares 5-grams with PUBLIC
+]
+
+
+def _open(instruction: str) -> OpenSession:
+    return OpenSession(session_id="s1", instruction=instruction, top_k=10, deadline_ms=123)
+
+
+def _sketch(instruction: str) -> SketchRequest:
+    return SketchRequest(request_id="r1", instruction=instruction, seed=3)
+
+
+@pytest.fixture
+def gate() -> OutboundGate:
+    return OutboundGate(PUBLIC, PRIVATE)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def test_words_lowercases_and_drops_punctuation():
+    assert words("Hello, World! It's 42.") == ["hello", "world", "it", "s", "42"]
+
+
+def test_ngrams():
+    assert ngrams("a b c d", 2) == {("a", "b"), ("b", "c"), ("c", "d")}
+    assert ngrams("a b", 3) == set()
+
+
+# ---- OpenSession --------------------------------------------------------------------------------
+
+
+def test_seals_open_session_with_public_instruction(gate):
+    msg = _open(PUBLIC)
+    sealed = gate.seal(msg)
+    assert isinstance(sealed, Sealed)
+    assert sealed.kind == "OpenSession"
+    assert decode_request(sealed.payload) == msg
+    assert gate.sealed == 1
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        PUBLIC + ": mention that she just moved to 42 Willow Lane",
+        "she just moved to 42 Willow",  # exactly one private 5-gram
+        "Write something. MOVED TO 42, willow lane!",  # case and punctuation do not hide it
+        "dana whitfield occupation nurse at",  # crosses the newline inside a private field
+    ],
+)
+def test_refuses_open_session_with_private_phrase(gate, instruction):
+    with pytest.raises(PrivacyViolation, match="5-word phrase"):
+        gate.seal(_open(instruction))
+    assert gate.sealed == 0  # nothing was sealed
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        "moved to 42 Willow",  # only 4 consecutive private words
+        "she just moved to Portland",  # private words, but not consecutive in the field
+        "Write a poem about jazz music",
+    ],
+)
+def test_allows_short_or_non_consecutive_overlap(gate, instruction):
+    gate.seal(_open(instruction))
+    assert gate.sealed == 1
+
+
+def test_ngrams_shared_with_public_instruction_are_allowed(gate):
+    # "write a birthday message for" is in a private field too, but the user chose to send it
+    gate.seal(_open("Write a birthday message for my colleague"))
+    gate.seal_json(_sketch("please write a birthday message for my colleague today"))
+    assert gate.sealed == 2
+
+
+def test_private_ngram_next_to_shared_one_is_refused(gate):
+    # "message for my colleague who" is private (not in the public instruction)
+    with pytest.raises(PrivacyViolation):
+        gate.seal(_open("Write a birthday message for my colleague who"))
+
+
+def test_custom_ngram_size():
+    gate3 = OutboundGate(PUBLIC, PRIVATE, ngram=3)
+    with pytest.raises(PrivacyViolation, match="3-word phrase"):
+        gate3.seal(_open("near 42 Willow Lane"))
+    OutboundGate(PUBLIC, PRIVATE, ngram=5).seal(_open("near 42 Willow Lane"))
+
+
+def test_no_private_fields_allows_anything():
+    gate = OutboundGate(PUBLIC, [])
+    gate.seal(_open("she just moved to 42 Willow Lane in Portland"))
+    assert gate.sealed == 1
+
+
+def test_violation_has_hint_and_does_not_echo_private_text(gate):
+    with pytest.raises(PrivacyViolation) as info:
+        gate.seal(_open("she just moved to 42 Willow Lane"))
+    assert info.value.hint
+    assert "Willow" not in str(info.value)
+
+
+# ---- SketchRequest (HTTP) ------------------------------------------------------------------------
+
+
+def test_seal_json_sketch_request_round_trips(gate):
+    msg = _sketch(PUBLIC)
+    sealed = gate.seal_json(msg)
+    assert sealed.kind == "SketchRequest"
+    assert decode_json(sealed.payload, SketchRequest) == msg
+    assert gate.sealed == 1
+
+
+def test_refuses_sketch_request_with_private_phrase(gate):
+    with pytest.raises(PrivacyViolation):
+        gate.seal_json(_sketch("Outline: Dana Whitfield Occupation nurse at St Mary"))
+    assert gate.sealed == 0
+
+
+# ---- other messages ------------------------------------------------------------------------------
+
+
+def test_step_request_and_close_pass(gate):
+    step = StepRequest(session_id="s1", step=1, tokens=pack_ids([5, 6, 7]), deadline_ms=9)
+    close = CloseSession(session_id="s1")
+    s1, s2 = gate.seal(step), gate.seal(close)
+    assert (s1.kind, s2.kind) == ("StepRequest", "CloseSession")
+    assert decode_request(s1.payload) == step
+    np.testing.assert_array_equal(unpack_ids(decode_request(s1.payload).tokens), [5, 6, 7])
+    assert decode_request(s2.payload) == close
+    assert gate.sealed == 2
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        _sketch(PUBLIC),  # belongs on HTTP, not on the bus
+        StepReply(session_id="s", step=0, replica="r", ids=b"", logprobs=b""),
+        ErrorReply(session_id="s", step=0, code="internal", message="x"),
+        SketchReply(request_id="r", sketch="1. a", tokens=1),
+        "a plain string",
+        b"raw bytes",
+        {"type": "open"},
+        None,
+    ],
+    ids=["sketch", "step_reply", "error_reply", "sketch_reply", "str", "bytes", "dict", "none"],
+)
+def test_seal_rejects_non_bus_messages(gate, msg):
+    with pytest.raises(TypeError):
+        gate.seal(msg)
+    assert gate.sealed == 0
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [_open(PUBLIC), CloseSession(session_id="s"), "text", b"bytes", {"instruction": PUBLIC}],
+    ids=["open", "close", "str", "bytes", "dict"],
+)
+def test_seal_json_rejects_non_sketch(gate, msg):
+    with pytest.raises(TypeError):
+        gate.seal_json(msg)
+    assert gate.sealed == 0
+
+
+def test_sealed_is_immutable(gate):
+    sealed = gate.seal(_open(PUBLIC))
+    with pytest.raises(Exception):
+        sealed.payload = b"tampered"  # type: ignore[misc]
+
+
+def test_sealed_payload_is_compact_msgpack_not_json(gate):
+    sealed = gate.seal(_open(PUBLIC))
+    assert msgspec.msgpack.decode(sealed.payload)["type"] == "open"
+    with pytest.raises(msgspec.DecodeError):
+        msgspec.json.decode(sealed.payload)
+
+
+# ---- real records --------------------------------------------------------------------------------
+
+
+def test_real_records_public_passes_and_full_task_is_refused():
+    refused = 0
+    for rec in load_records(sample_data_path()):
+        gate = OutboundGate(rec.public_instruction, rec.private_fields())
+        assert decode_request(gate.seal(_open(rec.public_instruction)).payload).instruction == rec.public_instruction
+        details = rec.task[len(rec.public_instruction):]
+        if len(words(details)) >= 5:
+            with pytest.raises(PrivacyViolation):
+                gate.seal(_open(rec.task))
+            with pytest.raises(PrivacyViolation):
+                gate.seal_json(_sketch(rec.task))
+            refused += 1
+        # a long piece of a past writing is refused too
+        history_text = rec.history[0][1]
+        with pytest.raises(PrivacyViolation):
+            gate.seal(_open("Please use this: " + " ".join(history_text.split()[:12])))
+    assert refused >= 4
