@@ -37,8 +37,9 @@ def dense_large_logprobs(
     The floor is lowered to the smallest listed logprob when that is below it, so an unlisted
     token never outranks a listed one.
     """
-    # large_ids, large_lp: [B, K] -> [B, V]
+    # large_ids, large_lp: [B, K] -> [B, V]; non-finite entries count as unlisted (the floor)
     large_lp = large_lp.float()
+    large_lp = torch.where(torch.isfinite(large_lp), large_lp, torch.tensor(floor))
     row_floor = torch.minimum(large_lp.min(dim=-1, keepdim=True).values, torch.tensor(floor))
     dense = row_floor.expand(large_ids.shape[0], vocab).clone()
     dense.scatter_(1, large_ids.long(), large_lp)
@@ -74,6 +75,7 @@ def fuse_constant(
         raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
     _check_batch(small_lp, large_ids, large_lp)
     large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], floor)
-    mixed = weight * small_lp.float() + (1.0 - weight) * large_dense  # [B, V]
+    small = small_lp.float().clamp(min=torch.finfo(torch.float32).min)  # -inf * 0 would be NaN
+    mixed = weight * small + (1.0 - weight) * large_dense  # [B, V]
     mixed = mixed.masked_fill(~candidate_mask(small_lp, large_ids), float("-inf"))
     return torch.log_softmax(mixed, dim=-1)

@@ -54,7 +54,8 @@ def unpack_ids(buf: bytes) -> np.ndarray:
 
 def pack_logprobs(values) -> bytes:
     """Log-probabilities -> little-endian float16 bytes (enough for sampling; -65504 floor)."""
-    return np.asarray(values, dtype="<f2").tobytes()
+    return np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32), nan=-65504.0, neginf=-65504.0),
+                   -65504.0, 65504.0).astype("<f2").tobytes()
 
 
 def unpack_logprobs(buf: bytes) -> np.ndarray:
