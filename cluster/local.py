@@ -43,8 +43,10 @@ class ClusterInfo:
 class LocalCluster:
     """Start (or attach to) Redis, start Ray and Serve, deploy the cloud app; stop all of it."""
 
-    def __init__(self, cloud: CloudConfig, redis_url: str | None = None, start_timeout_s: float = 300.0) -> None:
+    def __init__(self, cloud: CloudConfig, redis_url: str | None = None, start_timeout_s: float = 300.0,
+                 ray_temp_dir: str | None = None) -> None:
         self.cloud = cloud
+        self.ray_temp_dir = ray_temp_dir
         self.external_redis = redis_url
         self.start_timeout_s = start_timeout_s
         self.redis: RedisServer | None = None
@@ -74,7 +76,7 @@ class LocalCluster:
         progress("starting Ray")
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                  configure_logging=True, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": RAY_ENV})
+                 runtime_env={"env_vars": RAY_ENV}, _temp_dir=self.ray_temp_dir)
         self._ray_started = True
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         progress(f"deploying the large model on Ray Serve ({cfg.num_replicas} replica(s))")

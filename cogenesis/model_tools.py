@@ -58,7 +58,7 @@ def run(args) -> int:
             keep = m.greedy_layer_search(model, tok, _texts(args.data, args.records), args.keep, console.print)
             extra = {"search": f"greedy (keep {args.keep}, {args.records} records)"}
         else:
-            keep, extra = list(m.RECORDED_LAYERS), {"search": "recorded (greedy, see README)"}
+            keep, extra = list(m.RECORDED_LAYERS), {"search": "recorded", "dropped_layers": list(m.DROPPED_LAYERS)}
         m.prune_layers(large, out, keep, extra)
         quality = measure_and_record(out, large, args.data, args.records, console)
         console.print(f"small model at {out}: kept layers {keep}")

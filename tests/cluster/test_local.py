@@ -1,0 +1,82 @@
+"""A real local cluster (Redis + Ray + Serve) with tiny models: HTTP sketch, bus logits, clear errors."""
+
+import json
+
+import httpx
+import pytest
+
+from cluster.bus import EdgeBus
+from cluster.local import LocalCluster
+from cogenesis.config import CloudConfig, EdgeConfig
+from cogenesis.models import load_causal_lm
+from edge_sim.engine import EdgeEngine
+from edge_sim.pool import EdgePool
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_large, tmp_path_factory):
+    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    cfg = CloudConfig(large_model=str(tiny_large), audit_log=str(audit), replica_cpus=0.25, torch_threads=1)
+    local = LocalCluster(cfg, start_timeout_s=240)
+    info = local.start()
+    yield local, info, audit
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_small, sample_records):
+    model, tok = load_causal_lm(str(tiny_small))
+    cfg = EdgeConfig(max_new_tokens=6, sketch_max_tokens=16, max_prompt_tokens=384,
+                     sampling={"temperature": 0.0, "top_p": 1.0})
+    return EdgePool(sample_records[:3], EdgeEngine(model, tok, cfg.max_prompt_tokens), cfg)
+
+
+def test_sketch_mode_over_serve_http(cluster, pool):
+    _, info, _ = cluster
+    results = pool.run_sketch(info.http_url)
+    assert [r.error for r in results] == [None] * 3
+    assert all(r.sketch is not None and r.tokens > 0 and r.round_trips == 1 for r in results)
+
+
+def test_logits_mode_over_the_bus(cluster, pool):
+    _, info, _ = cluster
+    results = pool.run_logits(info.redis_url)
+    assert [r.error for r in results] == [None] * 3
+    assert all(0 < r.tokens <= 6 for r in results)
+
+
+def test_http_errors_are_clear(cluster):
+    _, info, _ = cluster
+    bad = httpx.post(f"{info.http_url}/v1/sketch", content=b"{not json", timeout=30)
+    assert bad.status_code == 400 and "malformed SketchRequest" in bad.json()["error"]
+    empty = httpx.post(f"{info.http_url}/v1/sketch", json={"type": "sketch", "request_id": "e", "instruction": "  "},
+                       timeout=30)
+    assert empty.status_code == 422 and "empty instruction" in empty.json()["error"]
+    assert httpx.get(f"{info.http_url}/healthz", timeout=30).json()["ok"] is True
+
+
+def test_unknown_session_is_refused_by_the_replica(cluster):
+    from cluster.bus import Sealed
+    from cogenesis.errors import SessionError
+    from cogenesis.protocol import StepRequest, deadline_in, encode, pack_ids
+
+    _, info, _ = cluster
+    replica = httpx.get(f"{info.http_url}/healthz", timeout=30).json()["replica"]
+    bus = EdgeBus(info.redis_url)
+    msg = StepRequest(session_id="never-opened", step=1, tokens=pack_ids([1]), deadline_ms=deadline_in(30))
+    bus.send_to(replica, Sealed(encode(msg), "StepRequest"))
+    with pytest.raises(SessionError, match="unknown_session"):
+        bus.wait_reply("never-opened", 1, deadline_in(30))
+
+
+def test_audit_log_holds_public_instructions_only(cluster, pool, sample_records):
+    _, _, audit = cluster
+    entries = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert {"open", "step", "sketch"} <= {e["kind"] for e in entries}
+    for rec in sample_records[:3]:
+        assert any(rec.public_instruction in e["text"] for e in entries)
+        for private in rec.private_fields():
+            if len(private) > 40:
+                assert all(private not in e["text"] for e in entries)
