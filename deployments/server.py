@@ -101,7 +101,7 @@ class CloudServer:
                 "bus_errors": self.loop.errors}
 
     def check_health(self) -> None:
-        if not self.loop._thread.is_alive():
+        if not self.loop.is_alive():
             raise RuntimeError("the step loop thread died")
 
     def __del__(self) -> None:
