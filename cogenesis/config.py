@@ -46,6 +46,7 @@ class CloudConfig(_Cfg):
     num_replicas: int = Field(1, ge=1, le=64, description="Serve replicas of the large model.")
     replica_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per replica.")
     torch_threads: int = Field(2, ge=1, le=256, description="torch intra-op threads per replica.")
+    kv_budget_mb: float = Field(2048, gt=0, description="KV-cache budget per replica (MiB); LRU sessions beyond it are evicted and recomputed.")
     max_sessions: int = Field(1024, ge=1, description="Open logits sessions a replica keeps; beyond it, oldest idle closes.")
     session_idle_s: float = Field(300.0, gt=0, description="A session idle this long is closed and its KV cache freed.")
     sketch_style: Literal["zero-shot", "paper"] = Field(

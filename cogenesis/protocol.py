@@ -78,6 +78,7 @@ class OpenSession(_Msg, tag="open"):
     instruction: str  # general instruction only; the edge's gate checks it carries nothing private
     top_k: int
     deadline_ms: int
+    lookahead: int = 0  # draft tokens the replica proposes after every reply (0 = none)
 
 
 class StepRequest(_Msg, tag="step"):
@@ -96,21 +97,31 @@ class CloseSession(_Msg, tag="close"):
 
 
 class StepReply(_Msg, tag="reply"):
-    """Cloud -> edge: the large model's next-token top-k for ``step``."""
+    """Cloud -> edge: the large model's next-token top-k for ``step``, and optionally a draft.
+
+    With lookahead n, ``draft`` holds the replica's own greedy continuation d1..dn and the top-k
+    rows cover n + 1 positions: after the step's tokens, then after d1, after d1 d2, ...
+    """
 
     session_id: str
     step: int
     replica: str
-    ids: bytes  # int32 top-k token ids, best first
-    logprobs: bytes  # float16 log-probabilities, same order
+    ids: bytes  # int32 [positions x k] top-k token ids, best first per row
+    logprobs: bytes  # float16 [positions x k] log-probabilities, same order
+    draft: bytes = b""  # int32 [positions - 1] draft tokens
     prompt_tokens: int = 0  # context length the replica conditioned on (after this step)
     compute_ms: float = 0.0  # time the replica spent in the model for this reply
 
     def top_k(self) -> tuple[np.ndarray, np.ndarray]:
-        ids, lps = unpack_ids(self.ids), unpack_logprobs(self.logprobs)
-        if ids.shape != lps.shape:
-            raise ProtocolError(f"reply has {ids.size} ids but {lps.size} logprobs")
-        return ids, lps
+        """(ids, logprobs), each [positions, k]."""
+        ids, lps, draft = unpack_ids(self.ids), unpack_logprobs(self.logprobs), unpack_ids(self.draft)
+        rows = draft.size + 1
+        if ids.shape != lps.shape or ids.size % rows or not ids.size:
+            raise ProtocolError(f"reply has {ids.size} ids and {lps.size} logprobs for {rows} position(s)")
+        return ids.reshape(rows, -1), lps.reshape(rows, -1)
+
+    def drafts(self) -> np.ndarray:
+        return unpack_ids(self.draft)
 
 
 class ErrorReply(_Msg, tag="error"):

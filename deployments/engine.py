@@ -1,7 +1,11 @@
 """Cloud engines: the large model's open/step/close/sketch, independent of Serve and Redis.
 
-``TransformersCloudEngine`` keeps one KV cache per logits session, so a step costs the new
-token(s) only, never a re-prefill. It is not thread-safe: its owner serialises calls.
+``TransformersCloudEngine`` keeps one KV cache per logits session and serves every pending step
+of every session in one batched forward pass (``cogenesis.kvbatch``): continuous batching, with
+sessions joining and leaving between steps. Caches live under a byte budget; the least recently
+used are evicted and recomputed from the session's token ids on their next step, so results never
+depend on the cache. With lookahead n, each reply also carries the replica's own greedy draft of
+n tokens with the top-k at every draft position. Not thread-safe: its owner serialises calls.
 """
 
 from __future__ import annotations
@@ -17,115 +21,257 @@ import torch
 
 from cogenesis import prompts
 from cogenesis.errors import SessionError, UnknownSession
+from cogenesis.kvbatch import KV, batched_forward, kv_bytes, kv_crop
 from cogenesis.protocol import MAX_TOP_K, SketchReply, SketchRequest
 from deployments.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
+MAX_LOOKAHEAD = 16
+
 
 @dataclass(frozen=True)
 class TopK:
-    """The large model's next-token top-k after ``context_len`` tokens."""
+    """The large model's top-k at 1 + len(draft) consecutive positions after ``context_len`` tokens."""
 
-    ids: np.ndarray  # [K] int32, best first
-    logprobs: np.ndarray  # [K] float32
+    ids: np.ndarray  # [P, K] int32, best first per row
+    logprobs: np.ndarray  # [P, K] float32
+    draft: np.ndarray  # [P - 1] int32 greedy draft tokens
     context_len: int
     compute_ms: float
 
 
+@dataclass(frozen=True)
+class OpenArgs:
+    session_id: str
+    instruction: str
+    top_k: int
+    lookahead: int = 0
+
+
+@dataclass(frozen=True)
+class StepArgs:
+    session_id: str
+    step: int
+    tokens: tuple[int, ...]
+
+
 class CloudEngine(Protocol):
-    def open(self, session_id: str, instruction: str, top_k: int) -> TopK: ...
-    def step(self, session_id: str, step: int, tokens: Sequence[int]) -> TopK: ...
+    def open_many(self, requests: Sequence[OpenArgs]) -> list[TopK | SessionError]: ...
+    def step_many(self, requests: Sequence[StepArgs]) -> list[TopK | SessionError]: ...
     def close(self, session_id: str) -> bool: ...
     def sketch(self, requests: Sequence[SketchRequest]) -> list[SketchReply]: ...
+    def stateless_top_k(self, token_ids: Sequence[int], top_k: int) -> TopK: ...
     def stats(self) -> dict: ...
 
 
 @dataclass
 class _Session:
-    ids: list[int]
+    ids: list[int]  # confirmed tokens: prompt + what the edge sent
     top_k: int
-    cache: object = None  # transformers Cache holding every token in ``ids`` but the last step's input
+    lookahead: int
+    kv: KV | None = None  # covers ids + draft; None after eviction
+    draft: list[int] = field(default_factory=list)
     step: int = 0
     last: TopK | None = None
     last_used: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class EngineStats:
+    tokens_served: int = 0  # tokens fed to the model for logits sessions (incl. recompute)
+    steps: int = 0
+    batches: int = 0
+    batch_sizes: int = 0
+    evictions: int = 0
+    recomputes: int = 0
+    draft_tokens: int = 0
+    sketch_tokens: int = 0
+
+
 class TransformersCloudEngine:
-    """Large model on transformers (CPU by default) with per-session KV caches."""
+    """Large model on transformers (CPU by default) with per-session KV caches and batched steps."""
 
     def __init__(self, model, tokenizer, audit: AuditLog | None = None, max_sessions: int = 1024,
-                 session_idle_s: float = 300.0, sketch_style: str = "zero-shot") -> None:
+                 session_idle_s: float = 300.0, sketch_style: str = "zero-shot",
+                 kv_budget_bytes: int = 2 << 30) -> None:
         self.model = model.eval()
         self.tok = tokenizer
         self.audit = audit
         self.max_sessions = max_sessions
         self.session_idle_s = session_idle_s
+        self.kv_budget_bytes = kv_budget_bytes
         self.vocab = model.config.vocab_size
         self.sketch_style = sketch_style
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._sketch_prefix = tokenizer(prompts.SKETCH_PREFIX, add_special_tokens=False).input_ids
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self.tokens_served = 0
+        self.counters = EngineStats()
 
-    # ---- logits mode ---------------------------------------------------------------------
+    # ---- logits mode: batched ------------------------------------------------------------------
 
-    def _forward(self, session: _Session, new_ids: list[int]) -> TopK:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([new_ids]), past_key_values=session.cache, use_cache=True)
-        session.cache = out.past_key_values
-        lp = out.logits[0, -1].float().log_softmax(-1)  # [V]
-        top = lp.topk(session.top_k)
-        session.ids.extend(new_ids)
-        self.tokens_served += len(new_ids)
-        return TopK(top.indices.numpy().astype(np.int32), top.values.numpy(), len(session.ids),
-                    (time.perf_counter() - t0) * 1000)
+    def open_many(self, requests: Sequence[OpenArgs]) -> list[TopK | SessionError]:
+        """Prefill every new session in one batched pass; errors are returned per request."""
+        results: list[TopK | SessionError | None] = [None] * len(requests)
+        fresh: list[tuple[int, _Session, list[int]]] = []
+        for i, r in enumerate(requests):
+            try:
+                existing = self._check_open(r)
+            except SessionError as exc:
+                results[i] = exc
+                continue
+            if existing is not None:
+                results[i] = existing  # replayed open
+                continue
+            self._evict_idle()
+            ids = prompts.render(self.tok, prompts.cloud_messages(r.instruction))
+            if self.audit:
+                self.audit.write("open", r.session_id, self.tok.decode(ids))
+            session = _Session(ids=[], top_k=r.top_k, lookahead=r.lookahead)
+            self._sessions[r.session_id] = session
+            fresh.append((i, session, ids))
+        for (i, _, _), top in zip(fresh, self._advance([(s, ids) for _, s, ids in fresh])):
+            results[i] = top
+        return results  # type: ignore[return-value]
 
-    def open(self, session_id: str, instruction: str, top_k: int) -> TopK:
-        if not instruction.strip():
+    def _check_open(self, r: OpenArgs) -> TopK | None:
+        if not r.instruction.strip():
             raise SessionError("empty instruction", hint="send the general instruction the cloud should follow")
-        if not 1 <= top_k <= MAX_TOP_K:
-            raise SessionError(f"top_k={top_k} is outside 1..{MAX_TOP_K}")
-        if session_id in self._sessions:
-            session = self._sessions[session_id]
-            if session.step == 0 and session.last is not None:
-                return session.last  # replayed open
-            raise SessionError(f"session {session_id} is already open")
-        self._evict()
-        ids = prompts.render(self.tok, prompts.cloud_messages(instruction))
-        if self.audit:
-            self.audit.write("open", session_id, self.tok.decode(ids))
-        session = _Session(ids=[], top_k=top_k)
-        session.last = self._forward(session, ids)
-        self._sessions[session_id] = session
-        return session.last
-
-    def step(self, session_id: str, step: int, tokens: Sequence[int]) -> TopK:
-        session = self._sessions.get(session_id)
+        if not 1 <= r.top_k <= MAX_TOP_K:
+            raise SessionError(f"top_k={r.top_k} is outside 1..{MAX_TOP_K}")
+        if not 0 <= r.lookahead <= MAX_LOOKAHEAD:
+            raise SessionError(f"lookahead={r.lookahead} is outside 0..{MAX_LOOKAHEAD}")
+        session = self._sessions.get(r.session_id)
         if session is None:
-            raise UnknownSession(f"unknown session {session_id}",
-                               hint="open the session first; it may have been closed after being idle")
-        self._sessions.move_to_end(session_id)
+            return None
+        if session.step == 0 and session.last is not None:
+            return session.last
+        raise SessionError(f"session {r.session_id} is already open")
+
+    def step_many(self, requests: Sequence[StepArgs]) -> list[TopK | SessionError]:
+        """Serve every step in one batched pass (a session appearing twice is served in order)."""
+        results: list[TopK | SessionError | None] = [None] * len(requests)
+        waves: list[list[int]] = []
+        for i, r in enumerate(requests):  # each wave holds a session at most once
+            for wave in waves:
+                if all(requests[j].session_id != r.session_id for j in wave):
+                    wave.append(i)
+                    break
+            else:
+                waves.append([i])
+        for wave in waves:
+            work: list[tuple[int, _Session, list[int]]] = []
+            for i in wave:
+                try:
+                    outcome = self._prepare_step(requests[i])
+                except SessionError as exc:
+                    results[i] = exc
+                    continue
+                if isinstance(outcome, TopK):
+                    results[i] = outcome
+                else:
+                    work.append((i, *outcome))
+            for (i, session, _), top in zip(work, self._advance([(s, feed) for _, s, feed in work])):
+                session.step = requests[i].step
+                results[i] = top
+        return results  # type: ignore[return-value]
+
+    def _prepare_step(self, r: StepArgs) -> TopK | tuple[_Session, list[int]]:
+        """Validate a step; returns a replayed reply, or (session, tokens to feed)."""
+        session = self._sessions.get(r.session_id)
+        if session is None:
+            raise UnknownSession(f"unknown session {r.session_id}",
+                                 hint="open the session first; it may have been closed after being idle")
+        self._sessions.move_to_end(r.session_id)
         session.last_used = time.monotonic()
-        if step == session.step and session.last is not None:
+        if r.step == session.step and session.last is not None:
             return session.last  # replayed step: same answer, no second forward pass
-        if step != session.step + 1:
-            raise SessionError(f"session {session_id}: step {step} out of order (expected {session.step + 1})")
-        toks = [int(t) for t in tokens]
+        if r.step != session.step + 1:
+            raise SessionError(f"session {r.session_id}: step {r.step} out of order (expected {session.step + 1})")
+        toks = list(r.tokens)
         if not toks or min(toks) < 0 or max(toks) >= self.vocab:
-            raise SessionError(f"session {session_id}: step {step} carries invalid token ids",
+            raise SessionError(f"session {r.session_id}: step {r.step} carries invalid token ids",
                                hint=f"send 1+ token ids in 0..{self.vocab - 1}")
         if self.audit:
-            self.audit.write("step", session_id, self.tok.decode(session.ids + toks), step=step,
+            self.audit.write("step", r.session_id, self.tok.decode(session.ids + toks), step=r.step,
                              appended=self.tok.decode(toks))
-        session.last = self._forward(session, toks)
-        session.step = step
-        return session.last
+        self.counters.steps += 1
+        if session.kv is None:  # evicted (or never cached): recompute from the confirmed prefix
+            self.counters.recomputes += 1
+            feed, session.ids = session.ids + toks, []
+            session.draft = []
+            return session, feed
+        agree = 0
+        while agree < min(len(toks), len(session.draft)) and toks[agree] == session.draft[agree]:
+            agree += 1
+        agree = min(agree, len(toks) - 1)  # always feed at least one token
+        session.kv = kv_crop(session.kv, len(session.ids) + agree)
+        session.ids.extend(toks[:agree])
+        session.draft = []
+        return session, toks[agree:]
+
+    def _advance(self, work: Sequence[tuple[_Session, list[int]]]) -> list[TopK]:
+        """Feed each session its tokens (one batched pass per feed length class), then draft."""
+        if not work:
+            return []
+        t0 = time.perf_counter()
+        tops: dict[int, torch.Tensor] = {}
+        # single-token steps and multi-token prefills are batched separately (no padding waste)
+        for group in ([j for j, (_, f) in enumerate(work) if len(f) == 1],
+                      [j for j, (_, f) in enumerate(work) if len(f) > 1]):
+            if not group:
+                continue
+            lp, caches = batched_forward(self.model, [work[j][0].kv for j in group],
+                                         [work[j][1] for j in group], pad_id=self.pad_id)
+            self.counters.batches += 1
+            self.counters.batch_sizes += len(group)
+            for row, j in enumerate(group):
+                session, feed = work[j]
+                session.kv = caches[row]
+                session.ids.extend(feed)
+                self.counters.tokens_served += len(feed)
+                tops[j] = lp[row, -1]
+        rows = {j: [tops[j]] for j in tops}
+        drafting = [j for j, (s, _) in enumerate(work) if s.lookahead > 0]
+        for _ in range(max((work[j][0].lookahead for j in drafting), default=0)):
+            drafting = [j for j in drafting if len(work[j][0].draft) < work[j][0].lookahead]
+            if not drafting:
+                break
+            nxt = [int(rows[j][-1].argmax()) for j in drafting]
+            lp, caches = batched_forward(self.model, [work[j][0].kv for j in drafting], [[t] for t in nxt],
+                                         pad_id=self.pad_id)
+            self.counters.batches += 1
+            self.counters.batch_sizes += len(drafting)
+            self.counters.draft_tokens += len(drafting)
+            for row, (j, tok) in enumerate(zip(drafting, nxt)):
+                work[j][0].kv = caches[row]
+                work[j][0].draft.append(tok)
+                rows[j].append(lp[row, -1])
+        ms = (time.perf_counter() - t0) * 1000
+        out = []
+        for j, (session, _) in enumerate(work):
+            top = torch.stack(rows[j]).topk(session.top_k, dim=-1)  # [P, K]
+            session.last = TopK(top.indices.numpy().astype(np.int32), top.values.numpy(),
+                                np.asarray(session.draft, dtype=np.int32), len(session.ids), ms)
+            out.append(session.last)
+        self._enforce_budget()
+        return out
+
+    def _enforce_budget(self) -> None:
+        total = sum(kv_bytes(s.kv) for s in self._sessions.values())
+        for sid, session in self._sessions.items():  # least recently used first
+            if total <= self.kv_budget_bytes:
+                break
+            if session.kv is not None:
+                total -= kv_bytes(session.kv)
+                session.kv, session.draft = None, []
+                self.counters.evictions += 1
+                log.info("KV budget: evicted session %s (recomputed on its next step)", sid)
 
     def close(self, session_id: str) -> bool:
         return self._sessions.pop(session_id, None) is not None
 
-    def _evict(self) -> None:
+    def _evict_idle(self) -> None:
         now = time.monotonic()
         for sid in [s for s, v in self._sessions.items() if now - v.last_used > self.session_idle_s]:
             log.info("closing idle session %s", sid)
@@ -134,10 +280,26 @@ class TransformersCloudEngine:
             sid, _ = self._sessions.popitem(last=False)
             log.warning("session limit %d reached: closed least recently used session %s", self.max_sessions, sid)
 
-    # ---- sketch mode -----------------------------------------------------------------------
+    # ---- single-request conveniences -------------------------------------------------------------
+
+    def open(self, session_id: str, instruction: str, top_k: int, lookahead: int = 0) -> TopK:
+        return _raise_or(self.open_many([OpenArgs(session_id, instruction, top_k, lookahead)])[0])
+
+    def step(self, session_id: str, step: int, tokens: Sequence[int]) -> TopK:
+        return _raise_or(self.step_many([StepArgs(session_id, step, tuple(int(t) for t in tokens))])[0])
+
+    def stateless_top_k(self, token_ids: Sequence[int], top_k: int) -> TopK:
+        """The official code's protocol: the whole sequence, no state, batch 1 (benchmark baseline)."""
+        t0 = time.perf_counter()
+        lp, _ = batched_forward(self.model, [None], [list(token_ids)], pad_id=self.pad_id)
+        top = lp[0, -1:].topk(top_k, dim=-1)
+        return TopK(top.indices.numpy().astype(np.int32), top.values.numpy(), np.zeros(0, np.int32),
+                    len(token_ids), (time.perf_counter() - t0) * 1000)
+
+    # ---- sketch mode -----------------------------------------------------------------------------
 
     def sketch(self, requests: Sequence[SketchRequest]) -> list[SketchReply]:
-        """Write outlines for a batch of public instructions; one generate call per sampling setting."""
+        """Write outlines for a batch of public instructions; one generate call per decoding setting."""
         replies: dict[str, SketchReply] = {}
         groups: dict[tuple, list[SketchRequest]] = {}
         for r in requests:
@@ -163,7 +325,7 @@ class TransformersCloudEngine:
             for r, ids in zip(group, prompts_ids):
                 self.audit.write("sketch", r.request_id, self.tok.decode(ids))
         width = max(map(len, prompts_ids))
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        pad = self.pad_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
         if group[0].seed is not None:
@@ -180,12 +342,23 @@ class TransformersCloudEngine:
             raw = prompts.SKETCH_PREFIX + self.tok.decode(row[:n], skip_special_tokens=True)
             texts.append(prompts.clean_sketch(raw))
             counts.append(n)
-        self.tokens_served += sum(counts)
+        self.counters.sketch_tokens += sum(counts)
         ms = (time.perf_counter() - t0) * 1000
         return texts, counts, [ms] * len(group)
 
     def stats(self) -> dict:
-        return {"active_sessions": len(self._sessions), "tokens_served": self.tokens_served}
+        c = self.counters
+        return {"active_sessions": len(self._sessions), "tokens_served": c.tokens_served + c.sketch_tokens,
+                "steps": c.steps, "batches": c.batches,
+                "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
+                "kv_bytes": sum(kv_bytes(s.kv) for s in self._sessions.values()),
+                "evictions": c.evictions, "recomputes": c.recomputes, "draft_tokens": c.draft_tokens}
+
+
+def _raise_or(result: TopK | SessionError) -> TopK:
+    if isinstance(result, SessionError):
+        raise result
+    return result
 
 
 def build_engine(cfg) -> TransformersCloudEngine:
@@ -195,4 +368,5 @@ def build_engine(cfg) -> TransformersCloudEngine:
     model, tok = load_causal_lm(resolve_model(cfg.large_model))
     audit = AuditLog(cfg.audit_log) if cfg.audit_log else None
     return TransformersCloudEngine(model, tok, audit=audit, max_sessions=cfg.max_sessions,
-                                   session_idle_s=cfg.session_idle_s, sketch_style=cfg.sketch_style)
+                                   session_idle_s=cfg.session_idle_s, sketch_style=cfg.sketch_style,
+                                   kv_budget_bytes=int(cfg.kv_budget_mb * (1 << 20)))

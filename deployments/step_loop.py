@@ -11,7 +11,7 @@ import threading
 import time
 
 from cluster.bus import OPEN_STREAM, CloudBus
-from cogenesis.errors import CoGenesisError, ProtocolError, SessionError, UnknownSession
+from cogenesis.errors import CoGenesisError, ProtocolError, UnknownSession
 from cogenesis.protocol import (
     CloseSession,
     ErrorReply,
@@ -25,15 +25,15 @@ from cogenesis.protocol import (
     pack_logprobs,
     unpack_ids,
 )
-from deployments.engine import CloudEngine, TopK
+from deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
 
 log = logging.getLogger(__name__)
 
 
 def _reply(session_id: str, step: int, replica: str, top: TopK) -> bytes:
-    return encode(StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids),
-                            logprobs=pack_logprobs(top.logprobs), prompt_tokens=top.context_len,
-                            compute_ms=round(top.compute_ms, 3)))
+    return encode(StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids.ravel()),
+                            logprobs=pack_logprobs(top.logprobs.ravel()), draft=pack_ids(top.draft),
+                            prompt_tokens=top.context_len, compute_ms=round(top.compute_ms, 3)))
 
 
 def _error(session_id: str, step: int, code: str, message: str) -> bytes:
@@ -78,7 +78,11 @@ class StepLoop:
                 self._stop.wait(0.5)
 
     def _serve(self, batch: list[tuple[str, bytes, bytes]]) -> None:
+        """One bus read = one batch: all opens in one forward pass, all steps in another."""
         done, replies, routes = [], [], []
+        opens: list[OpenSession] = []
+        steps: list[StepRequest] = []
+        closes: list[CloseSession] = []
         for stream, entry_id, payload in batch:
             done.append((stream, entry_id))
             self.requests += 1
@@ -89,39 +93,45 @@ class StepLoop:
                 log.warning("dropped undecodable message %s on %s: %s", entry_id, stream, exc.message)
                 continue
             if stream == OPEN_STREAM and not isinstance(msg, OpenSession):
+                self.errors += 1
                 log.warning("dropped %s on the open stream", type(msg).__name__)
                 continue
-            out = self._handle(msg)
-            if out is not None:
-                replies.append((msg.session_id, out))
-                if isinstance(msg, OpenSession):
-                    routes.append(msg.session_id)
+            if isinstance(msg, CloseSession):
+                closes.append(msg)
+            elif msg.deadline_ms < now_ms():
+                self.errors += 1
+                step = msg.step if isinstance(msg, StepRequest) else 0
+                replies.append((msg.session_id, _error(msg.session_id, step, "deadline",
+                                                       "the request's deadline passed before it was served")))
+            else:
+                (opens if isinstance(msg, OpenSession) else steps).append(msg)
+        with self.lock:
+            for msg in closes:
+                self.engine.close(msg.session_id)
+            for msg, out in zip(opens, self._call(self.engine.open_many, [
+                    OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m in opens])):
+                replies.append((msg.session_id, self._encode(msg.session_id, 0, out)))
+                routes.append(msg.session_id)
+            for msg, out in zip(steps, self._call(self.engine.step_many, [
+                    StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])):
+                replies.append((msg.session_id, self._encode(msg.session_id, msg.step, out)))
         self.bus.finish(done, replies, routes, self.route_ttl_s)
 
-    def _handle(self, msg) -> bytes | None:
-        if isinstance(msg, CloseSession):
-            with self.lock:
-                self.engine.close(msg.session_id)
-            return None
-        step = msg.step if isinstance(msg, StepRequest) else 0
-        if msg.deadline_ms < now_ms():
-            self.errors += 1
-            return _error(msg.session_id, step, "deadline", "the request's deadline passed before it was served")
+    def _call(self, fn, args: list) -> list:
+        if not args:
+            return []
         try:
-            with self.lock:
-                if isinstance(msg, OpenSession):
-                    top = self.engine.open(msg.session_id, msg.instruction, msg.top_k)
-                else:
-                    top = self.engine.step(msg.session_id, msg.step, unpack_ids(msg.tokens).tolist())
-            return _reply(msg.session_id, step, self.bus.replica, top)
-        except SessionError as exc:
-            self.errors += 1
-            code = "unknown_session" if isinstance(exc, UnknownSession) else "bad_request"
-            return _error(msg.session_id, step, code, exc.message)
-        except CoGenesisError as exc:
-            self.errors += 1
-            return _error(msg.session_id, step, "bad_request", exc.message)
-        except Exception as exc:
-            self.errors += 1
-            log.exception("internal error on session %s step %d", msg.session_id, step)
-            return _error(msg.session_id, step, "internal", f"{type(exc).__name__} on the replica")
+            return fn(args)
+        except Exception as exc:  # a bug in the engine: every request of the batch gets an error reply
+            log.exception("engine failed on a batch of %d", len(args))
+            return [exc] * len(args)
+
+    def _encode(self, session_id: str, step: int, out) -> bytes:
+        if isinstance(out, TopK):
+            return _reply(session_id, step, self.bus.replica, out)
+        self.errors += 1
+        if isinstance(out, UnknownSession):
+            return _error(session_id, step, "unknown_session", out.message)
+        if isinstance(out, CoGenesisError):
+            return _error(session_id, step, "bad_request", out.message)
+        return _error(session_id, step, "internal", f"{type(out).__name__} on the replica")

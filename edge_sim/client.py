@@ -108,7 +108,7 @@ class EdgeClient:
         round_trips = 1
         try:
             for step in range(1, cfg.max_new_tokens + 1):
-                ids, lps = reply.top_k()
+                ids, lps = (row[0] for row in reply.top_k())
                 fused = fuse_constant(state.logprobs[None], torch.from_numpy(ids.astype("int64"))[None],
                                       torch.from_numpy(lps)[None], cfg.fusion.weight, cfg.fusion.floor)
                 token = int(sample(fused, cfg.sampling.temperature, cfg.sampling.top_p, gen)[0])

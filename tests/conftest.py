@@ -17,7 +17,8 @@ def _tiny_llama(dest: Path, tok_dir: Path, layers: int, seed: int) -> Path:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      initializer_range=0.5)  # large init: varied greedy paths, not one repeated token
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(dest)

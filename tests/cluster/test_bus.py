@@ -49,7 +49,7 @@ def test_open_reaches_a_replica_and_reply_comes_back(redis_url):
                              logprobs=pack_logprobs([-0.1, -2.0, -3.0])))
     cloud.finish([(batch[0][0], batch[0][1])], [("s1", reply)], routes=["s1"])
     got = edge.wait_reply("s1", 0, deadline_in(2))
-    assert got.replica == "r1" and got.top_k()[0].tolist() == [5, 6, 7]
+    assert got.replica == "r1" and got.top_k()[0].tolist() == [[5, 6, 7]]
     r = redis.Redis.from_url(redis_url)
     assert r.get("cg:route:s1") == b"r1"
     assert r.xlen(OPEN_STREAM) == 0  # acknowledged entries are deleted

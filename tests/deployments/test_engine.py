@@ -39,22 +39,22 @@ def test_cached_steps_match_full_recompute(engine, model_tok):
     top = engine.open("s", INSTRUCTION, 8)
     ids = list(prompt_ids)
     for step in range(1, 6):
-        token = int(top.ids[step % 3])  # not always the argmax, to exercise arbitrary paths
+        token = int(top.ids[0, step % 3])  # not always the argmax, to exercise arbitrary paths
         ids.append(token)
         top = engine.step("s", step, [token])
         ref_ids, ref_lp = _reference_topk(model, ids, 8)
-        assert top.ids.tolist() == ref_ids
-        assert torch.allclose(torch.from_numpy(top.logprobs), ref_lp, atol=1e-4)
+        assert top.ids[0].tolist() == ref_ids
+        assert torch.allclose(torch.from_numpy(top.logprobs[0]), ref_lp, atol=1e-4)
         assert top.context_len == len(ids)
 
 
 def test_replayed_step_is_answered_without_recompute(engine):
     engine.open("s", INSTRUCTION, 5)
     first = engine.step("s", 1, [42])
-    served = engine.tokens_served
+    served = engine.counters.tokens_served
     again = engine.step("s", 1, [42])
     assert again is first
-    assert engine.tokens_served == served
+    assert engine.counters.tokens_served == served
 
 
 def test_out_of_order_and_unknown_sessions_are_refused(engine):
@@ -117,3 +117,69 @@ def test_audit_log_records_what_the_model_conditions_on(model_tok, tmp_path):
     assert [x["kind"] for x in lines] == ["open", "step", "sketch"]
     assert all(INSTRUCTION in x["text"] for x in lines)
     assert lines[1]["text"].endswith("Hello") and lines[1]["appended"] == "Hello"
+
+
+INSTRUCTIONS = [INSTRUCTION, "Outline a blog post about pottery", "Draft a toast for a 30th wedding anniversary",
+                "Describe a weekend DIY project"]
+
+
+def _greedy_session(engine, sid, instruction, n):
+    top = engine.open(sid, instruction, 5)
+    out = []
+    for step in range(1, n + 1):
+        out.append(int(top.ids[0, 0]))
+        top = engine.step(sid, step, [out[-1]])
+    return out, top
+
+
+def test_batched_steps_equal_single_sessions_under_greedy(model_tok):
+    model, tok = model_tok
+    single = [_greedy_session(TransformersCloudEngine(model, tok), "x", text, 6) for text in INSTRUCTIONS]
+    batched = TransformersCloudEngine(model, tok)
+    from deployments.engine import OpenArgs, StepArgs
+
+    tops = batched.open_many([OpenArgs(f"s{i}", text, 5) for i, text in enumerate(INSTRUCTIONS)])
+    outs = [[] for _ in INSTRUCTIONS]
+    for step in range(1, 7):
+        for i, top in enumerate(tops):
+            outs[i].append(int(top.ids[0, 0]))
+        tops = batched.step_many([StepArgs(f"s{i}", step, (outs[i][-1],)) for i in range(len(INSTRUCTIONS))])
+    assert outs == [s[0] for s in single]
+    for top, (_, ref) in zip(tops, single):
+        assert top.ids.tolist() == ref.ids.tolist()
+        assert torch.allclose(torch.from_numpy(top.logprobs), torch.from_numpy(ref.logprobs), atol=1e-4)
+    assert batched.stats()["mean_batch_size"] > 3  # steps really were batched
+
+
+def test_eviction_recomputes_and_changes_nothing(model_tok):
+    model, tok = model_tok
+    reference = [_greedy_session(TransformersCloudEngine(model, tok), "x", text, 5) for text in INSTRUCTIONS[:2]]
+    tight = TransformersCloudEngine(model, tok, kv_budget_bytes=1)  # every cache is evicted after each batch
+    got = [_greedy_session(tight, f"s{i}", text, 5) for i, text in enumerate(INSTRUCTIONS[:2])]
+    assert [g[0] for g in got] == [r[0] for r in reference]
+    for (_, top), (_, ref) in zip(got, reference):
+        assert torch.allclose(torch.from_numpy(top.logprobs), torch.from_numpy(ref.logprobs), atol=1e-4)
+    stats = tight.stats()
+    assert stats["evictions"] >= 10 and stats["recomputes"] >= 8 and stats["kv_bytes"] == 0
+
+
+def test_lookahead_draft_is_the_models_greedy_path(model_tok):
+    model, tok = model_tok
+    engine = TransformersCloudEngine(model, tok)
+    plain, _ = _greedy_session(TransformersCloudEngine(model, tok), "x", INSTRUCTION, 5)
+    top = engine.open("s", INSTRUCTION, 5, lookahead=4)
+    assert top.ids.shape == (5, 5) and len(set(plain)) > 1
+    assert top.draft.tolist() == plain[:4]  # d1 is the argmax after the prompt, d2 the argmax after d1, ...
+    assert top.ids[:, 0].tolist() == plain[:5]
+    for row in range(1, 5):  # each draft row is the top-k after the draft prefix
+        ref_ids, ref_lp = _reference_topk(model, prompts.render(tok, prompts.cloud_messages(INSTRUCTION))
+                                          + plain[:row], 5)
+        assert top.ids[row].tolist() == ref_ids
+        assert torch.allclose(torch.from_numpy(top.logprobs[row]), ref_lp, atol=1e-4)
+    # the edge accepts two draft tokens and then picks its own: the cache is cropped, not rebuilt
+    own = int(top.ids[2, 1])
+    sent = plain[:2] + [own]
+    after = engine.step("s", 1, sent)
+    ref_ids, _ = _reference_topk(model, prompts.render(tok, prompts.cloud_messages(INSTRUCTION)) + sent, 5)
+    assert after.ids[0].tolist() == ref_ids and after.draft.size == 4
+    assert engine.stats()["recomputes"] == 0

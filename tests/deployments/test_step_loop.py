@@ -31,8 +31,8 @@ def test_open_step_close_through_the_loop(loop, redis_url):
     edge.send_open(seal(OpenSession(session_id="s", instruction="Write a haiku", top_k=4,
                                     deadline_ms=deadline_in(10))), "s")
     first = edge.wait_reply("s", 0, deadline_in(10))
-    assert first.replica == "r1" and len(first.top_k()[0]) == 4
-    token = int(first.top_k()[0][0])
+    assert first.replica == "r1" and first.top_k()[0].shape == (1, 4)
+    token = int(first.top_k()[0][0, 0])
     edge.send_to("r1", seal(StepRequest(session_id="s", step=1, tokens=pack_ids([token]), deadline_ms=deadline_in(10))))
     second = edge.wait_reply("s", 1, deadline_in(10))
     assert second.prompt_tokens == first.prompt_tokens + 1
@@ -66,3 +66,33 @@ def test_bad_step_gets_a_clear_error(loop, redis_url):
     edge.send_to("r1", seal(StepRequest(session_id="s", step=5, tokens=pack_ids([1]), deadline_ms=deadline_in(10))))
     with pytest.raises(SessionError, match="bad_request: .*out of order"):
         edge.wait_reply("s", 5, deadline_in(10))
+
+
+def test_pending_requests_are_served_in_one_batch(tiny_large, redis_url):
+    """Requests queued while the replica is busy are served together: 6 opens with lookahead 2 take
+    3 batched passes (prefill + 2 drafts), 6 steps another 3 (1 token each + 2 drafts)."""
+    model, tok = load_causal_lm(str(tiny_large))
+    engine = TransformersCloudEngine(model, tok)
+    edge = EdgeBus(redis_url)
+
+    def serve_queued():
+        loop = StepLoop(engine, CloudBus(redis_url, "r1"), threading.Lock()).start()
+        return loop
+
+    CloudBus(redis_url, "r1").close()  # create the groups before anything is queued
+    for i in range(6):
+        edge.send_open(seal(OpenSession(session_id=f"s{i}", instruction=f"Write note {i}", top_k=3,
+                                        deadline_ms=deadline_in(30), lookahead=2)), f"s{i}")
+    loop = serve_queued()
+    firsts = [edge.wait_reply(f"s{i}", 0, deadline_in(30)) for i in range(6)]
+    loop.stop()
+    assert all(f.top_k()[0].shape == (3, 3) and f.drafts().size == 2 for f in firsts)
+    assert engine.stats()["batches"] == 3
+    for i, f in enumerate(firsts):  # accept the first draft token, then choose another
+        edge.send_to("r1", seal(StepRequest(session_id=f"s{i}", step=1, tokens=pack_ids([int(f.drafts()[0]), 7]),
+                                            deadline_ms=deadline_in(30))))
+    loop = serve_queued()
+    seconds = [edge.wait_reply(f"s{i}", 1, deadline_in(30)) for i in range(6)]
+    loop.stop()
+    assert [s.prompt_tokens for s in seconds] == [f.prompt_tokens + 2 for f in firsts]
+    assert engine.stats()["batches"] == 6 and engine.stats()["recomputes"] == 0
