@@ -94,8 +94,21 @@ def test_step_reply_top_k_round_trips_arrays():
     ids, lps = decode_reply(encode(REPLY)).top_k()
     assert ids.dtype == np.int32
     assert lps.dtype == np.float32
-    np.testing.assert_array_equal(ids, [5, 9, 2])
-    np.testing.assert_allclose(lps, [-0.25, -1.5, -3.0])
+    np.testing.assert_array_equal(ids, [[5, 9, 2]])  # [positions, k]: one position without a draft
+    np.testing.assert_allclose(lps, [[-0.25, -1.5, -3.0]])
+
+
+def test_step_reply_with_draft_has_one_top_k_row_per_position():
+    reply = StepReply(session_id="s", step=3, replica="r", ids=pack_ids([1, 2, 3, 4, 5, 6]),
+                      logprobs=pack_logprobs([-0.1, -1.0, -0.2, -2.0, -0.3, -3.0]), draft=pack_ids([1, 3]))
+    ids, lps = decode_reply(encode(reply)).top_k()
+    np.testing.assert_array_equal(ids, [[1, 2], [3, 4], [5, 6]])
+    assert lps.shape == (3, 2)
+    np.testing.assert_array_equal(decode_reply(encode(reply)).drafts(), [1, 3])
+    uneven = StepReply(session_id="s", step=3, replica="r", ids=pack_ids([1, 2, 3]),
+                       logprobs=pack_logprobs([-1, -2, -3]), draft=pack_ids([1]))
+    with pytest.raises(ProtocolError, match="for 2 position"):
+        uneven.top_k()
 
 
 def test_step_request_tokens_survive_round_trip():
@@ -166,7 +179,7 @@ def test_step_reply_with_truncated_ids_raises():
 def test_step_reply_with_mismatched_lengths_raises():
     bad = StepReply(session_id="s", step=0, replica="r", ids=pack_ids([1, 2, 3]), logprobs=pack_logprobs([-1, -2]))
     decoded = decode_reply(encode(bad))  # the envelope is fine ...
-    with pytest.raises(ProtocolError, match="3 ids but 2 logprobs"):
+    with pytest.raises(ProtocolError, match="3 ids and 2 logprobs"):
         decoded.top_k()  # ... the payload is not
 
 
