@@ -91,6 +91,45 @@ class EdgeBus:
         pipe.expire(stream, KEY_TTL_S)
         pipe.execute()
 
+    def send_many(self, items: list[tuple[str | None, str, Sealed]]) -> None:
+        """Pipeline many sends in one round trip: (replica or None for a new session, session_id, msg)."""
+        pipe = self.r.pipeline(transaction=False)
+        streams = set()
+        for replica, session_id, msg in items:
+            stream = OPEN_STREAM if replica is None else in_stream(replica)
+            if replica is None:
+                pipe.delete(reply_key(session_id))
+            pipe.xadd(stream, {FIELD: self._check(msg)}, maxlen=STREAM_MAXLEN, approximate=True)
+            streams.add(stream)
+        for stream in streams:
+            pipe.expire(stream, KEY_TTL_S)
+        pipe.execute()
+
+    def wait_many(self, wanted: dict[str, int], deadline_ms: int) -> dict[str, StepReply | Exception]:
+        """Replies for many sessions ({session: step}); a failed session maps to its exception."""
+        out: dict[str, StepReply | Exception] = {}
+        keys = {reply_key(sid): sid for sid in wanted}
+        while len(out) < len(wanted):
+            remaining = deadline_ms / 1000 - time.time()
+            if remaining <= 0:
+                for sid, step in wanted.items():
+                    out.setdefault(sid, BusTimeout(f"session {sid}: no reply for step {step} before its deadline",
+                                                   hint="is the cloud running and reading the bus?"))
+                break
+            pending = [k for k, sid in keys.items() if sid not in out]
+            item = self.r.brpop(pending, timeout=max(remaining, 0.01))
+            if item is None:
+                continue
+            sid = keys[item[0].decode() if isinstance(item[0], bytes) else item[0]]
+            reply = decode_reply(item[1])
+            if reply.step < wanted[sid]:
+                continue  # late duplicate of an earlier step
+            if isinstance(reply, ErrorReply):
+                out[sid] = SessionError(f"cloud refused session {sid} step {reply.step}: {reply.code}: {reply.message}")
+            else:
+                out[sid] = reply
+        return out
+
     def wait_reply(self, session_id: str, step: int, deadline_ms: int) -> StepReply:
         """Block until the reply for ``step`` arrives or the deadline passes. Older replies are skipped."""
         while True:

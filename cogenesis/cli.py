@@ -31,6 +31,11 @@ def _demo_parser(sub) -> None:
     p.add_argument("--small-model", default="embedded:small", help="device model: embedded:small, HF dir or hub id")
     p.add_argument("--replicas", type=int, default=1, help="Serve replicas of the large model")
     p.add_argument("--top-k", type=int, default=10, help="top-k the cloud returns per logits step (<= 50)")
+    p.add_argument("--lookahead", type=int, default=0, help="draft tokens the cloud proposes per reply (0-16)")
+    p.add_argument("--schedule", choices=["every", "pkt", "uncertainty"], default="every",
+                   help="when to ask the cloud: every step, the paper's (P,K,T) schedule, or when the small model is unsure")
+    p.add_argument("--pkt", default="5,10,3", help="P,K,T of the pkt schedule")
+    p.add_argument("--tau", type=float, default=2.0, help="entropy threshold (nats) of the uncertainty schedule")
     p.add_argument("--fusion-weight", type=float, default=0.5, help="constant fusion weight of the small model")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
@@ -94,13 +99,24 @@ def cmd_demo(args) -> int:
         "sketch": {"temperature": args.sketch_temperature, "top_p": args.sketch_top_p,
                    "repetition_penalty": args.sketch_repetition_penalty},
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
-        "fusion": {"weight": args.fusion_weight}}, "flags")
+        "fusion": {"weight": args.fusion_weight}, "lookahead": args.lookahead,
+        "schedule": {"kind": args.schedule, **_pkt(args.pkt), "tau": args.tau}}, "flags")
     modes = ("sketch", "logits") if args.mode == "both" else (args.mode,)
     opts = DemoOptions(clients=args.clients, modes=modes, data=args.data, redis_url=args.redis_url,
                        json_path=args.json_path, show_private=args.show_private)
     report = run_demo(opts, cloud, edge, Console())
     failed = sum(m["failed"] for m in report["summary"]["modes"].values())
     return 1 if failed else 0
+
+
+def _pkt(text: str) -> dict:
+    from cogenesis.errors import ConfigError
+
+    try:
+        p, k, t = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--pkt {text!r} is not three integers P,K,T", hint="e.g. --pkt 5,10,3") from None
+    return {"p": p, "k": k, "t": t}
 
 
 def cmd_models(args) -> int:

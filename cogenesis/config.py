@@ -32,6 +32,16 @@ class SketchDecodingConfig(_Cfg):
     repetition_penalty: float = Field(1.3, gt=0.0, le=10.0, description="Outline repetition penalty (1 = none).")
 
 
+class ScheduleConfig(_Cfg):
+    """When the device asks the cloud (steps not fused need no round trip)."""
+
+    kind: Literal["every", "pkt", "uncertainty"] = Field("every", description="every step, the paper's (P,K,T), or when unsure.")
+    p: int = Field(5, ge=0, description="pkt: fuse the first P steps.")
+    k: int = Field(10, ge=0, description="pkt: then in cycles of K + T steps ...")
+    t: int = Field(3, ge=0, description="pkt: ... fuse T of them.")
+    tau: float = Field(2.0, ge=0, description="uncertainty: fuse when the small model's entropy (nats) exceeds tau.")
+
+
 class FusionConfig(_Cfg):
     method: Literal["constant"] = Field("constant", description="Fusion of small and large distributions.")
     weight: float = Field(0.5, ge=0.0, le=1.0, description="w: weight of the small model (1 = small only).")
@@ -63,6 +73,7 @@ class EdgeConfig(_Cfg):
 
     small_model: str = Field(EMBEDDED_SMALL, description="Small model: embedded:small, an HF directory or hub id.")
     top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Top-k the cloud returns per logits step.")
+    lookahead: int = Field(0, ge=0, le=16, description="Draft tokens the cloud proposes per reply (0 = none).")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens each client generates per session.")
     sketch_max_tokens: int = Field(160, ge=8, le=2048, description="Tokens the cloud may spend on a sketch.")
     max_prompt_tokens: int = Field(1536, ge=64, description="Edge prompt budget; older history is dropped to fit.")
@@ -71,6 +82,7 @@ class EdgeConfig(_Cfg):
     sampling: SamplingConfig = SamplingConfig()
     sketch: SketchDecodingConfig = SketchDecodingConfig()
     fusion: FusionConfig = FusionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 def load_yaml(path: str | Path, model: type[_Cfg]):

@@ -28,6 +28,14 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sampling_probs(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution ``sample`` draws from: [B, V] -> [B, V] probabilities (one-hot when greedy)."""
+    check_sampling(temperature, top_p)
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logprobs.argmax(dim=-1), logprobs.shape[-1]).float()
+    return top_p_filter(logprobs.float() / temperature, top_p).softmax(dim=-1)
+
+
 def sample(
     logprobs: torch.Tensor,
     temperature: float = 0.7,

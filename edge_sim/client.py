@@ -1,7 +1,8 @@
 """A simulated edge client: one user's private record, both CoGenesis modes.
 
 Everything the client sends goes through its ``OutboundGate``; the private record never leaves
-this object. Logs name sessions and sizes, never text.
+this object. Logs name sessions and sizes, never text. Logits sessions run in ``edge_sim.logits``
+(many clients stepped together); sketch requests are made here.
 """
 
 from __future__ import annotations
@@ -13,23 +14,12 @@ from dataclasses import dataclass, field
 
 import httpx
 import msgspec
-import torch
 
-from cluster.bus import EdgeBus, Sealed
+from cluster.bus import Sealed
 from cogenesis.config import EdgeConfig
 from cogenesis.data import Record
 from cogenesis.errors import BusTimeout, ClusterError, SessionError
-from cogenesis.fusion import fuse_constant
-from cogenesis.protocol import (
-    CloseSession,
-    OpenSession,
-    SketchReply,
-    SketchRequest,
-    StepRequest,
-    deadline_in,
-    pack_ids,
-)
-from cogenesis.sampling import sample
+from cogenesis.protocol import SketchReply, SketchRequest
 from edge_sim.engine import EdgeEngine
 from edge_sim.gate import OutboundGate
 
@@ -88,50 +78,6 @@ class EdgeClient:
 
     def sketch_prompt(self, sketch: str) -> list[int]:
         return self.engine.prompt_ids(self.record, sketch=sketch)
-
-    # ---- logits mode --------------------------------------------------------------------------
-
-    def run_logits(self, bus: EdgeBus) -> SessionResult:
-        """One logits session: the cloud sees the public instruction and the tokens chosen here."""
-        cfg, engine = self.cfg, self.engine
-        session_id = uuid.uuid4().hex
-        gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        t0 = time.perf_counter()
-        bus.send_open(self.gate.seal(OpenSession(session_id=session_id, instruction=self.record.public_instruction,
-                                                 top_k=cfg.top_k, deadline_ms=deadline_in(cfg.step_timeout_s))),
-                      session_id)
-        state = engine.prefill(engine.prompt_ids(self.record))  # overlaps with the cloud's prefill
-        reply = bus.wait_reply(session_id, 0, deadline_in(cfg.step_timeout_s))
-        replica = reply.replica
-        out: list[int] = []
-        ttft = None
-        round_trips = 1
-        try:
-            for step in range(1, cfg.max_new_tokens + 1):
-                ids, lps = (row[0] for row in reply.top_k())
-                fused = fuse_constant(state.logprobs[None], torch.from_numpy(ids.astype("int64"))[None],
-                                      torch.from_numpy(lps)[None], cfg.fusion.weight, cfg.fusion.floor)
-                token = int(sample(fused, cfg.sampling.temperature, cfg.sampling.top_p, gen)[0])
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                if token in engine.stop_ids:
-                    break
-                out.append(token)
-                if step == cfg.max_new_tokens:
-                    break
-                deadline = deadline_in(cfg.step_timeout_s)
-                bus.send_to(replica, self.gate.seal(StepRequest(session_id=session_id, step=step,
-                                                                tokens=pack_ids([token]), deadline_ms=deadline)))
-                state = engine.step(state, token)  # the small model runs while the cloud works
-                reply = bus.wait_reply(session_id, step, deadline)
-                round_trips += 1
-        finally:
-            bus.send_to(replica, self.gate.seal(CloseSession(session_id=session_id)))
-        text = engine.tok.decode(out, skip_special_tokens=True).strip()
-        log.info("client %d logits session %s: %d tokens in %.2f s", self.index, session_id[:8], len(out),
-                 time.perf_counter() - t0)
-        return SessionResult(self.index, self.record.tid, "logits", text, len(out), time.perf_counter() - t0,
-                             ttft_s=ttft, round_trips=round_trips)
-
 
 def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) -> bytes:
     """POST a gate-sealed body; errors become CoGenesisErrors that say what happened."""

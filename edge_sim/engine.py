@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from cogenesis import prompts
 from cogenesis.data import Record
+from cogenesis.kvbatch import KV, batched_forward
 from cogenesis.sampling import sample
-
-
-@dataclass
-class EdgeState:
-    """One client's small-model state: its KV cache and the next-token distribution."""
-
-    cache: object
-    logprobs: torch.Tensor  # [V] log-softmax after the last token fed
-    length: int
 
 
 class EdgeEngine:
@@ -28,6 +20,7 @@ class EdgeEngine:
         self.tok = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.vocab = model.config.vocab_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.stop_ids = frozenset(t for t in stops if isinstance(t, int) and t >= 0)
 
@@ -39,18 +32,15 @@ class EdgeEngine:
                 return ids
         return ids[-self.max_prompt_tokens:]
 
-    def _forward(self, ids: list[int], cache) -> EdgeState:
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        lp = out.logits[0, -1].float().log_softmax(-1)
-        prev = 0 if cache is None else cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        return EdgeState(out.past_key_values, lp, prev + len(ids))
+    def prefill_many(self, prompts_ids: Sequence[list[int]]) -> tuple[torch.Tensor, list[KV]]:
+        """Prefill every client's prompt in one batched pass: log-probs [B, V] and caches."""
+        lp, caches = batched_forward(self.model, [None] * len(prompts_ids), prompts_ids, pad_id=self.pad_id)
+        return lp[:, -1], caches
 
-    def prefill(self, ids: list[int]) -> EdgeState:
-        return self._forward(ids, None)
-
-    def step(self, state: EdgeState, token: int) -> EdgeState:
-        return self._forward([token], state.cache)
+    def step_many(self, caches: Sequence[KV], tokens: Sequence[int]) -> tuple[torch.Tensor, list[KV]]:
+        """One token for each of many clients in one batched pass: log-probs [B, V] and caches."""
+        lp, caches = batched_forward(self.model, caches, [[t] for t in tokens], pad_id=self.pad_id)
+        return lp[:, -1], caches
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  seeds: list[int | None]) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 Each client keeps its own record, gate, sampling generator and KV state; only the model
 weights are shared. Sketch mode batches the clients' final generation into one batched
-decode; logits mode runs each client's session on its own thread and bus connection.
+decode; logits mode steps all clients' sessions together (``edge_sim.logits``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cogenesis.data import Record
 from cogenesis.errors import CoGenesisError
 from edge_sim.client import EdgeClient, SessionResult
 from edge_sim.engine import EdgeEngine
+from edge_sim.logits import run_logits_sessions
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,15 @@ class EdgePool:
         return ordered
 
     def run_logits(self, redis_url: str, on_result: OnResult = lambda r: None) -> list[SessionResult]:
-        """Every client runs one logits session concurrently, each on its own bus connection."""
-
-        def one(client: EdgeClient) -> SessionResult:
-            t0 = time.perf_counter()
-            if self.stop.is_set():
-                return _failed(client, "logits", CoGenesisError("cancelled"), 0.0)
-            bus = None
-            try:
-                bus = EdgeBus(redis_url)
-                result = client.run_logits(bus)
-            except Exception as exc:
-                result = _failed(client, "logits", exc, time.perf_counter() - t0)
-            finally:
-                if bus is not None:
-                    bus.close()
-            on_result(result)
-            return result
-
-        with ThreadPoolExecutor(max(1, min(64, len(self.clients)))) as ex:
-            return list(ex.map(one, self.clients))
+        """Every client runs one logits session; the pool steps them together (one batched small-model
+        pass per round, all cloud requests of a round pipelined on one bus connection)."""
+        bus = EdgeBus(redis_url)
+        try:
+            return run_logits_sessions(self.clients, self.engine, bus, self.cfg, on_result)
+        except CoGenesisError as exc:
+            results = [_failed(c, "logits", exc, 0.0) for c in self.clients]
+            for r in results:
+                on_result(r)
+            return results
+        finally:
+            bus.close()

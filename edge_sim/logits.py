@@ -1,0 +1,183 @@
+"""Logits-mode sessions for a pool of clients, stepped in lockstep with one batched small model.
+
+Per round, for every live session: decide by the schedule whether this position is fused; if it
+is and no cloud top-k covers it yet, ask the owning replica (all such requests pipelined, all
+replies awaited together); choose the token (fused or small-only), accepting the cloud's draft
+when the choice equals it, which keeps the next position covered without a round trip; then run
+the small model on every session's new token in one batched pass. When the schedule is known in
+advance, the request for the next position leaves before that pass, so the cloud computes while
+the device does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cluster.bus import EdgeBus
+from cogenesis.config import EdgeConfig
+from cogenesis.errors import CoGenesisError
+from cogenesis.fusion import fuse_constant
+from cogenesis.kvbatch import KV
+from cogenesis.protocol import CloseSession, OpenSession, StepReply, StepRequest, deadline_in, pack_ids
+from cogenesis.sampling import sample, sampling_probs
+from cogenesis.schedules import Schedule
+from cogenesis.speculative import accept_draft
+from edge_sim.client import EdgeClient, SessionResult
+from edge_sim.engine import EdgeEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Live:
+    client: EdgeClient
+    session_id: str
+    gen: torch.Generator | None
+    t0: float
+    kv: KV | None = None
+    lp: torch.Tensor | None = None  # [V] small model's log-probs at the current position
+    out: list[int] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)  # chosen tokens the cloud has not seen yet
+    replica: str = ""
+    step: int = 0  # last step number sent
+    rows: tuple[np.ndarray, np.ndarray] | None = None  # cloud top-k rows [P, K] of the last reply
+    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    row: int | None = None  # which row covers the current position (None: not covered)
+    in_flight: bool = False
+    round_trips: int = 0
+    fused: int = 0
+    accepted: int = 0  # draft tokens accepted
+    ttft: float | None = None
+    error: str | None = None
+    done: bool = False
+
+    def take(self, reply: StepReply) -> None:
+        self.rows, self.drafts, self.row = reply.top_k(), reply.drafts(), 0
+        self.replica, self.in_flight = reply.replica, False
+
+
+def schedule_of(cfg: EdgeConfig) -> Schedule:
+    s = cfg.schedule
+    return Schedule(s.kind, s.p, s.k, s.t, s.tau)
+
+
+def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, bus: EdgeBus, cfg: EdgeConfig,
+                        on_result=lambda r: None) -> list[SessionResult]:
+    sched = schedule_of(cfg)
+    lives = [_Live(c, uuid.uuid4().hex, torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
+                   time.perf_counter()) for c in clients]
+    bus.send_many([(None, lv.session_id, lv.client.gate.seal(OpenSession(
+        session_id=lv.session_id, instruction=lv.client.record.public_instruction, top_k=cfg.top_k,
+        deadline_ms=deadline_in(cfg.step_timeout_s), lookahead=cfg.lookahead))) for lv in lives])
+    lps, caches = engine.prefill_many([engine.prompt_ids(lv.client.record) for lv in lives])  # overlaps
+    for lv, lp, kv in zip(lives, lps, caches):
+        lv.lp, lv.kv, lv.round_trips, lv.in_flight = lp, kv, 1, True
+    _collect(bus, [lv for lv in lives], cfg)
+    try:
+        while True:
+            live = [lv for lv in lives if not lv.done]
+            if not live:
+                break
+            # 1. positions that need the cloud and are not covered: ask (if not already asked)
+            need = [lv for lv in live if sched.fuses(len(lv.out), lv.lp) and lv.row is None]
+            _request(bus, [lv for lv in need if not lv.in_flight], cfg)
+            _collect(bus, need, cfg)
+            # 2. choose every session's token
+            for lv in [lv for lv in live if not lv.done]:
+                _choose(lv, sched, cfg, engine)
+            live = [lv for lv in live if not lv.done]
+            if not live:
+                break
+            # 3. ask early for positions known to need the cloud, then run the small model meanwhile
+            if sched.known_in_advance:
+                _request(bus, [lv for lv in live if lv.row is None and sched.fuses(len(lv.out))], cfg)
+            lps, caches = engine.step_many([lv.kv for lv in live], [lv.out[-1] for lv in live])
+            for lv, lp, kv in zip(live, lps, caches):
+                lv.lp, lv.kv = lp, kv
+    finally:
+        closes = [(lv.replica, lv.session_id, lv.client.gate.seal(CloseSession(session_id=lv.session_id)))
+                  for lv in lives if lv.replica]
+        if closes:
+            try:
+                bus.send_many(closes)
+            except Exception as exc:  # the sessions time out on the replica anyway
+                log.warning("could not close %d session(s): %s", len(closes), exc)
+    results = [_result(lv, engine) for lv in lives]
+    for r in results:
+        on_result(r)
+    return results
+
+
+def _request(bus: EdgeBus, lives: list[_Live], cfg: EdgeConfig) -> None:
+    items = []
+    for lv in lives:
+        lv.step += 1
+        items.append((lv.replica, lv.session_id, lv.client.gate.seal(StepRequest(
+            session_id=lv.session_id, step=lv.step, tokens=pack_ids(lv.unsent),
+            deadline_ms=deadline_in(cfg.step_timeout_s)))))
+        lv.unsent, lv.in_flight = [], True
+        lv.round_trips += 1
+    if items:
+        bus.send_many(items)
+
+
+def _collect(bus: EdgeBus, lives: list[_Live], cfg: EdgeConfig) -> None:
+    waiting = {lv.session_id: lv for lv in lives if lv.in_flight and not lv.done}
+    if not waiting:
+        return
+    got = bus.wait_many({sid: lv.step for sid, lv in waiting.items()}, deadline_in(cfg.step_timeout_s))
+    for sid, reply in got.items():
+        lv = waiting[sid]
+        if isinstance(reply, Exception):
+            lv.error = reply.message if isinstance(reply, CoGenesisError) else str(reply)
+            lv.done = True
+            log.warning("client %d logits session failed: %s", lv.client.index, lv.error)
+        else:
+            lv.take(reply)
+
+
+def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> None:
+    samp = cfg.sampling
+    if sched.fuses(len(lv.out), lv.lp) and lv.row is not None:
+        ids, lps = lv.rows[0][lv.row], lv.rows[1][lv.row]
+        target = fuse_constant(lv.lp[None], torch.from_numpy(ids.astype(np.int64))[None],
+                               torch.from_numpy(lps)[None], cfg.fusion.weight, cfg.fusion.floor)
+        lv.fused += 1
+    else:
+        target = lv.lp[None]
+    if lv.row is not None and lv.row < lv.drafts.size:  # a draft proposes this position's token
+        q = sampling_probs(target, samp.temperature, samp.top_p)[0]
+        token, accepted = accept_draft(q, int(lv.drafts[lv.row]), 1.0, lv.gen)
+        lv.row = lv.row + 1 if accepted else None
+        lv.accepted += accepted
+    else:
+        token = int(sample(target, samp.temperature, samp.top_p, lv.gen)[0])
+        lv.row = None
+    lv.ttft = lv.ttft if lv.ttft is not None else time.perf_counter() - lv.t0
+    if token in engine.stop_ids:
+        lv.done = True
+        return
+    lv.out.append(token)
+    lv.unsent.append(token)
+    if len(lv.out) >= cfg.max_new_tokens:
+        lv.done = True
+
+
+def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
+    seconds = time.perf_counter() - lv.t0
+    c = lv.client
+    extra = {"fused_steps": lv.fused, "accepted_draft_tokens": lv.accepted}
+    if lv.error:
+        return SessionResult(c.index, c.record.tid, "logits", "", 0, seconds, error=lv.error,
+                             round_trips=lv.round_trips, extra=extra)
+    text = engine.tok.decode(lv.out, skip_special_tokens=True).strip()
+    log.info("client %d logits session %s: %d tokens, %d round trips in %.2f s", c.index, lv.session_id[:8],
+             len(lv.out), lv.round_trips, seconds)
+    return SessionResult(c.index, c.record.tid, "logits", text, len(lv.out), seconds, ttft_s=lv.ttft,
+                         round_trips=lv.round_trips, extra=extra)

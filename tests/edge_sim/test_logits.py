@@ -1,0 +1,154 @@
+"""Logits sessions over the real bus: batching, lookahead and schedules change speed, not results."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from cluster.bus import CloudBus, EdgeBus
+from cogenesis import prompts
+from cogenesis.config import EdgeConfig
+from cogenesis.fusion import fuse_constant
+from cogenesis.models import load_causal_lm
+from cogenesis.sampling import sampling_probs
+from cogenesis.speculative import accept_draft
+from deployments.audit import AuditLog
+from deployments.engine import TransformersCloudEngine
+from deployments.step_loop import StepLoop
+from edge_sim.client import EdgeClient
+from edge_sim.engine import EdgeEngine
+from edge_sim.gate import ngrams
+from edge_sim.logits import run_logits_sessions
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+def cfg(**kw):
+    base = dict(top_k=5, max_new_tokens=10, max_prompt_tokens=512, sampling=GREEDY, fusion={"weight": 0.5})
+    return EdgeConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def models(tiny_large, tiny_small):
+    return load_causal_lm(str(tiny_large)), load_causal_lm(str(tiny_small))
+
+
+@pytest.fixture
+def cloud(models, redis_url, tmp_path):
+    (large, tok), _ = models
+    engine = TransformersCloudEngine(large, tok, audit=AuditLog(str(tmp_path / "audit.jsonl")))
+    loop = StepLoop(engine, CloudBus(redis_url, "r1"), threading.Lock()).start()
+    yield loop
+    loop.stop()
+
+
+def run(models, redis_url, records, config):
+    (_, tok), (small, _) = models
+    engine = EdgeEngine(small, tok, config.max_prompt_tokens)
+    clients = [EdgeClient(i, rec, engine, config) for i, rec in enumerate(records)]
+    bus = EdgeBus(redis_url)
+    try:
+        return run_logits_sessions(clients, engine, bus, config), clients
+    finally:
+        bus.close()
+
+
+def reference(models, record, config):
+    """Fused greedy decoding with both models in this process: no bus, no caches, no batching."""
+    (large, tok), (small, _) = models
+    engine = EdgeEngine(small, tok, config.max_prompt_tokens)
+    cloud_ids = prompts.render(tok, prompts.cloud_messages(record.public_instruction))
+    edge_ids = engine.prompt_ids(record)
+    out = []
+    with torch.inference_mode():
+        for _ in range(config.max_new_tokens):
+            s_lp = small(torch.tensor([edge_ids + out])).logits[:, -1].log_softmax(-1)
+            l_top = large(torch.tensor([cloud_ids + out])).logits[0, -1].log_softmax(-1).topk(config.top_k)
+            l_lp = l_top.values.half().float()[None]  # the wire carries float16
+            token = int(fuse_constant(s_lp, l_top.indices[None], l_lp, config.fusion.weight).argmax(-1))
+            if token in engine.stop_ids:
+                break
+            out.append(token)
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def test_session_matches_in_process_fusion(models, cloud, redis_url, sample_records):
+    (results, clients) = run(models, redis_url, sample_records[:1], cfg())
+    r = results[0]
+    assert r.error is None and r.tokens > 0
+    assert r.text == reference(models, sample_records[0], cfg())
+    assert r.round_trips == r.tokens  # open + one step per token but the last
+    assert clients[0].gate.sealed == r.round_trips + 1  # + close
+
+
+def test_pool_batching_equals_single_clients(models, cloud, redis_url, sample_records):
+    batched, _ = run(models, redis_url, sample_records[:4], cfg())
+    single = [run(models, redis_url, [rec], cfg())[0][0] for rec in sample_records[:4]]
+    assert [r.text for r in batched] == [s.text for s in single]
+    assert all(r.error is None and r.tokens > 0 for r in batched)
+
+
+def test_lookahead_gives_identical_greedy_text_in_fewer_round_trips(models, cloud, redis_url, sample_records):
+    plain, _ = run(models, redis_url, sample_records[:3], cfg(max_new_tokens=16))
+    ahead, _ = run(models, redis_url, sample_records[:3], cfg(max_new_tokens=16, lookahead=4))
+    assert [r.text for r in ahead] == [r.text for r in plain]
+    accepted = sum(r.extra["accepted_draft_tokens"] for r in ahead)
+    assert accepted > 0
+    assert sum(r.round_trips for r in ahead) < sum(r.round_trips for r in plain)
+    for r in ahead:  # every position is covered by a reply (one per round trip) or an accepted draft
+        assert r.round_trips + r.extra["accepted_draft_tokens"] >= r.tokens
+
+
+def test_pkt_schedule_skips_round_trips(models, cloud, redis_url, sample_records):
+    every, _ = run(models, redis_url, sample_records[:2], cfg(max_new_tokens=14))
+    pkt, _ = run(models, redis_url, sample_records[:2], cfg(max_new_tokens=14,
+                                                            schedule={"kind": "pkt", "p": 2, "k": 3, "t": 1}))
+    for r in pkt:
+        positions = r.tokens + (r.tokens < 14)  # a stop token was chosen at one more position
+        assert r.extra["fused_steps"] == sum(1 for i in range(positions) if i < 2 or (i - 4) % 4 < 1)
+        assert r.round_trips < r.tokens
+    assert sum(r.round_trips for r in pkt) < sum(r.round_trips for r in every)
+
+
+def test_uncertainty_schedule_thresholds(models, cloud, redis_url, sample_records):
+    never, _ = run(models, redis_url, sample_records[:1], cfg(schedule={"kind": "uncertainty", "tau": 1e9}))
+    always, _ = run(models, redis_url, sample_records[:1], cfg(schedule={"kind": "uncertainty", "tau": 0.0}))
+    assert never[0].extra["fused_steps"] == 0 and never[0].round_trips == 1  # just the open
+    assert always[0].extra["fused_steps"] == always[0].tokens + (always[0].tokens < 10)
+
+
+def test_speculative_acceptance_keeps_the_fused_distribution(models, sample_records):
+    """On the tiny models' real distributions: drafts accepted by the rule reproduce q exactly."""
+    (large, tok), (small, _) = models
+    rec = sample_records[0]
+    with torch.inference_mode():
+        s_lp = small(torch.tensor([EdgeEngine(small, tok, 512).prompt_ids(rec)])).logits[:, -1].log_softmax(-1)
+        l_top = large(torch.tensor([prompts.render(tok, prompts.cloud_messages(rec.public_instruction))])
+                      ).logits[0, -1].log_softmax(-1).topk(5)
+    q = sampling_probs(fuse_constant(s_lp, l_top.indices[None], l_top.values[None], 0.5), 1.0, 1.0)[0]
+    draft = int(l_top.indices[0])  # the cloud's greedy proposal
+    gen = torch.Generator().manual_seed(0)
+    n = 20_000
+    counts = torch.zeros_like(q)
+    for _ in range(n):
+        counts[accept_draft(q, draft, 1.0, gen)[0]] += 1
+    support = q > 0.01
+    assert torch.allclose((counts / n)[support], q[support], atol=0.012)
+    assert counts[~(q > 0)].sum() == 0
+
+
+def test_cloud_conditions_only_on_public_text(models, cloud, redis_url, sample_records):
+    record = sample_records[1]
+    (results, _) = run(models, redis_url, [record], cfg())
+    assert cloud.engine.stats()["active_sessions"] == 0  # the client closed its session
+    cloud.engine.audit.close()
+    with open(cloud.engine.audit.path) as fh:
+        entries = [json.loads(line) for line in fh]
+    assert [e["kind"] for e in entries] == ["open"] + ["step"] * (results[0].round_trips - 1)
+    assert all(record.public_instruction in e["text"] for e in entries)
+    private_phrases = set().union(*(ngrams(f, 5) for f in record.private_fields())) - ngrams(
+        record.public_instruction, 5)
+    assert private_phrases  # the record does hold private text
+    for e in entries:
+        assert not ngrams(e["text"], 5) & private_phrases
