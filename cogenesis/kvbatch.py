@@ -94,3 +94,67 @@ def batched_forward(model, pasts: Sequence[KV | None], new_tokens: Sequence[Sequ
         keep = torch.cat([torch.arange(lmax - pl, lmax), torch.arange(lmax + nmax - n, lmax + nmax)])
         caches.append(tuple((k[b:b + 1, :, keep], v[b:b + 1, :, keep]) for k, v in layers))
     return logprobs, caches
+
+
+class PackedBatch:
+    """A batch whose rows stay together across steps (the edge pool's lockstep sessions).
+
+    The cache is kept packed ([B, H, L, D], left-padded) between steps, so a step costs one
+    forward pass and no re-packing; finished rows are dropped with ``keep``.
+    """
+
+    def __init__(self, model, pad_id: int = 0) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [B, L] 1 = real token
+        self.lengths: list[int] = []
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Start the batch from ragged prompts; returns log-probs [B, V] after each prompt."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs at least one non-empty prompt")
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        self.mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        pos = torch.zeros(len(prompts), width, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            self.mask[b, width - len(p):] = 1
+            pos[b, width - len(p):] = torch.arange(len(p))
+        self.lengths = [len(p) for p in prompts]
+        return self._forward(ids, pos)
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One token per row; returns log-probs [B, V]."""
+        if self.mask is None or len(tokens) != self.mask.shape[0]:
+            raise ValueError(f"step needs one token per row ({0 if self.mask is None else self.mask.shape[0]})")
+        self.mask = torch.cat([self.mask, torch.ones(len(tokens), 1, dtype=torch.long)], dim=1)
+        pos = torch.tensor(self.lengths, dtype=torch.long)[:, None]
+        self.lengths = [n + 1 for n in self.lengths]
+        return self._forward(torch.tensor(list(tokens), dtype=torch.long)[:, None], pos)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in this order), e.g. after sessions finish."""
+        if list(rows) == list(range(len(self.lengths))):
+            return
+        idx = torch.tensor(list(rows), dtype=torch.long)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        self.lengths = [self.lengths[i] for i in rows]
+        if len(rows):
+            first = int((self.mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding for every row
+            if first:
+                self.mask = self.mask[:, first:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float().log_softmax(-1)  # [B, V]

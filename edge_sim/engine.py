@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from cogenesis import prompts
 from cogenesis.data import Record
-from cogenesis.kvbatch import KV, batched_forward
 from cogenesis.sampling import sample
 
 
@@ -31,16 +28,6 @@ class EdgeEngine:
             if len(ids) <= self.max_prompt_tokens:
                 return ids
         return ids[-self.max_prompt_tokens:]
-
-    def prefill_many(self, prompts_ids: Sequence[list[int]]) -> tuple[torch.Tensor, list[KV]]:
-        """Prefill every client's prompt in one batched pass: log-probs [B, V] and caches."""
-        lp, caches = batched_forward(self.model, [None] * len(prompts_ids), prompts_ids, pad_id=self.pad_id)
-        return lp[:, -1], caches
-
-    def step_many(self, caches: Sequence[KV], tokens: Sequence[int]) -> tuple[torch.Tensor, list[KV]]:
-        """One token for each of many clients in one batched pass: log-probs [B, V] and caches."""
-        lp, caches = batched_forward(self.model, caches, [[t] for t in tokens], pad_id=self.pad_id)
-        return lp[:, -1], caches
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  seeds: list[int | None]) -> list[list[int]]:

@@ -23,7 +23,7 @@ from cluster.bus import EdgeBus
 from cogenesis.config import EdgeConfig
 from cogenesis.errors import CoGenesisError
 from cogenesis.fusion import fuse_constant
-from cogenesis.kvbatch import KV
+from cogenesis.kvbatch import PackedBatch
 from cogenesis.protocol import CloseSession, OpenSession, StepReply, StepRequest, deadline_in, pack_ids
 from cogenesis.sampling import sample, sampling_probs
 from cogenesis.schedules import Schedule
@@ -40,7 +40,6 @@ class _Live:
     session_id: str
     gen: torch.Generator | None
     t0: float
-    kv: KV | None = None
     lp: torch.Tensor | None = None  # [V] small model's log-probs at the current position
     out: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # chosen tokens the cloud has not seen yet
@@ -75,10 +74,12 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, bus: Edge
     bus.send_many([(None, lv.session_id, lv.client.gate.seal(OpenSession(
         session_id=lv.session_id, instruction=lv.client.record.public_instruction, top_k=cfg.top_k,
         deadline_ms=deadline_in(cfg.step_timeout_s), lookahead=cfg.lookahead))) for lv in lives])
-    lps, caches = engine.prefill_many([engine.prompt_ids(lv.client.record) for lv in lives])  # overlaps
-    for lv, lp, kv in zip(lives, lps, caches):
-        lv.lp, lv.kv, lv.round_trips, lv.in_flight = lp, kv, 1, True
-    _collect(bus, [lv for lv in lives], cfg)
+    batch = PackedBatch(engine.model, engine.pad_id)  # rows = the sessions still running, in order
+    rows = list(lives)
+    lps = batch.prefill([engine.prompt_ids(lv.client.record) for lv in lives])  # while the cloud prefills
+    for lv, lp in zip(lives, lps):
+        lv.lp, lv.round_trips, lv.in_flight = lp, 1, True
+    _collect(bus, lives, cfg)
     try:
         while True:
             live = [lv for lv in lives if not lv.done]
@@ -97,9 +98,11 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, bus: Edge
             # 3. ask early for positions known to need the cloud, then run the small model meanwhile
             if sched.known_in_advance:
                 _request(bus, [lv for lv in live if lv.row is None and sched.fuses(len(lv.out))], cfg)
-            lps, caches = engine.step_many([lv.kv for lv in live], [lv.out[-1] for lv in live])
-            for lv, lp, kv in zip(live, lps, caches):
-                lv.lp, lv.kv = lp, kv
+            if len(live) != len(rows):
+                batch.keep([rows.index(lv) for lv in live])
+                rows = live
+            for lv, lp in zip(live, batch.step([lv.out[-1] for lv in live])):
+                lv.lp = lp
     finally:
         closes = [(lv.replica, lv.session_id, lv.client.gate.seal(CloseSession(session_id=lv.session_id)))
                   for lv in lives if lv.replica]

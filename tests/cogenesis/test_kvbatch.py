@@ -56,3 +56,27 @@ def test_bad_arguments(model):
         batched_forward(model, [None], [[]])
     with pytest.raises(ValueError, match="keep_last"):
         batched_forward(model, [None, None], [[1], [1, 2]], keep_last=2)
+
+
+def test_packed_batch_steps_and_drops_rows(model):
+    from cogenesis.kvbatch import PackedBatch
+
+    prompts = [[5, 6, 7, 8, 9], [20, 21], [30, 31, 32]]
+    batch = PackedBatch(model)
+    lp = batch.prefill(prompts)
+    seqs = [list(p) for p in prompts]
+    for b, s in enumerate(seqs):
+        assert torch.allclose(lp[b], alone(model, s)[-1], atol=1e-4)
+    for t in ([40, 41, 42], [43, 44, 45]):
+        lp = batch.step(t)
+        for b, s in enumerate(seqs):
+            s.append(t[b])
+            assert torch.allclose(lp[b], alone(model, s)[-1], atol=1e-4)
+    batch.keep([2, 1])  # row 0 (the longest) finished: its padding columns go too
+    seqs = [seqs[2], seqs[1]]
+    assert len(batch) == 2 and batch.mask.shape[1] == max(len(s) for s in seqs)
+    lp = batch.step([50, 51])
+    for b, s in enumerate(seqs):
+        assert torch.allclose(lp[b], alone(model, s + [[50, 51][b]])[-1], atol=1e-4)
+    with pytest.raises(ValueError, match="one token per row"):
+        batch.step([1, 2, 3])
