@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis
 
 from cogenesis.errors import BusTimeout, ClusterError, SessionError
-from cogenesis.protocol import ErrorReply, StepReply, decode_reply
+from cogenesis.protocol import ErrorReply, StepReply, decode_reply, now_us
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +105,47 @@ class EdgeBus:
             pipe.expire(stream, KEY_TTL_S)
         pipe.execute()
 
-    def wait_many(self, wanted: dict[str, int], deadline_ms: int) -> dict[str, StepReply | Exception]:
-        """Replies for many sessions ({session: step}); a failed session maps to its exception."""
+    def wait_many(self, wanted: dict[str, int], deadline_ms: int,
+                  arrivals: dict[str, int] | None = None) -> dict[str, StepReply | Exception]:
+        """Replies for many sessions ({session: step}); a failed session maps to its exception.
+
+        Every reply already posted is fetched in one pipelined round trip; then one blocking pop
+        waits for the next, and the rest are drained again. ``arrivals`` (if given) receives each
+        session's receive time (``now_us``) for exchange tracing.
+        """
         out: dict[str, StepReply | Exception] = {}
         keys = {reply_key(sid): sid for sid in wanted}
+        drain = True
         while len(out) < len(wanted):
-            remaining = deadline_ms / 1000 - time.time()
-            if remaining <= 0:
-                for sid, step in wanted.items():
-                    out.setdefault(sid, BusTimeout(f"session {sid}: no reply for step {step} before its deadline",
-                                                   hint="is the cloud running and reading the bus?"))
-                break
             pending = [k for k, sid in keys.items() if sid not in out]
-            item = self.r.brpop(pending, timeout=max(remaining, 0.01))
-            if item is None:
-                continue
-            sid = keys[item[0].decode() if isinstance(item[0], bytes) else item[0]]
-            reply = decode_reply(item[1])
-            if reply.step < wanted[sid]:
-                continue  # late duplicate of an earlier step
-            if isinstance(reply, ErrorReply):
-                out[sid] = SessionError(f"cloud refused session {sid} step {reply.step}: {reply.code}: {reply.message}")
+            if drain:
+                pipe = self.r.pipeline(transaction=False)
+                for k in pending:
+                    pipe.rpop(k)
+                items = [(k, v) for k, v in zip(pending, pipe.execute()) if v is not None]
             else:
-                out[sid] = reply
+                remaining = deadline_ms / 1000 - time.time()
+                if remaining <= 0:
+                    for sid, step in wanted.items():
+                        out.setdefault(sid, BusTimeout(f"session {sid}: no reply for step {step} before its deadline",
+                                                       hint="is the cloud running and reading the bus?"))
+                    break
+                item = self.r.brpop(pending, timeout=max(remaining, 0.01))
+                items = [item] if item is not None else []
+            drain = bool(items)  # after a hit, others are likely ready too
+            got_us = now_us()
+            for key, payload in items:
+                sid = keys[key.decode() if isinstance(key, bytes) else key]
+                reply = decode_reply(payload)
+                if reply.step < wanted[sid]:
+                    continue  # late duplicate of an earlier step
+                if isinstance(reply, ErrorReply):
+                    out[sid] = SessionError(
+                        f"cloud refused session {sid} step {reply.step}: {reply.code}: {reply.message}")
+                else:
+                    out[sid] = reply
+                if arrivals is not None:
+                    arrivals[sid] = got_us
         return out
 
     def wait_reply(self, session_id: str, step: int, deadline_ms: int) -> StepReply:
@@ -178,8 +196,21 @@ class CloudBus:
             pipe.expire(stream, KEY_TTL_S)
         pipe.execute()
 
-    def read(self, block_ms: int = 100, count: int = 256) -> list[tuple[str, bytes, bytes]]:
-        """Up to ``count`` pending (stream, entry id, payload) triples, waiting at most ``block_ms``."""
+    def read(self, block_ms: int = 100, count: int = 1024) -> list[tuple[str, bytes, bytes]]:
+        """Up to ``count`` pending (stream, entry id, payload) triples, waiting at most ``block_ms``.
+
+        A blocking read wakes on the first entry of a burst (an edge pool pipelines a whole round),
+        so non-blocking reads follow until nothing more is pending: the burst becomes one batch.
+        """
+        out = self._read_once(block_ms, count)
+        while out and len(out) < count:
+            more = self._read_once(None, count - len(out))
+            if not more:
+                break
+            out.extend(more)
+        return out
+
+    def _read_once(self, block_ms: int | None, count: int) -> list[tuple[str, bytes, bytes]]:
         try:
             resp = self.r.xreadgroup(GROUP, self.replica, self.streams, count=count, block=block_ms)
         except redis.ResponseError as exc:

@@ -64,6 +64,8 @@ class CloudConfig(_Cfg):
     sketch_max_batch: int = Field(16, ge=1, le=256, description="Sketch requests batched into one generate call.")
     sketch_batch_wait_s: float = Field(0.05, ge=0, le=5, description="How long a sketch batch waits to fill.")
     audit_log: str | None = Field(None, description="Append one JSON line per model request (the text it conditions on).")
+    max_ongoing_requests: int = Field(
+        256, ge=1, le=100_000, description="HTTP requests a replica takes at once (Serve queues the rest); >= sketch_max_batch.")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP ingress port.")
     route_prefix: str = Field("/", description="Serve route prefix of the app.")
 
@@ -75,6 +77,7 @@ class EdgeConfig(_Cfg):
     top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Top-k the cloud returns per logits step.")
     lookahead: int = Field(0, ge=0, le=16, description="Draft tokens the cloud proposes per reply (0 = none).")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens each client generates per session.")
+    ignore_eos: bool = Field(False, description="Keep writing past end-of-text (benchmarks: every session writes max_new_tokens).")
     sketch_max_tokens: int = Field(160, ge=8, le=2048, description="Tokens the cloud may spend on a sketch.")
     max_prompt_tokens: int = Field(1536, ge=64, description="Edge prompt budget; older history is dropped to fit.")
     torch_threads: int = Field(2, ge=1, le=256, description="torch intra-op threads on the edge.")

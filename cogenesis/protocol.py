@@ -16,6 +16,12 @@ Logits-mode exchange (one session, pinned to one cloud replica)::
 
 Steps are numbered; a replayed step is answered from the replica's last reply (idempotence),
 a gap is an error. Every request carries an absolute deadline (unix ms).
+
+Tracing: requests carry ``sent_us`` (the edge's clock when it began sending) and replies carry how
+long the request travelled to the replica (``bus_in_us``), how long the replica held it
+(``server_us``), and how much of that was model time (``model_us``). On one host (one clock) the
+edge gets the exchange overhead of a step, the time on the bus and in serialization, as
+``bus_in_us + server_us - model_us + (received - posted_us)`` (see ``exchange_overhead_us``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ MAX_TOP_K = 50
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def now_us() -> int:
+    """Wall clock in microseconds (the tracing clock; comparable across processes on one host)."""
+    return time.time_ns() // 1000
 
 
 def deadline_in(seconds: float) -> int:
@@ -79,6 +90,7 @@ class OpenSession(_Msg, tag="open"):
     top_k: int
     deadline_ms: int
     lookahead: int = 0  # draft tokens the replica proposes after every reply (0 = none)
+    sent_us: int = 0  # tracing: edge clock when sending began (0 = not traced)
 
 
 class StepRequest(_Msg, tag="step"):
@@ -88,6 +100,7 @@ class StepRequest(_Msg, tag="step"):
     step: int  # 1, 2, ...; step 0 is the reply to OpenSession
     tokens: bytes  # int32 ids appended since the previous step
     deadline_ms: int
+    sent_us: int = 0  # tracing: edge clock when sending began (0 = not traced)
 
 
 class CloseSession(_Msg, tag="close"):
@@ -111,6 +124,21 @@ class StepReply(_Msg, tag="reply"):
     draft: bytes = b""  # int32 [positions - 1] draft tokens
     prompt_tokens: int = 0  # context length the replica conditioned on (after this step)
     compute_ms: float = 0.0  # time the replica spent in the model for this reply
+    bus_in_us: int = 0  # tracing: request sent -> read by the replica, less time the replica was busy
+    server_us: int = 0  # tracing: read by the replica -> reply posted
+    model_us: int = 0  # tracing: the part of server_us spent in (or waiting for) the model
+    posted_us: int = 0  # tracing: replica clock when the reply was posted
+
+    def exchange_overhead_us(self, received_us: int, waited_from_us: int = 0) -> int:
+        """Time this step spent on the bus and in serialization, not in (or waiting for) a model.
+
+        ``received_us``: when the edge had the reply decoded; ``waited_from_us``: when the edge
+        began waiting for it (a reply posted while the edge was busy computing is not bus time).
+        Meaningful when edge and replica share a clock (one host); 0 when the reply is untraced."""
+        if not self.posted_us:
+            return 0
+        bus_out = received_us - max(self.posted_us, waited_from_us)
+        return max(0, self.bus_in_us + self.server_us - self.model_us + bus_out)
 
     def top_k(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, logprobs), each [positions, k]."""
@@ -131,6 +159,17 @@ class ErrorReply(_Msg, tag="error"):
     step: int
     code: str  # unknown_session | bad_request | deadline | internal
     message: str
+
+
+class StatelessRequest(_Msg, tag="stateless"):
+    """Edge -> cloud over HTTP: the official code's protocol, the benchmark's baseline. Every step
+    re-sends the whole public sequence (prompt + generated ids); the cloud keeps no state."""
+
+    session_id: str
+    tokens: bytes  # int32 ids: the cloud prompt and every token generated so far
+    top_k: int
+    deadline_ms: int
+    sent_us: int = 0
 
 
 # ---- sketch mode (HTTP through the Serve ingress) ----------------------------------------
@@ -193,6 +232,15 @@ def decode_reply(buf: bytes) -> StepReply | ErrorReply:
         msg = _decoders[CloudToEdge].decode(buf)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed cloud->edge message: {exc}") from None
+    return _check_version(msg)
+
+
+def decode_msgpack(buf: bytes, typ: type[_Msg]) -> _Msg:
+    """Decode a msgpack HTTP body into ``typ`` (the stateless baseline)."""
+    try:
+        msg = msgspec.msgpack.decode(buf, type=typ)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed {typ.__name__}: {exc}") from None
     return _check_version(msg)
 
 

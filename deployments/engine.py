@@ -290,6 +290,11 @@ class TransformersCloudEngine:
 
     def stateless_top_k(self, token_ids: Sequence[int], top_k: int) -> TopK:
         """The official code's protocol: the whole sequence, no state, batch 1 (benchmark baseline)."""
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise SessionError(f"top_k={top_k} is outside 1..{MAX_TOP_K}")
+        if not token_ids or min(token_ids) < 0 or max(token_ids) >= self.vocab:
+            raise SessionError("stateless request carries invalid token ids",
+                               hint=f"send the prompt's and generated ids, each in 0..{self.vocab - 1}")
         t0 = time.perf_counter()
         lp, _ = batched_forward(self.model, [None], [list(token_ids)], pad_id=self.pad_id)
         top = lp[0, -1:].topk(top_k, dim=-1)

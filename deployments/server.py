@@ -1,7 +1,7 @@
 """Ray Serve application: a thin shim over a cloud engine.
 
-HTTP ingress (sketch mode, health, stats) and the Redis step loop (logits mode) share one
-engine; a lock serialises model calls. Build it from a CloudConfig with ``build_app`` (also the
+HTTP ingress (sketch mode, the stateless baseline, health, stats) and the Redis step loop
+(logits mode) share one engine; a lock serialises model calls. Build it from a CloudConfig with ``build_app`` (also the
 ``import_path`` for ``serve run configs/serve.yaml``).
 """
 
@@ -19,10 +19,28 @@ from ray import serve
 
 from cogenesis.config import CloudConfig, validate
 from cogenesis.errors import CoGenesisError, ProtocolError
-from cogenesis.protocol import SketchReply, SketchRequest, decode_json
+from cogenesis.protocol import (
+    ErrorReply,
+    SketchReply,
+    SketchRequest,
+    StatelessRequest,
+    StepReply,
+    decode_json,
+    decode_msgpack,
+    encode,
+    now_ms,
+    now_us,
+    pack_ids,
+    pack_logprobs,
+    unpack_ids,
+)
 
 log = logging.getLogger("cogenesis.cloud")
 api = FastAPI(title="CoGenesis cloud", docs_url=None, redoc_url=None)
+
+
+def _msgpack(msg, status: int = 200) -> Response:
+    return Response(encode(msg), status_code=status, media_type="application/msgpack")
 
 
 def _json_error(status: int, message: str, hint: str | None = None) -> Response:
@@ -91,6 +109,36 @@ class CloudServer:
             return _json_error(422, exc.message, exc.hint)
         return Response(msgspec.json.encode(reply), media_type="application/json")
 
+    @api.post("/v1/stateless")
+    async def stateless(self, request: Request) -> Response:
+        """The official code's protocol (benchmark baseline): whole sequence in, next top-k out, no state."""
+        arrived = now_us()
+        try:
+            req = decode_msgpack(await request.body(), StatelessRequest)
+            ids = unpack_ids(req.tokens).tolist()
+        except ProtocolError as exc:
+            return _msgpack(ErrorReply(session_id="", step=0, code="bad_request", message=exc.message), 400)
+        if req.deadline_ms < now_ms():
+            return _msgpack(ErrorReply(session_id=req.session_id, step=len(ids), code="deadline",
+                                       message="the request's deadline passed before it was served"), 422)
+
+        def run():
+            t0 = now_us()
+            with self.lock:
+                return self.engine.stateless_top_k(ids, req.top_k), t0, now_us()
+
+        try:
+            top, t0, t1 = await asyncio.to_thread(run)
+        except CoGenesisError as exc:
+            return _msgpack(ErrorReply(session_id=req.session_id, step=len(ids), code="bad_request",
+                                       message=exc.message), 422)
+        posted = now_us()
+        return _msgpack(StepReply(
+            session_id=req.session_id, step=len(ids), replica=self.replica, ids=pack_ids(top.ids.ravel()),
+            logprobs=pack_logprobs(top.logprobs.ravel()), prompt_tokens=top.context_len,
+            compute_ms=round(top.compute_ms, 3), bus_in_us=max(0, arrived - req.sent_us) if req.sent_us else 0,
+            server_us=posted - arrived, model_us=t1 - t0, posted_us=posted))
+
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"ok": True, "replica": self.replica}
@@ -118,5 +166,6 @@ def build_app(args: dict | CloudConfig | None = None):
     cfg = args if isinstance(args, CloudConfig) else validate(CloudConfig, dict(args or {}), "serve args")
     return CloudServer.options(
         num_replicas=cfg.num_replicas,
+        max_ongoing_requests=max(cfg.max_ongoing_requests, cfg.sketch_max_batch),
         ray_actor_options={"num_cpus": cfg.replica_cpus},
     ).bind(cfg.model_dump())

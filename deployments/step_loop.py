@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, replace
 
 from cluster.bus import OPEN_STREAM, CloudBus
 from cogenesis.errors import CoGenesisError, ProtocolError, UnknownSession
@@ -21,6 +22,7 @@ from cogenesis.protocol import (
     decode_request,
     encode,
     now_ms,
+    now_us,
     pack_ids,
     pack_logprobs,
     unpack_ids,
@@ -30,10 +32,25 @@ from deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
 log = logging.getLogger(__name__)
 
 
-def _reply(session_id: str, step: int, replica: str, top: TopK) -> bytes:
+@dataclass(frozen=True)
+class Trace:
+    """When this replica read a batch and how long it held it (see ``StepReply`` tracing fields)."""
+
+    read_called_us: int  # the loop was idle (waiting on the bus) from here
+    read_us: int  # the batch was in hand
+    model_us: int = 0  # time in (or waiting for) the engine while serving the batch
+    posted_us: int = 0
+
+    def fields(self, sent_us: int) -> dict:
+        bus_in = self.read_us - max(sent_us, self.read_called_us) if sent_us else 0
+        return dict(bus_in_us=max(0, bus_in), server_us=self.posted_us - self.read_us, model_us=self.model_us,
+                    posted_us=self.posted_us)
+
+
+def _reply(session_id: str, step: int, replica: str, top: TopK, trace: dict) -> bytes:
     return encode(StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids.ravel()),
                             logprobs=pack_logprobs(top.logprobs.ravel()), draft=pack_ids(top.draft),
-                            prompt_tokens=top.context_len, compute_ms=round(top.compute_ms, 3)))
+                            prompt_tokens=top.context_len, compute_ms=round(top.compute_ms, 3), **trace))
 
 
 def _error(session_id: str, step: int, code: str, message: str) -> bytes:
@@ -70,14 +87,15 @@ class StepLoop:
                 if time.monotonic() - last_beat > 2.0:
                     self.bus.heartbeat()
                     last_beat = time.monotonic()
+                called = now_us()
                 batch = self.bus.read(block_ms=100)
                 if batch:
-                    self._serve(batch)
+                    self._serve(batch, Trace(called, now_us()))
             except Exception:  # the loop must survive Redis hiccups; they are logged, then retried
                 log.exception("step loop error; retrying in 0.5 s")
                 self._stop.wait(0.5)
 
-    def _serve(self, batch: list[tuple[str, bytes, bytes]]) -> None:
+    def _serve(self, batch: list[tuple[str, bytes, bytes]], trace: Trace) -> None:
         """One bus read = one batch: all opens in one forward pass, all steps in another."""
         done, replies, routes = [], [], []
         opens: list[OpenSession] = []
@@ -105,16 +123,20 @@ class StepLoop:
                                                        "the request's deadline passed before it was served")))
             else:
                 (opens if isinstance(msg, OpenSession) else steps).append(msg)
+        t_model = now_us()
         with self.lock:
             for msg in closes:
                 self.engine.close(msg.session_id)
-            for msg, out in zip(opens, self._call(self.engine.open_many, [
-                    OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m in opens])):
-                replies.append((msg.session_id, self._encode(msg.session_id, 0, out)))
-                routes.append(msg.session_id)
-            for msg, out in zip(steps, self._call(self.engine.step_many, [
-                    StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])):
-                replies.append((msg.session_id, self._encode(msg.session_id, msg.step, out)))
+            open_out = self._call(self.engine.open_many, [
+                OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m in opens])
+            step_out = self._call(self.engine.step_many, [
+                StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])
+        trace = replace(trace, model_us=now_us() - t_model, posted_us=now_us())
+        for msg, out in zip(opens, open_out):
+            replies.append((msg.session_id, self._encode(msg, 0, out, trace)))
+            routes.append(msg.session_id)
+        for msg, out in zip(steps, step_out):
+            replies.append((msg.session_id, self._encode(msg, msg.step, out, trace)))
         self.bus.finish(done, replies, routes, self.route_ttl_s)
 
     def _call(self, fn, args: list) -> list:
@@ -126,9 +148,10 @@ class StepLoop:
             log.exception("engine failed on a batch of %d", len(args))
             return [exc] * len(args)
 
-    def _encode(self, session_id: str, step: int, out) -> bytes:
+    def _encode(self, msg: OpenSession | StepRequest, step: int, out, trace: Trace) -> bytes:
+        session_id = msg.session_id
         if isinstance(out, TopK):
-            return _reply(session_id, step, self.bus.replica, out)
+            return _reply(session_id, step, self.bus.replica, out, trace.fields(msg.sent_us))
         self.errors += 1
         if isinstance(out, UnknownSession):
             return _error(session_id, step, "unknown_session", out.message)

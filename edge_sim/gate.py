@@ -16,7 +16,7 @@ import msgspec
 
 from cluster.bus import Sealed
 from cogenesis.errors import PrivacyViolation
-from cogenesis.protocol import CloseSession, OpenSession, SketchRequest, StepRequest, encode
+from cogenesis.protocol import CloseSession, OpenSession, SketchRequest, StatelessRequest, StepRequest, encode
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -45,10 +45,19 @@ class OutboundGate:
                 hint="send only the general instruction (the text before the first ': ') to the cloud",
             )
 
-    def seal(self, msg: OpenSession | StepRequest | CloseSession) -> Sealed:
-        """Check and encode a bus message (msgpack)."""
+    def seal(self, msg: OpenSession | StepRequest | CloseSession | StatelessRequest,
+             prompt_text: str | None = None) -> Sealed:
+        """Check and encode a message (msgpack).
+
+        A ``StatelessRequest`` re-sends the cloud prompt's token ids every step: ``prompt_text``
+        must be that prompt decoded, and is checked like an instruction.
+        """
         if isinstance(msg, OpenSession):
             self.check_text(msg.instruction)
+        elif isinstance(msg, StatelessRequest):
+            if prompt_text is None:
+                raise TypeError("a StatelessRequest is sealed with the decoded text of the prompt it carries")
+            self.check_text(prompt_text)
         elif not isinstance(msg, (StepRequest, CloseSession)):
             raise TypeError(f"the gate does not send {type(msg).__name__} on the bus")
         self.sealed += 1

@@ -6,7 +6,8 @@ replies awaited together); choose the token (fused or small-only), accepting the
 when the choice equals it, which keeps the next position covered without a round trip; then run
 the small model on every session's new token in one batched pass. When the schedule is known in
 advance, the request for the next position leaves before that pass, so the cloud computes while
-the device does.
+the device does. How requests reach the cloud is a ``CloudLink`` (``edge_sim.links``): the Redis
+bus (CoGenesis) or, for the benchmark's baseline, stateless HTTP.
 """
 
 from __future__ import annotations
@@ -21,20 +22,20 @@ import torch
 
 from cluster.bus import EdgeBus
 from cogenesis.config import EdgeConfig
-from cogenesis.errors import CoGenesisError
 from cogenesis.fusion import fuse_constant
 from cogenesis.kvbatch import PackedBatch
-from cogenesis.protocol import CloseSession, OpenSession, StepReply, StepRequest, deadline_in, pack_ids
+from cogenesis.protocol import StepReply
 from cogenesis.sampling import sample, sampling_probs
 from cogenesis.schedules import Schedule
 from cogenesis.speculative import accept_draft
 from edge_sim.client import EdgeClient, SessionResult
 from edge_sim.engine import EdgeEngine
+from edge_sim.links import BusLink, CloudLink
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Live:
     client: EdgeClient
     session_id: str
@@ -55,10 +56,26 @@ class _Live:
     ttft: float | None = None
     error: str | None = None
     done: bool = False
+    sent_us: int = 0  # when the in-flight request left
+    rtt_us: list[int] = field(default_factory=list)  # per reply: sent -> received
+    overhead_us: list[int] = field(default_factory=list)  # per reply: bus + serialization (StepReply)
 
-    def take(self, reply: StepReply) -> None:
+    def next_step(self) -> tuple[int, list[int]]:
+        """Number the next request and hand over the tokens the cloud has not seen."""
+        self.step += 1
+        tokens, self.unsent = self.unsent, []
+        return self.step, tokens
+
+    def sent(self, at_us: int) -> None:
+        self.sent_us, self.in_flight = at_us, True
+        self.round_trips += 1
+
+    def take(self, reply: StepReply, received_us: int = 0, waited_from_us: int = 0) -> None:
         self.rows, self.drafts, self.row = reply.top_k(), reply.drafts(), 0
         self.replica, self.in_flight = reply.replica, False
+        if received_us and reply.posted_us:
+            self.rtt_us.append(received_us - self.sent_us)
+            self.overhead_us.append(reply.exchange_overhead_us(received_us, waited_from_us))
 
 
 def schedule_of(cfg: EdgeConfig) -> Schedule:
@@ -66,29 +83,29 @@ def schedule_of(cfg: EdgeConfig) -> Schedule:
     return Schedule(s.kind, s.p, s.k, s.t, s.tau)
 
 
-def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, bus: EdgeBus, cfg: EdgeConfig,
+def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: CloudLink | EdgeBus, cfg: EdgeConfig,
                         on_result=lambda r: None) -> list[SessionResult]:
+    """Run one logits session per client, all stepped together; returns their results in order."""
+    link = BusLink(link) if isinstance(link, EdgeBus) else link
     sched = schedule_of(cfg)
     lives = [_Live(c, uuid.uuid4().hex, torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
                    time.perf_counter()) for c in clients]
-    bus.send_many([(None, lv.session_id, lv.client.gate.seal(OpenSession(
-        session_id=lv.session_id, instruction=lv.client.record.public_instruction, top_k=cfg.top_k,
-        deadline_ms=deadline_in(cfg.step_timeout_s), lookahead=cfg.lookahead))) for lv in lives])
-    batch = PackedBatch(engine.model, engine.pad_id)  # rows = the sessions still running, in order
-    rows = list(lives)
-    lps = batch.prefill([engine.prompt_ids(lv.client.record) for lv in lives])  # while the cloud prefills
-    for lv, lp in zip(lives, lps):
-        lv.lp, lv.round_trips, lv.in_flight = lp, 1, True
-    _collect(bus, lives, cfg)
     try:
+        link.open(lives, cfg)
+        batch = PackedBatch(engine.model, engine.pad_id)  # rows = the sessions still running, in order
+        rows = list(lives)
+        lps = batch.prefill([engine.prompt_ids(lv.client.record) for lv in lives])  # while the cloud prefills
+        for lv, lp in zip(lives, lps):
+            lv.lp = lp
+        link.collect(lives, cfg)
         while True:
             live = [lv for lv in lives if not lv.done]
             if not live:
                 break
             # 1. positions that need the cloud and are not covered: ask (if not already asked)
             need = [lv for lv in live if sched.fuses(len(lv.out), lv.lp) and lv.row is None]
-            _request(bus, [lv for lv in need if not lv.in_flight], cfg)
-            _collect(bus, need, cfg)
+            link.request([lv for lv in need if not lv.in_flight], cfg)
+            link.collect(need, cfg)
             # 2. choose every session's token
             for lv in [lv for lv in live if not lv.done]:
                 _choose(lv, sched, cfg, engine)
@@ -97,52 +114,18 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, bus: Edge
                 break
             # 3. ask early for positions known to need the cloud, then run the small model meanwhile
             if sched.known_in_advance:
-                _request(bus, [lv for lv in live if lv.row is None and sched.fuses(len(lv.out))], cfg)
+                link.request([lv for lv in live if lv.row is None and sched.fuses(len(lv.out))], cfg)
             if len(live) != len(rows):
                 batch.keep([rows.index(lv) for lv in live])
                 rows = live
             for lv, lp in zip(live, batch.step([lv.out[-1] for lv in live])):
                 lv.lp = lp
     finally:
-        closes = [(lv.replica, lv.session_id, lv.client.gate.seal(CloseSession(session_id=lv.session_id)))
-                  for lv in lives if lv.replica]
-        if closes:
-            try:
-                bus.send_many(closes)
-            except Exception as exc:  # the sessions time out on the replica anyway
-                log.warning("could not close %d session(s): %s", len(closes), exc)
+        link.close(lives)
     results = [_result(lv, engine) for lv in lives]
     for r in results:
         on_result(r)
     return results
-
-
-def _request(bus: EdgeBus, lives: list[_Live], cfg: EdgeConfig) -> None:
-    items = []
-    for lv in lives:
-        lv.step += 1
-        items.append((lv.replica, lv.session_id, lv.client.gate.seal(StepRequest(
-            session_id=lv.session_id, step=lv.step, tokens=pack_ids(lv.unsent),
-            deadline_ms=deadline_in(cfg.step_timeout_s)))))
-        lv.unsent, lv.in_flight = [], True
-        lv.round_trips += 1
-    if items:
-        bus.send_many(items)
-
-
-def _collect(bus: EdgeBus, lives: list[_Live], cfg: EdgeConfig) -> None:
-    waiting = {lv.session_id: lv for lv in lives if lv.in_flight and not lv.done}
-    if not waiting:
-        return
-    got = bus.wait_many({sid: lv.step for sid, lv in waiting.items()}, deadline_in(cfg.step_timeout_s))
-    for sid, reply in got.items():
-        lv = waiting[sid]
-        if isinstance(reply, Exception):
-            lv.error = reply.message if isinstance(reply, CoGenesisError) else str(reply)
-            lv.done = True
-            log.warning("client %d logits session failed: %s", lv.client.index, lv.error)
-        else:
-            lv.take(reply)
 
 
 def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> None:
@@ -163,7 +146,7 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> 
         token = int(sample(target, samp.temperature, samp.top_p, lv.gen)[0])
         lv.row = None
     lv.ttft = lv.ttft if lv.ttft is not None else time.perf_counter() - lv.t0
-    if token in engine.stop_ids:
+    if token in engine.stop_ids and not cfg.ignore_eos:
         lv.done = True
         return
     lv.out.append(token)
@@ -175,7 +158,8 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> 
 def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
     seconds = time.perf_counter() - lv.t0
     c = lv.client
-    extra = {"fused_steps": lv.fused, "accepted_draft_tokens": lv.accepted}
+    extra = {"fused_steps": lv.fused, "accepted_draft_tokens": lv.accepted, "rtt_us": lv.rtt_us,
+             "overhead_us": lv.overhead_us}
     if lv.error:
         return SessionResult(c.index, c.record.tid, "logits", "", 0, seconds, error=lv.error,
                              round_trips=lv.round_trips, extra=extra)

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -141,6 +142,9 @@ def test_speculative_acceptance_keeps_the_fused_distribution(models, sample_reco
 def test_cloud_conditions_only_on_public_text(models, cloud, redis_url, sample_records):
     record = sample_records[1]
     (results, _) = run(models, redis_url, [record], cfg())
+    deadline = time.monotonic() + 10  # CloseSession has no reply: wait for the replica to read it
+    while cloud.engine.stats()["active_sessions"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert cloud.engine.stats()["active_sessions"] == 0  # the client closed its session
     cloud.engine.audit.close()
     with open(cloud.engine.audit.path) as fh:

@@ -1,0 +1,193 @@
+"""How an edge pool's logits sessions reach the cloud: a ``CloudLink``.
+
+- ``BusLink``: the CoGenesis protocol. Sessions live on a replica (KV cache), each step sends only
+  the new token ids over Redis, and a round's requests are pipelined together.
+- ``StatelessLink``: the official code's protocol, kept as the benchmark's baseline. Every step
+  POSTs the whole public sequence (prompt + generated ids) over HTTP and the cloud keeps nothing;
+  one request per session per step, each computed alone.
+
+A link only moves messages: the session loop (``edge_sim.logits``) decides what to ask. Every
+message is sealed by the client's outbound gate. Each reply is traced: round trip and exchange
+overhead (bus + serialization, not model time) go into the session's ``trace``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+import httpx
+
+from cluster.bus import EdgeBus
+from cogenesis import prompts
+from cogenesis.errors import BusTimeout, ClusterError, CoGenesisError, ProtocolError, SessionError
+from cogenesis.protocol import (
+    CloseSession,
+    ErrorReply,
+    OpenSession,
+    StatelessRequest,
+    StepReply,
+    StepRequest,
+    decode_reply,
+    deadline_in,
+    now_us,
+    pack_ids,
+)
+
+if TYPE_CHECKING:
+    from cogenesis.config import EdgeConfig
+    from edge_sim.logits import _Live
+
+log = logging.getLogger(__name__)
+
+
+class CloudLink(Protocol):
+    def open(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        """Start every session; their first replies are collected by ``collect``."""
+
+    def request(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        """Send each session's unsent tokens and ask for the next top-k."""
+
+    def collect(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        """Wait (up to the step timeout) for the in-flight replies of ``lives``."""
+
+    def close(self, lives: Sequence["_Live"]) -> None:
+        """Free whatever the cloud holds for these sessions (best effort)."""
+
+
+def _fail(lv: "_Live", exc: Exception) -> None:
+    lv.error = exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}"
+    lv.done = True
+    log.warning("client %d logits session failed: %s", lv.client.index, lv.error)
+
+
+class BusLink:
+    """Logits steps over the Redis bus to the replica that owns each session."""
+
+    def __init__(self, bus: EdgeBus) -> None:
+        self.bus = bus
+
+    def open(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        sent = now_us()
+        self.bus.send_many([(None, lv.session_id, lv.client.gate.seal(OpenSession(
+            session_id=lv.session_id, instruction=lv.client.record.public_instruction, top_k=cfg.top_k,
+            deadline_ms=deadline_in(cfg.step_timeout_s), lookahead=cfg.lookahead, sent_us=sent)))
+            for lv in lives])
+        for lv in lives:
+            lv.sent(sent)
+
+    def request(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        if not lives:
+            return
+        sent = now_us()
+        items = []
+        for lv in lives:
+            step, tokens = lv.next_step()
+            items.append((lv.replica, lv.session_id, lv.client.gate.seal(StepRequest(
+                session_id=lv.session_id, step=step, tokens=pack_ids(tokens),
+                deadline_ms=deadline_in(cfg.step_timeout_s), sent_us=sent))))
+        self.bus.send_many(items)
+        for lv in lives:
+            lv.sent(sent)
+
+    def collect(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        waiting = {lv.session_id: lv for lv in lives if lv.in_flight and not lv.done}
+        if not waiting:
+            return
+        since, arrivals = now_us(), {}
+        got = self.bus.wait_many({sid: lv.step for sid, lv in waiting.items()}, deadline_in(cfg.step_timeout_s),
+                                 arrivals)
+        for sid, reply in got.items():
+            lv = waiting[sid]
+            if isinstance(reply, Exception):
+                _fail(lv, reply)
+            else:
+                lv.take(reply, arrivals.get(sid, now_us()), since)
+
+    def close(self, lives: Sequence["_Live"]) -> None:
+        closes = [(lv.replica, lv.session_id, lv.client.gate.seal(CloseSession(session_id=lv.session_id)))
+                  for lv in lives if lv.replica]
+        if closes:
+            try:
+                self.bus.send_many(closes)
+            except Exception as exc:  # the sessions time out on the replica anyway
+                log.warning("could not close %d session(s): %s", len(closes), exc)
+
+
+class StatelessLink:
+    """The official code's exchange: the whole sequence over HTTP every step, no server state.
+
+    Requests of one round go out concurrently (one thread each, up to ``max_concurrency``) while
+    the edge runs its small model; the cloud computes each one alone (batch 1).
+    """
+
+    def __init__(self, http_url: str, tokenizer, max_concurrency: int = 256) -> None:
+        self.url = f"{http_url.rstrip('/')}/v1/stateless"
+        self.tok = tokenizer
+        self.http = httpx.Client(limits=httpx.Limits(max_connections=max_concurrency))
+        self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="stateless")
+        self._prompt: dict[str, tuple[list[int], str]] = {}  # session -> (cloud prompt ids, its text)
+        self._futures: dict[str, Future] = {}
+
+    def open(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        for lv in lives:
+            ids = prompts.render(self.tok, prompts.cloud_messages(lv.client.record.public_instruction))
+            self._prompt[lv.session_id] = (ids, self.tok.decode(ids))
+        self._send(lives, cfg, opening=True)
+
+    def request(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        self._send(lives, cfg, opening=False)
+
+    def _send(self, lives: Sequence["_Live"], cfg: "EdgeConfig", opening: bool) -> None:
+        for lv in lives:
+            if not opening:
+                lv.next_step()
+            ids, text = self._prompt[lv.session_id]
+            sent = now_us()
+            sealed = lv.client.gate.seal(StatelessRequest(
+                session_id=lv.session_id, tokens=pack_ids(ids + lv.out), top_k=cfg.top_k,
+                deadline_ms=deadline_in(cfg.step_timeout_s), sent_us=sent), prompt_text=text)
+            self._futures[lv.session_id] = self.pool.submit(self._post, sealed.payload, cfg.step_timeout_s)
+            lv.sent(sent)
+
+    def _post(self, body: bytes, timeout_s: float) -> tuple[StepReply | ErrorReply, int]:
+        try:
+            resp = self.http.post(self.url, content=body, headers={"content-type": "application/msgpack"},
+                                  timeout=timeout_s)
+        except httpx.TimeoutException:
+            raise BusTimeout(f"no answer from {self.url} within {timeout_s:.0f} s",
+                             hint="the cloud may be overloaded; raise --step-timeout") from None
+        except httpx.HTTPError as exc:
+            raise ClusterError(f"cannot reach the cloud at {self.url}: {exc}", hint="is the cluster running?") from None
+        try:
+            return decode_reply(resp.content), now_us()
+        except ProtocolError:
+            raise SessionError(f"cloud answered {resp.status_code}: {resp.text[:200]}") from None
+
+    def collect(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        since = now_us()
+        for lv in [lv for lv in lives if lv.in_flight and not lv.done]:
+            future = self._futures.pop(lv.session_id)
+            try:
+                reply, received = future.result(timeout=cfg.step_timeout_s + 5)
+            except FutureTimeout:
+                _fail(lv, BusTimeout(f"session {lv.session_id}: no stateless reply in time"))
+                continue
+            except Exception as exc:
+                _fail(lv, exc)
+                continue
+            if isinstance(reply, ErrorReply):
+                _fail(lv, SessionError(f"cloud refused session {lv.session_id}: {reply.code}: {reply.message}"))
+            else:
+                lv.take(reply, received, since)
+
+    def close(self, lives: Sequence["_Live"]) -> None:
+        for lv in lives:
+            self._prompt.pop(lv.session_id, None)
+            self._futures.pop(lv.session_id, None)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.http.close()
