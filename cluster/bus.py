@@ -2,8 +2,9 @@
 
 Keys (every one has a TTL; nothing private is ever written):
 - ``cg:open``               stream, OpenSession requests; consumer group ``cloud`` spreads them over replicas
-- ``cg:in:{replica}``       stream, StepRequest / CloseSession for the replica that owns the session
-- ``cg:reply:{session}``    list, StepReply / ErrorReply for one session (edge pops with a timeout)
+- ``cg:in:{replica}``       stream, StepRequest / CloseSession (or a ``StepBatch`` of an edge pool's round)
+                            for the replica that owns the sessions
+- ``cg:reply:{reply_to}``   list, replies (one or a ``ReplyBatch``) for an edge pool or one session
 - ``cg:route:{session}``    string, the replica owning the session
 - ``cg:alive:{replica}``    string, replica heartbeat
 Stream entries are deleted once acknowledged, and streams are capped with MAXLEN, so memory
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import redis
 
 from cogenesis.errors import BusTimeout, ClusterError, SessionError
-from cogenesis.protocol import ErrorReply, StepReply, decode_reply, now_us
+from cogenesis.protocol import ErrorReply, StepBatch, StepReply, decode_replies, encode, now_us
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ GROUP = "cloud"
 FIELD = b"m"
 STREAM_MAXLEN = 100_000
 KEY_TTL_S = 600
-REPLY_TTL_S = 120
+REPLY_TTL_S = 600  # a reply may wait while its edge finishes a long prefill; the edge's deadline still bounds it
 
 
 def in_stream(replica: str) -> str:
@@ -67,10 +68,17 @@ class Sealed:
 
 
 class EdgeBus:
-    """Edge side: send sealed requests, wait for replies with deadlines."""
+    """Edge side: send sealed requests, wait for replies with deadlines.
+
+    A round's steps for one replica travel as one stream entry (``StepBatch``) and the replica
+    answers a pool with one reply message per served batch (``ReplyBatch``) on the pool's reply
+    list (``reply_to``), so a round costs a few Redis commands whatever the number of sessions.
+    Replies for sessions nobody is waiting on yet are kept until asked for.
+    """
 
     def __init__(self, url: str) -> None:
         self.r = connect(url)
+        self._stash: dict[str, StepReply | ErrorReply] = {}  # session -> newest reply not yet asked for
 
     def _check(self, msg: Sealed) -> bytes:
         if not isinstance(msg, Sealed):
@@ -78,51 +86,59 @@ class EdgeBus:
         return msg.payload
 
     def send_open(self, msg: Sealed, session_id: str) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.delete(reply_key(session_id))
-        pipe.xadd(OPEN_STREAM, {FIELD: self._check(msg)}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.expire(OPEN_STREAM, KEY_TTL_S)
-        pipe.execute()
+        self.send_many([(None, session_id, msg)])
 
     def send_to(self, replica: str, msg: Sealed) -> None:
-        stream = in_stream(replica)
         pipe = self.r.pipeline(transaction=False)
-        pipe.xadd(stream, {FIELD: self._check(msg)}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.expire(stream, KEY_TTL_S)
+        pipe.xadd(in_stream(replica), {FIELD: self._check(msg)}, maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.expire(in_stream(replica), KEY_TTL_S)
         pipe.execute()
 
     def send_many(self, items: list[tuple[str | None, str, Sealed]]) -> None:
-        """Pipeline many sends in one round trip: (replica or None for a new session, session_id, msg)."""
+        """Send in one round trip: (replica or None for a new session, session_id, msg).
+
+        New sessions go one entry each to the shared open stream (so replicas share them out);
+        everything for one replica goes as one ``StepBatch`` entry on its stream."""
         pipe = self.r.pipeline(transaction=False)
-        streams = set()
+        per_replica: dict[str, list[bytes]] = {}
+        opened = False
         for replica, session_id, msg in items:
-            stream = OPEN_STREAM if replica is None else in_stream(replica)
+            payload = self._check(msg)
             if replica is None:
                 pipe.delete(reply_key(session_id))
-            pipe.xadd(stream, {FIELD: self._check(msg)}, maxlen=STREAM_MAXLEN, approximate=True)
-            streams.add(stream)
-        for stream in streams:
-            pipe.expire(stream, KEY_TTL_S)
+                pipe.xadd(OPEN_STREAM, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)
+                opened = True
+            else:
+                per_replica.setdefault(replica, []).append(payload)
+        for replica, payloads in per_replica.items():
+            entry = payloads[0] if len(payloads) == 1 else encode(StepBatch(items=payloads))
+            pipe.xadd(in_stream(replica), {FIELD: entry}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.expire(in_stream(replica), KEY_TTL_S)
+        if opened:
+            pipe.expire(OPEN_STREAM, KEY_TTL_S)
         pipe.execute()
 
-    def wait_many(self, wanted: dict[str, int], deadline_ms: int,
-                  arrivals: dict[str, int] | None = None) -> dict[str, StepReply | Exception]:
+    def wait_many(self, wanted: dict[str, int], deadline_ms: int, arrivals: dict[str, int] | None = None,
+                  reply_to: dict[str, str] | None = None) -> dict[str, StepReply | Exception]:
         """Replies for many sessions ({session: step}); a failed session maps to its exception.
 
-        Every reply already posted is fetched in one pipelined round trip; then one blocking pop
-        waits for the next, and the rest are drained again. ``arrivals`` (if given) receives each
-        session's receive time (``now_us``) for exchange tracing.
+        ``reply_to`` maps a session to its reply list (default: its own). Whatever is already posted
+        is fetched in one pipelined round trip; otherwise one blocking pop waits for the next.
+        ``arrivals`` (if given) receives each session's receive time (``now_us``) for tracing.
         """
         out: dict[str, StepReply | Exception] = {}
-        keys = {reply_key(sid): sid for sid in wanted}
+        routes = reply_to or {}
+        for sid in wanted:
+            if sid in self._stash:
+                self._accept(self._stash.pop(sid), wanted, out, arrivals, now_us())
         drain = True
         while len(out) < len(wanted):
-            pending = [k for k, sid in keys.items() if sid not in out]
+            keys = sorted({reply_key(routes.get(sid, sid)) for sid in wanted if sid not in out})
             if drain:
                 pipe = self.r.pipeline(transaction=False)
-                for k in pending:
+                for k in keys:
                     pipe.rpop(k)
-                items = [(k, v) for k, v in zip(pending, pipe.execute()) if v is not None]
+                payloads = [v for v in pipe.execute() if v is not None]
             else:
                 remaining = deadline_ms / 1000 - time.time()
                 if remaining <= 0:
@@ -130,41 +146,44 @@ class EdgeBus:
                         out.setdefault(sid, BusTimeout(f"session {sid}: no reply for step {step} before its deadline",
                                                        hint="is the cloud running and reading the bus?"))
                     break
-                item = self.r.brpop(pending, timeout=max(remaining, 0.01))
-                items = [item] if item is not None else []
-            drain = bool(items)  # after a hit, others are likely ready too
+                item = self.r.brpop(keys, timeout=max(remaining, 0.01))
+                payloads = [item[1]] if item is not None else []
+            drain = bool(payloads)  # after a hit, more may be ready
             got_us = now_us()
-            for key, payload in items:
-                sid = keys[key.decode() if isinstance(key, bytes) else key]
-                reply = decode_reply(payload)
-                if reply.step < wanted[sid]:
-                    continue  # late duplicate of an earlier step
-                if isinstance(reply, ErrorReply):
-                    out[sid] = SessionError(
-                        f"cloud refused session {sid} step {reply.step}: {reply.code}: {reply.message}")
-                else:
-                    out[sid] = reply
-                if arrivals is not None:
-                    arrivals[sid] = got_us
+            for payload in payloads:
+                for reply in decode_replies(payload):
+                    self._accept(reply, wanted, out, arrivals, got_us)
         return out
 
-    def wait_reply(self, session_id: str, step: int, deadline_ms: int) -> StepReply:
+    def _accept(self, reply: StepReply | ErrorReply, wanted: dict[str, int], out: dict, arrivals: dict | None,
+                got_us: int) -> None:
+        sid = reply.session_id
+        if sid not in wanted or sid in out:  # for a session not asked about now: keep the newest
+            kept = self._stash.get(sid)
+            if kept is None or kept.step <= reply.step:
+                self._stash[sid] = reply
+            return
+        if reply.step < wanted[sid]:
+            return  # late duplicate of an earlier step
+        if isinstance(reply, ErrorReply):
+            out[sid] = SessionError(f"cloud refused session {sid} step {reply.step}: {reply.code}: {reply.message}")
+        else:
+            out[sid] = reply
+        if arrivals is not None:
+            arrivals[sid] = got_us
+
+    def wait_reply(self, session_id: str, step: int, deadline_ms: int, reply_to: str | None = None) -> StepReply:
         """Block until the reply for ``step`` arrives or the deadline passes. Older replies are skipped."""
-        while True:
-            remaining = deadline_ms / 1000 - time.time()
-            if remaining <= 0:
-                raise BusTimeout(f"session {session_id}: no reply for step {step} before its deadline",
-                                 hint="is the cloud running and reading the bus? see `cogenesis demo` logs")
-            item = self.r.brpop([reply_key(session_id)], timeout=max(remaining, 0.01))
-            if item is None:
-                continue
-            reply = decode_reply(item[1])
-            if reply.step < step:
-                continue  # late duplicate of an earlier step
-            if isinstance(reply, ErrorReply):
-                raise SessionError(f"cloud refused session {session_id} step {reply.step}: "
-                                   f"{reply.code}: {reply.message}")
-            return reply
+        got = self.wait_many({session_id: step}, deadline_ms, reply_to={session_id: reply_to} if reply_to else None)
+        reply = got[session_id]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def forget(self, session_ids) -> None:
+        """Drop kept replies of sessions that ended."""
+        for sid in session_ids:
+            self._stash.pop(sid, None)
 
     def close(self) -> None:
         self.r.close()

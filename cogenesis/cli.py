@@ -71,6 +71,41 @@ def _models_parser(sub) -> None:
     msub.add_parser("info", help="show model paths, derivations and measured quality")
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks measured side by side (JSON + markdown table + PNG plot)",
+                       description="Benchmarks. Each runs its variants side by side in one run on this machine.")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="{exchange}")
+    e = bsub.add_parser(
+        "exchange", help="logits-mode step exchange vs large-only decode and the stateless protocol",
+        description=("For each session count: the large model's own batched greedy decode (large-only, the "
+                     "compute reference); the official code's stateless protocol (whole sequence over HTTP per "
+                     "step, batch 1); CoGenesis logits mode over Ray Serve + Redis with lookahead 0 and N; "
+                     "optionally a vLLM server driven per step. Every session writes --max-new-tokens tokens "
+                     "(greedy, end-of-text ignored). Writes JSON, a markdown table (.md) and a plot (.png) "
+                     "beside --json."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--sessions", default="1,16,64,256", help="comma-separated concurrent session counts")
+    e.add_argument("--max-new-tokens", type=int, default=64, help="tokens every session writes")
+    e.add_argument("--lookahead", type=int, default=4, help="draft tokens of the cogenesis-lookahead variant")
+    e.add_argument("--top-k", type=int, default=10, help="cloud top-k per step")
+    e.add_argument("--edge-prompt-tokens", type=int, default=512,
+                   help="small-model prompt budget (private context trimmed to fit; bounds edge memory at large N)")
+    e.add_argument("--budget", type=float, default=300.0,
+                   help="seconds per variant and N; a variant still running then is cut and marked")
+    e.add_argument("--variants", default=",".join(("large-only", "stateless", "cogenesis", "cogenesis-lookahead")),
+                   help="comma-separated subset of the variants")
+    e.add_argument("--with-vllm", action="store_true", help="add a vLLM OpenAI server driven per step")
+    e.add_argument("--vllm-python", default=None,
+                   help="python of the venv where vllm imports (default: $COGENESIS_VLLM_PYTHON, else this one)")
+    e.add_argument("--data", default=None, help="CoGenesis JSON file (None: the shipped sample, cycled)")
+    e.add_argument("--large-model", default="embedded:large", help="cloud model spec")
+    e.add_argument("--small-model", default="embedded:small", help="device model spec")
+    e.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="torch threads of the edge and of the replica each (they share this machine's cores)")
+    e.add_argument("--json", dest="json_path", default="out/bench-exchange.json",
+                   help="report path; the .md table and .png plot are written beside it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cogenesis", epilog=EPILOG,
@@ -80,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _demo_parser(sub)
     _models_parser(sub)
+    _bench_parser(sub)
     c = sub.add_parser("config", help="print every configuration field with its default and meaning")
     c.add_argument("--show", action="store_true", help="(default) print the configuration reference")
     return parser
@@ -91,8 +127,12 @@ def cmd_demo(args) -> int:
     from cogenesis.config import CloudConfig, EdgeConfig, validate
     from cogenesis.demo import DemoOptions, run_demo
 
+    cpus = os.cpu_count() or 2
+    half = max(1, cpus // 2)  # edge and cloud share this machine: split its cores (oversubscribed, both slow ~5x)
     cloud = validate(CloudConfig, {"large_model": args.large_model, "num_replicas": args.replicas,
-                                   "audit_log": args.audit_log, "sketch_style": args.sketch_style}, "flags")
+                                   "audit_log": args.audit_log, "sketch_style": args.sketch_style,
+                                   "torch_threads": max(1, half // args.replicas) if args.replicas > 0 else 1},
+                     "flags")
     edge = validate(EdgeConfig, {
         "small_model": args.small_model, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
         "step_timeout_s": args.step_timeout, "sketch_max_tokens": args.sketch_max_tokens,
@@ -100,6 +140,7 @@ def cmd_demo(args) -> int:
                    "repetition_penalty": args.sketch_repetition_penalty},
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
         "fusion": {"weight": args.fusion_weight}, "lookahead": args.lookahead,
+        "torch_threads": half, "prefill_threads": cpus,
         "schedule": {"kind": args.schedule, **_pkt(args.pkt), "tau": args.tau}}, "flags")
     modes = ("sketch", "logits") if args.mode == "both" else (args.mode,)
     opts = DemoOptions(clients=args.clients, modes=modes, data=args.data, redis_url=args.redis_url,
@@ -117,6 +158,39 @@ def _pkt(text: str) -> dict:
     except ValueError:
         raise ConfigError(f"--pkt {text!r} is not three integers P,K,T", hint="e.g. --pkt 5,10,3") from None
     return {"p": p, "k": k, "t": t}
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+
+    from cogenesis.bench.exchange import ExchangeBenchOptions, run_exchange_bench
+    from cogenesis.bench.report import markdown_table
+
+    opts = ExchangeBenchOptions(
+        sessions=tuple(_ints(args.sessions, "--sessions")), max_new_tokens=args.max_new_tokens,
+        lookahead=args.lookahead, top_k=args.top_k, edge_prompt_tokens=args.edge_prompt_tokens,
+        budget_s=args.budget, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        with_vllm=args.with_vllm, vllm_python=args.vllm_python, data=args.data, large_model=args.large_model,
+        small_model=args.small_model, json_path=args.json_path, threads=args.threads)
+    console = Console()
+    with console.status("cogenesis bench exchange") as status:
+        report = run_exchange_bench(opts, console, lambda m: status.update(f"bench exchange: {m}"))
+    print(markdown_table(report))
+    stem = opts.json_path.rsplit(".", 1)[0]
+    console.print(f"wrote {opts.json_path}, {stem}.md, {stem}.png")
+    return 1 if any(r["failed"] for r in report["results"]) else 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from cogenesis.errors import ConfigError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of integers", hint=f"e.g. {flag} 1,16,64") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty", hint=f"e.g. {flag} 1,16,64")
+    return values
 
 
 def cmd_models(args) -> int:
@@ -156,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
-    handlers = {"demo": cmd_demo, "models": cmd_models, "config": cmd_config}
+    handlers = {"demo": cmd_demo, "models": cmd_models, "bench": cmd_bench, "config": cmd_config}
     try:
         return handlers[args.cmd](args)
     except CoGenesisError as exc:

@@ -81,6 +81,9 @@ class EdgeConfig(_Cfg):
     sketch_max_tokens: int = Field(160, ge=8, le=2048, description="Tokens the cloud may spend on a sketch.")
     max_prompt_tokens: int = Field(1536, ge=64, description="Edge prompt budget; older history is dropped to fit.")
     torch_threads: int = Field(2, ge=1, le=256, description="torch intra-op threads on the edge.")
+    prefill_threads: int | None = Field(
+        None, ge=1, le=256, description="torch threads for the pool's prefill of its clients' contexts (None: torch_threads); "
+        "where edge and cloud share a machine, the cloud is idle while the edge prefills.")
     step_timeout_s: float = Field(30.0, gt=0, le=3600, description="Deadline for one cloud reply (logits step or sketch).")
     sampling: SamplingConfig = SamplingConfig()
     sketch: SketchDecodingConfig = SketchDecodingConfig()

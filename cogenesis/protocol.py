@@ -91,6 +91,7 @@ class OpenSession(_Msg, tag="open"):
     deadline_ms: int
     lookahead: int = 0  # draft tokens the replica proposes after every reply (0 = none)
     sent_us: int = 0  # tracing: edge clock when sending began (0 = not traced)
+    reply_to: str = ""  # reply list key suffix shared by an edge pool's sessions ("" = the session id)
 
 
 class StepRequest(_Msg, tag="step"):
@@ -101,6 +102,7 @@ class StepRequest(_Msg, tag="step"):
     tokens: bytes  # int32 ids appended since the previous step
     deadline_ms: int
     sent_us: int = 0  # tracing: edge clock when sending began (0 = not traced)
+    reply_to: str = ""  # reply list key suffix ("" = the session id)
 
 
 class CloseSession(_Msg, tag="close"):
@@ -172,6 +174,20 @@ class StatelessRequest(_Msg, tag="stateless"):
     sent_us: int = 0
 
 
+class StepBatch(_Msg, tag="batch"):
+    """Edge pool -> one replica: a round's StepRequests and CloseSessions in one stream entry.
+
+    Each item is one message exactly as the client's outbound gate sealed it (msgpack bytes)."""
+
+    items: list[bytes]
+
+
+class ReplyBatch(_Msg, tag="replies"):
+    """Replica -> edge pool: every reply of one served batch that goes to the same reply list."""
+
+    items: list[Union[StepReply, ErrorReply]]
+
+
 # ---- sketch mode (HTTP through the Serve ingress) ----------------------------------------
 
 
@@ -195,8 +211,8 @@ class SketchReply(_Msg, tag="sketch_reply"):
     compute_ms: float = 0.0
 
 
-EdgeToCloud = Union[OpenSession, StepRequest, CloseSession]
-CloudToEdge = Union[StepReply, ErrorReply]
+EdgeToCloud = Union[OpenSession, StepRequest, CloseSession, StepBatch]
+CloudToEdge = Union[StepReply, ErrorReply, ReplyBatch]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {
@@ -218,7 +234,7 @@ def _check_version(msg: _Msg) -> _Msg:
     return msg
 
 
-def decode_request(buf: bytes) -> OpenSession | StepRequest | CloseSession:
+def decode_request(buf: bytes) -> OpenSession | StepRequest | CloseSession | StepBatch:
     """Decode an edge -> cloud message; malformed input raises ProtocolError, never crashes."""
     try:
         msg = _decoders[EdgeToCloud].decode(buf)
@@ -227,12 +243,18 @@ def decode_request(buf: bytes) -> OpenSession | StepRequest | CloseSession:
     return _check_version(msg)
 
 
-def decode_reply(buf: bytes) -> StepReply | ErrorReply:
+def decode_reply(buf: bytes) -> StepReply | ErrorReply | ReplyBatch:
     try:
         msg = _decoders[CloudToEdge].decode(buf)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed cloud->edge message: {exc}") from None
     return _check_version(msg)
+
+
+def decode_replies(buf: bytes) -> list[StepReply | ErrorReply]:
+    """Decode a reply list entry: one reply or a ReplyBatch of them."""
+    msg = decode_reply(buf)
+    return list(msg.items) if isinstance(msg, ReplyBatch) else [msg]
 
 
 def decode_msgpack(buf: bytes, typ: type[_Msg]) -> _Msg:

@@ -354,7 +354,7 @@ class TransformersCloudEngine:
     def stats(self) -> dict:
         c = self.counters
         return {"active_sessions": len(self._sessions), "tokens_served": c.tokens_served + c.sketch_tokens,
-                "steps": c.steps, "batches": c.batches,
+                "steps": c.steps, "batches": c.batches, "batch_rows": c.batch_sizes,
                 "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
                 "kv_bytes": sum(kv_bytes(s.kv) for s in self._sessions.values()),
                 "evictions": c.evictions, "recomputes": c.recomputes, "draft_tokens": c.draft_tokens}

@@ -17,6 +17,8 @@ from cogenesis.protocol import (
     CloseSession,
     ErrorReply,
     OpenSession,
+    ReplyBatch,
+    StepBatch,
     StepReply,
     StepRequest,
     decode_request,
@@ -47,14 +49,26 @@ class Trace:
                     posted_us=self.posted_us)
 
 
-def _reply(session_id: str, step: int, replica: str, top: TopK, trace: dict) -> bytes:
-    return encode(StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids.ravel()),
-                            logprobs=pack_logprobs(top.logprobs.ravel()), draft=pack_ids(top.draft),
-                            prompt_tokens=top.context_len, compute_ms=round(top.compute_ms, 3), **trace))
+def _reply(session_id: str, step: int, replica: str, top: TopK, trace: dict) -> StepReply:
+    return StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids.ravel()),
+                     logprobs=pack_logprobs(top.logprobs.ravel()), draft=pack_ids(top.draft),
+                     prompt_tokens=top.context_len, compute_ms=round(top.compute_ms, 3), **trace)
 
 
-def _error(session_id: str, step: int, code: str, message: str) -> bytes:
-    return encode(ErrorReply(session_id=session_id, step=step, code=code, message=message))
+def _error(session_id: str, step: int, code: str, message: str) -> ErrorReply:
+    return ErrorReply(session_id=session_id, step=step, code=code, message=message)
+
+
+def _route(msg: OpenSession | StepRequest) -> str:
+    return msg.reply_to or msg.session_id
+
+
+def _pack(replies: list[tuple[str, StepReply | ErrorReply]]) -> list[tuple[str, bytes]]:
+    """One payload per reply list: the reply itself, or a ReplyBatch when a pool gets several."""
+    groups: dict[str, list] = {}
+    for key, msg in replies:
+        groups.setdefault(key, []).append(msg)
+    return [(key, encode(msgs[0]) if len(msgs) == 1 else encode(ReplyBatch(items=msgs))) for key, msgs in groups.items()]
 
 
 class StepLoop:
@@ -101,14 +115,17 @@ class StepLoop:
         opens: list[OpenSession] = []
         steps: list[StepRequest] = []
         closes: list[CloseSession] = []
-        for stream, entry_id, payload in batch:
-            done.append((stream, entry_id))
+        for stream, entry_id, payload in self._expand(batch, done):
             self.requests += 1
             try:
                 msg = decode_request(payload)
             except ProtocolError as exc:
                 self.errors += 1
                 log.warning("dropped undecodable message %s on %s: %s", entry_id, stream, exc.message)
+                continue
+            if isinstance(msg, StepBatch):
+                self.errors += 1
+                log.warning("dropped a StepBatch where single messages belong (%s on %s)", entry_id, stream)
                 continue
             if stream == OPEN_STREAM and not isinstance(msg, OpenSession):
                 self.errors += 1
@@ -119,8 +136,8 @@ class StepLoop:
             elif msg.deadline_ms < now_ms():
                 self.errors += 1
                 step = msg.step if isinstance(msg, StepRequest) else 0
-                replies.append((msg.session_id, _error(msg.session_id, step, "deadline",
-                                                       "the request's deadline passed before it was served")))
+                replies.append((_route(msg), _error(msg.session_id, step, "deadline",
+                                                    "the request's deadline passed before it was served")))
             else:
                 (opens if isinstance(msg, OpenSession) else steps).append(msg)
         t_model = now_us()
@@ -133,11 +150,27 @@ class StepLoop:
                 StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])
         trace = replace(trace, model_us=now_us() - t_model, posted_us=now_us())
         for msg, out in zip(opens, open_out):
-            replies.append((msg.session_id, self._encode(msg, 0, out, trace)))
+            replies.append((_route(msg), self._encode(msg, 0, out, trace)))
             routes.append(msg.session_id)
         for msg, out in zip(steps, step_out):
-            replies.append((msg.session_id, self._encode(msg, msg.step, out, trace)))
-        self.bus.finish(done, replies, routes, self.route_ttl_s)
+            replies.append((_route(msg), self._encode(msg, msg.step, out, trace)))
+        self.bus.finish(done, _pack(replies), routes, self.route_ttl_s)
+
+    def _expand(self, batch: list[tuple[str, bytes, bytes]], done: list) -> list[tuple[str, bytes, bytes]]:
+        """Entries as single messages: a StepBatch entry yields its items (acked once, as one entry)."""
+        out = []
+        for stream, entry_id, payload in batch:
+            done.append((stream, entry_id))
+            try:
+                msg = decode_request(payload)
+            except ProtocolError:
+                out.append((stream, entry_id, payload))  # reported by the caller
+                continue
+            if isinstance(msg, StepBatch) and stream != OPEN_STREAM:
+                out.extend((stream, entry_id, item) for item in msg.items)
+            else:
+                out.append((stream, entry_id, payload))
+        return out
 
     def _call(self, fn, args: list) -> list:
         if not args:
@@ -148,7 +181,7 @@ class StepLoop:
             log.exception("engine failed on a batch of %d", len(args))
             return [exc] * len(args)
 
-    def _encode(self, msg: OpenSession | StepRequest, step: int, out, trace: Trace) -> bytes:
+    def _encode(self, msg: OpenSession | StepRequest, step: int, out, trace: Trace) -> StepReply | ErrorReply:
         session_id = msg.session_id
         if isinstance(out, TopK):
             return _reply(session_id, step, self.bus.replica, out, trace.fields(msg.sent_us))

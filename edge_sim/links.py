@@ -14,6 +14,7 @@ overhead (bus + serialization, not model time) go into the session's ``trace``.
 from __future__ import annotations
 
 import logging
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Protocol, Sequence
@@ -34,6 +35,7 @@ from cogenesis.protocol import (
     deadline_in,
     now_us,
     pack_ids,
+    pack_logprobs,
 )
 
 if TYPE_CHECKING:
@@ -68,13 +70,14 @@ class BusLink:
 
     def __init__(self, bus: EdgeBus) -> None:
         self.bus = bus
+        self.reply_to = f"pool-{uuid.uuid4().hex}"  # one reply list for all of this pool's sessions
 
     def open(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
         sent = now_us()
         self.bus.send_many([(None, lv.session_id, lv.client.gate.seal(OpenSession(
             session_id=lv.session_id, instruction=lv.client.record.public_instruction, top_k=cfg.top_k,
-            deadline_ms=deadline_in(cfg.step_timeout_s), lookahead=cfg.lookahead, sent_us=sent)))
-            for lv in lives])
+            deadline_ms=deadline_in(cfg.step_timeout_s), lookahead=cfg.lookahead, sent_us=sent,
+            reply_to=self.reply_to))) for lv in lives])
         for lv in lives:
             lv.sent(sent)
 
@@ -87,7 +90,7 @@ class BusLink:
             step, tokens = lv.next_step()
             items.append((lv.replica, lv.session_id, lv.client.gate.seal(StepRequest(
                 session_id=lv.session_id, step=step, tokens=pack_ids(tokens),
-                deadline_ms=deadline_in(cfg.step_timeout_s), sent_us=sent))))
+                deadline_ms=deadline_in(cfg.step_timeout_s), sent_us=sent, reply_to=self.reply_to))))
         self.bus.send_many(items)
         for lv in lives:
             lv.sent(sent)
@@ -98,7 +101,7 @@ class BusLink:
             return
         since, arrivals = now_us(), {}
         got = self.bus.wait_many({sid: lv.step for sid, lv in waiting.items()}, deadline_in(cfg.step_timeout_s),
-                                 arrivals)
+                                 arrivals, reply_to=dict.fromkeys(waiting, self.reply_to))
         for sid, reply in got.items():
             lv = waiting[sid]
             if isinstance(reply, Exception):
@@ -114,6 +117,7 @@ class BusLink:
                 self.bus.send_many(closes)
             except Exception as exc:  # the sessions time out on the replica anyway
                 log.warning("could not close %d session(s): %s", len(closes), exc)
+        self.bus.forget(lv.session_id for lv in lives)
 
 
 class StatelessLink:
@@ -191,3 +195,49 @@ class StatelessLink:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.http.close()
+
+
+class OpenAILink(StatelessLink):
+    """An OpenAI-compatible completions server (vLLM) driven per step: the setup a user would pick
+    instead of CoGenesis. Each step POSTs the whole sequence as token ids with ``max_tokens=1`` and
+    ``logprobs=k``; the server's prefix cache avoids most of the recompute. Untraced (the server
+    does not report its own time), so only round trips are measured."""
+
+    def __init__(self, base_url: str, model: str, tokenizer, max_concurrency: int = 256) -> None:
+        super().__init__(base_url, tokenizer, max_concurrency)
+        self.url = f"{base_url.rstrip('/')}/v1/completions"
+        self.model = model
+
+    def _send(self, lives: Sequence["_Live"], cfg: "EdgeConfig", opening: bool) -> None:
+        for lv in lives:
+            if not opening:
+                lv.next_step()
+            ids, text = self._prompt[lv.session_id]
+            tokens = ids + lv.out
+            # the gate sees exactly what leaves: the public prompt's text and the generated ids
+            lv.client.gate.seal(StatelessRequest(session_id=lv.session_id, tokens=pack_ids(tokens), top_k=cfg.top_k,
+                                                 deadline_ms=deadline_in(cfg.step_timeout_s)), prompt_text=text)
+            body = {"model": self.model, "prompt": tokens, "max_tokens": 1, "temperature": 0.0,
+                    "logprobs": cfg.top_k, "return_tokens_as_token_ids": True}
+            sent = now_us()
+            self._futures[lv.session_id] = self.pool.submit(self._post_json, lv.session_id, len(tokens), body,
+                                                            cfg.step_timeout_s)
+            lv.sent(sent)
+
+    def _post_json(self, session_id: str, step: int, body: dict, timeout_s: float) -> tuple[StepReply, int]:
+        try:
+            resp = self.http.post(self.url, json=body, timeout=timeout_s)
+        except httpx.TimeoutException:
+            raise BusTimeout(f"no answer from {self.url} within {timeout_s:.0f} s") from None
+        except httpx.HTTPError as exc:
+            raise ClusterError(f"cannot reach the server at {self.url}: {exc}") from None
+        received = now_us()
+        if resp.status_code != 200:
+            raise SessionError(f"{self.url} answered {resp.status_code}: {resp.text[:200]}")
+        try:
+            top = resp.json()["choices"][0]["logprobs"]["top_logprobs"][0]  # {"token_id:123": logprob}
+            pairs = sorted(((int(k.split(":", 1)[1]), float(v)) for k, v in top.items()), key=lambda p: -p[1])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"unexpected completions reply from {self.url}: {exc!r}") from None
+        return StepReply(session_id=session_id, step=step, replica="openai", ids=pack_ids([i for i, _ in pairs]),
+                         logprobs=pack_logprobs([lp for _, lp in pairs])), received

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,7 @@ class _Live:
     ttft: float | None = None
     error: str | None = None
     done: bool = False
+    stopped: bool = False  # ended early by the caller's time budget
     sent_us: int = 0  # when the in-flight request left
     rtt_us: list[int] = field(default_factory=list)  # per reply: sent -> received
     overhead_us: list[int] = field(default_factory=list)  # per reply: bus + serialization (StepReply)
@@ -73,9 +75,10 @@ class _Live:
     def take(self, reply: StepReply, received_us: int = 0, waited_from_us: int = 0) -> None:
         self.rows, self.drafts, self.row = reply.top_k(), reply.drafts(), 0
         self.replica, self.in_flight = reply.replica, False
-        if received_us and reply.posted_us:
+        if received_us:
             self.rtt_us.append(received_us - self.sent_us)
-            self.overhead_us.append(reply.exchange_overhead_us(received_us, waited_from_us))
+            if reply.posted_us:  # traced by the replica
+                self.overhead_us.append(reply.exchange_overhead_us(received_us, waited_from_us))
 
 
 def schedule_of(cfg: EdgeConfig) -> Schedule:
@@ -84,8 +87,12 @@ def schedule_of(cfg: EdgeConfig) -> Schedule:
 
 
 def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: CloudLink | EdgeBus, cfg: EdgeConfig,
-                        on_result=lambda r: None) -> list[SessionResult]:
-    """Run one logits session per client, all stepped together; returns their results in order."""
+                        on_result=lambda r: None, stop_at: float | None = None) -> list[SessionResult]:
+    """Run one logits session per client, all stepped together; returns their results in order.
+
+    ``stop_at`` (a ``time.perf_counter()`` instant, for time-boxed benchmarks): sessions still
+    running then end early with what they wrote, marked ``extra["stopped"]``.
+    """
     link = BusLink(link) if isinstance(link, EdgeBus) else link
     sched = schedule_of(cfg)
     lives = [_Live(c, uuid.uuid4().hex, torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
@@ -94,13 +101,18 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
         link.open(lives, cfg)
         batch = PackedBatch(engine.model, engine.pad_id)  # rows = the sessions still running, in order
         rows = list(lives)
-        lps = batch.prefill([engine.prompt_ids(lv.client.record) for lv in lives])  # while the cloud prefills
+        with _threads(cfg.prefill_threads):
+            lps = batch.prefill([engine.prompt_ids(lv.client.record) for lv in lives])  # while the cloud prefills
         for lv, lp in zip(lives, lps):
             lv.lp = lp
         link.collect(lives, cfg)
         while True:
             live = [lv for lv in lives if not lv.done]
             if not live:
+                break
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                for lv in live:
+                    lv.stopped = lv.done = True
                 break
             # 1. positions that need the cloud and are not covered: ask (if not already asked)
             need = [lv for lv in live if sched.fuses(len(lv.out), lv.lp) and lv.row is None]
@@ -126,6 +138,18 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
     for r in results:
         on_result(r)
     return results
+
+
+@contextmanager
+def _threads(n: int | None):
+    """Run a block with ``n`` torch threads (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> None:
@@ -159,7 +183,7 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
     seconds = time.perf_counter() - lv.t0
     c = lv.client
     extra = {"fused_steps": lv.fused, "accepted_draft_tokens": lv.accepted, "rtt_us": lv.rtt_us,
-             "overhead_us": lv.overhead_us}
+             "overhead_us": lv.overhead_us, "stopped": lv.stopped}
     if lv.error:
         return SessionResult(c.index, c.record.tid, "logits", "", 0, seconds, error=lv.error,
                              round_trips=lv.round_trips, extra=extra)

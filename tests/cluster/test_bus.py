@@ -107,3 +107,47 @@ def test_edge_bus_only_sends_sealed_messages(redis_url):
     edge = EdgeBus(redis_url)
     with pytest.raises(TypeError, match="sealed"):
         edge.send_to("r1", b"raw bytes")
+
+
+def _step(session_id, step, reply_to="pool"):
+    from cogenesis.protocol import StepRequest
+
+    return Sealed(encode(StepRequest(session_id=session_id, step=step, tokens=pack_ids([7]), deadline_ms=deadline_in(5),
+                                     reply_to=reply_to)), "StepRequest")
+
+
+def test_a_round_for_one_replica_is_one_stream_entry(redis_url):
+    from cogenesis.protocol import StepBatch
+
+    edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
+    edge.send_many([("r1", f"s{i}", _step(f"s{i}", 1)) for i in range(5)] + [("r2", "t", _step("t", 1))])
+    assert edge.r.xlen(in_stream("r1")) == 1 and edge.r.xlen(in_stream("r2")) == 1
+    (stream, _, payload), = cloud.read(block_ms=1000)
+    batch = decode_request(payload)
+    assert stream == in_stream("r1") and isinstance(batch, StepBatch)
+    assert [decode_request(b).session_id for b in batch.items] == [f"s{i}" for i in range(5)]
+
+
+def test_pool_replies_share_one_list_and_early_ones_are_kept(redis_url):
+    from cogenesis.protocol import ReplyBatch
+
+    edge = EdgeBus(redis_url)
+    replies = [StepReply(session_id=s, step=2, replica="r1", ids=pack_ids([1]), logprobs=pack_logprobs([-1.0]))
+               for s in ("a", "b", "c")]
+    edge.r.lpush(reply_key("pool"), encode(ReplyBatch(items=replies)))
+    arrivals = {}
+    got = edge.wait_many({"a": 2, "b": 2}, deadline_in(2), arrivals, reply_to={"a": "pool", "b": "pool"})
+    assert {s: r.step for s, r in got.items()} == {"a": 2, "b": 2} and set(arrivals) == {"a", "b"}
+    assert edge.r.llen(reply_key("pool")) == 0  # "c" came in the same batch: kept on the edge, not lost
+    assert edge.wait_many({"c": 2}, deadline_in(0.2), reply_to={"c": "pool"})["c"].session_id == "c"
+    edge.r.lpush(reply_key("pool"), encode(ReplyBatch(items=replies[:1])))
+    edge.wait_many({"b": 3}, deadline_in(0.2), reply_to={"b": "pool"})  # times out; the stray "a" is kept...
+    edge.forget(["a"])  # ...until its session ends
+    assert isinstance(edge.wait_many({"a": 2}, deadline_in(0.2))["a"], BusTimeout)
+
+
+def test_replica_drains_a_burst_into_one_read(redis_url):
+    edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
+    for i in range(4):
+        edge.send_open(_open(f"s{i}"), f"s{i}")
+    assert len(cloud.read(block_ms=1000)) == 4

@@ -334,3 +334,46 @@ def test_deadline_in_is_absolute_ms_in_the_future():
     after = now_ms()
     assert before + 2500 <= deadline <= after + 2500
     assert abs(now_ms() - __import__("time").time() * 1000) < 1000
+
+
+# ---- batching and tracing ------------------------------------------------------------------
+
+
+def test_step_batch_carries_sealed_messages_verbatim():
+    from cogenesis.protocol import StepBatch
+
+    items = [encode(StepRequest(session_id=f"s{i}", step=2, tokens=pack_ids([i]), deadline_ms=1, reply_to="pool"))
+             for i in range(3)]
+    batch = decode_request(encode(StepBatch(items=items)))
+    assert isinstance(batch, StepBatch) and batch.items == items
+    assert [decode_request(b).session_id for b in batch.items] == ["s0", "s1", "s2"]
+    assert decode_request(batch.items[0]).reply_to == "pool"
+
+
+def test_reply_batch_decodes_to_its_replies():
+    from cogenesis.protocol import ReplyBatch, decode_replies
+
+    ok = StepReply(session_id="a", step=1, replica="r", ids=pack_ids([1]), logprobs=pack_logprobs([-0.5]))
+    err = ErrorReply(session_id="b", step=3, code="deadline", message="late")
+    assert decode_replies(encode(ReplyBatch(items=[ok, err]))) == [ok, err]
+    assert decode_replies(encode(ok)) == [ok]
+
+
+def test_stateless_request_round_trips_msgpack():
+    from cogenesis.protocol import StatelessRequest, decode_msgpack
+
+    msg = StatelessRequest(session_id="s", tokens=pack_ids([1, 2, 3]), top_k=5, deadline_ms=9, sent_us=7)
+    assert decode_msgpack(encode(msg), StatelessRequest) == msg
+    with pytest.raises(ProtocolError, match="malformed StatelessRequest"):
+        decode_msgpack(b"\x00junk", StatelessRequest)
+
+
+def test_exchange_overhead_excludes_model_and_busy_time():
+    reply = StepReply(session_id="s", step=1, replica="r", ids=b"", logprobs=b"", bus_in_us=300, server_us=5_000,
+                      model_us=4_800, posted_us=1_000_000)
+    # edge was already waiting: 300 in + 200 serving outside the model + 400 back
+    assert reply.exchange_overhead_us(1_000_400) == 900
+    # edge was busy until 1_050_000 and had the reply 250 us after it began waiting
+    assert reply.exchange_overhead_us(1_050_250, waited_from_us=1_050_000) == 750
+    untraced = StepReply(session_id="s", step=1, replica="r", ids=b"", logprobs=b"")
+    assert untraced.exchange_overhead_us(123) == 0
