@@ -80,3 +80,32 @@ def test_audit_log_holds_public_instructions_only(cluster, pool, sample_records)
         for private in rec.private_fields():
             if len(private) > 40:
                 assert all(private not in e["text"] for e in entries)
+
+
+def test_stateless_baseline_writes_the_same_greedy_text_as_the_bus(cluster, pool):
+    """The official code's protocol (whole sequence over HTTP, no server state) and CoGenesis's
+    (session KV caches, batched steps over Redis) must produce the same fused greedy output."""
+    from cogenesis.protocol import StatelessRequest, encode, pack_ids
+    from edge_sim.links import StatelessLink
+    from edge_sim.logits import run_logits_sessions
+
+    _, info, _ = cluster
+    bus = EdgeBus(info.redis_url)
+    try:
+        over_bus = run_logits_sessions(pool.clients, pool.engine, bus, pool.cfg)
+    finally:
+        bus.close()
+    link = StatelessLink(info.http_url, pool.engine.tok, max_concurrency=3)
+    try:
+        stateless = run_logits_sessions(pool.clients, pool.engine, link, pool.cfg)
+    finally:
+        link.shutdown()
+    assert [r.error for r in stateless] == [None] * 3
+    assert [r.text for r in stateless] == [r.text for r in over_bus]
+    assert all(r.extra["overhead_us"] and len(r.extra["rtt_us"]) == r.round_trips for r in stateless)
+    # bad input gets a typed error, not a crash
+    bad = httpx.post(f"{info.http_url}/v1/stateless", content=b"junk", timeout=30)
+    assert bad.status_code == 400 and b"bad_request" in bad.content
+    huge = StatelessRequest(session_id="x", tokens=pack_ids([10**8]), top_k=3, deadline_ms=2**62)
+    refused = httpx.post(f"{info.http_url}/v1/stateless", content=encode(huge), timeout=30)
+    assert refused.status_code == 422 and b"invalid token ids" in refused.content

@@ -156,3 +156,11 @@ def test_cloud_conditions_only_on_public_text(models, cloud, redis_url, sample_r
     assert private_phrases  # the record does hold private text
     for e in entries:
         assert not ngrams(e["text"], 5) & private_phrases
+
+
+def test_ignore_eos_writes_exactly_max_new_tokens(models, cloud, redis_url, sample_records):
+    results, _ = run(models, redis_url, sample_records[:3], cfg(max_new_tokens=12, ignore_eos=True))
+    assert [r.tokens for r in results] == [12, 12, 12]
+    for r in results:  # every step was traced: round trip and bus overhead per reply
+        assert len(r.extra["rtt_us"]) == len(r.extra["overhead_us"]) == r.round_trips
+        assert all(0 <= o <= t for o, t in zip(r.extra["overhead_us"], r.extra["rtt_us"]))
