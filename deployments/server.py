@@ -123,12 +123,12 @@ class CloudServer:
                                        message="the request's deadline passed before it was served"), 422)
 
         def run():
-            t0 = now_us()
             with self.lock:
-                return self.engine.stateless_top_k(ids, req.top_k), t0, now_us()
+                return self.engine.stateless_top_k(ids, req.top_k), now_us()
 
+        t0 = now_us()  # from here on: waiting for a worker thread and the lock (a busy model), then the model
         try:
-            top, t0, t1 = await asyncio.to_thread(run)
+            top, t1 = await asyncio.to_thread(run)
         except CoGenesisError as exc:
             return _msgpack(ErrorReply(session_id=req.session_id, step=len(ids), code="bad_request",
                                        message=exc.message), 422)
