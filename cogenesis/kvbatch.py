@@ -3,8 +3,9 @@
 Sessions keep their caches separately (``KV``: per layer a (keys, values) pair, [1, H, L, D]),
 so they can join and leave between steps. For a step, the caches are packed into one
 left-padded batch, every row's new tokens are left-padded to the longest, one forward pass runs,
-and each row's cache is cut back out. Padding is masked; positions continue per row, so a row's
-result equals running it alone.
+and each row's cache is cut back out (a view into the batch's tensors where the row's span is
+contiguous, as in every single-token step, so memory is shared until the next step replaces it).
+Padding is masked; positions continue per row, so a row's result equals running it alone.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def batched_forward(model, pasts: Sequence[KV | None], new_tokens: Sequence[Sequ
     layers = [(layer.keys, layer.values) for layer in full.layers] if hasattr(full, "layers") else list(full)
     caches = []
     for b, (pl, n) in enumerate(zip(past_lens, lens)):
+        if n == nmax:  # the row's past and new tokens are adjacent: a view, no copy
+            caches.append(tuple((k[b:b + 1, :, lmax - pl:], v[b:b + 1, :, lmax - pl:]) for k, v in layers))
+            continue
         keep = torch.cat([torch.arange(lmax - pl, lmax), torch.arange(lmax + nmax - n, lmax + nmax)])
         caches.append(tuple((k[b:b + 1, :, keep], v[b:b + 1, :, keep]) for k, v in layers))
     return logprobs, caches

@@ -217,9 +217,11 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cogenesis.attention import register
+
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=register())
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}",
                          hint="pass a local model directory, or pre-download the hub model") from None

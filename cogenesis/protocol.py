@@ -257,19 +257,19 @@ def decode_replies(buf: bytes) -> list[StepReply | ErrorReply]:
     return list(msg.items) if isinstance(msg, ReplyBatch) else [msg]
 
 
-def decode_msgpack(buf: bytes, typ: type[_Msg]) -> _Msg:
-    """Decode a msgpack HTTP body into ``typ`` (the stateless baseline)."""
+def _decode_as(decode, buf: bytes, typ: type[_Msg]) -> _Msg:
     try:
-        msg = msgspec.msgpack.decode(buf, type=typ)
+        msg = decode(buf, type=typ)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed {typ.__name__}: {exc}") from None
     return _check_version(msg)
+
+
+def decode_msgpack(buf: bytes, typ: type[_Msg]) -> _Msg:
+    """Decode a msgpack HTTP body into ``typ`` (the stateless baseline)."""
+    return _decode_as(msgspec.msgpack.decode, buf, typ)
 
 
 def decode_json(buf: bytes, typ: type[_Msg]) -> _Msg:
     """Decode a JSON HTTP body into ``typ`` (sketch mode)."""
-    try:
-        msg = msgspec.json.decode(buf, type=typ)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"malformed {typ.__name__}: {exc}") from None
-    return _check_version(msg)
+    return _decode_as(msgspec.json.decode, buf, typ)
