@@ -135,11 +135,14 @@ class StepReply(_Msg, tag="reply"):
         """Time this step spent on the bus and in serialization, not in (or waiting for) a model.
 
         ``received_us``: when the edge had the reply decoded; ``waited_from_us``: when the edge
-        began waiting for it (a reply posted while the edge was busy computing is not bus time).
+        began waiting for it (a reply that sat in Redis while the edge was busy computing is not bus
+        time; one a background thread received before the edge began waiting counts in full).
         Meaningful when edge and replica share a clock (one host); 0 when the reply is untraced."""
         if not self.posted_us:
             return 0
-        bus_out = received_us - max(self.posted_us, waited_from_us)
+        # a reply taken in while the edge was busy (a receiving thread) travelled posted -> received
+        since = self.posted_us if received_us <= waited_from_us else max(self.posted_us, waited_from_us)
+        bus_out = received_us - since
         return max(0, self.bus_in_us + self.server_us - self.model_us + bus_out)
 
     def top_k(self) -> tuple[np.ndarray, np.ndarray]:

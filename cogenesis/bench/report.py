@@ -48,16 +48,17 @@ def plot(report: dict, path: Path) -> None:
     results = report["results"]
     variants = list(dict.fromkeys(r["variant"] for r in results))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for v in variants:
-        rows = sorted((r for r in results if r["variant"] == v), key=lambda r: r["sessions"])
-        xs = [r["sessions"] for r in rows]
-        ax1.plot(xs, [r["decode_tokens_per_s"] or 0 for r in rows], marker="o", label=v)
+    for i, v in enumerate(variants):
+        color = f"C{i}"  # one color per variant in both panels
+        rows = sorted((r for r in results if r["variant"] == v and r["tokens"]), key=lambda r: r["sessions"])
+        measured = [r for r in rows if r.get("decode_tokens_per_s") is not None]  # runs cut before decoding: no point
+        ax1.plot([r["sessions"] for r in measured], [r["decode_tokens_per_s"] for r in measured], marker="o", label=v, color=color)
         traced = [r for r in rows if r.get("overhead_p50_ms") is not None]
         if traced:
-            line = ax2.plot([r["sessions"] for r in traced], [r["overhead_p50_ms"] for r in traced], marker="o",
-                            label=f"{v} p50")
+            ax2.plot([r["sessions"] for r in traced], [r["overhead_p50_ms"] for r in traced], marker="o",
+                     color=color, label=f"{v} p50")
             ax2.plot([r["sessions"] for r in traced], [r["overhead_p99_ms"] for r in traced], marker="x",
-                     linestyle="--", color=line[0].get_color(), label=f"{v} p99")
+                     linestyle="--", color=color, label=f"{v} p99")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent sessions")

@@ -375,5 +375,7 @@ def test_exchange_overhead_excludes_model_and_busy_time():
     assert reply.exchange_overhead_us(1_000_400) == 900
     # edge was busy until 1_050_000 and had the reply 250 us after it began waiting
     assert reply.exchange_overhead_us(1_050_250, waited_from_us=1_050_000) == 750
+    # received by a background thread at 1_000_400, before the edge began waiting at 1_050_000
+    assert reply.exchange_overhead_us(1_000_400, waited_from_us=1_050_000) == 900
     untraced = StepReply(session_id="s", step=1, replica="r", ids=b"", logprobs=b"")
     assert untraced.exchange_overhead_us(123) == 0
