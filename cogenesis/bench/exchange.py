@@ -40,6 +40,7 @@ import httpx
 
 from cogenesis.bench.stats import Run, VariantResult, ratio, summarize
 from cogenesis.errors import ConfigError
+from cogenesis.protocol import MAX_TOP_K
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ class ExchangeBenchOptions:
             raise ConfigError(f"--max-new-tokens {self.max_new_tokens} is outside 1..4096")
         if not 1 <= self.lookahead <= 16:
             raise ConfigError(f"--lookahead {self.lookahead} is outside 1..16")
-        if not 1 <= self.top_k <= 20:
-            raise ConfigError(f"--top-k {self.top_k} is outside 1..20 (vLLM's default max_logprobs is 20)")
+        top = 20 if self.with_vllm else MAX_TOP_K  # vLLM's max_logprobs is 20
+        if not 1 <= self.top_k <= top:
+            raise ConfigError(f"--top-k {self.top_k} is outside 1..{top}" + (" (vLLM's max_logprobs)" if self.with_vllm else ""))
         if self.threads < 1 or self.reference_threads < 1:
             raise ConfigError(f"--threads {self.threads} must be at least 1")
         if self.budget_s <= 0:

@@ -61,7 +61,7 @@ def test_table_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [({"sessions": ()}, "sessions"), ({"sessions": (0,)}, "sessions"),
-                                       ({"top_k": 50}, "top-k"), ({"budget_s": 0}, "budget"),
+                                       ({"top_k": 51}, "top-k"), ({"top_k": 21, "with_vllm": True}, "max_logprobs"), ({"budget_s": 0}, "budget"),
                                        ({"variants": ("nope",)}, "unknown variant"), ({"lookahead": 0}, "lookahead"),
                                        ({"threads": 0}, "threads")])
 def test_bad_options_are_named(kw, match):
