@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -74,10 +76,15 @@ class LocalCluster:
         cfg = self.cloud.model_copy(update={"redis_url": redis_url, "http_port": http_port})
 
         progress("starting Ray")
+        # ray.init() installs a native SIGTERM handler that dumps a stack and aborts, so nothing started
+        # here would be stopped; keep the owner's Python handler (the CLI's turns `kill` into Ctrl-C).
+        on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                  configure_logging=True, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": RAY_ENV}, _temp_dir=self.ray_temp_dir)
         self._ray_started = True
+        if callable(on_term):
+            signal.signal(signal.SIGTERM, on_term)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         progress(f"deploying the large model on Ray Serve ({cfg.num_replicas} replica(s))")
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})

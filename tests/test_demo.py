@@ -43,7 +43,9 @@ def test_demo_writes_both_modes(tmp_path):
     assert "CoGenesis demo" in proc.stdout  # the summary table
 
 
-def test_ctrl_c_shuts_everything_down(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_shuts_everything_down(tmp_path, sig):
+    """Ctrl-C and `kill` both stop Serve, Ray and Redis (Ray's own SIGTERM handler would abort)."""
     proc = subprocess.Popen([*CLI, "demo", "--clients", "2", "--max-new-tokens", "400"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "200"})
@@ -56,7 +58,7 @@ def test_ctrl_c_shuts_everything_down(tmp_path):
     time.sleep(3)  # let sessions start
     children = _started_by(proc.pid)
     assert any("redis-server" in " ".join(c.cmdline()) for c in children if c.is_running())
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, rest[-2000:]
     assert "interrupted" in rest and "Traceback" not in rest
