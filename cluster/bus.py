@@ -89,10 +89,7 @@ class EdgeBus:
         self.send_many([(None, session_id, msg)])
 
     def send_to(self, replica: str, msg: Sealed) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.xadd(in_stream(replica), {FIELD: self._check(msg)}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.expire(in_stream(replica), KEY_TTL_S)
-        pipe.execute()
+        self.send_many([(replica, "", msg)])
 
     def send_many(self, items: list[tuple[str | None, str, Sealed]]) -> None:
         """Send in one round trip: (replica or None for a new session, session_id, msg).

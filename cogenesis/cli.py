@@ -131,7 +131,7 @@ def cmd_demo(args) -> int:
     half = max(1, cpus // 2)  # edge and cloud share this machine: split its cores (oversubscribed, both slow ~5x)
     cloud = validate(CloudConfig, {"large_model": args.large_model, "num_replicas": args.replicas,
                                    "audit_log": args.audit_log, "sketch_style": args.sketch_style,
-                                   "torch_threads": max(1, half // args.replicas) if args.replicas > 0 else 1},
+                                   "torch_threads": max(1, half // max(1, args.replicas))},
                      "flags")
     edge = validate(EdgeConfig, {
         "small_model": args.small_model, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,

@@ -230,6 +230,20 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     return model.eval(), tok
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run a block with ``n`` torch intra-op threads (None: unchanged), then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_same_tokenizer(large_tok, small_tok) -> None:
     """Logits fusion exchanges token ids: both models must share one vocabulary."""
     if large_tok.get_vocab() != small_tok.get_vocab():

@@ -59,6 +59,13 @@ def _error(session_id: str, step: int, code: str, message: str) -> ErrorReply:
     return ErrorReply(session_id=session_id, step=step, code=code, message=message)
 
 
+def _decode(payload: bytes):
+    try:
+        return decode_request(payload)
+    except ProtocolError as exc:
+        return exc
+
+
 def _route(msg: OpenSession | StepRequest) -> str:
     return msg.reply_to or msg.session_id
 
@@ -115,13 +122,11 @@ class StepLoop:
         opens: list[OpenSession] = []
         steps: list[StepRequest] = []
         closes: list[CloseSession] = []
-        for stream, entry_id, payload in self._expand(batch, done):
+        for stream, entry_id, msg in self._expand(batch, done):
             self.requests += 1
-            try:
-                msg = decode_request(payload)
-            except ProtocolError as exc:
+            if isinstance(msg, ProtocolError):
                 self.errors += 1
-                log.warning("dropped undecodable message %s on %s: %s", entry_id, stream, exc.message)
+                log.warning("dropped undecodable message %s on %s: %s", entry_id, stream, msg.message)
                 continue
             if isinstance(msg, StepBatch):
                 self.errors += 1
@@ -148,7 +153,8 @@ class StepLoop:
                 OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m in opens])
             step_out = self._call(self.engine.step_many, [
                 StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])
-        trace = replace(trace, model_us=now_us() - t_model, posted_us=now_us())
+        posted = now_us()
+        trace = replace(trace, model_us=posted - t_model, posted_us=posted)
         for msg, out in zip(opens, open_out):
             replies.append((_route(msg), self._encode(msg, 0, out, trace)))
             routes.append(msg.session_id)
@@ -156,20 +162,17 @@ class StepLoop:
             replies.append((_route(msg), self._encode(msg, msg.step, out, trace)))
         self.bus.finish(done, _pack(replies), routes, self.route_ttl_s)
 
-    def _expand(self, batch: list[tuple[str, bytes, bytes]], done: list) -> list[tuple[str, bytes, bytes]]:
-        """Entries as single messages: a StepBatch entry yields its items (acked once, as one entry)."""
+    def _expand(self, batch: list[tuple[str, bytes, bytes]], done: list) -> list[tuple[str, bytes, object]]:
+        """Decoded messages, one per request: a StepBatch entry yields its items (acked once, as one
+        entry). A payload that does not decode yields its ProtocolError, reported by the caller."""
         out = []
         for stream, entry_id, payload in batch:
             done.append((stream, entry_id))
-            try:
-                msg = decode_request(payload)
-            except ProtocolError:
-                out.append((stream, entry_id, payload))  # reported by the caller
-                continue
+            msg = _decode(payload)
             if isinstance(msg, StepBatch) and stream != OPEN_STREAM:
-                out.extend((stream, entry_id, item) for item in msg.items)
+                out.extend((stream, entry_id, _decode(item)) for item in msg.items)
             else:
-                out.append((stream, entry_id, payload))
+                out.append((stream, entry_id, msg))
         return out
 
     def _call(self, fn, args: list) -> list:

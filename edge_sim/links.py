@@ -150,11 +150,16 @@ class StatelessLink:
                 lv.next_step()
             ids, text = self._prompt[lv.session_id]
             sent = now_us()
+            tokens = ids + lv.out
             sealed = lv.client.gate.seal(StatelessRequest(
-                session_id=lv.session_id, tokens=pack_ids(ids + lv.out), top_k=cfg.top_k,
+                session_id=lv.session_id, tokens=pack_ids(tokens), top_k=cfg.top_k,
                 deadline_ms=deadline_in(cfg.step_timeout_s), sent_us=sent), prompt_text=text)
-            self._futures[lv.session_id] = self.pool.submit(self._post, sealed.payload, cfg.step_timeout_s)
+            self._futures[lv.session_id] = self._submit(lv.session_id, tokens, sealed.payload, cfg)
             lv.sent(sent)
+
+    def _submit(self, session_id: str, tokens: list[int], sealed: bytes, cfg: "EdgeConfig") -> Future:
+        """Start the POST of one gate-sealed step in the background."""
+        return self.pool.submit(self._post, sealed, cfg.step_timeout_s)
 
     def _post(self, body: bytes, timeout_s: float) -> tuple[StepReply | ErrorReply, int]:
         try:
@@ -208,21 +213,12 @@ class OpenAILink(StatelessLink):
         self.url = f"{base_url.rstrip('/')}/v1/completions"
         self.model = model
 
-    def _send(self, lives: Sequence["_Live"], cfg: "EdgeConfig", opening: bool) -> None:
-        for lv in lives:
-            if not opening:
-                lv.next_step()
-            ids, text = self._prompt[lv.session_id]
-            tokens = ids + lv.out
-            # the gate sees exactly what leaves: the public prompt's text and the generated ids
-            lv.client.gate.seal(StatelessRequest(session_id=lv.session_id, tokens=pack_ids(tokens), top_k=cfg.top_k,
-                                                 deadline_ms=deadline_in(cfg.step_timeout_s)), prompt_text=text)
-            body = {"model": self.model, "prompt": tokens, "max_tokens": 1, "temperature": 0.0,
-                    "logprobs": cfg.top_k, "return_tokens_as_token_ids": True}
-            sent = now_us()
-            self._futures[lv.session_id] = self.pool.submit(self._post_json, lv.session_id, len(tokens), body,
-                                                            cfg.step_timeout_s)
-            lv.sent(sent)
+    def _submit(self, session_id: str, tokens: list[int], sealed: bytes, cfg: "EdgeConfig") -> Future:
+        # the gate checked this step as a StatelessRequest; the same prompt ids and generated ids go out
+        # in the completions API's JSON
+        body = {"model": self.model, "prompt": tokens, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": cfg.top_k, "return_tokens_as_token_ids": True}
+        return self.pool.submit(self._post_json, session_id, len(tokens), body, cfg.step_timeout_s)
 
     def _post_json(self, session_id: str, step: int, body: dict, timeout_s: float) -> tuple[StepReply, int]:
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +24,7 @@ from cluster.bus import EdgeBus
 from cogenesis.config import EdgeConfig
 from cogenesis.fusion import fuse_constant
 from cogenesis.kvbatch import PackedBatch
+from cogenesis.models import torch_threads
 from cogenesis.protocol import StepReply
 from cogenesis.sampling import sample, sampling_probs
 from cogenesis.schedules import Schedule
@@ -101,7 +101,7 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
         link.open(lives, cfg)
         batch = PackedBatch(engine.model, engine.pad_id)  # rows = the sessions still running, in order
         rows = list(lives)
-        with _threads(cfg.prefill_threads):
+        with torch_threads(cfg.prefill_threads):
             lps = batch.prefill([engine.prompt_ids(lv.client.record) for lv in lives])  # while the cloud prefills
         for lv, lp in zip(lives, lps):
             lv.lp = lp
@@ -138,18 +138,6 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
     for r in results:
         on_result(r)
     return results
-
-
-@contextmanager
-def _threads(n: int | None):
-    """Run a block with ``n`` torch threads (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> None:

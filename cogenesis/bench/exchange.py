@@ -228,34 +228,23 @@ def _edge_pool(ctx: _Ctx, variant: str, records, tokens: int, link, lookahead: i
 
 
 def _large_only(ctx: _Ctx, records, tokens: int) -> VariantResult:
-    """The large model's own batched greedy decode (the cloud prompts, no exchange)."""
+    """The large model's own batched greedy decode of the cloud prompts (no exchange), on every core."""
     from cogenesis import prompts
     from cogenesis.kvbatch import PackedBatch
+    from cogenesis.models import torch_threads
 
-    import torch
-
-    pad = ctx.tok.pad_token_id if ctx.tok.pad_token_id is not None else ctx.tok.eos_token_id
-    batch = PackedBatch(ctx.large, pad)
-    torch.set_num_threads(ctx.opts.reference_threads)
-    try:
-        return _greedy_decode(ctx, batch, records, tokens)
-    finally:
-        torch.set_num_threads(ctx.opts.threads)
-
-
-def _greedy_decode(ctx: _Ctx, batch, records, tokens: int) -> VariantResult:
-    from cogenesis import prompts
-
+    batch = PackedBatch(ctx.large, ctx.tok.pad_token_id)  # load_causal_lm gives every tokenizer a pad token
     prompt_ids = [prompts.render(ctx.tok, prompts.cloud_messages(r.public_instruction)) for r in records]
-    stop_at = time.perf_counter() + ctx.opts.budget_s
-    t0 = time.perf_counter()
-    nxt = batch.prefill(prompt_ids).argmax(-1)  # [B]
-    first = time.perf_counter() - t0
-    written = 1
-    while written < tokens and time.perf_counter() < stop_at:
-        nxt = batch.step(nxt.tolist()).argmax(-1)
-        written += 1
-    wall = time.perf_counter() - t0
+    with torch_threads(ctx.opts.reference_threads):
+        stop_at = time.perf_counter() + ctx.opts.budget_s
+        t0 = time.perf_counter()
+        nxt = batch.prefill(prompt_ids).argmax(-1)  # [B]
+        first = time.perf_counter() - t0
+        written = 1
+        while written < tokens and time.perf_counter() < stop_at:
+            nxt = batch.step(nxt.tolist()).argmax(-1)
+            written += 1
+        wall = time.perf_counter() - t0
     runs = [Run(tokens=written, first_token_s=first, end_s=wall, completed=written == tokens) for _ in records]
     return summarize("large-only", runs, wall, truncated=written < tokens)
 
