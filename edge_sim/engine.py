@@ -13,10 +13,11 @@ class EdgeEngine:
     """Small model shared by the clients of one edge pool; every client keeps its own state."""
 
     def __init__(self, model, tokenizer, max_prompt_tokens: int = 1536) -> None:
-        self.model = model.eval()
+        """``model`` None: a simulated device (``edge_sim.device.ProfileDevice``), tokenizer only."""
+        self.model = model.eval() if model is not None else None
         self.tok = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
-        self.vocab = model.config.vocab_size
+        self.vocab = model.config.vocab_size if model is not None else len(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.stop_ids = frozenset(t for t in stops if isinstance(t, int) and t >= 0)

@@ -22,14 +22,14 @@ import torch
 
 from cluster.bus import EdgeBus
 from cogenesis.config import EdgeConfig
+from cogenesis.errors import ConfigError
 from cogenesis.fusion import fuse_constant
-from cogenesis.kvbatch import PackedBatch
-from cogenesis.models import torch_threads
 from cogenesis.protocol import StepReply
 from cogenesis.sampling import sample, sampling_probs
 from cogenesis.schedules import Schedule
 from cogenesis.speculative import accept_draft
 from edge_sim.client import EdgeClient, SessionResult
+from edge_sim.device import Device, PackedDevice
 from edge_sim.engine import EdgeEngine
 from edge_sim.links import BusLink, CloudLink
 
@@ -55,6 +55,7 @@ class _Live:
     fused: int = 0
     accepted: int = 0  # draft tokens accepted
     ttft: float | None = None
+    token_times: list[float] = field(default_factory=list)  # perf_counter at each chosen token
     error: str | None = None
     done: bool = False
     stopped: bool = False  # ended early by the caller's time budget
@@ -87,25 +88,29 @@ def schedule_of(cfg: EdgeConfig) -> Schedule:
 
 
 def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: CloudLink | EdgeBus, cfg: EdgeConfig,
-                        on_result=lambda r: None, stop_at: float | None = None) -> list[SessionResult]:
+                        on_result=lambda r: None, stop_at: float | None = None,
+                        device: Device | None = None) -> list[SessionResult]:
     """Run one logits session per client, all stepped together; returns their results in order.
 
     ``stop_at`` (a ``time.perf_counter()`` instant, for time-boxed benchmarks): sessions still
-    running then end early with what they wrote, marked ``extra["stopped"]``.
+    running then end early with what they wrote, marked ``extra["stopped"]``. ``device``: where
+    the small-model passes run (default: one packed batch of these sessions).
     """
     link = BusLink(link) if isinstance(link, EdgeBus) else link
     sched = schedule_of(cfg)
+    device = device or PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads)
+    if device.simulated and sched.kind != "every":
+        raise ConfigError(f"a simulated device has no distribution of its own, so it cannot run the {sched.kind!r} "
+                          "schedule", hint="use --device real, or the 'every' schedule")
+    network = getattr(device, "network", lambda: None)  # a profile's round trip per exchange
     lives = [_Live(c, uuid.uuid4().hex, torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
                    time.perf_counter()) for c in clients]
     try:
         link.open(lives, cfg)
-        batch = PackedBatch(engine.model, engine.pad_id)  # rows = the sessions still running, in order
-        rows = list(lives)
-        with torch_threads(cfg.prefill_threads):
-            lps = batch.prefill([engine.prompt_ids(lv.client.record) for lv in lives])  # while the cloud prefills
-        for lv, lp in zip(lives, lps):
-            lv.lp = lp
+        for lv, lp in zip(lives, device.prefill(lives, [engine.prompt_ids(lv.client.record) for lv in lives])):
+            lv.lp = lp  # computed while the cloud prefills
         link.collect(lives, cfg)
+        network()
         while True:
             live = [lv for lv in lives if not lv.done]
             if not live:
@@ -117,7 +122,9 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
             # 1. positions that need the cloud and are not covered: ask (if not already asked)
             need = [lv for lv in live if sched.fuses(len(lv.out), lv.lp) and lv.row is None]
             link.request([lv for lv in need if not lv.in_flight], cfg)
-            link.collect(need, cfg)
+            if need:
+                link.collect(need, cfg)
+                network()
             # 2. choose every session's token
             for lv in [lv for lv in live if not lv.done]:
                 _choose(lv, sched, cfg, engine)
@@ -127,12 +134,10 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
             # 3. ask early for positions known to need the cloud, then run the small model meanwhile
             if sched.known_in_advance:
                 link.request([lv for lv in live if lv.row is None and sched.fuses(len(lv.out))], cfg)
-            if len(live) != len(rows):
-                batch.keep([rows.index(lv) for lv in live])
-                rows = live
-            for lv, lp in zip(live, batch.step([lv.out[-1] for lv in live])):
+            for lv, lp in zip(live, device.step(live, [lv.out[-1] for lv in live])):
                 lv.lp = lp
     finally:
+        device.release(lives)
         link.close(lives)
     results = [_result(lv, engine) for lv in lives]
     for r in results:
@@ -143,9 +148,12 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
 def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> None:
     samp = cfg.sampling
     if sched.fuses(len(lv.out), lv.lp) and lv.row is not None:
-        ids, lps = lv.rows[0][lv.row], lv.rows[1][lv.row]
-        target = fuse_constant(lv.lp[None], torch.from_numpy(ids.astype(np.int64))[None],
-                               torch.from_numpy(lps)[None], cfg.fusion.weight, cfg.fusion.floor)
+        ids = torch.from_numpy(lv.rows[0][lv.row].astype(np.int64))[None]
+        lps = torch.from_numpy(lv.rows[1][lv.row])[None]
+        if lv.lp is None:  # a simulated device: the cloud's top-k alone
+            target = torch.full((1, engine.vocab), float("-inf")).scatter_(1, ids, lps.float()).log_softmax(-1)
+        else:
+            target = fuse_constant(lv.lp[None], ids, lps, cfg.fusion.weight, cfg.fusion.floor)
         lv.fused += 1
     else:
         target = lv.lp[None]
@@ -163,6 +171,7 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> 
         return
     lv.out.append(token)
     lv.unsent.append(token)
+    lv.token_times.append(time.perf_counter())
     if len(lv.out) >= cfg.max_new_tokens:
         lv.done = True
 
@@ -171,7 +180,8 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
     seconds = time.perf_counter() - lv.t0
     c = lv.client
     extra = {"fused_steps": lv.fused, "accepted_draft_tokens": lv.accepted, "rtt_us": lv.rtt_us,
-             "overhead_us": lv.overhead_us, "stopped": lv.stopped}
+             "overhead_us": lv.overhead_us, "stopped": lv.stopped,
+             "itl_s": [b - a for a, b in zip(lv.token_times, lv.token_times[1:])]}
     if lv.error:
         return SessionResult(c.index, c.record.tid, "logits", "", 0, seconds, error=lv.error,
                              round_trips=lv.round_trips, extra=extra)

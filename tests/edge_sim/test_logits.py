@@ -164,3 +164,75 @@ def test_ignore_eos_writes_exactly_max_new_tokens(models, cloud, redis_url, samp
     for r in results:  # every step was traced: round trip and bus overhead per reply
         assert len(r.extra["rtt_us"]) == len(r.extra["overhead_us"]) == r.round_trips
         assert all(0 <= o <= t for o, t in zip(r.extra["overhead_us"], r.extra["rtt_us"]))
+
+
+def test_shared_device_sessions_equal_the_lockstep_pool(models, cloud, redis_url, sample_records):
+    """Sessions that run on their own threads over one SharedDevice (the fleet's and Locust's way)
+    give the lockstep pool's greedy text, and their passes were batched."""
+    from edge_sim.device import SharedDevice
+
+    (_, tok), (small, _) = models
+    config = cfg()
+    lockstep, _ = run(models, redis_url, sample_records[:4], config)
+    engine = EdgeEngine(small, tok, config.max_prompt_tokens)
+    device = SharedDevice(small, engine.pad_id)
+    out = {}
+
+    def one(i):
+        bus = EdgeBus(redis_url)
+        try:
+            client = EdgeClient(i, sample_records[i], engine, config)
+            out[i] = run_logits_sessions([client], engine, bus, config, device=device)[0]
+        finally:
+            bus.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    device.close()
+    assert [out[i].text for i in range(4)] == [r.text for r in lockstep]
+    assert all(out[i].error is None for i in range(4))
+    assert device.rows > device.passes  # at least one pass served more than one session
+    assert not device.caches  # every session released its cache
+
+
+def test_profile_device_samples_the_cloud_top_k_and_takes_its_time(models, cloud, redis_url, sample_records):
+    from edge_sim.device import ProfileDevice, DeviceProfile
+
+    (large, tok), (small, _) = models
+    config = cfg(max_new_tokens=6, ignore_eos=True)
+    slept = []
+    profile = DeviceProfile(name="test", decode_tokens_per_s=50, prefill_tokens_per_s=1000, rtt_ms=40)
+    engine = EdgeEngine(None, tok, config.max_prompt_tokens)  # no small model at all
+    client = EdgeClient(0, sample_records[0], engine, config)
+    bus = EdgeBus(redis_url)
+    try:
+        r = run_logits_sessions([client], engine, bus, config, device=ProfileDevice(profile, slept.append))[0]
+    finally:
+        bus.close()
+    assert r.error is None and r.tokens == 6
+    cloud_ids = prompts.render(tok, prompts.cloud_messages(sample_records[0].public_instruction))
+    with torch.inference_mode():  # greedy over the cloud's top-k alone is the large model's greedy path
+        ids = list(cloud_ids)
+        for _ in range(6):
+            ids.append(int(large(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert r.text == tok.decode(ids[len(cloud_ids):], skip_special_tokens=True).strip()
+    prompt_len = len(engine.prompt_ids(sample_records[0]))
+    assert slept[0] == pytest.approx(prompt_len / 1000)  # prefill
+    assert slept.count(0.04) == r.round_trips  # one RTT per exchange
+    assert slept.count(1 / 50) == 5  # one decode pass per token but the last
+
+
+def test_profile_device_refuses_schedules_that_need_a_distribution(models, redis_url, sample_records):
+    from cogenesis.errors import ConfigError
+    from edge_sim.device import ProfileDevice, DeviceProfile
+
+    (_, tok), _ = models
+    config = cfg(schedule={"kind": "uncertainty"})
+    engine = EdgeEngine(None, tok, config.max_prompt_tokens)
+    profile = DeviceProfile(name="t", decode_tokens_per_s=1, prefill_tokens_per_s=1, rtt_ms=0)
+    with pytest.raises(ConfigError, match="uncertainty"):
+        run_logits_sessions([EdgeClient(0, sample_records[0], engine, config)], engine, EdgeBus(redis_url), config,
+                            device=ProfileDevice(profile, lambda s: None))

@@ -1,0 +1,236 @@
+"""Where a session's small-model passes run: the device, real or simulated by a profile.
+
+The logits loop (``edge_sim.logits``) asks its device for log-probs after a prompt (``prefill``)
+and after each chosen token (``step``); ``release`` frees a session's state.
+
+- ``PackedDevice``: the lockstep pool's device. All its sessions sit in one packed cache and step
+  together (one forward pass a round, no re-packing).
+- ``SharedDevice``: one small model serving many independently running sessions (the fleet's
+  clients, Locust users). Each session keeps its own cache; whatever the sessions asked for
+  meanwhile runs as one batched forward pass, so sessions join and leave at any step.
+- ``ProfileDevice``: a named device profile (``configs/devices.yaml``). No small model runs: each
+  pass takes the profile's time, and tokens are sampled from the cloud's top-k. For load tests
+  whose edge compute must not run on the cloud's CPU. Never the default.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cogenesis.errors import ConfigError
+from cogenesis.kvbatch import KV, PackedBatch, batched_forward
+from cogenesis.models import torch_threads
+
+REAL = "real"
+PROFILES_FILE = Path(__file__).resolve().parent.parent / "configs" / "devices.yaml"
+
+
+class DeviceProfile(BaseModel):
+    """A simulated device: how fast its small model runs and how far it is from the cloud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    decode_tokens_per_s: float = Field(gt=0, description="Small-model decode speed (one token per pass).")
+    prefill_tokens_per_s: float = Field(gt=0, description="Small-model prompt processing speed.")
+    rtt_ms: float = Field(ge=0, description="Network round trip added to every cloud exchange.")
+    description: str = ""
+
+    def summary(self) -> str:
+        return (f"{self.name} (simulated: {self.decode_tokens_per_s:g} tok/s decode, {self.prefill_tokens_per_s:g} "
+                f"tok/s prefill, +{self.rtt_ms:g} ms RTT per cloud exchange)")
+
+
+def load_profiles(path: str | Path = PROFILES_FILE) -> dict[str, DeviceProfile]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"device profiles file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return {name: DeviceProfile(name=name, **spec) for name, spec in (raw.get("profiles") or {}).items()}
+    except (ValidationError, TypeError) as exc:
+        raise ConfigError(f"invalid device profile in {path}: {exc}") from None
+
+
+def resolve_device(name: str, path: str | Path = PROFILES_FILE) -> DeviceProfile | None:
+    """``real`` -> None (run the small model); a profile name -> its profile; else a clear error."""
+    if name == REAL:
+        return None
+    profiles = load_profiles(path)
+    if name not in profiles:
+        raise ConfigError(f"unknown device {name!r}",
+                          hint=f"use 'real' or a profile from {path}: {', '.join(sorted(profiles)) or '(none)'}")
+    return profiles[name]
+
+
+class Device(Protocol):
+    simulated: bool
+
+    def prefill(self, keys: Sequence[object], prompts: Sequence[Sequence[int]]) -> list[torch.Tensor | None]:
+        """Start sessions ``keys`` from their prompts; log-probs [V] after each (None: simulated)."""
+
+    def step(self, keys: Sequence[object], tokens: Sequence[int]) -> list[torch.Tensor | None]:
+        """Feed one token per session; log-probs [V] after it (None: simulated)."""
+
+    def release(self, keys: Sequence[object]) -> None:
+        """Free these sessions' state."""
+
+
+class PackedDevice:
+    """The lockstep pool's small model: its sessions' rows stay packed across steps."""
+
+    simulated = False
+
+    def __init__(self, model, pad_id: int, prefill_threads: int | None = None) -> None:
+        self.batch = PackedBatch(model, pad_id)
+        self.prefill_threads = prefill_threads
+        self.rows: list[object] = []
+
+    def prefill(self, keys, prompts):
+        if self.rows:
+            raise ValueError("a packed device starts all of its sessions at once")
+        self.rows = list(keys)
+        with torch_threads(self.prefill_threads):
+            return list(self.batch.prefill(prompts))
+
+    def step(self, keys, tokens):
+        keys = list(keys)
+        if keys != self.rows:  # sessions ended: drop their rows
+            self.batch.keep([self.rows.index(k) for k in keys])
+            self.rows = keys
+        return list(self.batch.step(tokens))
+
+    def release(self, keys) -> None:
+        gone = set(map(id, keys))
+        rest = [k for k in self.rows if id(k) not in gone]
+        if len(rest) != len(self.rows) and rest:
+            self.batch.keep([self.rows.index(k) for k in rest])
+        self.rows = rest
+
+
+Offload = Callable[[Callable[[], object]], object]
+
+
+class SharedDevice:
+    """One small model for many concurrently running sessions, each with its own KV cache.
+
+    Callers block in ``prefill``/``step`` while a single worker runs everything pending as one
+    batched pass (prompts in one, single tokens in another). ``offload`` runs the forward pass
+    (under gevent: in a native thread, so the event loop keeps serving other users meanwhile).
+    """
+
+    simulated = False
+
+    def __init__(self, model, pad_id: int, offload: Offload = lambda fn: fn(), threads: int | None = None) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.offload = offload
+        self.threads = threads
+        self.caches: dict[int, KV] = {}
+        self._pending: list[tuple[object, list[int], dict]] = []
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self.passes = 0
+        self.rows = 0
+
+    def prefill(self, keys, prompts):
+        for k in keys:
+            self.caches.pop(id(k), None)
+        return self._submit(keys, [list(p) for p in prompts])
+
+    def step(self, keys, tokens):
+        return self._submit(keys, [[int(t)] for t in tokens])
+
+    def release(self, keys) -> None:
+        for k in keys:
+            self.caches.pop(id(k), None)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def _submit(self, keys, token_lists):
+        slots = [{"done": threading.Event()} for _ in keys]
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the shared device is closed")
+            self._pending.extend(zip(keys, token_lists, slots))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="shared-device", daemon=True)
+                self._worker.start()
+            self._cv.notify()
+        out = []
+        for s in slots:
+            s["done"].wait()
+            if "error" in s:
+                raise s["error"]
+            out.append(s["lp"])
+        return out
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                work, self._pending = self._pending, []
+            for group in ([w for w in work if len(w[1]) > 1 or id(w[0]) not in self.caches],
+                          [w for w in work if len(w[1]) == 1 and id(w[0]) in self.caches]):
+                if group:
+                    self._forward(group)
+
+    def _forward(self, group) -> None:
+        pasts = [self.caches.get(id(k)) for k, _, _ in group]
+
+        def run():
+            with torch_threads(self.threads):
+                return batched_forward(self.model, pasts, [t for _, t, _ in group], pad_id=self.pad_id)
+        try:
+            lps, caches = self.offload(run)
+        except Exception as exc:  # every waiting session learns of it
+            for _, _, slot in group:
+                slot["error"] = exc
+                slot["done"].set()
+            return
+        self.passes += 1
+        self.rows += len(group)
+        for (key, _, slot), lp, kv in zip(group, lps, caches):
+            self.caches[id(key)] = kv
+            slot["lp"] = lp[-1]
+            slot["done"].set()
+
+
+class ProfileDevice:
+    """A simulated device: every pass takes the profile's time; no distribution of its own."""
+
+    simulated = True
+
+    def __init__(self, profile: DeviceProfile, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.profile = profile
+        self.sleep = sleep
+
+    def prefill(self, keys, prompts):
+        self.sleep(max(map(len, prompts)) / self.profile.prefill_tokens_per_s)
+        return [None] * len(keys)
+
+    def step(self, keys, tokens):
+        self.sleep(1.0 / self.profile.decode_tokens_per_s)
+        return [None] * len(keys)
+
+    def release(self, keys) -> None:
+        pass
+
+    def network(self) -> None:
+        """The profile's round trip, once per cloud exchange."""
+        if self.profile.rtt_ms:
+            self.sleep(self.profile.rtt_ms / 1000.0)
