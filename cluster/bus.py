@@ -48,9 +48,18 @@ def alive_key(replica: str) -> str:
     return f"cg:alive:{replica}"
 
 
+SOCKET_TIMEOUT_S = 10.0  # no command waits longer on the socket; blocking pops wait in shorter slices
+BLOCK_SLICE_S = 5.0
+
+
 def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
-    """A client that fails fast with a clear error when Redis is not there."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, health_check_interval=30)
+    """A client that fails fast with a clear error when Redis is not there.
+
+    The read timeout is explicit (redis-py 8 otherwise applies its own default, shorter than the
+    bus's deadlines); blocking pops never ask for more than ``BLOCK_SLICE_S``.
+    """
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=SOCKET_TIMEOUT_S,
+                                  health_check_interval=30)
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -143,7 +152,7 @@ class EdgeBus:
                         out.setdefault(sid, BusTimeout(f"session {sid}: no reply for step {step} before its deadline",
                                                        hint="is the cloud running and reading the bus?"))
                     break
-                item = self.r.brpop(keys, timeout=max(remaining, 0.01))
+                item = self.r.brpop(keys, timeout=min(max(remaining, 0.01), BLOCK_SLICE_S))
                 payloads = [item[1]] if item is not None else []
             drain = bool(payloads)  # after a hit, more may be ready
             got_us = now_us()

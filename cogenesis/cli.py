@@ -106,6 +106,65 @@ def _bench_parser(sub) -> None:
                    help="report path; the .md table and .png plot are written beside it")
 
 
+def _cluster_parsers(sub) -> None:
+    up = sub.add_parser(
+        "up", help="start a local cluster in the background (Redis + Ray head + Serve app)",
+        description=("Start Redis, a Ray head and the Serve app hosting the large model as a background process; "
+                     "returns once the app answers /healthz. State and log: $COGENESIS_HOME/cluster/ "
+                     "(state.json, cluster.log). Stop it with `cogenesis down`."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    up.add_argument("--large-model", default="embedded:large", help="cloud model: embedded:large, HF dir or hub id")
+    up.add_argument("--replicas", type=int, default=1, help="Serve replicas of the large model")
+    up.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="torch threads per replica (edge pools on this machine use the other cores)")
+    up.add_argument("--kv-budget-mb", type=float, default=4096, help="KV-cache budget per replica (MiB)")
+    up.add_argument("--max-sessions", type=int, default=4096, help="open logits sessions a replica keeps")
+    up.add_argument("--max-ongoing-requests", type=int, default=1024, help="HTTP requests a replica takes at once")
+    up.add_argument("--http-port", type=int, default=8000, help="Serve HTTP port (a free one if taken)")
+    up.add_argument("--redis-url", default=None, help="use this Redis instead of starting the bundled one")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to be healthy")
+    down = sub.add_parser("down", help="stop the background cluster started by `cogenesis up`")
+    down.add_argument("--timeout", type=float, default=60.0, help="seconds before its processes are killed")
+    st = sub.add_parser("status", help="show the background cluster: process, Redis, Serve health, replica stats")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    for p in (up, down, st):
+        p.add_argument("--state-dir", default=None, help="state directory (default: $COGENESIS_HOME/cluster)")
+
+
+def _edge_parser(sub) -> None:
+    p = sub.add_parser(
+        "edge", help="simulate many edge clients against the running cluster",
+        description=("Run --clients simulated devices against the cluster of `cogenesis up`, in --pools pool "
+                     "processes. Each client holds one record's private context (cycled from --data), thinks "
+                     "for --think-time seconds, runs a session, and again. A pool batches its clients' "
+                     "small-model passes. --device real runs the small model; a profile from "
+                     "configs/devices.yaml (phone, laptop, iot) simulates the device's speed and network instead "
+                     "and is printed in the report. Shows a progress line; writes a JSON report with --json."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--clients", type=int, default=100, help="simulated devices")
+    p.add_argument("--mode", choices=["sketch", "logits", "mixed"], default="logits", help="session mode")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--duration", type=float, default=None, help="seconds to run (default 60 unless --sessions-per-client)")
+    g.add_argument("--sessions-per-client", type=int, default=None, help="sessions each client runs, then stops")
+    p.add_argument("--think-time", default="5..15", help="A..B: seconds a client waits between sessions (uniform); "
+                   "clients also start at a random point of the first B seconds")
+    p.add_argument("--pools", type=int, default=1, help="edge pool processes (clients are spread over them)")
+    p.add_argument("--device", default="real", help="real, or a device profile name (configs/devices.yaml)")
+    p.add_argument("--max-active", type=int, default=None,
+                   help="sessions running at once per pool (default: 32 on the real device, no cap for a profile)")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="run pools as local processes, or as Ray tasks spread over the cluster's nodes")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per session")
+    p.add_argument("--top-k", type=int, default=10, help="cloud top-k per logits step")
+    p.add_argument("--lookahead", type=int, default=0, help="draft tokens the cloud proposes per reply")
+    p.add_argument("--edge-prompt-tokens", type=int, default=512, help="small-model prompt budget per client")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per pool (real device)")
+    p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one cloud reply")
+    p.add_argument("--data", default=None, help="CoGenesis JSON file (None: the shipped sample, cycled)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the report to this JSON file")
+    p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cogenesis", epilog=EPILOG,
@@ -116,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _models_parser(sub)
     _bench_parser(sub)
+    _cluster_parsers(sub)
+    _edge_parser(sub)
     c = sub.add_parser("config", help="print every configuration field with its default and meaning")
     c.add_argument("--show", action="store_true", help="(default) print the configuration reference")
     return parser
@@ -193,6 +254,113 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
+def cmd_up(args) -> int:
+    from rich.console import Console
+
+    from cluster import daemon
+    from cogenesis.config import CloudConfig, validate
+
+    cloud = validate(CloudConfig, {"large_model": args.large_model, "num_replicas": args.replicas,
+                                   "torch_threads": args.threads, "kv_budget_mb": args.kv_budget_mb,
+                                   "max_sessions": args.max_sessions, "http_port": args.http_port,
+                                   "max_ongoing_requests": args.max_ongoing_requests}, "flags")
+    if args.redis_url:
+        cloud = cloud.model_copy(update={"redis_url": args.redis_url})
+    console = Console(stderr=True)
+    with console.status("cogenesis up: starting") as st:
+        state, started = daemon.up(cloud, args.state_dir, args.timeout, lambda m: st.update(f"cogenesis up: {m}"))
+    print(f"cluster {'up' if started else 'already running'} (pid {state.pid})\n  redis  {state.redis_url}\n"
+          f"  http   {state.http_url}\n  ray    {state.ray_address}\nstop it with `cogenesis down`")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cluster import daemon
+
+    state = daemon.down(args.state_dir, args.timeout)
+    print("no cluster was running" if state is None else f"cluster stopped (pid {state.pid})")
+    return 0
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from cluster import daemon
+
+    st = daemon.status(args.state_dir)
+    if args.json:
+        print(json.dumps(st, indent=1))
+    elif not st["running"]:
+        print("no cluster running (start one with `cogenesis up`)")
+    else:
+        print(f"cluster running (pid {st['pid']}, up {st['uptime_s']:.0f} s): {st['replicas']} replica(s) of "
+              f"{st['large_model']}\n  redis  {st['redis_url']} ({st.get('redis_keys', '?')} keys)\n"
+              f"  http   {st['http_url']} ({'healthy' if st.get('healthy') else 'NOT healthy: ' + st.get('error', '')})\n"
+              f"  ray    {st['ray_address']}")
+        stats = st.get("stats") or {}
+        if stats:
+            print(f"  replica {stats.get('replica')}: " + ", ".join(f"{k} {v}" for k, v in stats.items() if k != "replica"))
+    return 0 if st["running"] and st.get("healthy") else 1
+
+
+def cmd_edge(args) -> int:
+    from rich.console import Console
+
+    from cluster import daemon
+    from cogenesis.config import EdgeConfig, validate
+    from cogenesis.errors import ClusterError
+    from edge_sim.fleet import FleetOptions, parse_think, run_fleet
+
+    state = daemon.running(args.state_dir)
+    if state is None:
+        raise ClusterError("no cluster is running", hint="start one with `cogenesis up` (stop it with `cogenesis down`)")
+    edge = validate(EdgeConfig, {"max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+                                 "lookahead": args.lookahead, "max_prompt_tokens": args.edge_prompt_tokens,
+                                 "torch_threads": args.threads, "step_timeout_s": args.step_timeout}, "flags")
+    duration = args.duration if args.duration is not None or args.sessions_per_client else 60.0
+    opts = FleetOptions(clients=args.clients, mode=args.mode, duration_s=duration,
+                        sessions_per_client=args.sessions_per_client, think_s=parse_think(args.think_time),
+                        pools=args.pools, device=args.device, max_active=args.max_active, data=args.data,
+                        launcher=args.launcher, edge=edge.model_dump())
+    console = Console(stderr=True)
+    with console.status("cogenesis edge: starting pools") as st:
+        report = run_fleet(opts, state.redis_url, state.http_url, state.ray_address,
+                           lambda c: st.update(_fleet_line(c)))
+    _print_fleet(report)
+    if args.json_path:
+        _write_json(args.json_path, report)
+        print(f"wrote {args.json_path}")
+    return 1 if report["sessions"]["failed"] else 0
+
+
+def _fleet_line(c: dict) -> str:
+    return (f"edge {c['elapsed_s']:.0f}s | clients {c.get('connected', 0)} connected, {c.get('active', 0)} in a "
+            f"session | sessions ok {c.get('ok', 0)} failed {c.get('failed', 0)} | {c.get('tokens', 0)} tokens "
+            f"({c.get('tokens', 0) / max(c['elapsed_s'], 1e-9):.1f}/s) | pools' RSS {c.get('rss_mb', 0):.0f} MiB")
+
+
+def _print_fleet(r: dict) -> None:
+    s = r["sessions"]
+    print(f"device: {r['device']}\nclients {r['clients']} in {r['pools']} pool(s), mode {r['mode']}, think "
+          f"{r['think_s'][0]:g}..{r['think_s'][1]:g} s, {r['seconds']:.0f} s\n"
+          f"sessions: {s['ok']} ok, {s['failed']} failed, {s['cut']} cut at the end | peak {r['peak_connected']} "
+          f"connected, {r['peak_active']} in a session at once\n"
+          f"tokens: {r['tokens']} ({r['tokens_per_s']} tok/s) | TTFT p50/p99 {r['ttft_ms']['p50']}/"
+          f"{r['ttft_ms']['p99']} ms | ITL p50/p99 {r['itl_ms']['p50']}/{r['itl_ms']['p99']} ms")
+    for rss in r["pool_rss_mb"]:
+        print(f"pool RSS MiB: start {rss['start']}, peak {rss['peak']}, end {rss['end']}")
+    for err, n in r["errors"].items():
+        print(f"  {n} x {err}")
+
+
+def _write_json(path: str, obj) -> None:
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
+
+
 def cmd_models(args) -> int:
     from cogenesis import model_tools
 
@@ -230,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
-    handlers = {"demo": cmd_demo, "models": cmd_models, "bench": cmd_bench, "config": cmd_config}
+    handlers = {"demo": cmd_demo, "models": cmd_models, "bench": cmd_bench, "config": cmd_config, "up": cmd_up,
+                "down": cmd_down, "status": cmd_status, "edge": cmd_edge}
     try:
         return handlers[args.cmd](args)
     except CoGenesisError as exc:

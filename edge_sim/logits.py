@@ -147,24 +147,31 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
 
 def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> None:
     samp = cfg.sampling
+    space = None  # None: target spans the vocabulary; else it spans these K token ids
     if sched.fuses(len(lv.out), lv.lp) and lv.row is not None:
-        ids = torch.from_numpy(lv.rows[0][lv.row].astype(np.int64))[None]
-        lps = torch.from_numpy(lv.rows[1][lv.row])[None]
-        if lv.lp is None:  # a simulated device: the cloud's top-k alone
-            target = torch.full((1, engine.vocab), float("-inf")).scatter_(1, ids, lps.float()).log_softmax(-1)
+        ids, lps = lv.rows[0][lv.row], lv.rows[1][lv.row]
+        if lv.lp is None:  # a simulated device: the cloud's top-k alone (sampled over K, not the vocabulary)
+            target, space = torch.from_numpy(lps).float()[None], ids
         else:
-            target = fuse_constant(lv.lp[None], ids, lps, cfg.fusion.weight, cfg.fusion.floor)
+            target = fuse_constant(lv.lp[None], torch.from_numpy(ids.astype(np.int64))[None],
+                                   torch.from_numpy(lps)[None], cfg.fusion.weight, cfg.fusion.floor)
         lv.fused += 1
     else:
         target = lv.lp[None]
-    if lv.row is not None and lv.row < lv.drafts.size:  # a draft proposes this position's token
+    draft = int(lv.drafts[lv.row]) if lv.row is not None and lv.row < lv.drafts.size else None
+    if draft is not None and space is not None:  # the draft's index among the K ids (absent: cannot be accepted)
+        hits = np.flatnonzero(space == draft)
+        draft = int(hits[0]) if hits.size else None
+    if draft is not None:  # a draft proposes this position's token
         q = sampling_probs(target, samp.temperature, samp.top_p)[0]
-        token, accepted = accept_draft(q, int(lv.drafts[lv.row]), 1.0, lv.gen)
+        token, accepted = accept_draft(q, draft, 1.0, lv.gen)
         lv.row = lv.row + 1 if accepted else None
         lv.accepted += accepted
     else:
         token = int(sample(target, samp.temperature, samp.top_p, lv.gen)[0])
         lv.row = None
+    if space is not None:
+        token = int(space[token])
     lv.ttft = lv.ttft if lv.ttft is not None else time.perf_counter() - lv.t0
     if token in engine.stop_ids and not cfg.ignore_eos:
         lv.done = True

@@ -95,6 +95,23 @@ def test_wait_reply_times_out_and_skips_stale_replies(redis_url):
     assert edge.wait_reply("s", 2, deadline_in(1)).step == 2
 
 
+def test_long_waits_block_in_slices_shorter_than_the_socket_timeout(redis_url, monkeypatch):
+    """A deadline longer than one blocking pop (redis-py 8 has a default read timeout) still waits
+    for the reply: the edge pops in slices until the deadline, never tripping the socket timeout."""
+    import threading
+
+    import cluster.bus as bus
+
+    monkeypatch.setattr(bus, "BLOCK_SLICE_S", 0.2)
+    edge = EdgeBus(redis_url)
+    assert edge.r.connection_pool.connection_kwargs["socket_timeout"] == bus.SOCKET_TIMEOUT_S
+    late = encode(StepReply(session_id="s", step=1, replica="r", ids=pack_ids([1]), logprobs=pack_logprobs([0.0])))
+    timer = threading.Timer(0.9, lambda: redis.Redis.from_url(redis_url).lpush(reply_key("s"), late))
+    timer.start()
+    assert edge.wait_reply("s", 1, deadline_in(5)).step == 1
+    timer.join()
+
+
 def test_error_reply_raises_session_error(redis_url):
     edge = EdgeBus(redis_url)
     r = redis.Redis.from_url(redis_url)

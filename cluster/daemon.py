@@ -1,0 +1,223 @@
+"""A local cluster in the background: ``cogenesis up`` / ``cogenesis status`` / ``cogenesis down``.
+
+``up`` starts this module as a detached process (its own session) that runs a ``LocalCluster``
+(Redis + Ray head + the Serve app), writes ``state.json`` once the app is healthy and then waits
+for SIGTERM, on which it shuts everything down and removes the state file. Its log is
+``cluster.log`` beside it. The state directory is ``$COGENESIS_HOME/cluster`` (or ``--state-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from cogenesis.config import CloudConfig
+from cogenesis.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+
+def default_state_dir() -> Path:
+    from cogenesis.models import cogenesis_home
+
+    return cogenesis_home() / "cluster"
+
+
+@dataclass
+class ClusterState:
+    pid: int
+    redis_url: str
+    http_url: str
+    ray_address: str
+    started_at: float
+    config: dict
+
+    @classmethod
+    def read(cls, state_dir: Path) -> "ClusterState | None":
+        path = Path(state_dir) / "state.json"
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ClusterError(f"{path} is damaged ({exc})", hint=f"run `cogenesis down` or delete {path}") from None
+
+    def write(self, state_dir: Path) -> None:
+        tmp = Path(state_dir) / "state.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(Path(state_dir) / "state.json")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _log_tail(state_dir: Path, lines: int = 8) -> str:
+    path = Path(state_dir) / "cluster.log"
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def running(state_dir: Path | None = None) -> ClusterState | None:
+    """The running cluster's state, or None (a stale state file, left by a killed daemon, is removed)."""
+    state_dir = Path(state_dir or default_state_dir())
+    state = ClusterState.read(state_dir)
+    if state is None:
+        return None
+    if not _alive(state.pid):
+        (state_dir / "state.json").unlink(missing_ok=True)
+        return None
+    return state
+
+
+def up(cloud: CloudConfig, state_dir: Path | None = None, timeout_s: float = 600.0,
+       progress=lambda msg: None) -> tuple[ClusterState, bool]:
+    """Start the background cluster unless one runs; returns (state, started_now)."""
+    state_dir = Path(state_dir or default_state_dir())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if (state := running(state_dir)) is not None:
+        return state, False
+    (state_dir / "failed").unlink(missing_ok=True)
+    logf = open(state_dir / "cluster.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.daemon", "--state-dir", str(state_dir),
+                             "--config", cloud.model_dump_json()],
+                            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=str(Path(__file__).resolve().parent.parent))
+    logf.close()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = ClusterState.read(state_dir)
+        if state is not None and state.pid == proc.pid:
+            return state, True
+        if proc.poll() is not None:
+            reason = (state_dir / "failed").read_text() if (state_dir / "failed").is_file() else _log_tail(state_dir)
+            raise ClusterError(f"the cluster did not start: {reason.strip() or f'exit code {proc.returncode}'}",
+                               hint=f"full log: {state_dir / 'cluster.log'}")
+        progress(_last_progress(state_dir))
+        time.sleep(0.5)
+    _stop_pid(proc.pid, 30.0)
+    raise ClusterError(f"the cluster was not up within {timeout_s:.0f} s (stopped it)",
+                       hint=f"see {state_dir / 'cluster.log'}; the first start converts the models (minutes)")
+
+
+def _last_progress(state_dir: Path) -> str:
+    for line in reversed(_log_tail(state_dir, 20).splitlines()):
+        if "cluster: " in line:
+            return line.split("cluster: ", 1)[1]
+    return "starting"
+
+
+def down(state_dir: Path | None = None, timeout_s: float = 60.0) -> ClusterState | None:
+    """Stop the background cluster (SIGTERM, then SIGKILL of its process group after ``timeout_s``)."""
+    state_dir = Path(state_dir or default_state_dir())
+    state = running(state_dir)
+    if state is None:
+        return None
+    _stop_pid(state.pid, timeout_s)
+    (state_dir / "state.json").unlink(missing_ok=True)
+    return state
+
+
+def _stop_pid(pid: int, timeout_s: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        log.warning("cluster process %d did not stop within %.0f s; killing its process group", pid, timeout_s)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def status(state_dir: Path | None = None, timeout_s: float = 5.0) -> dict:
+    """What runs: process, Redis, the Serve app's health and its replicas' stats."""
+    state = running(state_dir)
+    if state is None:
+        return {"running": False}
+    out = {"running": True, "pid": state.pid, "uptime_s": round(time.time() - state.started_at, 1),
+           "redis_url": state.redis_url, "http_url": state.http_url, "ray_address": state.ray_address,
+           "large_model": state.config.get("large_model"), "replicas": state.config.get("num_replicas")}
+    try:
+        out["healthy"] = httpx.get(f"{state.http_url}/healthz", timeout=timeout_s).status_code == 200
+        out["stats"] = httpx.get(f"{state.http_url}/v1/stats", timeout=timeout_s).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        out["healthy"], out["error"] = False, f"{type(exc).__name__}: {exc}"
+    try:
+        from cluster.bus import connect
+
+        client = connect(state.redis_url, timeout_s)
+        out["redis_keys"] = client.dbsize()
+        client.close()
+    except ClusterError as exc:
+        out["redis_error"] = exc.message
+    return out
+
+
+def _serve(state_dir: Path, cloud: CloudConfig) -> int:
+    import ray
+
+    from cluster.local import LocalCluster
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    cluster = LocalCluster(cloud)
+    try:
+        info = cluster.start(progress=lambda msg: log.info("cluster: %s", msg))
+        ClusterState(os.getpid(), info.redis_url, info.http_url, ray.get_runtime_context().gcs_address, time.time(),
+                     cloud.model_dump()).write(state_dir)
+        log.info("cluster: up (redis %s, http %s)", info.redis_url, info.http_url)
+        while not stop.wait(1.0):
+            pass
+        log.info("cluster: stopping")
+        return 0
+    except Exception as exc:
+        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        (state_dir / "failed").write_text(message)
+        log.error("cluster: failed: %s", message)
+        return 1
+    finally:
+        cluster.stop()
+        (state_dir / "state.json").unlink(missing_ok=True)
+        log.info("cluster: stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the background cluster process (started by `cogenesis up`)")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--config", required=True, help="CloudConfig as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return _serve(Path(args.state_dir), CloudConfig.model_validate_json(args.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
