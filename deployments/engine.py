@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from cogenesis import prompts
 from cogenesis.errors import SessionError, UnknownSession
@@ -107,6 +108,7 @@ class TransformersCloudEngine:
         self._sketch_prefix = tokenizer(prompts.SKETCH_PREFIX, add_special_tokens=False).input_ids
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self.counters = EngineStats()
+        self.yield_point = lambda: None  # called between outline tokens (the replica lets waiting steps run)
 
     # ---- logits mode: batched ------------------------------------------------------------------
 
@@ -339,7 +341,9 @@ class TransformersCloudEngine:
         sampling["repetition_penalty"] = repetition_penalty
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                      pad_token_id=pad, eos_token_id=self.tok.eos_token_id, **sampling)
+                                      pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
+                                      logits_processor=LogitsProcessorList([_YieldEachToken(self.yield_point)]),
+                                      **sampling)
         new = out[:, width:]
         texts, counts = [], []
         for row in new.tolist():
@@ -358,6 +362,17 @@ class TransformersCloudEngine:
                 "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
                 "kv_bytes": sum(kv_bytes(s.kv) for s in self._sessions.values()),
                 "evictions": c.evictions, "recomputes": c.recomputes, "draft_tokens": c.draft_tokens}
+
+
+class _YieldEachToken(LogitsProcessor):
+    """Calls ``yield_point`` once per generated token (changes no scores)."""
+
+    def __init__(self, yield_point) -> None:
+        self.yield_point = yield_point
+
+    def __call__(self, input_ids, scores):
+        self.yield_point()
+        return scores
 
 
 def _raise_or(result: TopK | SessionError) -> TopK:

@@ -10,7 +10,6 @@ HTTP ingress (sketch mode, the stateless baseline, health, stats) and the Redis 
 import asyncio
 import logging
 import os
-import threading
 import uuid
 
 import msgspec
@@ -34,6 +33,7 @@ from cogenesis.protocol import (
     pack_logprobs,
     unpack_ids,
 )
+from deployments.fairlock import FairLock
 
 log = logging.getLogger("cogenesis.cloud")
 api = FastAPI(title="CoGenesis cloud", docs_url=None, redoc_url=None)
@@ -61,7 +61,8 @@ class CloudServer:
         self.cfg = validate(CloudConfig, config, "CloudServer")
         torch.set_num_threads(self.cfg.torch_threads)
         self.engine = build_engine(self.cfg)
-        self.lock = threading.Lock()
+        self.lock = FairLock()  # outlines yield to waiting logits steps between tokens
+        self.engine.yield_point = self.lock.yield_
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (tests of the shim)

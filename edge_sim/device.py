@@ -128,8 +128,10 @@ class SharedDevice:
 
     simulated = False
 
-    def __init__(self, model, pad_id: int, offload: Offload = lambda fn: fn(), threads: int | None = None) -> None:
+    def __init__(self, model, pad_id: int, offload: Offload = lambda fn: fn(), threads: int | None = None,
+                 prefill_chunk: int = 2048) -> None:
         self.model = model
+        self.prefill_chunk = prefill_chunk  # prompt tokens per pass between decode passes
         self.pad_id = pad_id
         self.offload = offload
         self.threads = threads
@@ -169,11 +171,16 @@ class SharedDevice:
                 self._worker.start()
             self._cv.notify()
         out = []
-        for s in slots:
-            s["done"].wait()
-            if "error" in s:
-                raise s["error"]
-            out.append(s["lp"])
+        try:
+            for s in slots:
+                s["done"].wait()
+                if "error" in s:
+                    raise s["error"]
+                out.append(s["lp"])
+        except BaseException:  # the caller is gone (a stopped Locust user): keep no state for it
+            for s in slots:
+                s["cancelled"] = True
+            raise
         return out
 
     def _run(self) -> None:
@@ -184,10 +191,19 @@ class SharedDevice:
                 if self._closed:
                     return
                 work, self._pending = self._pending, []
-            for group in ([w for w in work if len(w[1]) > 1 or id(w[0]) not in self.caches],
-                          [w for w in work if len(w[1]) == 1 and id(w[0]) in self.caches]):
-                if group:
-                    self._forward(group)
+            steps = [w for w in work if len(w[1]) == 1 and id(w[0]) in self.caches]
+            prompts = [w for w in work if not (len(w[1]) == 1 and id(w[0]) in self.caches)]
+            if steps:
+                self._forward(steps)
+            n, tokens = 0, 0  # one chunk of prompts a pass, so a burst of new sessions does not stall decoding
+            while n < len(prompts) and (n == 0 or tokens + len(prompts[n][1]) <= self.prefill_chunk):
+                tokens += len(prompts[n][1])
+                n += 1
+            if n:
+                self._forward(prompts[:n])
+            if prompts[n:]:  # the rest go first in the next pass
+                with self._cv:
+                    self._pending[:0] = prompts[n:]
 
     def _forward(self, group) -> None:
         pasts = [self.caches.get(id(k)) for k, _, _ in group]
@@ -205,6 +221,9 @@ class SharedDevice:
         self.passes += 1
         self.rows += len(group)
         for (key, _, slot), lp, kv in zip(group, lps, caches):
+            if slot.get("cancelled"):
+                self.caches.pop(id(key), None)
+                continue
             self.caches[id(key)] = kv
             slot["lp"] = lp[-1]
             slot["done"].set()

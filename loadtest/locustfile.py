@@ -1,0 +1,206 @@
+"""Locust load test: every user is an edge device running whole CoGenesis sessions.
+
+    locust -f loadtest/locustfile.py                        # web UI on :8089
+    locust -f loadtest/locustfile.py --headless -u 200 -r 20 -t 2m LogitsUser
+    locust -f loadtest/locustfile.py --processes 4 ...      # or --master / --worker on many machines
+    cogenesis loadtest --users 2000 --spawn-rate 200 --run-time 60s   # the wrapped, reported run
+
+Users talk to the cluster the way devices do: logits steps over the Redis bus (sync redis-py,
+which gevent makes cooperative), outlines over HTTP. Per Locust process, the users share one small
+model (a ``SharedDevice`` batching their passes in a native thread) or a device profile
+(``--cg-device phone``, ``configs/devices.yaml``). Each user holds one record's private context;
+it never leaves the user's process. Without ``--cg-redis-url``/``--cg-http-url`` the cluster of
+``cogenesis up`` is used.
+
+Request events (``response_time`` in ms; ``response_length`` in tokens where it applies):
+- ``<mode> session``: a whole session (length: tokens written); a failed session is a failure.
+- ``logits step``: one cloud round trip of a logits session; ``sketch request``: the outline.
+- ``<mode> ttft``: time to the first token; ``<mode> itl``: every gap between two tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from gevent.lock import BoundedSemaphore, Semaphore
+from locust import User, events, task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # plain `locust -f` from a checkout
+
+log = logging.getLogger("cogenesis.loadtest")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per outline request otherwise
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    g = parser.add_argument_group("CoGenesis")
+    g.add_argument("--cg-redis-url", default="", help="bus Redis URL (default: the `cogenesis up` cluster's)")
+    g.add_argument("--cg-http-url", default="", help="cloud HTTP URL (default: the `cogenesis up` cluster's)")
+    g.add_argument("--cg-device", default="real", help="real, or a device profile name (configs/devices.yaml)")
+    g.add_argument("--cg-max-active", type=int, default=0,
+                   help="sessions at once per Locust process (0: 32 on the real device, no cap for a profile)")
+    g.add_argument("--cg-think-time", default="5..15", help="A..B seconds between a user's sessions")
+    g.add_argument("--cg-max-new-tokens", type=int, default=32, help="tokens per session")
+    g.add_argument("--cg-sketch-max-tokens", type=int, default=64, help="tokens the cloud may spend on an outline")
+    g.add_argument("--cg-top-k", type=int, default=10, help="cloud top-k per logits step")
+    g.add_argument("--cg-edge-prompt-tokens", type=int, default=512, help="small-model prompt budget")
+    g.add_argument("--cg-step-timeout", type=float, default=120.0, help="seconds to wait for one cloud reply")
+    g.add_argument("--cg-threads", type=int, default=1, help="torch threads of the small model per process")
+    g.add_argument("--cg-data", default="", help="CoGenesis JSON file (default: the shipped sample, cycled)")
+    g.add_argument("--cg-state-dir", default="", help="state directory of `cogenesis up` (default: its own)")
+
+
+class Runtime:
+    """What a Locust process's users share: the cluster handles, the records, the device."""
+
+    def __init__(self, opts) -> None:
+        import gevent
+        import httpx
+
+        from cogenesis.config import EdgeConfig
+        from cogenesis.data import load_records, sample_data_path
+        from cogenesis.errors import ClusterError
+        from cogenesis.models import load_causal_lm, resolve_model
+        from edge_sim.device import ProfileDevice, SharedDevice, resolve_device
+        from edge_sim.engine import EdgeEngine
+        from edge_sim.fleet import parse_think
+        from edge_sim.session import Cloud
+
+        redis_url, http_url = opts.cg_redis_url, opts.cg_http_url
+        if not (redis_url and http_url):
+            from cluster.daemon import running
+
+            state = running(opts.cg_state_dir or None)
+            if state is None:
+                raise ClusterError("no cluster to load: none is running and no --cg-redis-url/--cg-http-url given",
+                                   hint="start one with `cogenesis up`")
+            redis_url, http_url = redis_url or state.redis_url, http_url or state.http_url
+        self.cfg = EdgeConfig(max_new_tokens=opts.cg_max_new_tokens, sketch_max_tokens=opts.cg_sketch_max_tokens,
+                              top_k=opts.cg_top_k, max_prompt_tokens=opts.cg_edge_prompt_tokens,
+                              step_timeout_s=opts.cg_step_timeout, torch_threads=opts.cg_threads)
+        self.think = parse_think(opts.cg_think_time)
+        self.records = load_records(opts.cg_data or sample_data_path())
+        self.profile = resolve_device(opts.cg_device)
+        path = resolve_model(self.cfg.small_model)
+        if self.profile is None:
+            import torch
+
+            torch.set_num_threads(self.cfg.torch_threads)
+            model, tok = load_causal_lm(path)
+            self.engine = EdgeEngine(model, tok, self.cfg.max_prompt_tokens)
+            self.device = SharedDevice(model, self.engine.pad_id, threads=self.cfg.torch_threads,
+                                       offload=lambda fn: gevent.get_hub().threadpool.apply(fn))
+        else:
+            from transformers import AutoTokenizer
+
+            self.engine = EdgeEngine(None, AutoTokenizer.from_pretrained(path), self.cfg.max_prompt_tokens)
+            self.device = ProfileDevice(self.profile, gevent.sleep)
+        cap = opts.cg_max_active or (32 if self.profile is None else 0)
+        self.slots = BoundedSemaphore(cap) if cap else None
+        self.cloud = Cloud(redis_url, http_url, httpx.Client(limits=httpx.Limits(max_connections=256)))
+        self.device_line = ("real (the small model runs in each Locust process)" if self.profile is None
+                            else self.profile.summary())
+        log.info("device: %s; cluster: %s, %s", self.device_line, redis_url, http_url)
+
+
+_runtime: Runtime | None = None
+_runtime_lock = Semaphore()
+_indices = itertools.count()
+
+
+def runtime(environment) -> Runtime:
+    global _runtime
+    with _runtime_lock:  # the first user of this process builds it (after --processes forks)
+        if _runtime is None:
+            _runtime = Runtime(environment.parsed_options)
+    return _runtime
+
+
+@events.test_start.add_listener
+def _announce(environment, **_) -> None:
+    opts = environment.parsed_options
+    if opts is not None and not getattr(opts, "worker", False):
+        print(f"cogenesis loadtest: device {opts.cg_device}" + (" (a simulated profile)" if opts.cg_device != "real" else
+                                                                 " (the real small model)"), file=sys.stderr)
+
+
+class EdgeUser(User):
+    """One simulated device: thinks, runs a whole session, thinks again."""
+
+    abstract = True
+    mode = "logits"
+
+    def on_start(self) -> None:
+        from edge_sim.client import EdgeClient
+
+        rt = runtime(self.environment)
+        self.index = next(_indices)
+        self.client = EdgeClient(self.index, rt.records[self.index % len(rt.records)], rt.engine, rt.cfg)
+        self._sleep(random.uniform(0, rt.think[1]))  # devices do not all start at once
+
+    def wait_time(self) -> float:
+        return random.uniform(*runtime(self.environment).think)
+
+    def _sleep(self, seconds: float) -> None:
+        import gevent
+
+        gevent.sleep(seconds)
+
+    @task
+    def session(self) -> None:
+        from edge_sim.session import run_session
+
+        rt = runtime(self.environment)
+        if rt.slots is not None:
+            rt.slots.acquire()
+        try:
+            t0 = time.perf_counter()
+            r = run_session(self.client, self.mode, rt.engine, rt.device, rt.cloud, rt.cfg)
+        finally:
+            if rt.slots is not None:
+                rt.slots.release()
+        self._report(r, t0)
+
+    def _report(self, r, t0: float) -> None:
+        fire = self.environment.events.request.fire
+        kind = self.mode
+        if r.error:
+            fire(request_type=kind, name="session", response_time=r.seconds * 1000, response_length=0,
+                 exception=RuntimeError(r.error), context={"client": self.index})
+            return
+        fire(request_type=kind, name="session", response_time=r.seconds * 1000, response_length=r.tokens,
+             exception=None, context={"client": self.index})
+        if kind == "logits":
+            for rtt in r.extra.get("rtt_us", ()):
+                fire(request_type=kind, name="step", response_time=rtt / 1000, response_length=1, exception=None,
+                     context={})
+        elif "sketch_seconds" in r.extra:
+            fire(request_type=kind, name="request", response_time=r.extra["sketch_seconds"] * 1000,
+                 response_length=0, exception=None, context={})
+        if r.ttft_s is not None:
+            fire(request_type=kind, name="ttft", response_time=r.ttft_s * 1000, response_length=0, exception=None,
+                 context={})
+        for gap in r.extra.get("itl_s", ()):
+            fire(request_type=kind, name="itl", response_time=gap * 1000, response_length=0, exception=None,
+                 context={})
+
+
+class LogitsUser(EdgeUser):
+    """A device in logits mode: fuses the cloud's top-k with its own model at every step."""
+
+    mode = "logits"
+
+
+class SketchUser(EdgeUser):
+    """A device in sketch mode: one outline from the cloud, then it writes on its own."""
+
+    mode = "sketch"
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
