@@ -151,7 +151,7 @@ def _edge_parser(sub) -> None:
     p.add_argument("--pools", type=int, default=1, help="edge pool processes (clients are spread over them)")
     p.add_argument("--device", default="real", help="real, or a device profile name (configs/devices.yaml)")
     p.add_argument("--max-active", type=int, default=None,
-                   help="sessions running at once per pool (default: 32 on the real device, no cap for a profile)")
+                   help="sessions running at once per pool (default: 8 on the real device, no cap for a profile)")
     p.add_argument("--launcher", choices=["local", "ray"], default="local",
                    help="run pools as local processes, or as Ray tasks spread over the cluster's nodes")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per session")
@@ -162,6 +162,34 @@ def _edge_parser(sub) -> None:
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one cloud reply")
     p.add_argument("--data", default=None, help="CoGenesis JSON file (None: the shipped sample, cycled)")
     p.add_argument("--json", dest="json_path", default=None, help="write the report to this JSON file")
+    p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
+
+
+def _loadtest_parser(sub) -> None:
+    p = sub.add_parser(
+        "loadtest", help="headless Locust load test against the local cluster, with a summary",
+        description=("Run loadtest/locustfile.py headless against the cluster of `cogenesis up` (started first if "
+                     "none runs, and stopped after unless --keep-cluster). Every Locust user is an edge device "
+                     "running whole sessions. Writes Locust's CSV and HTML reports and its log to --out, and a "
+                     "summary JSON (users reached, sessions ok/failed, tokens/s, TTFT/ITL p50/p99, the device). "
+                     "For a bigger, distributed test run Locust itself: see the README."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--users", type=int, default=100, help="peak concurrent users (devices)")
+    p.add_argument("--spawn-rate", type=float, default=10.0, help="users started per second")
+    p.add_argument("--run-time", default="60s", help="test length (60s, 2m, 1h30m)")
+    p.add_argument("--mode", choices=["logits", "sketch", "mixed"], default="logits", help="user classes to run")
+    p.add_argument("--device", default="real", help="real, or a device profile name (configs/devices.yaml)")
+    p.add_argument("--processes", type=int, default=1, help="Locust worker processes on this machine")
+    p.add_argument("--shape", default=None, help="a load profile (configs/loadtest/ramp|step|spike.yaml); "
+                   "replaces --users/--spawn-rate/--run-time")
+    p.add_argument("--think-time", default="5..15", help="A..B seconds between a user's sessions")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per session")
+    p.add_argument("--max-active", type=int, default=0,
+                   help="sessions at once per Locust process (0: 8 on the real device, no cap for a profile)")
+    p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds running sessions get to finish at the end")
+    p.add_argument("--out", default="out/loadtest", help="directory for Locust's CSV/HTML reports, log and summary")
+    p.add_argument("--json", dest="json_path", default=None, help="summary JSON path (default: OUT/summary.json)")
+    p.add_argument("--keep-cluster", action="store_true", help="leave a cluster this command started running")
     p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
 
 
@@ -177,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _cluster_parsers(sub)
     _edge_parser(sub)
+    _loadtest_parser(sub)
     c = sub.add_parser("config", help="print every configuration field with its default and meaning")
     c.add_argument("--show", action="store_true", help="(default) print the configuration reference")
     return parser
@@ -254,18 +283,25 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
+def _up_config(args=None):
+    """The cloud of `cogenesis up` (flags, else its defaults)."""
+    from cogenesis.config import CloudConfig, validate
+
+    d = {a.dest: a.default for a in build_parser()._subparsers._group_actions[0].choices["up"]._actions}
+    get = (lambda k: getattr(args, k)) if args is not None else d.get
+    cloud = validate(CloudConfig, {"large_model": get("large_model"), "num_replicas": get("replicas"),
+                                   "torch_threads": get("threads"), "kv_budget_mb": get("kv_budget_mb"),
+                                   "max_sessions": get("max_sessions"), "http_port": get("http_port"),
+                                   "max_ongoing_requests": get("max_ongoing_requests")}, "flags")
+    return cloud.model_copy(update={"redis_url": get("redis_url")}) if get("redis_url") else cloud
+
+
 def cmd_up(args) -> int:
     from rich.console import Console
 
     from cluster import daemon
-    from cogenesis.config import CloudConfig, validate
 
-    cloud = validate(CloudConfig, {"large_model": args.large_model, "num_replicas": args.replicas,
-                                   "torch_threads": args.threads, "kv_budget_mb": args.kv_budget_mb,
-                                   "max_sessions": args.max_sessions, "http_port": args.http_port,
-                                   "max_ongoing_requests": args.max_ongoing_requests}, "flags")
-    if args.redis_url:
-        cloud = cloud.model_copy(update={"redis_url": args.redis_url})
+    cloud = _up_config(args)
     console = Console(stderr=True)
     with console.status("cogenesis up: starting") as st:
         state, started = daemon.up(cloud, args.state_dir, args.timeout, lambda m: st.update(f"cogenesis up: {m}"))
@@ -331,6 +367,51 @@ def cmd_edge(args) -> int:
         _write_json(args.json_path, report)
         print(f"wrote {args.json_path}")
     return 1 if report["sessions"]["failed"] else 0
+
+
+def cmd_loadtest(args) -> int:
+    from rich.console import Console
+
+    from cluster import daemon
+    from loadtest.run import LoadtestOptions, run_loadtest
+
+    opts = LoadtestOptions(users=args.users, spawn_rate=args.spawn_rate, run_time=args.run_time, mode=args.mode,
+                           device=args.device, processes=args.processes, shape=args.shape,
+                           think_time=args.think_time, max_new_tokens=args.max_new_tokens,
+                           max_active=args.max_active, stop_timeout_s=args.stop_timeout, out_dir=args.out,
+                           json_path=args.json_path)
+    opts.validate()  # before starting anything
+    console = Console(stderr=True)
+    state, started = daemon.running(args.state_dir), False
+    try:
+        if state is None:
+            with console.status("cogenesis loadtest: starting the cluster") as st:
+                state, started = daemon.up(_up_config(), args.state_dir,
+                                           progress=lambda m: st.update(f"cogenesis loadtest: {m}"))
+        with console.status("cogenesis loadtest: starting Locust") as st:
+            summary = run_loadtest(opts, state.redis_url, state.http_url, lambda p: st.update(
+                f"loadtest {p['elapsed_s']:.0f}s | {p['users']} users | {p['requests']} requests | "
+                f"{p['failures']} failures"))
+    finally:
+        if started and not args.keep_cluster:
+            daemon.down(args.state_dir)
+    _print_loadtest(summary)
+    return 1 if summary["sessions"]["failed"] or summary["locust_exit_code"] not in (0, None) else 0
+
+
+def _print_loadtest(s: dict) -> None:
+    print(f"device: {s['device']}")
+    target = f"{s['users']} users at {s['spawn_rate']:g}/s for {s['run_time_s']:g} s" if s["users"] else f"shape {s['shape']}"
+    print(f"{target}, mode {s['mode']}, think {s['think_time_s']} s: reached {s['users_reached']} users")
+    verdict = "zero failures" if not s["sessions"]["failed"] and not s["failures"] else f"{s['sessions']['failed']} FAILED"
+    print(f"sessions: {s['sessions']['ok']} ok, {s['sessions']['failed']} failed ({verdict}) | {s['tokens']} tokens, "
+          f"{s['tokens_per_s']} tok/s")
+    for mode, m in s["modes"].items():
+        parts = [f"{k[:-3].upper()} p50/p99 {v['p50']:g}/{v['p99']:g} ms" for k, v in m.items() if k.endswith("_ms")]
+        print(f"  {mode}: " + " | ".join(parts))
+    for f in s["failures"]:
+        print(f"  {f['count']} x {f['type']} {f['name']}: {f['error']}")
+    print(f"reports: {s['reports']['html']}, {s['reports']['csv']}; summary: {s['json']}")
 
 
 def _fleet_line(c: dict) -> str:
@@ -399,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
     handlers = {"demo": cmd_demo, "models": cmd_models, "bench": cmd_bench, "config": cmd_config, "up": cmd_up,
-                "down": cmd_down, "status": cmd_status, "edge": cmd_edge}
+                "down": cmd_down, "status": cmd_status, "edge": cmd_edge, "loadtest": cmd_loadtest}
     try:
         return handlers[args.cmd](args)
     except CoGenesisError as exc:

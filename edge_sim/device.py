@@ -29,6 +29,9 @@ from cogenesis.kvbatch import KV, PackedBatch, batched_forward
 from cogenesis.models import torch_threads
 
 REAL = "real"
+# Sessions one simulated edge process runs at once on the real small model (the rest wait for a
+# slot): each one's prefill costs ~1 s of one core at 400 prompt tokens, and its cache ~10 MiB.
+REAL_MAX_ACTIVE = 8
 PROFILES_FILE = Path(__file__).resolve().parent.parent / "configs" / "devices.yaml"
 
 

@@ -39,7 +39,7 @@ class FleetOptions:
     think_s: tuple[float, float] = (5.0, 15.0)
     pools: int = 1
     device: str = "real"
-    max_active: int | None = None  # sessions at once per pool (None: 32 on the real device, bounding its KV memory; no cap for a profile)
+    max_active: int | None = None  # sessions at once per pool (None: device.REAL_MAX_ACTIVE on the real device; no cap for a profile)
     data: str | None = None
     launcher: str = "local"  # local | ray
     grace_s: float = 120.0  # after the duration, running sessions get this long to finish
@@ -130,7 +130,7 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     from cogenesis.data import load_records, sample_data_path
     from cogenesis.models import load_causal_lm, resolve_model
     from edge_sim.client import EdgeClient
-    from edge_sim.device import ProfileDevice, SharedDevice, resolve_device
+    from edge_sim.device import REAL_MAX_ACTIVE, ProfileDevice, SharedDevice, resolve_device
     from edge_sim.engine import EdgeEngine
     from edge_sim.session import Cloud, run_session
 
@@ -156,7 +156,7 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     lat = {k: Reservoir(seed=pool * 7 + i) for i, k in enumerate(("ttft", "itl", "session"))}
     errors: dict[str, int] = {}
     rss = {"start": _rss_mb(), "peak": 0.0}
-    slots = BoundedSemaphore(opts.max_active or (32 if profile is None else len(mine)))
+    slots = BoundedSemaphore(opts.max_active or (REAL_MAX_ACTIVE if profile is None else len(mine)))
     t_start = time.perf_counter()
     end = None if opts.duration_s is None else t_start + opts.duration_s
     hard_stop = None if end is None else end + opts.grace_s

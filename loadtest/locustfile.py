@@ -44,7 +44,7 @@ def _options(parser) -> None:
     g.add_argument("--cg-http-url", default="", help="cloud HTTP URL (default: the `cogenesis up` cluster's)")
     g.add_argument("--cg-device", default="real", help="real, or a device profile name (configs/devices.yaml)")
     g.add_argument("--cg-max-active", type=int, default=0,
-                   help="sessions at once per Locust process (0: 32 on the real device, no cap for a profile)")
+                   help="sessions at once per Locust process (0: 8 on the real device, no cap for a profile)")
     g.add_argument("--cg-think-time", default="5..15", help="A..B seconds between a user's sessions")
     g.add_argument("--cg-max-new-tokens", type=int, default=32, help="tokens per session")
     g.add_argument("--cg-sketch-max-tokens", type=int, default=64, help="tokens the cloud may spend on an outline")
@@ -67,7 +67,7 @@ class Runtime:
         from cogenesis.data import load_records, sample_data_path
         from cogenesis.errors import ClusterError
         from cogenesis.models import load_causal_lm, resolve_model
-        from edge_sim.device import ProfileDevice, SharedDevice, resolve_device
+        from edge_sim.device import REAL_MAX_ACTIVE, ProfileDevice, SharedDevice, resolve_device
         from edge_sim.engine import EdgeEngine
         from edge_sim.fleet import parse_think
         from edge_sim.session import Cloud
@@ -101,7 +101,7 @@ class Runtime:
 
             self.engine = EdgeEngine(None, AutoTokenizer.from_pretrained(path), self.cfg.max_prompt_tokens)
             self.device = ProfileDevice(self.profile, gevent.sleep)
-        cap = opts.cg_max_active or (32 if self.profile is None else 0)
+        cap = opts.cg_max_active or (REAL_MAX_ACTIVE if self.profile is None else 0)
         self.slots = BoundedSemaphore(cap) if cap else None
         self.cloud = Cloud(redis_url, http_url, httpx.Client(limits=httpx.Limits(max_connections=256)))
         self.device_line = ("real (the small model runs in each Locust process)" if self.profile is None
@@ -120,6 +120,16 @@ def runtime(environment) -> Runtime:
         if _runtime is None:
             _runtime = Runtime(environment.parsed_options)
     return _runtime
+
+
+@events.quit.add_listener
+def _shutdown(**_) -> None:
+    """Let a small-model pass in flight finish before the interpreter exits (else C++ aborts)."""
+    import gevent
+
+    if _runtime is not None and hasattr(_runtime.device, "close"):
+        _runtime.device.close()
+    gevent.get_hub().threadpool.join()
 
 
 @events.test_start.add_listener

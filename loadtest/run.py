@@ -1,0 +1,189 @@
+"""``cogenesis loadtest``: a headless Locust run against the local cluster, with a summary.
+
+Locust runs as a subprocess (it monkey-patches with gevent; this process never imports it). Its
+CSV and HTML reports land in ``--out``; the summary JSON (users reached, sessions ok/failed,
+tokens/s, TTFT and ITL percentiles, the device) is built from its CSVs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cogenesis.errors import ClusterError, ConfigError
+from loadtest.profiles import load_shape
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = {"logits": ["LogitsUser"], "sketch": ["SketchUser"], "mixed": ["LogitsUser", "SketchUser"]}
+
+
+def parse_duration(text: str) -> float:
+    """Locust's run-time syntax: 90, 90s, 2m, 1h30m."""
+    m = re.fullmatch(r"\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s?)?\s*", text or "")
+    if not m or not any(m.groups()):
+        raise ConfigError(f"run time {text!r} is not a duration", hint="e.g. 60s, 2m, 1h30m")
+    h, mi, s = (int(g or 0) for g in m.groups())
+    seconds = h * 3600 + mi * 60 + s
+    if seconds <= 0:
+        raise ConfigError(f"run time {text!r} must be > 0")
+    return float(seconds)
+
+
+@dataclass
+class LoadtestOptions:
+    users: int = 100
+    spawn_rate: float = 10.0
+    run_time: str = "60s"
+    mode: str = "logits"
+    device: str = "real"
+    processes: int = 1
+    shape: str | None = None  # a configs/loadtest/*.yaml profile (overrides users/spawn rate/run time)
+    think_time: str = "5..15"
+    max_new_tokens: int = 32
+    max_active: int = 0
+    stop_timeout_s: float = 30.0
+    out_dir: str = "out/loadtest"
+    json_path: str | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.users < 1 or self.spawn_rate <= 0:
+            raise ConfigError("--users must be >= 1 and --spawn-rate > 0")
+        if self.mode not in CLASSES:
+            raise ConfigError(f"unknown --mode {self.mode!r}", hint="use logits, sketch or mixed")
+        if self.processes < 1:
+            raise ConfigError("--processes must be >= 1")
+        parse_duration(self.run_time)
+        from edge_sim.device import resolve_device
+        from edge_sim.fleet import parse_think
+
+        resolve_device(self.device)
+        parse_think(self.think_time)
+        if self.shape:
+            load_shape(self.shape)
+
+
+def locust_command(opts: LoadtestOptions, redis_url: str, http_url: str, prefix: Path, html: Path) -> list[str]:
+    files = "loadtest/locustfile.py" + (",loadtest/shapes.py" if opts.shape else "")
+    cmd = [sys.executable, "-m", "locust", "-f", files, "--headless", "--csv", str(prefix), "--csv-full-history",
+           "--html", str(html), "--stop-timeout", f"{int(opts.stop_timeout_s)}s", "--only-summary",
+           "--cg-redis-url", redis_url, "--cg-http-url", http_url, "--cg-device", opts.device,
+           "--cg-think-time", opts.think_time, "--cg-max-new-tokens", str(opts.max_new_tokens),
+           "--cg-max-active", str(opts.max_active)]
+    if not opts.shape:
+        cmd += ["-u", str(opts.users), "-r", str(opts.spawn_rate), "-t", opts.run_time]
+    if opts.processes > 1:
+        cmd += ["--processes", str(opts.processes)]
+    return cmd + list(opts.extra_args) + CLASSES[opts.mode]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(row: dict, key: str) -> float:
+    try:
+        return float(row.get(key) or 0)
+    except ValueError:
+        return 0.0
+
+
+def _history(prefix: Path) -> dict:
+    rows = _read_csv(Path(f"{prefix}_stats_history.csv"))
+    agg = [r for r in rows if r.get("Name") == "Aggregated"]
+    stamps = [_num(r, "Timestamp") for r in agg if _num(r, "User Count") > 0]
+    return {"users": int(max((_num(r, "User Count") for r in agg), default=0)),
+            "span_s": (max(stamps) - min(stamps)) if len(stamps) > 1 else 0.0, "last": agg[-1] if agg else {}}
+
+
+def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: int, device_line: str) -> dict:
+    stats = {(r["Type"], r["Name"]): r for r in _read_csv(Path(f"{prefix}_stats.csv"))}
+    modes = [m for m in ("logits", "sketch") if (m, "session") in stats]
+    per_mode, tokens, ok, failed = {}, 0.0, 0, 0
+    for m in modes:
+        s = stats[(m, "session")]
+        n, f = int(_num(s, "Request Count")), int(_num(s, "Failure Count"))
+        t = _num(s, "Average Content Size") * n  # content sizes are tokens; failures count 0
+        pct = {name: {"p50": _num(stats[(m, name)], "50%"), "p99": _num(stats[(m, name)], "99%")}
+               for name in ("ttft", "itl", "step", "request", "session") if (m, name) in stats}
+        per_mode[m] = {"sessions_ok": n - f, "sessions_failed": f, "tokens": int(t), **{f"{k}_ms": v for k, v in pct.items()}}
+        tokens, ok, failed = tokens + t, ok + n - f, failed + f
+    failures = [{"type": r.get("Method"), "name": r.get("Name"), "error": r.get("Error"), "count": int(_num(r, "Occurrences"))}
+                for r in _read_csv(Path(f"{prefix}_failures.csv"))]
+    run_s = load_shape(opts.shape).run_time_s if opts.shape else parse_duration(opts.run_time)
+    return {
+        "users": opts.users if not opts.shape else None, "users_reached": _history(prefix)["users"],
+        "spawn_rate": opts.spawn_rate, "run_time_s": run_s, "shape": opts.shape, "mode": opts.mode,
+        "processes": opts.processes, "device": device_line, "think_time_s": opts.think_time,
+        "max_new_tokens": opts.max_new_tokens, "test_s": round(seconds, 1),
+        "sessions": {"ok": ok, "failed": failed}, "tokens": int(tokens),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "modes": per_mode,
+        "failures": failures, "locust_exit_code": exit_code,
+        "reports": {"csv": f"{prefix}_stats.csv", "history_csv": f"{prefix}_stats_history.csv",
+                    "html": str(prefix.parent / "report.html"), "log": str(prefix.parent / "locust.log")},
+        "options": asdict(opts),
+    }
+
+
+def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=lambda line: None) -> dict:
+    from edge_sim.device import resolve_device
+
+    opts.validate()
+    profile = resolve_device(opts.device)
+    device_line = ("real (the small model runs in each Locust process)" if profile is None else profile.summary())
+    out = Path(opts.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix, html, logfile = out / "locust", out / "report.html", out / "locust.log"
+    for old in out.glob("locust_*.csv"):
+        old.unlink()
+    cmd = locust_command(opts, redis_url, http_url, prefix, html)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if opts.shape:
+        env["COGENESIS_SHAPE"] = str(Path(opts.shape).resolve())
+    run_s = load_shape(opts.shape).run_time_s if opts.shape else parse_duration(opts.run_time)
+    limit = run_s + opts.stop_timeout_s + 300  # + startup (model load) and reports
+    t0 = time.perf_counter()
+    with open(logfile, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                if time.perf_counter() - t0 > limit:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                    raise ClusterError(f"Locust did not finish within {limit:.0f} s (stopped it)", hint=f"see {logfile}")
+                last = _history(prefix)["last"]
+                progress({"elapsed_s": time.perf_counter() - t0, "users": int(_num(last, "User Count")),
+                          "requests": int(_num(last, "Total Request Count")),
+                          "failures": int(_num(last, "Total Failure Count"))})
+                time.sleep(1.0)
+        except BaseException:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+            raise
+    seconds = time.perf_counter() - t0
+    if not Path(f"{prefix}_stats.csv").is_file():
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-5:])
+        raise ClusterError(f"Locust exited with code {proc.returncode} and wrote no report:\n{tail}",
+                           hint=f"full log: {logfile}")
+    span = _history(prefix)["span_s"] or seconds  # from the first user to the end, as Locust recorded it
+    summary = summarize(opts, prefix, span, proc.returncode, device_line)
+    json_path = Path(opts.json_path or out / "summary.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary, indent=1))
+    summary["json"] = str(json_path)
+    return summary
