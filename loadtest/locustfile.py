@@ -53,6 +53,7 @@ def _options(parser) -> None:
     g.add_argument("--cg-step-timeout", type=float, default=120.0, help="seconds to wait for one cloud reply")
     g.add_argument("--cg-threads", type=int, default=1, help="torch threads of the small model per process")
     g.add_argument("--cg-data", default="", help="CoGenesis JSON file (default: the shipped sample, cycled)")
+    g.add_argument("--cg-small-model", default="embedded:small", help="device model: embedded:small, HF dir or hub id")
     g.add_argument("--cg-state-dir", default="", help="state directory of `cogenesis up` (default: its own)")
 
 
@@ -81,7 +82,7 @@ class Runtime:
                 raise ClusterError("no cluster to load: none is running and no --cg-redis-url/--cg-http-url given",
                                    hint="start one with `cogenesis up`")
             redis_url, http_url = redis_url or state.redis_url, http_url or state.http_url
-        self.cfg = EdgeConfig(max_new_tokens=opts.cg_max_new_tokens, sketch_max_tokens=opts.cg_sketch_max_tokens,
+        self.cfg = EdgeConfig(small_model=opts.cg_small_model, max_new_tokens=opts.cg_max_new_tokens, sketch_max_tokens=opts.cg_sketch_max_tokens,
                               top_k=opts.cg_top_k, max_prompt_tokens=opts.cg_edge_prompt_tokens,
                               step_timeout_s=opts.cg_step_timeout, torch_threads=opts.cg_threads)
         self.think = parse_think(opts.cg_think_time)

@@ -49,6 +49,8 @@ class LoadtestOptions:
     max_new_tokens: int = 32
     max_active: int = 0
     stop_timeout_s: float = 30.0
+    small_model: str = "embedded:small"
+    data: str | None = None
     out_dir: str = "out/loadtest"
     json_path: str | None = None
     extra_args: tuple[str, ...] = ()
@@ -76,7 +78,9 @@ def locust_command(opts: LoadtestOptions, redis_url: str, http_url: str, prefix:
            "--html", str(html), "--stop-timeout", f"{int(opts.stop_timeout_s)}s", "--only-summary",
            "--cg-redis-url", redis_url, "--cg-http-url", http_url, "--cg-device", opts.device,
            "--cg-think-time", opts.think_time, "--cg-max-new-tokens", str(opts.max_new_tokens),
-           "--cg-max-active", str(opts.max_active)]
+           "--cg-max-active", str(opts.max_active), "--cg-small-model", opts.small_model]
+    if opts.data:
+        cmd += ["--cg-data", str(Path(opts.data).resolve())]
     if not opts.shape:
         cmd += ["-u", str(opts.users), "-r", str(opts.spawn_rate), "-t", opts.run_time]
     if opts.processes > 1:

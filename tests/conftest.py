@@ -71,3 +71,21 @@ def sample_records():
     from cogenesis.data import load_records, sample_data_path
 
     return load_records(sample_data_path())
+
+
+@pytest.fixture(scope="session")
+def background_cluster(tiny_large, tmp_path_factory):
+    """A real `cogenesis up` cluster (background process: Redis + Ray + Serve) on the tiny large model,
+    with an audit log of every model input; stopped (and checked gone) at the end."""
+    from cluster import daemon
+    from cogenesis.config import CloudConfig
+
+    state_dir = tmp_path_factory.mktemp("cluster-state")
+    audit = state_dir / "audit.jsonl"
+    cfg = CloudConfig(large_model=str(tiny_large), audit_log=str(audit), replica_cpus=0.25, torch_threads=1,
+                      http_port=8000)
+    state, started = daemon.up(cfg, state_dir, timeout_s=300)
+    assert started
+    yield state, state_dir, audit
+    daemon.down(state_dir, timeout_s=60)
+    assert daemon.running(state_dir) is None

@@ -1,0 +1,83 @@
+"""`cogenesis edge`: pool processes of gevent clients against a real background cluster (tiny models)."""
+
+import json
+
+import pytest
+
+from cogenesis.config import EdgeConfig
+from cogenesis.errors import ConfigError
+from edge_sim.fleet import FleetOptions, Reservoir, merge, mode_of, parse_think, percentiles, run_fleet
+
+
+def _edge(tiny_small, **kw):
+    return EdgeConfig(small_model=str(tiny_small), max_new_tokens=6, sketch_max_tokens=12, max_prompt_tokens=256,
+                      step_timeout_s=60, **kw).model_dump()
+
+
+def test_options_are_checked_before_anything_starts():
+    with pytest.raises(ConfigError, match="exactly one"):
+        FleetOptions(duration_s=None, sessions_per_client=None).validate()
+    with pytest.raises(ConfigError, match="think-time"):
+        FleetOptions(think_s=(5, 1)).validate()
+    with pytest.raises(ConfigError, match="mode"):
+        FleetOptions(mode="telepathy").validate()
+    with pytest.raises(ConfigError, match="A..B"):
+        parse_think("soon")
+    assert parse_think("2..7") == (2.0, 7.0) and parse_think("3") == (3.0, 3.0)
+
+
+def test_unknown_device_names_the_profiles(redis_url):
+    with pytest.raises(ConfigError, match="unknown device 'toaster'") as err:
+        run_fleet(FleetOptions(device="toaster", duration_s=1), redis_url, "http://127.0.0.1:9")
+    assert "phone" in err.value.hint
+
+
+def test_mixed_mode_alternates_by_client_and_session():
+    assert [mode_of("mixed", c, s) for c in (0, 1) for s in (0, 1)] == ["sketch", "logits", "logits", "sketch"]
+    assert mode_of("logits", 3, 4) == "logits"
+
+
+def test_reservoir_is_bounded_and_uniform():
+    r = Reservoir(size=100, seed=0)
+    for i in range(10_000):
+        r.add(i)
+    assert len(r.items) == 100 and r.seen == 10_000
+    assert 3000 < sum(r.items) / 100 < 7000  # a sample of the whole stream, not its head
+    assert percentiles([0.001, 0.002, 0.003]) == {"p50": 2.0, "p99": 2.98}
+
+
+@pytest.mark.slow
+def test_real_device_fleet_runs_every_session_in_mixed_mode(background_cluster, tiny_small):
+    state, _, audit = background_cluster
+    opts = FleetOptions(clients=6, mode="mixed", duration_s=None, sessions_per_client=2, think_s=(0.0, 0.5),
+                        pools=2, device="real", edge=_edge(tiny_small))
+    seen = []
+    report = run_fleet(opts, state.redis_url, state.http_url, state.ray_address, seen.append)
+    assert report["sessions"] == {"ok": 12, "failed": 0, "cut": 0}, report["errors"]
+    assert report["tokens"] > 0 and report["ttft_ms"]["p50"] is not None and report["itl_ms"]["p99"] is not None
+    assert report["device"].startswith("real") and report["pools"] == 2 and len(report["pool_rss_mb"]) == 2
+    assert seen and max(c.get("connected", 0) for c in seen) <= 6
+    json.dumps(report)
+
+
+@pytest.mark.slow
+def test_profile_fleet_is_named_in_the_report_and_bounded_by_duration(background_cluster, tiny_small):
+    state, _, _ = background_cluster
+    opts = FleetOptions(clients=40, mode="logits", duration_s=6.0, think_s=(0.5, 2.0), pools=1, device="phone",
+                        grace_s=60, edge=_edge(tiny_small))
+    report = run_fleet(opts, state.redis_url, state.http_url)
+    assert report["device"].startswith("phone (simulated: 20 tok/s decode")
+    assert report["sessions"]["failed"] == 0, report["errors"]
+    assert report["sessions"]["ok"] >= 40  # every client ran at least one session
+    assert report["peak_connected"] == 40
+    assert report["seconds"] < 6.0 + 60 + 30
+
+
+def test_merge_counts_a_pool_that_died_as_a_failure():
+    opts = FleetOptions()
+    ok = {"pool": 0, "ok": 3, "failed": 1, "cut": 0, "tokens": 30, "errors": {"boom": 1},
+          "samples": {"ttft": [0.1], "itl": [0.01], "session": [1.0]}, "rss_mb": {"start": 1, "end": 1, "peak": 1}}
+    report = merge([ok, {"pool": 1, "fatal": "no model"}], opts, None, 10.0, 4, 8)
+    assert report["sessions"] == {"ok": 3, "failed": 2, "cut": 0}
+    assert report["errors"] == {"boom": 1, "pool 1 failed: no model": 1}
+    assert report["tokens_per_s"] == 3.0
