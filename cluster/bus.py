@@ -221,23 +221,27 @@ class CloudBus:
             pipe.expire(stream, KEY_TTL_S)
         pipe.execute()
 
-    def read(self, block_ms: int = 100, count: int = 1024) -> list[tuple[str, bytes, bytes]]:
-        """Up to ``count`` pending (stream, entry id, payload) triples, waiting at most ``block_ms``.
+    def read(self, block_ms: int = 100, count: int = 1024, max_opens: int = 64) -> list[tuple[str, bytes, bytes]]:
+        """Pending (stream, entry id, payload) triples, waiting at most ``block_ms``.
 
         A blocking read wakes on the first entry of a burst (an edge pool pipelines a whole round),
-        so non-blocking reads follow until nothing more is pending: the burst becomes one batch.
+        so non-blocking reads of this replica's stream follow until nothing more is pending: the
+        burst becomes one batch. New sessions are taken ``max_opens`` at a time (their prefill is the
+        expensive part): under a flood of opens, running sessions keep stepping every pass, and the
+        opens left in the stream go to whichever replica reads next.
         """
-        out = self._read_once(block_ms, count)
+        out = self._read_once(self.streams, block_ms, max(1, min(count, max_opens)))
+        mine = {in_stream(self.replica): ">"}
         while out and len(out) < count:
-            more = self._read_once(None, count - len(out))
+            more = self._read_once(mine, None, count - len(out))
             if not more:
                 break
             out.extend(more)
         return out
 
-    def _read_once(self, block_ms: int | None, count: int) -> list[tuple[str, bytes, bytes]]:
+    def _read_once(self, streams: dict, block_ms: int | None, count: int) -> list[tuple[str, bytes, bytes]]:
         try:
-            resp = self.r.xreadgroup(GROUP, self.replica, self.streams, count=count, block=block_ms)
+            resp = self.r.xreadgroup(GROUP, self.replica, streams, count=count, block=block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # stream expired while idle: recreate and carry on
                 self._ensure_groups()

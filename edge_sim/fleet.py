@@ -164,7 +164,7 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     cloud = Cloud(redis_url, http_url, http)
 
     def client_loop(index: int) -> None:
-        client = EdgeClient(index, records[index % len(records)], engine, cfg)
+        record = records[index % len(records)]  # the dataset's, not a copy; the session's state is built per session
         rng = random.Random(index)
         counts["connected"] += 1
         try:
@@ -176,6 +176,7 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
                     counts["active"] += 1
                     counts["max_active"] = max(counts["max_active"], counts["active"])
                     try:
+                        client = EdgeClient(index, record, engine, cfg)  # gate and state live for one session
                         r = run_session(client, mode_of(opts.mode, index, n), engine, device, cloud, cfg, hard_stop)
                     finally:
                         counts["active"] -= 1

@@ -148,11 +148,9 @@ class EdgeUser(User):
     mode = "logits"
 
     def on_start(self) -> None:
-        from edge_sim.client import EdgeClient
-
         rt = runtime(self.environment)
         self.index = next(_indices)
-        self.client = EdgeClient(self.index, rt.records[self.index % len(rt.records)], rt.engine, rt.cfg)
+        self.record = rt.records[self.index % len(rt.records)]  # this device's private context (never copied)
         self._sleep(random.uniform(0, rt.think[1]))  # devices do not all start at once
 
     def wait_time(self) -> float:
@@ -165,6 +163,7 @@ class EdgeUser(User):
 
     @task
     def session(self) -> None:
+        from edge_sim.client import EdgeClient
         from edge_sim.session import run_session
 
         rt = runtime(self.environment)
@@ -172,7 +171,8 @@ class EdgeUser(User):
             rt.slots.acquire()
         try:
             t0 = time.perf_counter()
-            r = run_session(self.client, self.mode, rt.engine, rt.device, rt.cloud, rt.cfg)
+            client = EdgeClient(self.index, self.record, rt.engine, rt.cfg)  # gate and session state: this session's
+            r = run_session(client, self.mode, rt.engine, rt.device, rt.cloud, rt.cfg)
         finally:
             if rt.slots is not None:
                 rt.slots.release()

@@ -163,6 +163,20 @@ def test_pool_replies_share_one_list_and_early_ones_are_kept(redis_url):
     assert isinstance(edge.wait_many({"a": 2}, deadline_in(0.2))["a"], BusTimeout)
 
 
+def test_a_flood_of_opens_is_taken_a_share_at_a_time(redis_url):
+    """Prefill is the expensive part: a replica takes max_opens new sessions per pass, while every
+    step pending for it is still served in that pass; the rest of the opens wait in the stream."""
+    edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
+    for i in range(10):
+        edge.send_open(_open(f"s{i}"), f"s{i}")
+    edge.send_many([("r1", f"t{i}", _step(f"t{i}", 1)) for i in range(5)])
+    first = cloud.read(block_ms=1000, max_opens=4)
+    assert sum(s == OPEN_STREAM for s, _, _ in first) == 4
+    assert sum(s != OPEN_STREAM for s, _, _ in first) == 1  # the round's steps: one StepBatch entry
+    assert sum(s == OPEN_STREAM for s, _, _ in cloud.read(block_ms=1000, max_opens=4)) == 4
+    assert sum(s == OPEN_STREAM for s, _, _ in cloud.read(block_ms=1000, max_opens=4)) == 2
+
+
 def test_replica_drains_a_burst_into_one_read(redis_url):
     edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
     for i in range(4):
