@@ -88,6 +88,8 @@ class EngineStats:
     recomputes: int = 0
     draft_tokens: int = 0
     sketch_tokens: int = 0
+    prefix_hits: int = 0  # opens (and recomputes) that started from the cached prompt head
+    prefix_tokens_saved: int = 0
 
 
 class TransformersCloudEngine:
@@ -109,6 +111,7 @@ class TransformersCloudEngine:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self.counters = EngineStats()
         self.yield_point = lambda: None  # called between outline tokens (the replica lets waiting steps run)
+        self._head: tuple[list[int], KV | None] | None = None  # the cloud prompt's fixed head and its KV
 
     # ---- logits mode: batched ------------------------------------------------------------------
 
@@ -131,10 +134,34 @@ class TransformersCloudEngine:
                 self.audit.write("open", r.session_id, self.tok.decode(ids))
             session = _Session(ids=[], top_k=r.top_k, lookahead=r.lookahead)
             self._sessions[r.session_id] = session
-            fresh.append((i, session, ids))
+            fresh.append((i, session, self._resume(session, ids)))
         for (i, _, _), top in zip(fresh, self._advance([(s, ids) for _, s, ids in fresh])):
             results[i] = top
         return results  # type: ignore[return-value]
+
+    def _resume(self, session: _Session, ids: list[int]) -> list[int]:
+        """Start ``session`` from the cached prompt head when ``ids`` begin with it (prefix caching:
+        every session's prompt opens with the same system prompt, computed once); returns the tokens
+        still to feed."""
+        head, kv = self._prompt_head()
+        if kv is not None and len(ids) > len(head) and ids[:len(head)] == head:
+            session.ids, session.kv = list(head), kv  # shared, never written in place: steps build new tensors
+            self.counters.prefix_hits += 1
+            self.counters.prefix_tokens_saved += len(head)
+            return ids[len(head):]
+        session.ids, session.kv = [], None
+        return ids
+
+    def _prompt_head(self) -> tuple[list[int], KV | None]:
+        if self._head is None:
+            a, b = (prompts.render(self.tok, prompts.cloud_messages(x)) for x in ("Write a poem.", "Summarize this."))
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            if n >= 2:
+                _, caches = batched_forward(self.model, [None], [a[:n]], pad_id=self.pad_id)
+                self._head = (a[:n], caches[0])
+            else:
+                self._head = ([], None)
+        return self._head
 
     def _check_open(self, r: OpenArgs) -> TopK | None:
         if not r.instruction.strip():
@@ -200,9 +227,8 @@ class TransformersCloudEngine:
         self.counters.steps += 1
         if session.kv is None:  # evicted (or never cached): recompute from the confirmed prefix
             self.counters.recomputes += 1
-            feed, session.ids = session.ids + toks, []
             session.draft = []
-            return session, feed
+            return session, self._resume(session, session.ids + toks)
         agree = 0
         while agree < min(len(toks), len(session.draft)) and toks[agree] == session.draft[agree]:
             agree += 1
@@ -361,7 +387,8 @@ class TransformersCloudEngine:
                 "steps": c.steps, "batches": c.batches, "batch_rows": c.batch_sizes,
                 "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
                 "kv_bytes": sum(kv_bytes(s.kv) for s in self._sessions.values()),
-                "evictions": c.evictions, "recomputes": c.recomputes, "draft_tokens": c.draft_tokens}
+                "evictions": c.evictions, "recomputes": c.recomputes, "draft_tokens": c.draft_tokens,
+                "prefix_hits": c.prefix_hits, "prefix_tokens_saved": c.prefix_tokens_saved}
 
 
 class _YieldEachToken(LogitsProcessor):

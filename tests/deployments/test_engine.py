@@ -48,6 +48,21 @@ def test_cached_steps_match_full_recompute(engine, model_tok):
         assert top.context_len == len(ids)
 
 
+def test_opens_share_the_cached_prompt_head_and_match_full_prefill(engine, model_tok):
+    """Prefix caching: every session's prompt opens with the same system prompt, computed once;
+    an open that starts from it gives the full prefill's top-k."""
+    model, tok = model_tok
+    for sid, instruction in (("a", INSTRUCTION), ("b", "Write a short note about rivers.")):
+        top = engine.open(sid, instruction, 8)
+        ref_ids, ref_lp = _reference_topk(model, prompts.render(tok, prompts.cloud_messages(instruction)), 8)
+        assert top.ids[0].tolist() == ref_ids
+        assert torch.allclose(torch.from_numpy(top.logprobs[0]), ref_lp, atol=1e-4)
+    stats = engine.stats()
+    head = len(engine._prompt_head()[0])
+    assert head >= 10  # the chat template's system prompt
+    assert stats["prefix_hits"] == 2 and stats["prefix_tokens_saved"] == 2 * head
+
+
 def test_replayed_step_is_answered_without_recompute(engine):
     engine.open("s", INSTRUCTION, 5)
     first = engine.step("s", 1, [42])
