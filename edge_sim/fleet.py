@@ -124,6 +124,7 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     import gevent
     import httpx
     import redis
+    from gevent.event import Event
     from gevent.lock import BoundedSemaphore
 
     from cogenesis.config import EdgeConfig
@@ -168,7 +169,8 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
         rng = random.Random(index)
         counts["connected"] += 1
         try:
-            gevent.sleep(rng.uniform(0, opts.think_s[1]))  # devices do not all start at once
+            if over.wait(rng.uniform(0, opts.think_s[1])):  # devices do not all start at once
+                return
             n = 0
             while (end is None or time.perf_counter() < end) and (
                     opts.sessions_per_client is None or n < opts.sessions_per_client):
@@ -182,8 +184,9 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
                         counts["active"] -= 1
                 n += 1
                 _record(r)
-                if opts.sessions_per_client is None or n < opts.sessions_per_client:
-                    gevent.sleep(rng.uniform(*opts.think_s))
+                if (opts.sessions_per_client is None or n < opts.sessions_per_client) and over.wait(
+                        rng.uniform(*opts.think_s)):
+                    return
         finally:
             counts["connected"] -= 1
 
@@ -217,6 +220,9 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
                 log.warning("pool %d could not publish progress: %s", pool, exc)
             gevent.sleep(1.0)
 
+    over = Event()  # set when the duration ends: thinking clients stop at once
+    if end is not None:
+        gevent.spawn_later(max(0.0, end - time.perf_counter()), over.set)
     rep = gevent.spawn(reporter)
     greenlets = [gevent.spawn(client_loop, i) for i in mine]
     timeout = None if hard_stop is None else hard_stop - time.perf_counter() + cfg.step_timeout_s + 30

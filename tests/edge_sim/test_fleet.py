@@ -81,3 +81,14 @@ def test_merge_counts_a_pool_that_died_as_a_failure():
     assert report["sessions"] == {"ok": 3, "failed": 2, "cut": 0}
     assert report["errors"] == {"boom": 1, "pool 1 failed: no model": 1}
     assert report["tokens_per_s"] == 3.0
+
+
+@pytest.mark.slow
+def test_thinking_clients_stop_when_the_duration_ends(background_cluster, tiny_small):
+    """Clients asleep in a long think time end with the duration, not when their sleep would."""
+    state, _, _ = background_cluster
+    opts = FleetOptions(clients=20, mode="logits", duration_s=3.0, think_s=(0.0, 600.0), pools=1, device="phone",
+                        grace_s=60, edge=_edge(tiny_small))
+    report = run_fleet(opts, state.redis_url, state.http_url)
+    assert report["sessions"]["failed"] == 0, report["errors"]
+    assert report["seconds"] < 3.0 + 60  # pool start-up + running sessions' grace, never the 600 s think

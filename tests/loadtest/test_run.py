@@ -47,7 +47,7 @@ def test_locustfile_loads_in_plain_locust():
 @pytest.mark.slow
 def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, tiny_small, sample_records, tmp_path):
     state, state_dir, audit = background_cluster
-    opts = LoadtestOptions(users=8, spawn_rate=8, run_time="20s", mode="mixed", think_time="0..2",
+    opts = LoadtestOptions(users=8, spawn_rate=8, run_time="20s", mode="mixed", think_time="0..2", processes=2,
                            max_new_tokens=6, stop_timeout_s=60, small_model=str(tiny_small), out_dir=str(tmp_path))
     summary = run_loadtest(opts, state.redis_url, state.http_url)
     assert summary["sessions"]["failed"] == 0 and not summary["failures"], summary["failures"]
