@@ -284,16 +284,15 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _up_config(args=None):
-    """The cloud of `cogenesis up` (flags, else its defaults)."""
+    """The cloud of `cogenesis up`: its flags, or (for `cogenesis loadtest`) their defaults."""
     from cogenesis.config import CloudConfig, validate
 
-    d = {a.dest: a.default for a in build_parser()._subparsers._group_actions[0].choices["up"]._actions}
-    get = (lambda k: getattr(args, k)) if args is not None else d.get
-    cloud = validate(CloudConfig, {"large_model": get("large_model"), "num_replicas": get("replicas"),
-                                   "torch_threads": get("threads"), "kv_budget_mb": get("kv_budget_mb"),
-                                   "max_sessions": get("max_sessions"), "http_port": get("http_port"),
-                                   "max_ongoing_requests": get("max_ongoing_requests")}, "flags")
-    return cloud.model_copy(update={"redis_url": get("redis_url")}) if get("redis_url") else cloud
+    args = args or build_parser().parse_args(["up"])
+    cloud = validate(CloudConfig, {"large_model": args.large_model, "num_replicas": args.replicas,
+                                   "torch_threads": args.threads, "kv_budget_mb": args.kv_budget_mb,
+                                   "max_sessions": args.max_sessions, "http_port": args.http_port,
+                                   "max_ongoing_requests": args.max_ongoing_requests}, "flags")
+    return cloud.model_copy(update={"redis_url": args.redis_url}) if args.redis_url else cloud
 
 
 def cmd_up(args) -> int:

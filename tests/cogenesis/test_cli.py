@@ -66,3 +66,42 @@ def test_unknown_model_is_a_clear_error(capsys, tmp_path):
     data.write_text(json.dumps(json.loads(sample_data_path().read_text())[:1]))
     assert main(["demo", "--data", str(data), "--small-model", "embedded:tiny"]) == 2
     assert "unknown embedded model" in capsys.readouterr().err
+
+
+def test_help_lists_the_cluster_and_load_commands():
+    top = run_cli("--help")
+    for cmd in ("up", "down", "status", "edge", "loadtest"):
+        assert cmd in top.stdout
+    edge = run_cli("edge", "--help")
+    for flag in ("--clients", "--mode", "--duration", "--sessions-per-client", "--think-time", "--pools", "--device",
+                 "--json"):
+        assert flag in edge.stdout
+    assert "configs/devices.yaml" in edge.stdout
+
+
+def test_cluster_commands_without_a_cluster(capsys, tmp_path):
+    assert main(["status", "--state-dir", str(tmp_path)]) == 1
+    assert "no cluster running" in capsys.readouterr().out
+    assert main(["down", "--state-dir", str(tmp_path)]) == 0
+    assert "no cluster was running" in capsys.readouterr().out
+    assert main(["edge", "--state-dir", str(tmp_path), "--clients", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "no cluster is running" in err and "cogenesis up" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "toaster"], "unknown device 'toaster'"),
+    (["--run-time", "soon"], "is not a duration"),
+    (["--users", "0"], "--users must be >= 1"),
+    (["--think-time", "9..1"], "needs 0 <= A <= B"),
+    (["--shape", "configs/loadtest/zigzag.yaml"], "does not exist"),
+])
+def test_loadtest_refuses_bad_input_before_starting_anything(capsys, tmp_path, flags, message):
+    assert main(["loadtest", "--state-dir", str(tmp_path), "--out", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "state.json").exists() and not (tmp_path / "out").exists()
+
+
+def test_up_validates_its_flags(capsys, tmp_path):
+    assert main(["up", "--state-dir", str(tmp_path), "--replicas", "0"]) == 2
+    assert "num_replicas" in capsys.readouterr().err
