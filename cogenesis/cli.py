@@ -395,7 +395,8 @@ def cmd_loadtest(args) -> int:
         if started and not args.keep_cluster:
             daemon.down(args.state_dir)
     _print_loadtest(summary)
-    return 1 if summary["sessions"]["failed"] or summary["locust_exit_code"] not in (0, None) else 0
+    bad = summary["sessions"]["failed"] or summary["exceptions"] or summary["locust_exit_code"] not in (0, None)
+    return 1 if bad else 0
 
 
 def _print_loadtest(s: dict) -> None:
@@ -410,6 +411,8 @@ def _print_loadtest(s: dict) -> None:
         print(f"  {mode}: " + " | ".join(parts))
     for f in s["failures"]:
         print(f"  {f['count']} x {f['type']} {f['name']}: {f['error']}")
+    for e in s["exceptions"]:
+        print(f"  {e['count']} x error in a Locust user: {e['message']}")
     print(f"reports: {s['reports']['html']}, {s['reports']['csv']}; summary: {s['json']}")
 
 

@@ -70,9 +70,12 @@ def parse_think(text: str) -> tuple[float, float]:
 
     try:
         a, _, b = text.partition("..")
-        return float(a), float(b or a)
+        lo, hi = float(a), float(b or a)
     except ValueError:
         raise ConfigError(f"--think-time {text!r} is not A..B seconds", hint="e.g. --think-time 5..15") from None
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"--think-time {lo:g}..{hi:g} needs 0 <= A <= B", hint="e.g. --think-time 5..15")
+    return lo, hi
 
 
 def mode_of(mode: str, client: int, session: int) -> str:

@@ -64,6 +64,8 @@ class Runtime:
         import gevent
         import httpx
 
+        offload = gevent.get_hub().threadpool.apply  # slow work in a native thread: heartbeats go on meanwhile
+
         from cogenesis.config import EdgeConfig
         from cogenesis.data import load_records, sample_data_path
         from cogenesis.errors import ClusterError
@@ -88,19 +90,19 @@ class Runtime:
         self.think = parse_think(opts.cg_think_time)
         self.records = load_records(opts.cg_data or sample_data_path())
         self.profile = resolve_device(opts.cg_device)
-        path = resolve_model(self.cfg.small_model)
+        path = offload(resolve_model, (self.cfg.small_model,))  # the first use converts the embedded model
         if self.profile is None:
             import torch
 
             torch.set_num_threads(self.cfg.torch_threads)
-            model, tok = load_causal_lm(path)
+            model, tok = offload(load_causal_lm, (path,))
             self.engine = EdgeEngine(model, tok, self.cfg.max_prompt_tokens)
             self.device = SharedDevice(model, self.engine.pad_id, threads=self.cfg.torch_threads,
-                                       offload=lambda fn: gevent.get_hub().threadpool.apply(fn))
+                                       offload=lambda fn: offload(fn))
         else:
             from transformers import AutoTokenizer
 
-            self.engine = EdgeEngine(None, AutoTokenizer.from_pretrained(path), self.cfg.max_prompt_tokens)
+            self.engine = EdgeEngine(None, offload(AutoTokenizer.from_pretrained, (path,)), self.cfg.max_prompt_tokens)
             self.device = ProfileDevice(self.profile, gevent.sleep)
         cap = opts.cg_max_active or (REAL_MAX_ACTIVE if self.profile is None else 0)
         self.slots = BoundedSemaphore(cap) if cap else None
@@ -215,3 +217,10 @@ class SketchUser(EdgeUser):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The heavy imports happen once here, before `--processes` forks and before any worker's heartbeat
+# has to go on: importing them inside a user would stall the gevent loop for seconds.
+import torch  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+
+import cogenesis.models  # noqa: E402,F401
+import edge_sim.session  # noqa: E402,F401

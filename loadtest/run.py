@@ -124,6 +124,8 @@ def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: in
         tokens, ok, failed = tokens + t, ok + n - f, failed + f
     failures = [{"type": r.get("Method"), "name": r.get("Name"), "error": r.get("Error"), "count": int(_num(r, "Occurrences"))}
                 for r in _read_csv(Path(f"{prefix}_failures.csv"))]
+    exceptions = [{"count": int(_num(r, "Count")), "message": r.get("Message")}
+                  for r in _read_csv(Path(f"{prefix}_exceptions.csv"))]  # errors in user code (not sessions)
     run_s = load_shape(opts.shape).run_time_s if opts.shape else parse_duration(opts.run_time)
     return {
         "users": opts.users if not opts.shape else None, "users_reached": _history(prefix)["users"],
@@ -132,7 +134,7 @@ def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: in
         "max_new_tokens": opts.max_new_tokens, "test_s": round(seconds, 1),
         "sessions": {"ok": ok, "failed": failed}, "tokens": int(tokens),
         "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "modes": per_mode,
-        "failures": failures, "locust_exit_code": exit_code,
+        "failures": failures, "exceptions": exceptions, "locust_exit_code": exit_code,
         "reports": {"csv": f"{prefix}_stats.csv", "history_csv": f"{prefix}_stats_history.csv",
                     "html": str(prefix.parent / "report.html"), "log": str(prefix.parent / "locust.log")},
         "options": asdict(opts),

@@ -73,14 +73,14 @@ def sample_records():
     return load_records(sample_data_path())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def background_cluster(tiny_large, tmp_path_factory):
     """A real `cogenesis up` cluster (background process: Redis + Ray + Serve) on the tiny large model,
     with an audit log of every model input; stopped (and checked gone) at the end."""
     from cluster import daemon
     from cogenesis.config import CloudConfig
 
-    state_dir = tmp_path_factory.mktemp("cluster-state")
+    state_dir = tmp_path_factory.mktemp("cluster-state")  # per module: never running beside another test's Ray
     audit = state_dir / "audit.jsonl"
     cfg = CloudConfig(large_model=str(tiny_large), audit_log=str(audit), replica_cpus=0.25, torch_threads=1,
                       http_port=8000)

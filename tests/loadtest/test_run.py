@@ -50,9 +50,10 @@ def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, ti
     opts = LoadtestOptions(users=8, spawn_rate=8, run_time="20s", mode="mixed", think_time="0..2", processes=2,
                            max_new_tokens=6, stop_timeout_s=60, small_model=str(tiny_small), out_dir=str(tmp_path))
     summary = run_loadtest(opts, state.redis_url, state.http_url)
-    assert summary["sessions"]["failed"] == 0 and not summary["failures"], summary["failures"]
+    log = (tmp_path / "locust.log").read_text()[-4000:]
+    assert summary["sessions"]["failed"] == 0 and not summary["failures"] and not summary["exceptions"], log
     assert summary["users_reached"] == 8 and summary["locust_exit_code"] == 0
-    assert set(summary["modes"]) == {"logits", "sketch"}
+    assert set(summary["modes"]) == {"logits", "sketch"}, log
     logits = summary["modes"]["logits"]
     assert logits["sessions_ok"] > 0 and logits["tokens"] > 0
     assert logits["ttft_ms"]["p50"] > 0 and logits["itl_ms"]["p99"] > 0 and logits["step_ms"]["p50"] > 0
