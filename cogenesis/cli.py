@@ -155,9 +155,11 @@ def _edge_parser(sub) -> None:
     p.add_argument("--launcher", choices=["local", "ray"], default="local",
                    help="run pools as local processes, or as Ray tasks spread over the cluster's nodes")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per session")
+    p.add_argument("--sketch-max-tokens", type=int, default=64, help="tokens the cloud may spend on an outline")
     p.add_argument("--top-k", type=int, default=10, help="cloud top-k per logits step")
     p.add_argument("--lookahead", type=int, default=0, help="draft tokens the cloud proposes per reply")
     p.add_argument("--edge-prompt-tokens", type=int, default=512, help="small-model prompt budget per client")
+    p.add_argument("--small-model", default="embedded:small", help="device model: embedded:small, HF dir or hub id")
     p.add_argument("--threads", type=int, default=1, help="torch threads per pool (real device)")
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one cloud reply")
     p.add_argument("--data", default=None, help="CoGenesis JSON file (None: the shipped sample, cycled)")
@@ -350,6 +352,7 @@ def cmd_edge(args) -> int:
     if state is None:
         raise ClusterError("no cluster is running", hint="start one with `cogenesis up` (stop it with `cogenesis down`)")
     edge = validate(EdgeConfig, {"max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+                                 "small_model": args.small_model, "sketch_max_tokens": args.sketch_max_tokens,
                                  "lookahead": args.lookahead, "max_prompt_tokens": args.edge_prompt_tokens,
                                  "torch_threads": args.threads, "step_timeout_s": args.step_timeout}, "flags")
     duration = args.duration if args.duration is not None or args.sessions_per_client else 60.0

@@ -321,6 +321,13 @@ def run_fleet(opts: FleetOptions, redis_url: str, http_url: str, ray_address: st
     t0 = time.perf_counter()
     procs, refs = [], []
     if opts.launcher == "ray":
+        from cluster.local import RAY_ENV
+
+        os.environ.update(RAY_ENV)
+        # Ray 2.60's local clusters authenticate with the token ray.init wrote (~/.ray/auth_token); a driver
+        # sends it only in token mode, which Ray reads when first imported
+        if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         import ray
 
         if not ray.is_initialized():

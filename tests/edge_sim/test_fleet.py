@@ -92,3 +92,23 @@ def test_thinking_clients_stop_when_the_duration_ends(background_cluster, tiny_s
     report = run_fleet(opts, state.redis_url, state.http_url)
     assert report["sessions"]["failed"] == 0, report["errors"]
     assert report["seconds"] < 3.0 + 60  # pool start-up + running sessions' grace, never the 600 s think
+
+
+@pytest.mark.slow
+def test_pools_run_as_ray_tasks_on_the_clusters_ray(background_cluster, tiny_small, tmp_path):
+    """`cogenesis edge --launcher ray`: each pool is a Ray task on the cluster of `cogenesis up`."""
+    import subprocess
+    import sys
+
+    _, state_dir, _ = background_cluster
+    out = tmp_path / "edge.json"
+    proc = subprocess.run([sys.executable, "-m", "cogenesis.cli", "edge", "--state-dir", str(state_dir),
+                           "--launcher", "ray", "--clients", "6", "--pools", "2", "--sessions-per-client", "1",
+                           "--think-time", "0..0.5", "--device", "phone", "--max-new-tokens", "6",
+                           "--small-model", str(tiny_small), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sessions"] == {"ok": 6, "failed": 0, "cut": 0}, report["errors"]
+    assert len(report["pool_rss_mb"]) == 2
+    assert "device: phone (simulated" in proc.stdout
