@@ -254,6 +254,14 @@ class CloudBus:
                 out.append((name, entry_id, fields.get(FIELD, b"")))
         return out
 
+    def backlog(self) -> int:
+        """Entries still waiting: this replica's input stream plus the shared open stream (acknowledged
+        entries are deleted, so a stream's length is what nobody has served yet)."""
+        pipe = self.r.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xlen(stream)
+        return sum(pipe.execute())
+
     def finish(self, done: list[tuple[str, bytes]], replies: list[tuple[str, bytes]],
                routes: list[str] = (), route_ttl_s: int = KEY_TTL_S) -> None:
         """One pipeline: post replies (with TTL), record routes, ack and delete consumed entries."""

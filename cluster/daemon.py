@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from cluster.bus import connect
+from cogenesis import metrics
 from cogenesis.config import CloudConfig
 from cogenesis.errors import ClusterError
 
@@ -194,8 +196,13 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
         ClusterState(os.getpid(), info.redis_url, info.http_url, ray.get_runtime_context().gcs_address, time.time(),
                      cloud.model_dump()).write(state_dir)
         log.info("cluster: up (redis %s, http %s)", info.redis_url, info.http_url)
-        while not stop.wait(1.0):
-            pass
+        write_prometheus_config(state_dir)
+        bus = connect(info.redis_url)
+        while not stop.wait(5.0):  # keep Prometheus' file discovery current with what announces itself
+            try:
+                metrics.write_file_sd(state_dir / TARGETS_FILE, metrics.targets(bus))
+            except Exception as exc:  # discovery must not take the cluster down
+                log.warning("cluster: could not refresh %s: %s", TARGETS_FILE, exc)
         log.info("cluster: stopping")
         return 0
     except Exception as exc:
@@ -207,6 +214,19 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
         cluster.stop()
         (state_dir / "state.json").unlink(missing_ok=True)
         log.info("cluster: stopped")
+
+
+TARGETS_FILE = "prometheus-targets.json"
+PROMETHEUS_TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "prometheus.yml"
+
+
+def write_prometheus_config(state_dir: Path) -> Path:
+    """``configs/prometheus.yml`` with its discovery file pointed at this cluster's targets."""
+    text = PROMETHEUS_TEMPLATE.read_text().replace("prometheus-targets.json", str(Path(state_dir) / TARGETS_FILE))
+    out = Path(state_dir) / "prometheus.yml"
+    out.write_text(text)
+    metrics.write_file_sd(Path(state_dir) / TARGETS_FILE, {})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,6 +195,21 @@ def _loadtest_parser(sub) -> None:
     p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
 
 
+def _top_parser(sub) -> None:
+    p = sub.add_parser(
+        "top", help="live throughput and latency of the running cluster (from its metrics endpoints)",
+        description=("Scrape every metrics endpoint announced on the bus (replicas, edge pools, Locust processes) "
+                     "and show tokens/s by mode, step round trip p50/p99, batch size, active sessions, KV cache, "
+                     "queue depth, lookahead acceptance and sessions, refreshed every --interval seconds. "
+                     "Ctrl-C quits."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (the rate window)")
+    p.add_argument("--once", action="store_true", help="print one snapshot (over one interval) and exit")
+    p.add_argument("--json", action="store_true", help="with --once: print the figures as JSON")
+    p.add_argument("--redis-url", default=None, help="the bus (default: the `cogenesis up` cluster's)")
+    p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cogenesis", epilog=EPILOG,
@@ -208,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_parsers(sub)
     _edge_parser(sub)
     _loadtest_parser(sub)
+    _top_parser(sub)
     c = sub.add_parser("config", help="print every configuration field with its default and meaning")
     c.add_argument("--show", action="store_true", help="(default) print the configuration reference")
     return parser
@@ -419,6 +435,55 @@ def _print_loadtest(s: dict) -> None:
     print(f"reports: {s['reports']['html']}, {s['reports']['csv']}; summary: {s['json']}")
 
 
+def cmd_top(args) -> int:
+    import json
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from cluster import daemon
+    from cluster.bus import connect
+    from cogenesis import metrics
+    from cogenesis.errors import ClusterError, ConfigError
+    from cogenesis.top import figures, render, scrape
+
+    if args.interval <= 0:
+        raise ConfigError(f"--interval must be > 0, got {args.interval}")
+    url = args.redis_url
+    if not url:
+        state = daemon.running(args.state_dir)
+        if state is None:
+            raise ClusterError("no cluster is running", hint="start one with `cogenesis up`, or pass --redis-url")
+        url = state.redis_url
+    bus = connect(url)
+
+    def addresses() -> list[str]:
+        found = [a for addrs in metrics.targets(bus).values() for a in addrs]
+        if not found:
+            raise ClusterError("no metrics endpoint is announced on the bus",
+                               hint="replicas announce theirs within a few seconds of starting; is the cluster up?")
+        return found
+
+    try:
+        prev = scrape(addresses())
+        if args.once:
+            time.sleep(args.interval)
+            f = figures(prev, scrape(addresses()))
+            print(json.dumps(f, indent=1)) if args.json else Console().print(render(f))
+            return 0
+        with Live(render(figures(prev, prev)), refresh_per_second=4) as live:
+            while True:
+                time.sleep(args.interval)
+                cur = scrape(addresses())
+                live.update(render(figures(prev, cur)))
+                prev = cur
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        bus.close()
+
+
 def _fleet_line(c: dict) -> str:
     return (f"edge {c['elapsed_s']:.0f}s | clients {c.get('connected', 0)} connected, {c.get('active', 0)} in a "
             f"session | sessions ok {c.get('ok', 0)} failed {c.get('failed', 0)} | {c.get('tokens', 0)} tokens "
@@ -485,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
     handlers = {"demo": cmd_demo, "models": cmd_models, "bench": cmd_bench, "config": cmd_config, "up": cmd_up,
-                "down": cmd_down, "status": cmd_status, "edge": cmd_edge, "loadtest": cmd_loadtest}
+                "down": cmd_down, "status": cmd_status, "edge": cmd_edge, "loadtest": cmd_loadtest, "top": cmd_top}
     try:
         return handlers[args.cmd](args)
     except CoGenesisError as exc:

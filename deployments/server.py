@@ -33,6 +33,7 @@ from cogenesis.protocol import (
     pack_logprobs,
     unpack_ids,
 )
+from cogenesis import metrics
 from deployments.fairlock import FairLock
 
 log = logging.getLogger("cogenesis.cloud")
@@ -67,7 +68,9 @@ class CloudServer:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (tests of the shim)
             self.replica = uuid.uuid4().hex[:8]
+        self.metrics_address = metrics.serve(metrics.CLOUD)  # announced on the bus by the step loop
         self.loop = StepLoop(self.engine, CloudBus(self.cfg.redis_url, self.replica), self.lock,
+                             metrics_address=self.metrics_address,
                              route_ttl_s=int(self.cfg.session_idle_s)).start()
         self._sketch_batch.set_max_batch_size(self.cfg.sketch_max_batch)
         self._sketch_batch.set_batch_wait_timeout_s(self.cfg.sketch_batch_wait_s)
@@ -104,6 +107,8 @@ class CloudServer:
             reply = await self._sketch_batch(req)
             if isinstance(reply, CoGenesisError):
                 raise reply
+            metrics.sketch_requests.inc()
+            metrics.cloud_tokens.labels("sketch").inc(reply.tokens)
         except ProtocolError as exc:
             return _json_error(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.protocol)")
         except CoGenesisError as exc:
@@ -146,7 +151,8 @@ class CloudServer:
 
     @api.get("/v1/stats")
     def stats(self) -> dict:
-        return {"replica": self.replica, **self.engine.stats(), "bus_requests": self.loop.requests,
+        return {"replica": self.replica, "metrics": self.metrics_address, **self.engine.stats(),
+                "bus_requests": self.loop.requests,
                 "bus_errors": self.loop.errors}
 
     def check_health(self) -> None:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, replace
 
 from cluster.bus import OPEN_STREAM, CloudBus
+from cogenesis import metrics
 from cogenesis.errors import CoGenesisError, ProtocolError, UnknownSession
 from cogenesis.protocol import (
     CloseSession,
@@ -80,8 +81,9 @@ def _pack(replies: list[tuple[str, StepReply | ErrorReply]]) -> list[tuple[str, 
 
 class StepLoop:
     def __init__(self, engine: CloudEngine, bus: CloudBus, engine_lock: threading.Lock,
-                 route_ttl_s: int = 600) -> None:
+                 route_ttl_s: int = 600, metrics_address: str | None = None) -> None:
         self.engine = engine
+        self.metrics_address = metrics_address  # announced on the bus with every heartbeat
         self.bus = bus
         self.lock = engine_lock
         self.route_ttl_s = route_ttl_s
@@ -107,6 +109,8 @@ class StepLoop:
             try:
                 if time.monotonic() - last_beat > 2.0:
                     self.bus.heartbeat()
+                    if self.metrics_address:
+                        metrics.announce(self.bus.r, "cloud", self.bus.replica, self.metrics_address)
                     last_beat = time.monotonic()
                 called = now_us()
                 batch = self.bus.read(block_ms=100)
@@ -155,12 +159,23 @@ class StepLoop:
                 StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])
         posted = now_us()
         trace = replace(trace, model_us=posted - t_model, posted_us=posted)
+        self._observe(opens, steps, (posted - t_model) / 1e6)
         for msg, out in zip(opens, open_out):
             replies.append((_route(msg), self._encode(msg, 0, out, trace)))
             routes.append(msg.session_id)
         for msg, out in zip(steps, step_out):
             replies.append((_route(msg), self._encode(msg, msg.step, out, trace)))
         self.bus.finish(done, _pack(replies), routes, self.route_ttl_s)
+
+    def _observe(self, opens: list, steps: list, model_s: float) -> None:
+        if opens or steps:
+            metrics.step_batch_size.observe(len(opens) + len(steps))
+            metrics.step_seconds.observe(model_s)
+            metrics.cloud_tokens.labels("logits").inc(sum(len(unpack_ids(m.tokens)) for m in steps))
+        stats = self.engine.stats()
+        metrics.active_sessions.set(stats.get("active_sessions", 0))
+        metrics.kv_cache_bytes.set(stats.get("kv_bytes", 0))
+        metrics.bus_queue_depth.set(self.bus.backlog())
 
     def _expand(self, batch: list[tuple[str, bytes, bytes]], done: list) -> list[tuple[str, bytes, object]]:
         """Decoded messages, one per request: a StepBatch entry yields its items (acked once, as one

@@ -130,6 +130,7 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     from gevent.event import Event
     from gevent.lock import BoundedSemaphore
 
+    from cogenesis import metrics
     from cogenesis.config import EdgeConfig
     from cogenesis.data import load_records, sample_data_path
     from cogenesis.models import load_causal_lm, resolve_model
@@ -209,11 +210,13 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
 
     rdb = redis.Redis.from_url(redis_url, socket_timeout=10)
     key = f"cg:fleet:{run_id}:pool:{pool}"
+    metrics_address = metrics.serve(metrics.EDGE)
 
     def publish() -> None:
         rss["peak"] = max(rss["peak"], _rss_mb())
         rdb.hset(key, mapping={**counts, "rss_mb": round(_rss_mb(), 1), "clients": len(mine)})
         rdb.expire(key, RUN_TTL_S)
+        metrics.announce(rdb, "edge", f"fleet-{run_id}-{pool}", metrics_address)
 
     def reporter() -> None:
         while True:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cluster.bus import EdgeBus
+from cogenesis import metrics
 from cogenesis.config import EdgeConfig
 from cogenesis.errors import ConfigError
 from cogenesis.fusion import fuse_constant
@@ -54,6 +55,7 @@ class _Live:
     round_trips: int = 0
     fused: int = 0
     accepted: int = 0  # draft tokens accepted
+    accepted_now: int = 0  # ... of the current reply's drafts
     ttft: float | None = None
     token_times: list[float] = field(default_factory=list)  # perf_counter at each chosen token
     error: str | None = None
@@ -74,12 +76,21 @@ class _Live:
         self.round_trips += 1
 
     def take(self, reply: StepReply, received_us: int = 0, waited_from_us: int = 0) -> None:
+        self.reply_done()
         self.rows, self.drafts, self.row = reply.top_k(), reply.drafts(), 0
         self.replica, self.in_flight = reply.replica, False
         if received_us:
             self.rtt_us.append(received_us - self.sent_us)
+            metrics.step_roundtrip_seconds.observe((received_us - self.sent_us) / 1e6)
             if reply.posted_us:  # traced by the replica
                 self.overhead_us.append(reply.exchange_overhead_us(received_us, waited_from_us))
+
+
+    def reply_done(self) -> None:
+        """The current reply is used up: count how many of its drafts were accepted."""
+        if self.drafts.size:
+            metrics.lookahead_accepted_tokens.observe(self.accepted_now)
+        self.accepted_now = 0
 
 
 def schedule_of(cfg: EdgeConfig) -> Schedule:
@@ -153,8 +164,10 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> 
         if lv.lp is None:  # a simulated device: the cloud's top-k alone (sampled over K, not the vocabulary)
             target, space = torch.from_numpy(lps).float()[None], ids
         else:
+            t0 = time.perf_counter()
             target = fuse_constant(lv.lp[None], torch.from_numpy(ids.astype(np.int64))[None],
                                    torch.from_numpy(lps)[None], cfg.fusion.weight, cfg.fusion.floor)
+            metrics.fusion_seconds.observe(time.perf_counter() - t0)
         lv.fused += 1
     else:
         target = lv.lp[None]
@@ -167,6 +180,7 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> 
         token, accepted = accept_draft(q, draft, 1.0, lv.gen)
         lv.row = lv.row + 1 if accepted else None
         lv.accepted += accepted
+        lv.accepted_now += accepted
     else:
         token = int(sample(target, samp.temperature, samp.top_p, lv.gen)[0])
         lv.row = None
@@ -185,6 +199,8 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> 
 
 def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
     seconds = time.perf_counter() - lv.t0
+    lv.reply_done()
+    metrics.session_done("logits", "failed" if lv.error else "cut" if lv.stopped else "ok", 0 if lv.error else len(lv.out))
     c = lv.client
     extra = {"fused_steps": lv.fused, "accepted_draft_tokens": lv.accepted, "rtt_us": lv.rtt_us,
              "overhead_us": lv.overhead_us, "stopped": lv.stopped,

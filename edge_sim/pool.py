@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import httpx
 
 from cluster.bus import EdgeBus
+from cogenesis import metrics
 from cogenesis.config import EdgeConfig
 from cogenesis.data import Record
 from cogenesis.errors import CoGenesisError
@@ -31,6 +32,7 @@ OnResult = Callable[[SessionResult], None]
 def _failed(client: EdgeClient, mode: str, exc: Exception, seconds: float) -> SessionResult:
     message = exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}"
     log.warning("client %d %s session failed: %s", client.index, mode, message)
+    metrics.session_done(mode, "failed", 0)
     return SessionResult(client.index, client.record.tid, mode, "", 0, seconds, error=message)
 
 
@@ -63,6 +65,7 @@ class EdgePool:
             gen_s = time.perf_counter() - t_gen
             for (c, (sketch, _, sketch_s)), ids in zip(ok, outs):
                 text = self.engine.tok.decode(ids, skip_special_tokens=True).strip()
+                metrics.session_done("sketch", "ok", len(ids))
                 results[c.index] = SessionResult(c.index, c.record.tid, "sketch", text, len(ids), sketch_s + gen_s,
                                                  round_trips=1, sketch=sketch,
                                                  extra={"sketch_seconds": sketch_s, "edge_seconds": gen_s})

@@ -14,6 +14,7 @@ import httpx
 import torch
 
 from cluster.bus import EdgeBus
+from cogenesis import metrics
 from cogenesis.config import EdgeConfig
 from cogenesis.errors import CoGenesisError
 from cogenesis.sampling import sample
@@ -47,6 +48,7 @@ def run_session(client: EdgeClient, mode: str, engine: EdgeEngine, device: Devic
             return _sketch_session(client, engine, device, cloud, cfg, t0)
         raise ValueError(f"unknown mode {mode!r}: use sketch or logits")
     except CoGenesisError as exc:
+        metrics.session_done(mode, "failed", 0)  # raised before the session could end normally
         return SessionResult(client.index, client.record.tid, mode, "", 0, time.perf_counter() - t0, error=exc.message)
 
 
@@ -74,6 +76,7 @@ def _sketch_session(client: EdgeClient, engine: EdgeEngine, device: Device, clou
     finally:
         device.release([key])
     simulated = device.simulated
+    metrics.session_done("sketch", "ok", len(out))
     text = "" if simulated else engine.tok.decode(out, skip_special_tokens=True).strip()
     return SessionResult(client.index, client.record.tid, "sketch", text, len(out), time.perf_counter() - t0,
                          ttft_s=(times[0] - t0) if times else None, round_trips=1, sketch=sketch,

@@ -107,9 +107,30 @@ class Runtime:
         cap = opts.cg_max_active or (REAL_MAX_ACTIVE if self.profile is None else 0)
         self.slots = BoundedSemaphore(cap) if cap else None
         self.cloud = Cloud(redis_url, http_url, httpx.Client(limits=httpx.Limits(max_connections=256)))
+        self._announce_metrics(redis_url)
         self.device_line = ("real (the small model runs in each Locust process)" if self.profile is None
                             else self.profile.summary())
         log.info("device: %s; cluster: %s, %s", self.device_line, redis_url, http_url)
+
+
+    def _announce_metrics(self, redis_url: str) -> None:
+        """Serve this process's edge metrics and keep announcing them on the bus (for `cogenesis top`)."""
+        import gevent
+        import redis
+
+        from cogenesis import metrics
+
+        address = metrics.serve(metrics.EDGE)
+        bus = redis.Redis.from_url(redis_url, socket_timeout=10)
+
+        def refresh() -> None:
+            while True:
+                try:
+                    metrics.announce(bus, "edge", f"locust-{os.getpid()}", address)
+                except redis.RedisError as exc:
+                    log.warning("could not announce metrics at %s: %s", address, exc)
+                gevent.sleep(10)
+        gevent.spawn(refresh)
 
 
 _runtime: Runtime | None = None
