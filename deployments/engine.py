@@ -110,7 +110,7 @@ class TransformersCloudEngine:
         self._sketch_prefix = tokenizer(prompts.SKETCH_PREFIX, add_special_tokens=False).input_ids
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self.counters = EngineStats()
-        self.yield_point = lambda: None  # called between outline tokens (the replica lets waiting steps run)
+        self.yield_point = lambda: None  # called every few outline tokens (the replica lets waiting steps run)
         self._head: tuple[list[int], KV | None] | None = None  # the cloud prompt's fixed head and its KV
 
     # ---- logits mode: batched ------------------------------------------------------------------
@@ -392,13 +392,18 @@ class TransformersCloudEngine:
 
 
 class _YieldEachToken(LogitsProcessor):
-    """Calls ``yield_point`` once per generated token (changes no scores)."""
+    """Calls ``yield_point`` every ``every`` generated tokens (changes no scores): waiting steps run
+    between them. Every token would make an outline wait one step pass per token under load."""
 
-    def __init__(self, yield_point) -> None:
+    def __init__(self, yield_point, every: int = 4) -> None:
         self.yield_point = yield_point
+        self.every = every
+        self.n = 0
 
     def __call__(self, input_ids, scores):
-        self.yield_point()
+        self.n += 1
+        if self.n % self.every == 0:
+            self.yield_point()
         return scores
 
 

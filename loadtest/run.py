@@ -188,8 +188,56 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
                            hint=f"full log: {logfile}")
     span = _history(prefix)["span_s"] or seconds  # from the first user to the end, as Locust recorded it
     summary = summarize(opts, prefix, span, proc.returncode, device_line)
+    plot = plot_history(prefix, out / "loadtest.png")
+    summary["reports"]["png"] = str(plot) if plot else None
     json_path = Path(opts.json_path or out / "summary.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(summary, indent=1))
     summary["json"] = str(json_path)
     return summary
+
+
+def plot_history(prefix: Path, out: Path) -> Path | None:
+    """Tokens/s and users over time, and latency percentiles over time, from Locust's history CSV."""
+    rows = _read_csv(Path(f"{prefix}_stats_history.csv"))
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = min(_num(r, "Timestamp") for r in rows)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    agg = [r for r in rows if r.get("Name") == "Aggregated"]
+    users = top.twinx()
+    users.plot([_num(r, "Timestamp") - t0 for r in agg], [_num(r, "User Count") for r in agg], color="grey",
+               linestyle=":", label="users")
+    users.set_ylabel("users")
+    for mode in ("logits", "sketch"):
+        sess = [r for r in rows if r.get("Type") == mode and r.get("Name") == "session"]
+        if len(sess) < 2:
+            continue
+        ts = [_num(r, "Timestamp") - t0 for r in sess]
+        tokens = [_num(r, "Total Request Count") * _num(r, "Total Average Content Size") for r in sess]
+        rates = [max(0.0, (b - a) / (tb - ta)) if tb > ta else 0.0
+                 for a, b, ta, tb in zip(tokens, tokens[1:], ts, ts[1:])]
+        top.plot(ts[1:], rates, label=f"{mode} tokens/s (completed sessions)")
+        for name, style in (("itl", "-"), ("step", "--"), ("ttft", ":")):
+            series = [r for r in rows if r.get("Type") == mode and r.get("Name") == name]
+            if series:
+                xs = [_num(r, "Timestamp") - t0 for r in series]
+                for q, alpha in (("50%", 1.0), ("99%", 0.5)):
+                    bottom.plot(xs, [_num(r, q) for r in series], linestyle=style, alpha=alpha,
+                                label=f"{mode} {name} p{q[:-1]}")
+    top.set_ylabel("tokens/s")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("ms (log)")
+    bottom.set_xlabel("seconds into the test")
+    bottom.legend(fontsize=7, ncol=2)
+    fig.suptitle("cogenesis loadtest: throughput and latency over time")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -105,3 +105,13 @@ def test_loadtest_refuses_bad_input_before_starting_anything(capsys, tmp_path, f
 def test_up_validates_its_flags(capsys, tmp_path):
     assert main(["up", "--state-dir", str(tmp_path), "--replicas", "0"]) == 2
     assert "num_replicas" in capsys.readouterr().err
+
+
+def test_top_and_dashboard_errors(capsys, tmp_path, redis_url):
+    assert main(["top", "--state-dir", str(tmp_path), "--once"]) == 2
+    assert "no cluster is running" in capsys.readouterr().err
+    assert main(["top", "--redis-url", redis_url, "--once"]) == 2
+    assert "no metrics endpoint is announced" in capsys.readouterr().err
+    assert main(["top", "--redis-url", redis_url, "--interval", "0"]) == 2
+    assert main(["dashboard", "--prometheus", "http://127.0.0.1:9", "--out", str(tmp_path / "d.png")]) == 2
+    assert "cannot query Prometheus" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, ti
     assert logits["sessions_ok"] > 0 and logits["tokens"] > 0
     assert logits["ttft_ms"]["p50"] > 0 and logits["itl_ms"]["p99"] > 0 and logits["step_ms"]["p50"] > 0
     assert summary["tokens_per_s"] > 0 and summary["device"].startswith("real")
-    for name in ("report.html", "locust_stats.csv", "locust_stats_history.csv", "summary.json", "locust.log"):
+    for name in ("report.html", "locust_stats.csv", "locust_stats_history.csv", "summary.json", "locust.log",
+                 "loadtest.png"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["sessions"] == summary["sessions"]
     # private context stays in the Locust process: not in the cloud's model input, reports or logs
