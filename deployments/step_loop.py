@@ -151,6 +151,7 @@ class StepLoop:
                 (opens if isinstance(msg, OpenSession) else steps).append(msg)
         t_model = now_us()
         with self.lock:
+            t_locked = now_us()  # the model's own time starts here (before: waiting for an outline to yield)
             for msg in closes:
                 self.engine.close(msg.session_id)
             open_out = self._call(self.engine.open_many, [
@@ -159,7 +160,7 @@ class StepLoop:
                 StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])
         posted = now_us()
         trace = replace(trace, model_us=posted - t_model, posted_us=posted)
-        self._observe(opens, steps, (posted - t_model) / 1e6)
+        self._observe(opens, steps, (posted - t_locked) / 1e6)
         for msg, out in zip(opens, open_out):
             replies.append((_route(msg), self._encode(msg, 0, out, trace)))
             routes.append(msg.session_id)
