@@ -336,7 +336,12 @@ def cmd_up(args) -> int:
     with console.status("cogenesis up: starting") as st:
         state, started = daemon.up(cloud, args.state_dir, args.timeout, lambda m: st.update(f"cogenesis up: {m}"))
     print(f"cluster {'up' if started else 'already running'} (pid {state.pid})\n  redis  {state.redis_url}\n"
-          f"  http   {state.http_url}\n  ray    {state.ray_address}\nstop it with `cogenesis down`")
+          f"  http   {state.http_url}\n  ray    {state.ray_address}")
+    replica_metrics = (daemon.status(args.state_dir).get("stats") or {}).get("metrics")
+    state_dir = args.state_dir or daemon.default_state_dir()
+    print(f"  metrics {'http://' + replica_metrics + '/metrics' if replica_metrics else '(replica starting)'} "
+          f"(every process announces its own; `cogenesis top` shows them all)\n"
+          f"  prometheus --config.file {state_dir}/prometheus.yml\nstop it with `cogenesis down`")
     return 0
 
 

@@ -84,7 +84,7 @@ def text_to_png(text: str, out: str | Path, title: str = "") -> Path:
 
     lines = text.rstrip("\n").splitlines()
     width = max(map(len, lines), default=1)
-    fig = plt.figure(figsize=(0.085 * width + 0.4, 0.155 * len(lines) + 0.3))
+    fig = plt.figure(figsize=(0.085 * width + 0.4, 0.155 * (len(lines) + 1) + 0.3))
     fig.patch.set_facecolor("#1e1e1e")
     fig.text(0.02, 0.98, "\n".join(lines), family="DejaVu Sans Mono", fontsize=9, color="#e0e0e0", va="top")
     out = Path(out)
