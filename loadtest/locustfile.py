@@ -146,6 +146,17 @@ def runtime(environment) -> Runtime:
     return _runtime
 
 
+_is_worker = False
+
+
+@events.init.add_listener
+def _remember_role(environment, **_) -> None:
+    global _is_worker
+    from locust.runners import WorkerRunner
+
+    _is_worker = isinstance(environment.runner, WorkerRunner)
+
+
 @events.quit.add_listener
 def _shutdown(**_) -> None:
     """Let a small-model pass in flight finish before the interpreter exits (else C++ aborts)."""
@@ -153,7 +164,17 @@ def _shutdown(**_) -> None:
 
     if _runtime is not None and hasattr(_runtime.device, "close"):
         _runtime.device.close()
-    gevent.get_hub().threadpool.join()
+    pool, deadline = gevent.get_hub().threadpool, time.monotonic() + 10
+    while pool.task_queue.unfinished_tasks > 0 and time.monotonic() < deadline:  # bounded: never hang the exit
+        gevent.sleep(0.05)
+    log.info("quit: %d small-model task(s) still running", pool.task_queue.unfinished_tasks)
+    if _is_worker:  # a --processes/--worker child whose interpreter exit can hang on gevent's thread bookkeeping
+        from gevent.monkey import get_original
+
+        def _exit_soon() -> None:
+            get_original("time", "sleep")(5.0)
+            os._exit(0)
+        get_original("_thread", "start_new_thread")(_exit_soon, ())
 
 
 @events.test_start.add_listener

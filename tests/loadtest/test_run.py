@@ -62,6 +62,16 @@ def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, ti
                  "loadtest.png"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["sessions"] == summary["sessions"]
+    import time
+
+    import psutil
+
+    def leftovers():
+        return [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    deadline = time.monotonic() + 15
+    while leftovers() and time.monotonic() < deadline:  # Locust's worker processes exit with it
+        time.sleep(0.5)
+    assert not leftovers()
     # private context stays in the Locust process: not in the cloud's model input, reports or logs
     texts = [audit.read_text(), (state_dir / "cluster.log").read_text()] + [
         (tmp_path / n).read_text() for n in ("report.html", "locust_stats.csv", "locust.log", "summary.json")]
