@@ -73,6 +73,35 @@ def resolve_device(name: str, path: str | Path = PROFILES_FILE) -> DeviceProfile
     return profiles[name]
 
 
+def describe(profile: DeviceProfile | None, where: str) -> str:
+    """The device line every report prints (``where``: which process runs the small model)."""
+    return f"real (the small model runs in each {where})" if profile is None else profile.summary()
+
+
+def default_max_active(profile: DeviceProfile | None) -> int | None:
+    """Sessions one simulated-edge process runs at once unless told: capped on the real device, not for a profile."""
+    return REAL_MAX_ACTIVE if profile is None else None
+
+
+def open_device(cfg, profile: DeviceProfile | None, offload: "Offload", sleep: Callable[[float], None]):
+    """The engine and device that one simulated-edge process (a fleet pool, a Locust process) shares among
+    its clients. ``offload`` runs slow work (loading the model, forward passes) off the event loop;
+    ``sleep`` is the loop's sleep. Returns (EdgeEngine, Device)."""
+    from cogenesis.models import load_causal_lm, resolve_model
+    from edge_sim.engine import EdgeEngine
+
+    path = offload(lambda: resolve_model(cfg.small_model))  # the first use converts the embedded model
+    if profile is None:
+        torch.set_num_threads(cfg.torch_threads)
+        model, tok = offload(lambda: load_causal_lm(path))
+        engine = EdgeEngine(model, tok, cfg.max_prompt_tokens)
+        return engine, SharedDevice(model, engine.pad_id, offload=offload, threads=cfg.torch_threads)
+    from transformers import AutoTokenizer
+
+    return EdgeEngine(None, offload(lambda: AutoTokenizer.from_pretrained(path)), cfg.max_prompt_tokens), \
+        ProfileDevice(profile, sleep)
+
+
 class Device(Protocol):
     simulated: bool
 

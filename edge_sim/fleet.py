@@ -133,35 +133,20 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     from cogenesis import metrics
     from cogenesis.config import EdgeConfig
     from cogenesis.data import load_records, sample_data_path
-    from cogenesis.models import load_causal_lm, resolve_model
     from edge_sim.client import EdgeClient
-    from edge_sim.device import REAL_MAX_ACTIVE, ProfileDevice, SharedDevice, resolve_device
-    from edge_sim.engine import EdgeEngine
+    from edge_sim.device import SharedDevice, default_max_active, open_device, resolve_device
     from edge_sim.session import Cloud, run_session
 
     cfg = EdgeConfig(**opts.edge)
     profile = resolve_device(opts.device)
     records = load_records(opts.data or sample_data_path())
-    path = resolve_model(cfg.small_model)
-    if profile is None:
-        import torch
-
-        torch.set_num_threads(cfg.torch_threads)
-        model, tok = load_causal_lm(path)
-        engine = EdgeEngine(model, tok, cfg.max_prompt_tokens)
-        device = SharedDevice(model, engine.pad_id, offload=lambda fn: gevent.get_hub().threadpool.apply(fn),
-                              threads=cfg.torch_threads)
-    else:
-        from transformers import AutoTokenizer
-
-        engine = EdgeEngine(None, AutoTokenizer.from_pretrained(path), cfg.max_prompt_tokens)
-        device = ProfileDevice(profile, gevent.sleep)
+    engine, device = open_device(cfg, profile, lambda fn: gevent.get_hub().threadpool.apply(fn), gevent.sleep)
     mine = list(range(pool, opts.clients, opts.pools))
     counts = {"connected": 0, "active": 0, "ok": 0, "failed": 0, "cut": 0, "tokens": 0, "max_active": 0}
     lat = {k: Reservoir(seed=pool * 7 + i) for i, k in enumerate(("ttft", "itl", "session"))}
     errors: dict[str, int] = {}
     rss = {"start": _rss_mb(), "peak": 0.0}
-    slots = BoundedSemaphore(opts.max_active or (REAL_MAX_ACTIVE if profile is None else len(mine)))
+    slots = BoundedSemaphore(opts.max_active or default_max_active(profile) or len(mine))
     t_start = time.perf_counter()
     end = None if opts.duration_s is None else t_start + opts.duration_s
     hard_stop = None if end is None else end + opts.grace_s
@@ -387,6 +372,8 @@ def _sum_counts(rdb, run_id: str, pools: int) -> dict:
 
 def merge(done: list[dict], opts: FleetOptions, profile, seconds: float, peak_active: int,
           peak_connected: int) -> dict:
+    from edge_sim.device import describe
+
     fatal = [d for d in done if "fatal" in d]
     ok = [d for d in done if "fatal" not in d]
     errors: dict[str, int] = {}
@@ -399,7 +386,7 @@ def merge(done: list[dict], opts: FleetOptions, profile, seconds: float, peak_ac
     tokens = sum(d["tokens"] for d in ok)
     return {
         "clients": opts.clients, "pools": opts.pools, "mode": opts.mode,
-        "device": "real (the small model runs in each pool)" if profile is None else profile.summary(),
+        "device": describe(profile, "pool"),
         "think_s": list(opts.think_s), "duration_s": opts.duration_s, "sessions_per_client": opts.sessions_per_client,
         "max_active_per_pool": opts.max_active, "seconds": round(seconds, 1),
         "sessions": {"ok": sum(d["ok"] for d in ok), "failed": sum(d["failed"] for d in ok) + len(fatal),

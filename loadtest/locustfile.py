@@ -69,9 +69,7 @@ class Runtime:
         from cogenesis.config import EdgeConfig
         from cogenesis.data import load_records, sample_data_path
         from cogenesis.errors import ClusterError
-        from cogenesis.models import load_causal_lm, resolve_model
-        from edge_sim.device import REAL_MAX_ACTIVE, ProfileDevice, SharedDevice, resolve_device
-        from edge_sim.engine import EdgeEngine
+        from edge_sim.device import default_max_active, describe, open_device, resolve_device
         from edge_sim.fleet import parse_think
         from edge_sim.session import Cloud
 
@@ -90,26 +88,12 @@ class Runtime:
         self.think = parse_think(opts.cg_think_time)
         self.records = load_records(opts.cg_data or sample_data_path())
         self.profile = resolve_device(opts.cg_device)
-        path = offload(resolve_model, (self.cfg.small_model,))  # the first use converts the embedded model
-        if self.profile is None:
-            import torch
-
-            torch.set_num_threads(self.cfg.torch_threads)
-            model, tok = offload(load_causal_lm, (path,))
-            self.engine = EdgeEngine(model, tok, self.cfg.max_prompt_tokens)
-            self.device = SharedDevice(model, self.engine.pad_id, threads=self.cfg.torch_threads,
-                                       offload=lambda fn: offload(fn))
-        else:
-            from transformers import AutoTokenizer
-
-            self.engine = EdgeEngine(None, offload(AutoTokenizer.from_pretrained, (path,)), self.cfg.max_prompt_tokens)
-            self.device = ProfileDevice(self.profile, gevent.sleep)
-        cap = opts.cg_max_active or (REAL_MAX_ACTIVE if self.profile is None else 0)
+        self.engine, self.device = open_device(self.cfg, self.profile, offload, gevent.sleep)
+        cap = opts.cg_max_active or default_max_active(self.profile)
         self.slots = BoundedSemaphore(cap) if cap else None
         self.cloud = Cloud(redis_url, http_url, httpx.Client(limits=httpx.Limits(max_connections=256)))
         self._announce_metrics(redis_url)
-        self.device_line = ("real (the small model runs in each Locust process)" if self.profile is None
-                            else self.profile.summary())
+        self.device_line = describe(self.profile, "Locust process")
         log.info("device: %s; cluster: %s, %s", self.device_line, redis_url, http_url)
 
 

@@ -142,11 +142,11 @@ def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: in
 
 
 def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=lambda line: None) -> dict:
-    from edge_sim.device import resolve_device
+    from edge_sim.device import describe, resolve_device
 
     opts.validate()
     profile = resolve_device(opts.device)
-    device_line = ("real (the small model runs in each Locust process)" if profile is None else profile.summary())
+    device_line = describe(profile, "Locust process")
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix, html, logfile = out / "locust", out / "report.html", out / "locust.log"
