@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cogenesis.errors import ConfigError
 from cogenesis.models import EMBEDDED_LARGE, EMBEDDED_SMALL
@@ -43,9 +43,20 @@ class ScheduleConfig(_Cfg):
 
 
 class FusionConfig(_Cfg):
-    method: Literal["constant"] = Field("constant", description="Fusion of small and large distributions.")
-    weight: float = Field(0.5, ge=0.0, le=1.0, description="w: weight of the small model (1 = small only).")
-    floor: float = Field(-20.0, le=0.0, description="Log-prob given to tokens missing from the cloud's top-k.")
+    """How the device fuses its distribution with the cloud's top-k (``cogenesis.fusion``)."""
+
+    method: Literal["constant", "entropy", "contrast", "learned"] = Field(
+        "constant", description="constant w; entropy-weighted; contrast (proxy-tuning, 2nd small pass); learned net.")
+    weight: float = Field(0.5, ge=0.0, le=1.0, description="constant: w, weight of the small model (1 = small only).")
+    floor: float = Field(-20.0, lt=0.0, description="Log-prob given to tokens missing from the cloud's top-k.")
+    alpha: float = Field(1.0, ge=0.0, le=10.0, description="contrast: strength of the context's edit of the cloud's view.")
+    checkpoint: str | None = Field(None, description="learned: fusion network from `cogenesis train-fusion`.")
+
+    @model_validator(mode="after")
+    def _learned_needs_checkpoint(self):
+        if self.method == "learned" and not self.checkpoint:
+            raise ValueError("method 'learned' needs a checkpoint (train one with `cogenesis train-fusion`)")
+        return self
 
 
 class CloudConfig(_Cfg):

@@ -6,13 +6,31 @@ its top-K ``(large_ids, large_lp)`` [B, K]. Fusion runs over the candidate set =
 small model's top-K and the large model's top-K; every other token is masked out (-inf).
 Large-model log-probabilities missing from its top-K are set to a finite floor, as the paper's
 authors advise, so a candidate proposed only by the small model is not vetoed outright.
+
+Methods (``fuse`` dispatches on the name):
+- ``constant``: fused = w * z_small + (1 - w) * z_large with a fixed w (the paper's baseline).
+- ``entropy``: the same mixture with w = H_large / (H_small + H_large), the entropies of each
+  side's renormalised top-K: the more certain side gets the larger weight.
+- ``contrast``: proxy-tuning style, fused = z_large + alpha * (z_small_ctx - z_small_plain), where
+  z_small_plain is the small model *without* the private context (a second pass on the device).
+- ``learned``: w = sigmoid(MLP(features)) per position, by a ``FusionNet`` trained with
+  ``cogenesis train-fusion`` (``cogenesis.fusion_train``).
+
+``restrict=False`` returns the same mixture over the whole vocabulary (no candidate mask): the
+distribution the evaluation scores gold tokens under; sampling always uses the restricted one.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from cogenesis.fusion_net import FusionNet
+
 DEFAULT_FLOOR = -20.0
+METHODS = ("constant", "entropy", "contrast", "learned")
 
 
 def _check_batch(small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor) -> None:
@@ -55,12 +73,43 @@ def candidate_mask(small_lp: torch.Tensor, large_ids: torch.Tensor, k: int | Non
     return mask
 
 
+def mix(z_small: torch.Tensor, z_large: torch.Tensor, weight: torch.Tensor | float,
+        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log_softmax(w * z_small + (1 - w) * z_large) over the slots where ``mask`` is True.
+
+    z_small, z_large: [B, N] log-probabilities over the same N slots (N = V, or a candidate list);
+    weight: a float or [B] per row in [0, 1]; mask: [B, N] bool (None = every slot).
+    Returns [B, N] normalised log-probabilities, -inf outside the mask.
+    """
+    w = torch.as_tensor(weight, dtype=torch.float32)
+    w = w[:, None] if w.dim() == 1 else w
+    small = z_small.float().clamp(min=torch.finfo(torch.float32).min)  # -inf * 0 would be NaN
+    mixed = w * small + (1.0 - w) * z_large.float()
+    if mask is not None:
+        mixed = mixed.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(mixed, dim=-1)
+
+
+def topk_entropy(topk_lp: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row's renormalised top-K: [B, K] log-probs -> [B], in [0, ln K]."""
+    lp = torch.log_softmax(topk_lp.float().nan_to_num(neginf=-1e4), dim=-1)
+    return (-(lp.exp() * lp).sum(dim=-1)).clamp(min=0.0)
+
+
+def entropy_weight(small_topk_lp: torch.Tensor, large_topk_lp: torch.Tensor) -> torch.Tensor:
+    """w_small = H_large / (H_small + H_large) per row -> [B] in [0, 1] (0.5 when both are certain)."""
+    h_small, h_large = topk_entropy(small_topk_lp), topk_entropy(large_topk_lp)
+    total = h_small + h_large
+    return torch.where(total > 1e-6, h_large / total.clamp(min=1e-6), torch.full_like(total, 0.5))
+
+
 def fuse_constant(
     small_lp: torch.Tensor,
     large_ids: torch.Tensor,
     large_lp: torch.Tensor,
     weight: float = 0.5,
     floor: float = DEFAULT_FLOOR,
+    restrict: bool = True,
 ) -> torch.Tensor:
     """The paper's fixed-weight fusion: fused = w * z_small + (1 - w) * z_large over candidates.
 
@@ -68,6 +117,7 @@ def fuse_constant(
         small_lp: [B, V] small-model log-probabilities (log-softmax over the full vocabulary).
         large_ids, large_lp: [B, K] the cloud's top-K token ids and log-probabilities.
         weight: w in [0, 1]; 1 = small model only, 0 = large model only (within candidates).
+        restrict: mask everything outside the candidate union (False: the whole vocabulary).
     Returns:
         [B, V] normalised log-probabilities, -inf outside the candidate set.
     """
@@ -75,7 +125,66 @@ def fuse_constant(
         raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
     _check_batch(small_lp, large_ids, large_lp)
     large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], floor)
-    small = small_lp.float().clamp(min=torch.finfo(torch.float32).min)  # -inf * 0 would be NaN
-    mixed = weight * small + (1.0 - weight) * large_dense  # [B, V]
-    mixed = mixed.masked_fill(~candidate_mask(small_lp, large_ids), float("-inf"))
-    return torch.log_softmax(mixed, dim=-1)
+    return mix(small_lp, large_dense, weight, candidate_mask(small_lp, large_ids) if restrict else None)
+
+
+def fuse_entropy(small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor,
+                 floor: float = DEFAULT_FLOOR, restrict: bool = True) -> torch.Tensor:
+    """Mixture with a per-row weight from the two top-K entropies (``entropy_weight``)."""
+    _check_batch(small_lp, large_ids, large_lp)
+    w = entropy_weight(small_lp.float().topk(large_ids.shape[1], dim=-1).values, large_lp)
+    large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], floor)
+    return mix(small_lp, large_dense, w, candidate_mask(small_lp, large_ids) if restrict else None)
+
+
+def fuse_contrast(small_lp: torch.Tensor, plain_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor,
+                  alpha: float = 1.0, floor: float = DEFAULT_FLOOR, restrict: bool = True) -> torch.Tensor:
+    """Proxy-tuning: z_large + alpha * (z_small_ctx - z_small_plain), normalised over candidates.
+
+    ``plain_lp`` [B, V]: the small model's log-probs at the same position *without* the private
+    context; the difference is what the context changes, applied to the large model's view.
+    """
+    _check_batch(small_lp, large_ids, large_lp)
+    if plain_lp.shape != small_lp.shape:
+        raise ValueError(f"plain_lp {tuple(plain_lp.shape)} must have small_lp's shape {tuple(small_lp.shape)}")
+    if alpha < 0:
+        raise ValueError(f"contrast alpha must be >= 0, got {alpha}")
+    lowest = torch.finfo(torch.float32).min / 4  # keep -inf out of the difference (inf - inf is NaN)
+    delta = small_lp.float().clamp(min=lowest) - plain_lp.float().clamp(min=lowest)
+    large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], floor)
+    fused = large_dense + alpha * delta.clamp(min=floor, max=-floor)  # a bounded edit of the large view
+    if restrict:
+        fused = fused.masked_fill(~candidate_mask(small_lp, large_ids), float("-inf"))
+    return torch.log_softmax(fused, dim=-1)
+
+
+def fuse_learned(small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor, net: "FusionNet",
+                 restrict: bool = True) -> torch.Tensor:
+    """The paper's fusion network: w = sigmoid(MLP(top-K of both sides)) per row, then ``mix``."""
+    _check_batch(small_lp, large_ids, large_lp)
+    if large_ids.shape[1] != net.k:
+        raise ValueError(f"the fusion network was trained on top-{net.k}, the cloud sent top-{large_ids.shape[1]}")
+    small_top = small_lp.float().topk(net.k, dim=-1)
+    with torch.no_grad():
+        w = net.weight(small_top.indices, small_top.values, large_ids.long(), large_lp.float())
+    large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], net.floor)
+    return mix(small_lp, large_dense, w, candidate_mask(small_lp, large_ids) if restrict else None)
+
+
+def fuse(method: str, small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor, *,
+         weight: float = 0.5, floor: float = DEFAULT_FLOOR, alpha: float = 1.0, plain_lp: torch.Tensor | None = None,
+         net: "FusionNet | None" = None, restrict: bool = True) -> torch.Tensor:
+    """One entry point for every method (see the module docstring); [B, V] log-probabilities."""
+    if method == "constant":
+        return fuse_constant(small_lp, large_ids, large_lp, weight, floor, restrict)
+    if method == "entropy":
+        return fuse_entropy(small_lp, large_ids, large_lp, floor, restrict)
+    if method == "contrast":
+        if plain_lp is None:
+            raise ValueError("contrast fusion needs the small model's log-probs without the context (plain_lp)")
+        return fuse_contrast(small_lp, plain_lp, large_ids, large_lp, alpha, floor, restrict)
+    if method == "learned":
+        if net is None:
+            raise ValueError("learned fusion needs a trained FusionNet (--fusion-checkpoint)")
+        return fuse_learned(small_lp, large_ids, large_lp, net, restrict)
+    raise ValueError(f"unknown fusion method {method!r}: use one of {', '.join(METHODS)}")

@@ -50,7 +50,7 @@ class Trace:
                     posted_us=self.posted_us)
 
 
-def _reply(session_id: str, step: int, replica: str, top: TopK, trace: dict) -> StepReply:
+def step_reply(session_id: str, step: int, replica: str, top: TopK, trace: dict) -> StepReply:
     return StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids.ravel()),
                      logprobs=pack_logprobs(top.logprobs.ravel()), draft=pack_ids(top.draft),
                      prompt_tokens=top.context_len, compute_ms=round(top.compute_ms, 3), **trace)
@@ -203,7 +203,7 @@ class StepLoop:
     def _encode(self, msg: OpenSession | StepRequest, step: int, out, trace: Trace) -> StepReply | ErrorReply:
         session_id = msg.session_id
         if isinstance(out, TopK):
-            return _reply(session_id, step, self.bus.replica, out, trace.fields(msg.sent_us))
+            return step_reply(session_id, step, self.bus.replica, out, trace.fields(msg.sent_us))
         self.errors += 1
         if isinstance(out, UnknownSession):
             return _error(session_id, step, "unknown_session", out.message)

@@ -237,3 +237,61 @@ class OpenAILink(StatelessLink):
             raise ProtocolError(f"unexpected completions reply from {self.url}: {exc!r}") from None
         return StepReply(session_id=session_id, step=step, replica="openai", ids=pack_ids([i for i, _ in pairs]),
                          logprobs=pack_logprobs([lp for _, lp in pairs])), received
+
+
+class EngineLink:
+    """The cloud engine called in-process (``cogenesis eval``): the same messages, sealed by the same
+    gates, without Redis or Serve. Replies are computed at ``request`` and handed over at ``collect``."""
+
+    def __init__(self, engine, replica: str = "in-process") -> None:
+        self.engine = engine  # deployments.engine.CloudEngine
+        self.replica = replica
+        self._pending: dict[str, object] = {}
+        self.opened: dict[str, int] = {}  # session id -> client index (to attribute the engine's audit log)
+
+    def open(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        from deployments.engine import OpenArgs
+
+        for lv in lives:  # the gate checks what would leave the device
+            self.opened[lv.session_id] = lv.client.index
+            lv.client.gate.seal(OpenSession(session_id=lv.session_id, instruction=lv.client.record.public_instruction,
+                                            top_k=cfg.top_k, deadline_ms=deadline_in(cfg.step_timeout_s),
+                                            lookahead=cfg.lookahead))
+        self._answer(lives, self.engine.open_many([OpenArgs(lv.session_id, lv.client.record.public_instruction,
+                                                            cfg.top_k, cfg.lookahead) for lv in lives]))
+
+    def request(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        from deployments.engine import StepArgs
+
+        args = []
+        for lv in lives:
+            step, tokens = lv.next_step()
+            lv.client.gate.seal(StepRequest(session_id=lv.session_id, step=step, tokens=pack_ids(tokens),
+                                            deadline_ms=deadline_in(cfg.step_timeout_s)))
+            args.append(StepArgs(lv.session_id, step, tuple(tokens)))
+        if args:
+            self._answer(lives, self.engine.step_many(args))
+
+    def _answer(self, lives: Sequence["_Live"], results: list) -> None:
+        from deployments.step_loop import step_reply
+
+        sent = now_us()
+        for lv, result in zip(lives, results):
+            lv.sent(sent)
+            self._pending[lv.session_id] = result if isinstance(result, Exception) else \
+                step_reply(lv.session_id, lv.step, self.replica, result, {})
+
+    def collect(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
+        for lv in lives:
+            if not lv.in_flight or lv.done:
+                continue
+            reply = self._pending.pop(lv.session_id)
+            if isinstance(reply, Exception):
+                _fail(lv, reply)
+            else:
+                lv.take(reply)
+
+    def close(self, lives: Sequence["_Live"]) -> None:
+        for lv in lives:
+            self._pending.pop(lv.session_id, None)
+            self.engine.close(lv.session_id)

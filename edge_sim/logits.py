@@ -24,7 +24,7 @@ from cluster.bus import EdgeBus
 from cogenesis import metrics
 from cogenesis.config import EdgeConfig
 from cogenesis.errors import ConfigError
-from cogenesis.fusion import fuse_constant
+from cogenesis.fusion_net import Fuser
 from cogenesis.protocol import StepReply
 from cogenesis.sampling import sample, sampling_probs
 from cogenesis.schedules import Schedule
@@ -44,6 +44,8 @@ class _Live:
     gen: torch.Generator | None
     t0: float
     lp: torch.Tensor | None = None  # [V] small model's log-probs at the current position
+    plain_lp: torch.Tensor | None = None  # [V] ... without the private context (contrast fusion only)
+    plain_key: object = field(default_factory=object)  # this session's row on the no-context pass
     out: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # chosen tokens the cloud has not seen yet
     replica: str = ""
@@ -113,6 +115,14 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
     if device.simulated and sched.kind != "every":
         raise ConfigError(f"a simulated device has no distribution of its own, so it cannot run the {sched.kind!r} "
                           "schedule", hint="use --device real, or the 'every' schedule")
+    if device.simulated and cfg.fusion.method != "constant":
+        raise ConfigError(f"a simulated device samples the cloud's top-k and fuses nothing, so {cfg.fusion.method!r} "
+                          "fusion cannot run on it", hint="use --device real for fusion methods other than constant")
+    fuser = Fuser(cfg.fusion, cfg.top_k, engine.vocab) if not device.simulated else None
+    plain = None  # contrast fusion: the small model without the context, stepped beside the real one
+    if fuser is not None and fuser.needs_plain:
+        plain = PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads) if isinstance(device, PackedDevice) \
+            else device
     network = getattr(device, "network", lambda: None)  # a profile's round trip per exchange
     lives = [_Live(c, uuid.uuid4().hex, torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
                    time.perf_counter()) for c in clients]
@@ -120,6 +130,10 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
         link.open(lives, cfg)
         for lv, lp in zip(lives, device.prefill(lives, [engine.prompt_ids(lv.client.record) for lv in lives])):
             lv.lp = lp  # computed while the cloud prefills
+        if plain is not None:
+            for lv, lp in zip(lives, plain.prefill([lv.plain_key for lv in lives],
+                                                   [engine.plain_prompt_ids(lv.client.record) for lv in lives])):
+                lv.plain_lp = lp
         link.collect(lives, cfg)
         network()
         while True:
@@ -138,7 +152,7 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
                 network()
             # 2. choose every session's token
             for lv in [lv for lv in live if not lv.done]:
-                _choose(lv, sched, cfg, engine)
+                _choose(lv, sched, cfg, engine, fuser)
             live = [lv for lv in live if not lv.done]
             if not live:
                 break
@@ -147,8 +161,13 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
                 link.request([lv for lv in live if lv.row is None and sched.fuses(len(lv.out))], cfg)
             for lv, lp in zip(live, device.step(live, [lv.out[-1] for lv in live])):
                 lv.lp = lp
+            if plain is not None:
+                for lv, lp in zip(live, plain.step([lv.plain_key for lv in live], [lv.out[-1] for lv in live])):
+                    lv.plain_lp = lp
     finally:
         device.release(lives)
+        if plain is not None:
+            plain.release([lv.plain_key for lv in lives])
         link.close(lives)
     results = [_result(lv, engine) for lv in lives]
     for r in results:
@@ -156,7 +175,7 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
     return results
 
 
-def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> None:
+def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine, fuser: Fuser | None) -> None:
     samp = cfg.sampling
     space = None  # None: target spans the vocabulary; else it spans these K token ids
     if sched.fuses(len(lv.out), lv.lp) and lv.row is not None:
@@ -165,8 +184,8 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine) -> 
             target, space = torch.from_numpy(lps).float()[None], ids
         else:
             t0 = time.perf_counter()
-            target = fuse_constant(lv.lp[None], torch.from_numpy(ids.astype(np.int64))[None],
-                                   torch.from_numpy(lps)[None], cfg.fusion.weight, cfg.fusion.floor)
+            target = fuser(lv.lp[None], torch.from_numpy(ids.astype(np.int64))[None], torch.from_numpy(lps)[None],
+                           None if lv.plain_lp is None else lv.plain_lp[None])
             metrics.fusion_seconds.observe(time.perf_counter() - t0)
         lv.fused += 1
     else:

@@ -50,7 +50,9 @@ def test_validate_accepts_good_values_nested():
         (EdgeConfig, {"sampling": {"top_p": 1.5}}, "sampling.top_p"),
         (EdgeConfig, {"fusion": {"weight": 1.5}}, "fusion.weight"),
         (EdgeConfig, {"fusion": {"floor": 1.0}}, "fusion.floor"),
-        (EdgeConfig, {"fusion": {"method": "entropy"}}, "fusion.method"),
+        (EdgeConfig, {"fusion": {"method": "average"}}, "fusion.method"),
+        (EdgeConfig, {"fusion": {"method": "learned"}}, "fusion"),
+        (EdgeConfig, {"fusion": {"alpha": -1.0}}, "fusion.alpha"),
         (EdgeConfig, {"sketch": {"temperature": -1.0}}, "sketch.temperature"),
         (EdgeConfig, {"sketch": {"top_p": 0.0}}, "sketch.top_p"),
         (EdgeConfig, {"sketch": {"repetition_penalty": 0.0}}, "sketch.repetition_penalty"),
@@ -74,7 +76,7 @@ def test_bad_values_raise_config_error_naming_field(model, raw, field):
         (EdgeConfig, {"topk": 5}, "topk"),
         (CloudConfig, {"replicas": 2}, "replicas"),
         (EdgeConfig, {"sampling": {"temp": 0.5}}, "sampling.temp"),
-        (EdgeConfig, {"fusion": {"alpha": 0.5}}, "fusion.alpha"),
+        (EdgeConfig, {"fusion": {"beta": 0.5}}, "fusion.beta"),
     ],
 )
 def test_unknown_keys_raise_config_error_naming_field(model, raw, field):

@@ -253,3 +253,158 @@ def test_last_vocab_id_is_in_range():
     fused = fuse_constant(small_lp, ids, lps)
     assert torch.isfinite(fused[0, V - 1])
     np.testing.assert_allclose(fused.exp().sum().item(), 1.0, atol=1e-5)
+
+
+# ---- every method: entropy, contrast, learned (and the shared mixture) ------------------------------
+
+from cogenesis.fusion import (  # noqa: E402
+    METHODS,
+    entropy_weight,
+    fuse,
+    fuse_contrast,
+    fuse_entropy,
+    fuse_learned,
+    mix,
+    topk_entropy,
+)
+from cogenesis.fusion_net import FusionNet  # noqa: E402
+
+
+def _case(seed: int, b: int = 3, v: int = 40, k: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    small = (torch.randn(b, v, generator=g) * 2).log_softmax(-1)
+    plain = (torch.randn(b, v, generator=g) * 2).log_softmax(-1)
+    top = (torch.randn(b, v, generator=g) * 2).log_softmax(-1).topk(k, dim=-1)
+    return small, plain, top.indices, top.values
+
+
+def _net(k: int = 5, vocab: int = 40, variant: str = "compact", seed: int = 0) -> FusionNet:
+    torch.manual_seed(seed)
+    return FusionNet(variant, k=k, vocab=vocab, hidden=8).eval()
+
+
+def _all(small, plain, ids, lps, restrict=True):
+    return {m: fuse(m, small, ids, lps, plain_lp=plain, net=_net(ids.shape[1], small.shape[1]), restrict=restrict)
+            for m in METHODS}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("restrict", [True, False])
+def test_every_method_is_a_distribution(seed, restrict):
+    small, plain, ids, lps = _case(seed)
+    for method, fused in _all(small, plain, ids, lps, restrict).items():
+        assert torch.allclose(fused.exp().sum(-1), torch.ones(3), atol=1e-5), method
+        assert not fused.isnan().any(), method
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_method_masks_exactly_outside_candidates(seed):
+    small, plain, ids, lps = _case(seed)
+    cands = candidate_mask(small, ids)
+    for method, fused in _all(small, plain, ids, lps).items():
+        assert torch.isinf(fused[~cands]).all() and torch.isfinite(fused[cands]).all(), method
+    for method, fused in _all(small, plain, ids, lps, restrict=False).items():
+        assert torch.isfinite(fused).all(), method  # the evaluation's whole-vocabulary form
+
+
+def test_unrestricted_agrees_with_restricted_on_candidate_ratios():
+    small, plain, ids, lps = _case(7)
+    cands = candidate_mask(small, ids)
+    for method in METHODS:
+        r = fuse(method, small, ids, lps, plain_lp=plain, net=_net(), restrict=True)
+        u = fuse(method, small, ids, lps, plain_lp=plain, net=_net(), restrict=False)
+        renorm = u.masked_fill(~cands, float("-inf")).log_softmax(-1)
+        assert torch.allclose(renorm[cands], r[cands], atol=1e-5), method
+
+
+def test_mix_bounds_and_per_row_weights():
+    z_s, z_l = torch.randn(2, 6).log_softmax(-1), torch.randn(2, 6).log_softmax(-1)
+    assert torch.allclose(mix(z_s, z_l, 1.0), z_s, atol=1e-6)
+    assert torch.allclose(mix(z_s, z_l, 0.0), z_l, atol=1e-6)
+    rows = mix(z_s, z_l, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(rows[0], z_s[0], atol=1e-6) and torch.allclose(rows[1], z_l[1], atol=1e-6)
+
+
+def test_topk_entropy_is_that_of_the_renormalised_topk():
+    assert topk_entropy(torch.full((1, 4), -3.0)).item() == pytest.approx(math.log(4))
+    assert topk_entropy(torch.tensor([[0.0, -50.0, -50.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    p = torch.tensor([0.5, 0.3, 0.2])
+    assert topk_entropy(p.log()[None] - 1.0).item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)
+
+
+def test_entropy_weight_trusts_the_more_certain_side():
+    certain, unsure = torch.tensor([[0.0, -30.0, -30.0]]), torch.full((1, 3), -1.0)
+    assert entropy_weight(certain, unsure).item() > 0.99  # small certain: w_small -> 1
+    assert entropy_weight(unsure, certain).item() < 0.01
+    assert entropy_weight(unsure, unsure).item() == pytest.approx(0.5)
+    assert entropy_weight(certain, certain).item() == pytest.approx(0.5)  # both certain: no preference
+    w = entropy_weight(torch.randn(50, 5).log_softmax(-1), torch.randn(50, 5).log_softmax(-1))
+    assert ((w >= 0) & (w <= 1)).all()
+
+
+def test_entropy_fusion_is_the_mixture_with_the_entropy_weight():
+    small, _, ids, lps = _case(3)
+    w = entropy_weight(small.topk(5, dim=-1).values, lps)
+    assert not torch.allclose(w, torch.full_like(w, 0.5))  # a real per-row weight, not the constant one
+    expected = mix(small, dense_large_logprobs(ids, lps, 40), w, candidate_mask(small, ids))
+    assert torch.allclose(fuse_entropy(small, ids, lps), expected, atol=1e-6)
+
+
+def test_contrast_without_a_context_effect_is_the_large_view():
+    small, _, ids, lps = _case(4)
+    large_only = dense_large_logprobs(ids, lps, 40).masked_fill(~candidate_mask(small, ids), float("-inf"))
+    expected = large_only.log_softmax(-1)
+    assert torch.allclose(fuse_contrast(small, small, ids, lps), expected, atol=1e-5)  # ctx == plain
+    assert torch.allclose(fuse_contrast(small, _case(5)[1], ids, lps, alpha=0.0), expected, atol=1e-5)
+
+
+def test_contrast_adds_the_context_delta_to_the_large_logprobs():
+    small, plain, ids, lps = _case(6)
+    cands = candidate_mask(small, ids)
+    raw = dense_large_logprobs(ids, lps, 40) + 0.7 * (small - plain).clamp(-20, 20)
+    expected = raw.masked_fill(~cands, float("-inf")).log_softmax(-1)
+    assert torch.allclose(fuse_contrast(small, plain, ids, lps, alpha=0.7), expected, atol=1e-5)
+
+
+def test_contrast_input_errors():
+    small, plain, ids, lps = _case(0)
+    with pytest.raises(ValueError, match="shape"):
+        fuse_contrast(small, plain[:, :-1], ids, lps)
+    with pytest.raises(ValueError, match="alpha"):
+        fuse_contrast(small, plain, ids, lps, alpha=-1.0)
+
+
+def test_learned_fusion_with_a_fixed_output_is_constant_fusion():
+    small, _, ids, lps = _case(8)
+    net = _net()
+    with torch.no_grad():  # make the network answer w = 0.3 whatever its input
+        net.head[-1].weight.zero_()
+        net.head[-1].bias.fill_(math.log(0.3 / 0.7))
+    assert torch.allclose(fuse_learned(small, ids, lps, net), fuse_constant(small, ids, lps, 0.3), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["compact", "paper"])
+def test_learned_weight_stays_in_the_unit_interval(variant):
+    net = _net(variant=variant)
+    small, _, ids, lps = _case(9, b=20)
+    top = small.topk(5, dim=-1)
+    extreme = torch.full_like(lps, float("-inf"))  # clamped to the floor, never NaN
+    for l_lp in (lps, extreme, lps * 100):
+        w = net.weight(top.indices, top.values, ids, l_lp)
+        assert ((w > 0) & (w < 1)).all() and not w.isnan().any()
+
+
+def test_learned_fusion_needs_the_topk_it_was_trained_on():
+    small, _, ids, lps = _case(0)
+    with pytest.raises(ValueError, match="top-4"):
+        fuse_learned(small, ids, lps, _net(k=4))
+
+
+def test_fuse_dispatch_errors():
+    small, _, ids, lps = _case(0)
+    with pytest.raises(ValueError, match="unknown fusion method"):
+        fuse("average", small, ids, lps)
+    with pytest.raises(ValueError, match="plain_lp"):
+        fuse("contrast", small, ids, lps)
+    with pytest.raises(ValueError, match="FusionNet"):
+        fuse("learned", small, ids, lps)

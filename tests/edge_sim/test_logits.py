@@ -11,6 +11,7 @@ from cluster.bus import CloudBus, EdgeBus
 from cogenesis import prompts
 from cogenesis.config import EdgeConfig
 from cogenesis.fusion import fuse_constant
+from cogenesis.fusion_net import Fuser, FusionNet, save
 from cogenesis.models import load_causal_lm
 from cogenesis.sampling import sampling_probs
 from cogenesis.speculative import accept_draft
@@ -20,6 +21,7 @@ from deployments.step_loop import StepLoop
 from edge_sim.client import EdgeClient
 from edge_sim.engine import EdgeEngine
 from edge_sim.gate import ngrams
+from edge_sim.links import EngineLink
 from edge_sim.logits import run_logits_sessions
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
@@ -60,14 +62,16 @@ def reference(models, record, config):
     (large, tok), (small, _) = models
     engine = EdgeEngine(small, tok, config.max_prompt_tokens)
     cloud_ids = prompts.render(tok, prompts.cloud_messages(record.public_instruction))
-    edge_ids = engine.prompt_ids(record)
+    edge_ids, plain_ids = engine.prompt_ids(record), engine.plain_prompt_ids(record)
+    fuser = Fuser(config.fusion, config.top_k)
     out = []
     with torch.inference_mode():
         for _ in range(config.max_new_tokens):
             s_lp = small(torch.tensor([edge_ids + out])).logits[:, -1].log_softmax(-1)
+            p_lp = small(torch.tensor([plain_ids + out])).logits[:, -1].log_softmax(-1)  # the context-free pass
             l_top = large(torch.tensor([cloud_ids + out])).logits[0, -1].log_softmax(-1).topk(config.top_k)
             l_lp = l_top.values.half().float()[None]  # the wire carries float16
-            token = int(fuse_constant(s_lp, l_top.indices[None], l_lp, config.fusion.weight).argmax(-1))
+            token = int(fuser(s_lp, l_top.indices[None], l_lp, p_lp).argmax(-1))
             if token in engine.stop_ids:
                 break
             out.append(token)
@@ -81,6 +85,33 @@ def test_session_matches_in_process_fusion(models, cloud, redis_url, sample_reco
     assert r.text == reference(models, sample_records[0], cfg())
     assert r.round_trips == r.tokens  # open + one step per token but the last
     assert clients[0].gate.sealed == r.round_trips + 1  # + close
+
+
+@pytest.mark.parametrize("method", ["entropy", "contrast", "learned"])
+def test_every_fusion_method_matches_in_process_fusion(models, cloud, redis_url, sample_records, tmp_path, method):
+    fusion = {"method": method, "weight": 0.5}
+    if method == "learned":
+        torch.manual_seed(0)
+        fusion["checkpoint"] = str(save(FusionNet("compact", k=5, hidden=8), tmp_path / "fusion.pt"))
+    config = cfg(fusion=fusion)
+    results, _ = run(models, redis_url, sample_records[:2], config)
+    assert [r.text for r in results] == [reference(models, rec, config) for rec in sample_records[:2]]
+    assert all(r.error is None and r.tokens > 0 for r in results)
+    assert run(models, redis_url, sample_records[:1], cfg())[0][0].text != results[0].text or method == "entropy"
+
+
+def test_in_process_engine_link_equals_the_bus(models, sample_records, tmp_path):
+    (large, tok), (small, _) = models
+    engine = TransformersCloudEngine(large, tok, audit=AuditLog(str(tmp_path / "audit.jsonl")))
+    edge = EdgeEngine(small, tok, 512)
+    config = cfg(fusion={"method": "contrast"})
+    clients = [EdgeClient(i, rec, edge, config) for i, rec in enumerate(sample_records[:2])]
+    link = EngineLink(engine)
+    results = run_logits_sessions(clients, edge, link, config)
+    assert [r.text for r in results] == [reference(models, rec, config) for rec in sample_records[:2]]
+    assert sorted(link.opened.values()) == [0, 1] and engine.stats()["active_sessions"] == 0  # closed
+    audited = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert {a["id"] for a in audited} == set(link.opened)
 
 
 def test_pool_batching_equals_single_clients(models, cloud, redis_url, sample_records):
