@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from cogenesis.errors import CoGenesisError
+from cogenesis.errors import CoGenesisError, ConfigError
 
 EPILOG = "Docs: README.md. Every command accepts -v for progress logs."
 
@@ -36,7 +36,7 @@ def _demo_parser(sub) -> None:
                    help="when to ask the cloud: every step, the paper's (P,K,T) schedule, or when the small model is unsure")
     p.add_argument("--pkt", default="5,10,3", help="P,K,T of the pkt schedule")
     p.add_argument("--tau", type=float, default=2.0, help="entropy threshold (nats) of the uncertainty schedule")
-    p.add_argument("--fusion-weight", type=float, default=0.5, help="constant fusion weight of the small model")
+    _fusion_flags(p)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (client i uses seed + i)")
@@ -49,6 +49,20 @@ def _demo_parser(sub) -> None:
     p.add_argument("--sketch-max-tokens", type=int, default=160, help="tokens the cloud may spend on an outline")
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds to wait for one cloud reply")
     p.add_argument("--show-private", action="store_true", help="also print each client's private instruction text")
+
+
+def _fusion_flags(p) -> None:
+    p.add_argument("--fusion", choices=["constant", "entropy", "contrast", "learned"], default="constant",
+                   help="logits fusion: fixed weight, entropy-weighted, contrast (proxy-tuning; a 2nd small-model "
+                        "pass without the context), or a trained network (--fusion-checkpoint)")
+    p.add_argument("--fusion-weight", type=float, default=0.5, help="constant fusion weight of the small model")
+    p.add_argument("--contrast-alpha", type=float, default=1.0, help="contrast fusion: strength of the context's edit")
+    p.add_argument("--fusion-checkpoint", default=None, help="learned fusion: checkpoint from `cogenesis train-fusion`")
+
+
+def _fusion_cfg(args) -> dict:
+    return {"method": args.fusion, "weight": args.fusion_weight, "alpha": args.contrast_alpha,
+            "checkpoint": args.fusion_checkpoint}
 
 
 def _models_parser(sub) -> None:
@@ -158,6 +172,7 @@ def _edge_parser(sub) -> None:
     p.add_argument("--sketch-max-tokens", type=int, default=64, help="tokens the cloud may spend on an outline")
     p.add_argument("--top-k", type=int, default=10, help="cloud top-k per logits step")
     p.add_argument("--lookahead", type=int, default=0, help="draft tokens the cloud proposes per reply")
+    _fusion_flags(p)
     p.add_argument("--edge-prompt-tokens", type=int, default=512, help="small-model prompt budget per client")
     p.add_argument("--small-model", default="embedded:small", help="device model: embedded:small, HF dir or hub id")
     p.add_argument("--threads", type=int, default=1, help="torch threads per pool (real device)")
@@ -222,6 +237,77 @@ def _dashboard_parser(sub) -> None:
     p.add_argument("--out", default="out/dashboard.png", help="PNG path")
 
 
+def _train_fusion_parser(sub) -> None:
+    p = sub.add_parser(
+        "train-fusion", help="train the learned logits fusion on gold answers (checkpoint for --fusion learned)",
+        description=("Teacher-force every record's gold answer through the small model WITH the private context and "
+                     "the large model WITHOUT it, keep both top-k per position, and train the fusion weight "
+                     "w = sigmoid(MLP(...)) to maximise the gold token's probability under w*z_small + (1-w)*z_large "
+                     "(gold token kept in the candidate set). Records are split into train/dev; the best dev epoch "
+                     "is saved, with its config and training history, to --out. Use it with "
+                     "`--fusion learned --fusion-checkpoint OUT`."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="CoGenesis JSON with gold answers (e.g. context_aware_dev.json)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N records (default: all)")
+    p.add_argument("--variant", choices=["compact", "paper"], default="compact",
+                   help="compact: sorted top-k logprobs + entropies (~2.5k parameters); paper: the paper's network "
+                        "over both vocabulary-sized top-k vectors")
+    p.add_argument("--top-k", type=int, default=10, help="top-k per side (must match the cloud's --top-k at use)")
+    p.add_argument("--hidden", type=int, default=64, help="first hidden layer width (the paper: 512)")
+    p.add_argument("--epochs", type=int, default=100, help="at most this many epochs")
+    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better dev NLL")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=256, help="positions per optimiser step")
+    p.add_argument("--dev-fraction", type=float, default=0.2, help="share of records held out for early stopping")
+    p.add_argument("--max-gold-tokens", type=int, default=384, help="gold tokens used per record")
+    p.add_argument("--edge-prompt-tokens", type=int, default=1536, help="small-model prompt budget (history trimmed)")
+    p.add_argument("--seed", type=int, default=0, help="split and initialisation seed")
+    p.add_argument("--large-model", default="embedded:large", help="cloud model spec")
+    p.add_argument("--small-model", default="embedded:small", help="device model spec")
+    p.add_argument("--out", default="out/fusion.pt", help="checkpoint path (a .json summary is written beside it)")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="the paper's Table 1 on any model pair: NLL, ROUGE-L and privacy exposure per setting",
+        description=("Run large_with_context (reference; the context is not private there), large_without_context, "
+                     "small_with_context, sketch and logits (one per --fusions method) on CoGenesis records, with the "
+                     "real cloud engine in-process. Per setting: teacher-forced NLL/token of the gold answer under the "
+                     "setting's own distribution, ROUGE-L of the generated answer, its length, and exposure (share of "
+                     "the record's private 4-grams in what the cloud model received). Writes --json, a markdown table "
+                     "(.md) and a bar chart (.png) beside it. With --judge-url, also the paper's three GPT-4-judge "
+                     "ratings from any OpenAI-compatible endpoint (the judge sees the profile and history, as in the "
+                     "paper: use an endpoint you trust with them)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="CoGenesis JSON (context_aware_*.json or paper_*.json)")
+    p.add_argument("--limit", type=int, default=20, help="records to evaluate (the first N with a gold answer)")
+    p.add_argument("--fusions", default="constant,entropy,contrast",
+                   help="comma-separated logits fusion methods (add 'learned' with --fusion-checkpoint)")
+    p.add_argument("--fusion-checkpoint", default=None, help="learned fusion checkpoint (`cogenesis train-fusion`)")
+    p.add_argument("--fusion-weight", type=float, default=0.5, help="constant fusion weight of the small model")
+    p.add_argument("--contrast-alpha", type=float, default=1.0, help="contrast fusion strength")
+    p.add_argument("--schedule", choices=["every", "pkt", "uncertainty"], default="every",
+                   help="when logits settings use the cloud (every step, the paper's (P,K,T), or when unsure)")
+    p.add_argument("--pkt", default="5,10,3", help="P,K,T of the pkt schedule")
+    p.add_argument("--tau", type=float, default=2.0, help="entropy threshold (nats) of the uncertainty schedule")
+    p.add_argument("--top-k", type=int, default=10, help="cloud top-k per logits step")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens each setting writes per record")
+    p.add_argument("--max-gold-tokens", type=int, default=384, help="gold tokens scored per record (NLL)")
+    p.add_argument("--edge-prompt-tokens", type=int, default=1536, help="with-context prompt budget (history trimmed)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every setting (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass")
+    p.add_argument("--seed", type=int, default=0, help="record i samples with seed + i in every setting")
+    p.add_argument("--batch", type=int, default=8, help="records generated together")
+    p.add_argument("--large-model", default="embedded:large", help="cloud model spec")
+    p.add_argument("--small-model", default="embedded:small", help="device model spec")
+    p.add_argument("--json", dest="json_path", default="out/eval.json", help="report path (.md and .png beside it)")
+    p.add_argument("--outputs", default=None,
+                   help="also write every generated answer here (JSONL; device-side output: may repeat private details)")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (…/v1) of a judge model")
+    p.add_argument("--judge-model", default="gpt-4-1106-preview", help="judge model name (the paper's)")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cogenesis", epilog=EPILOG,
@@ -237,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     _loadtest_parser(sub)
     _top_parser(sub)
     _dashboard_parser(sub)
+    _train_fusion_parser(sub)
+    _eval_parser(sub)
     c = sub.add_parser("config", help="print every configuration field with its default and meaning")
     c.add_argument("--show", action="store_true", help="(default) print the configuration reference")
     return parser
@@ -260,7 +348,7 @@ def cmd_demo(args) -> int:
         "sketch": {"temperature": args.sketch_temperature, "top_p": args.sketch_top_p,
                    "repetition_penalty": args.sketch_repetition_penalty},
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
-        "fusion": {"weight": args.fusion_weight}, "lookahead": args.lookahead,
+        "fusion": _fusion_cfg(args), "lookahead": args.lookahead,
         "torch_threads": half, "prefill_threads": cpus,
         "schedule": {"kind": args.schedule, **_pkt(args.pkt), "tau": args.tau}}, "flags")
     modes = ("sketch", "logits") if args.mode == "both" else (args.mode,)
@@ -388,7 +476,8 @@ def cmd_edge(args) -> int:
     edge = validate(EdgeConfig, {"max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
                                  "small_model": args.small_model, "sketch_max_tokens": args.sketch_max_tokens,
                                  "lookahead": args.lookahead, "max_prompt_tokens": args.edge_prompt_tokens,
-                                 "torch_threads": args.threads, "step_timeout_s": args.step_timeout}, "flags")
+                                 "torch_threads": args.threads, "step_timeout_s": args.step_timeout,
+                                 "fusion": _fusion_cfg(args)}, "flags")
     duration = args.duration if args.duration is not None or args.sessions_per_client else 60.0
     opts = FleetOptions(clients=args.clients, mode=args.mode, duration_s=duration,
                         sessions_per_client=args.sessions_per_client, think_s=parse_think(args.think_time),
@@ -552,6 +641,92 @@ def cmd_models(args) -> int:
     return model_tools.run(args)
 
 
+def _progress_bar():
+    """A rich progress bar as a (stage, done, total) callback, and the bar to stop."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("starting", total=None)
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar.update(task, description=stage, completed=done, total=total)
+
+    return bar, update
+
+
+def cmd_train_fusion(args) -> int:
+    from cogenesis import fusion_train as ft
+    from cogenesis.data import load_records
+    from cogenesis.models import check_same_tokenizer, load_causal_lm, resolve_model
+    from edge_sim.engine import EdgeEngine
+
+    opts = ft.TrainOptions(variant=args.variant, hidden=args.hidden, epochs=args.epochs, patience=args.patience,
+                           batch_size=args.batch_size, lr=args.lr, dev_fraction=args.dev_fraction, seed=args.seed)
+    opts.validate()
+    if not 1 <= args.top_k <= 50:
+        raise ConfigError(f"--top-k must be in 1..50, got {args.top_k}")
+    records = load_records(args.data, args.limit)
+    bar, update = _progress_bar()
+    with bar:
+        update("loading models", 0, 1)
+        large, ltok = load_causal_lm(resolve_model(args.large_model))
+        small, stok = load_causal_lm(resolve_model(args.small_model))
+        check_same_tokenizer(ltok, stok)
+        positions = ft.extract(small, large, stok, ltok, EdgeEngine(small, stok, args.edge_prompt_tokens), records,
+                               args.top_k, args.max_gold_tokens, lambda s, d, n: update(f"extracting top-{args.top_k}", d, n))
+        result = ft.train(positions, small.config.vocab_size, args.top_k, opts,
+                          lambda s, d, n: update("training", d, n))
+    meta = {"data": args.data, "records": len(set(positions.record.tolist())), "small_model": args.small_model,
+            "large_model": args.large_model, "max_gold_tokens": args.max_gold_tokens,
+            "edge_prompt_tokens": args.edge_prompt_tokens, "options": ft.options_dict(opts)}
+    path = ft.save_result(result, args.out, meta)
+    best = result.history[result.best_epoch]["dev_nll"]
+    summary = {**meta, "checkpoint": str(path), "parameters": result.net.n_parameters(), "best_epoch": result.best_epoch,
+               "dev_nll": best, "dev_baselines": result.baselines, "history": result.history,
+               "train_positions": result.train_positions, "dev_positions": result.dev_positions,
+               "seconds": round(result.seconds, 2)}
+    _write_json(str(path.with_suffix(".json")), summary)
+    print(f"{opts.variant} fusion network ({result.net.n_parameters():,} parameters), {result.train_positions} train / "
+          f"{result.dev_positions} dev positions from {meta['records']} records")
+    print(f"dev NLL/token over candidates: learned {best:.4f} (epoch {result.best_epoch}); fixed w: " +
+          ", ".join(f"{k.removeprefix('constant_')} {v:.4f}" for k, v in result.baselines.items()))
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(f"use it: --fusion learned --fusion-checkpoint {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from cogenesis.eval_report import markdown_table, plot
+    from cogenesis.evaluate import EvalOptions, run_eval
+
+    fusions = tuple(m.strip() for m in args.fusions.split(",") if m.strip())
+    opts = EvalOptions(
+        data=args.data, limit=args.limit, fusions=fusions, fusion_checkpoint=args.fusion_checkpoint,
+        fusion_weight=args.fusion_weight, contrast_alpha=args.contrast_alpha,
+        schedule={"kind": args.schedule, **_pkt(args.pkt), "tau": args.tau}, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, max_gold_tokens=args.max_gold_tokens,
+        edge_prompt_tokens=args.edge_prompt_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        batch=args.batch, large_model=args.large_model, small_model=args.small_model, json_path=args.json_path,
+        outputs_path=args.outputs, judge_url=args.judge_url, judge_model=args.judge_model,
+        judge_api_key=os.environ.get(args.judge_key_env) if args.judge_url else None)
+    opts.validate()  # before loading anything
+    bar, update = _progress_bar()
+    with bar:
+        report = run_eval(opts, update)
+    json_path = Path(args.json_path)
+    _write_json(str(json_path), report)
+    json_path.with_suffix(".md").write_text(markdown_table(report) + "\n", encoding="utf-8")
+    plot(report, json_path.with_suffix(".png"))
+    print(f"cogenesis eval: {report['records']} records of {args.data}, {report['seconds']:.0f} s")
+    print(markdown_table(report))
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')}, {json_path.with_suffix('.png')}")
+    return 1 if any(r["failed"] for r in report["settings"]) else 0
+
+
 def cmd_config(args) -> int:
     from cogenesis.config import CloudConfig, EdgeConfig
 
@@ -585,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
     handlers = {"demo": cmd_demo, "models": cmd_models, "bench": cmd_bench, "config": cmd_config, "up": cmd_up,
                 "down": cmd_down, "status": cmd_status, "edge": cmd_edge, "loadtest": cmd_loadtest, "top": cmd_top,
-                "dashboard": cmd_dashboard}
+                "dashboard": cmd_dashboard, "train-fusion": cmd_train_fusion, "eval": cmd_eval}
     try:
         return handlers[args.cmd](args)
     except CoGenesisError as exc:

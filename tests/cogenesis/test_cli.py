@@ -115,3 +115,52 @@ def test_top_and_dashboard_errors(capsys, tmp_path, redis_url):
     assert main(["top", "--redis-url", redis_url, "--interval", "0"]) == 2
     assert main(["dashboard", "--prometheus", "http://127.0.0.1:9", "--out", str(tmp_path / "d.png")]) == 2
     assert "cannot query Prometheus" in capsys.readouterr().err
+
+
+def test_help_explains_train_fusion_and_eval():
+    for cmd, flags in (("train-fusion", ("--data", "--variant", "--top-k", "--patience", "--out")),
+                       ("eval", ("--data", "--limit", "--fusions", "--fusion-checkpoint", "--json", "--judge-url",
+                                 "--schedule"))):
+        out = run_cli(cmd, "--help")
+        assert out.returncode == 0 and all(f in out.stdout for f in flags), cmd
+    demo = run_cli("demo", "--help").stdout
+    assert "--fusion {constant,entropy,contrast,learned}" in demo and "--fusion-checkpoint" in demo
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--fusion", "learned"], "needs a checkpoint"),
+    (["demo", "--fusion", "contrast", "--contrast-alpha", "-1"], "fusion.alpha"),
+    (["eval", "--data", "x.json", "--fusions", "constant,avg"], "unknown fusion method(s) avg"),
+    (["eval", "--data", "x.json", "--fusions", "learned"], "--fusion-checkpoint"),
+    (["eval", "--data", "x.json", "--limit", "0"], "--limit"),
+    (["eval", "--data", "nope.json"], "does not exist"),
+    (["train-fusion", "--data", "x.json", "--variant", "compact", "--dev-fraction", "0"], "--dev-fraction"),
+    (["train-fusion", "--data", "nope.json"], "does not exist"),
+    (["train-fusion", "--data", "x.json", "--top-k", "99"], "--top-k"),
+])
+def test_fusion_and_eval_errors(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_train_fusion_then_eval_with_it(tiny_large, tiny_small, tmp_path):
+    from cogenesis.data import sample_data_path
+
+    models = ["--large-model", str(tiny_large), "--small-model", str(tiny_small)]
+    ckpt = tmp_path / "fusion.pt"
+    out = run_cli("train-fusion", "--data", str(sample_data_path()), "--limit", "3", "--top-k", "5", "--epochs", "4",
+                  "--max-gold-tokens", "16", "--edge-prompt-tokens", "256", "--out", str(ckpt), *models, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--fusion learned --fusion-checkpoint" in out.stdout and ckpt.is_file()
+    summary = json.loads(ckpt.with_suffix(".json").read_text())
+    assert summary["records"] == 3 and len(summary["history"]) >= 2 and "constant_w0.5" in summary["dev_baselines"]
+    report = tmp_path / "eval.json"
+    out = run_cli("eval", "--data", str(sample_data_path()), "--limit", "2", "--top-k", "5", "--max-new-tokens", "3",
+                  "--max-gold-tokens", "8", "--edge-prompt-tokens", "256", "--fusions", "constant,learned",
+                  "--fusion-checkpoint", str(ckpt), "--json", str(report), *models, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "logits_learned" in out.stdout and "ROUGE-L" in out.stdout
+    assert json.loads(report.read_text())["records"] == 2
+    assert report.with_suffix(".md").read_text().count("\n") == 2 + 6
+    assert report.with_suffix(".png").stat().st_size > 10_000
