@@ -32,10 +32,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--replicas", type=int, default=1, help="Serve replicas of the large model")
     p.add_argument("--top-k", type=int, default=10, help="top-k the cloud returns per logits step (<= 50)")
     p.add_argument("--lookahead", type=int, default=0, help="draft tokens the cloud proposes per reply (0-16)")
-    p.add_argument("--schedule", choices=["every", "pkt", "uncertainty"], default="every",
-                   help="when to ask the cloud: every step, the paper's (P,K,T) schedule, or when the small model is unsure")
-    p.add_argument("--pkt", default="5,10,3", help="P,K,T of the pkt schedule")
-    p.add_argument("--tau", type=float, default=2.0, help="entropy threshold (nats) of the uncertainty schedule")
+    _schedule_flags(p)
     _fusion_flags(p)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
@@ -49,6 +46,25 @@ def _demo_parser(sub) -> None:
     p.add_argument("--sketch-max-tokens", type=int, default=160, help="tokens the cloud may spend on an outline")
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds to wait for one cloud reply")
     p.add_argument("--show-private", action="store_true", help="also print each client's private instruction text")
+
+
+def _schedule_flags(p) -> None:
+    p.add_argument("--schedule", choices=["every", "pkt", "uncertainty"], default="every",
+                   help="when to ask the cloud: every step, the paper's (P,K,T) schedule, or when the small model is unsure")
+    p.add_argument("--pkt", default="5,10,3", help="P,K,T of the pkt schedule")
+    p.add_argument("--tau", type=float, default=2.0, help="entropy threshold (nats) of the uncertainty schedule")
+
+
+def _schedule_cfg(args) -> dict:
+    return {"kind": args.schedule, **_pkt(args.pkt), "tau": args.tau}
+
+
+def _scoring_flags(p) -> None:
+    """Flags of the commands that teacher-force gold answers through both models (train-fusion, eval)."""
+    p.add_argument("--max-gold-tokens", type=int, default=384, help="gold tokens used per record")
+    p.add_argument("--edge-prompt-tokens", type=int, default=1536, help="with-context prompt budget (history trimmed)")
+    p.add_argument("--large-model", default="embedded:large", help="cloud model spec")
+    p.add_argument("--small-model", default="embedded:small", help="device model spec")
 
 
 def _fusion_flags(p) -> None:
@@ -259,11 +275,8 @@ def _train_fusion_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=256, help="positions per optimiser step")
     p.add_argument("--dev-fraction", type=float, default=0.2, help="share of records held out for early stopping")
-    p.add_argument("--max-gold-tokens", type=int, default=384, help="gold tokens used per record")
-    p.add_argument("--edge-prompt-tokens", type=int, default=1536, help="small-model prompt budget (history trimmed)")
     p.add_argument("--seed", type=int, default=0, help="split and initialisation seed")
-    p.add_argument("--large-model", default="embedded:large", help="cloud model spec")
-    p.add_argument("--small-model", default="embedded:small", help="device model spec")
+    _scoring_flags(p)
     p.add_argument("--out", default="out/fusion.pt", help="checkpoint path (a .json summary is written beside it)")
 
 
@@ -286,20 +299,14 @@ def _eval_parser(sub) -> None:
     p.add_argument("--fusion-checkpoint", default=None, help="learned fusion checkpoint (`cogenesis train-fusion`)")
     p.add_argument("--fusion-weight", type=float, default=0.5, help="constant fusion weight of the small model")
     p.add_argument("--contrast-alpha", type=float, default=1.0, help="contrast fusion strength")
-    p.add_argument("--schedule", choices=["every", "pkt", "uncertainty"], default="every",
-                   help="when logits settings use the cloud (every step, the paper's (P,K,T), or when unsure)")
-    p.add_argument("--pkt", default="5,10,3", help="P,K,T of the pkt schedule")
-    p.add_argument("--tau", type=float, default=2.0, help="entropy threshold (nats) of the uncertainty schedule")
+    _schedule_flags(p)
     p.add_argument("--top-k", type=int, default=10, help="cloud top-k per logits step")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens each setting writes per record")
-    p.add_argument("--max-gold-tokens", type=int, default=384, help="gold tokens scored per record (NLL)")
-    p.add_argument("--edge-prompt-tokens", type=int, default=1536, help="with-context prompt budget (history trimmed)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every setting (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass")
     p.add_argument("--seed", type=int, default=0, help="record i samples with seed + i in every setting")
     p.add_argument("--batch", type=int, default=8, help="records generated together")
-    p.add_argument("--large-model", default="embedded:large", help="cloud model spec")
-    p.add_argument("--small-model", default="embedded:small", help="device model spec")
+    _scoring_flags(p)
     p.add_argument("--json", dest="json_path", default="out/eval.json", help="report path (.md and .png beside it)")
     p.add_argument("--outputs", default=None,
                    help="also write every generated answer here (JSONL; device-side output: may repeat private details)")
@@ -350,7 +357,7 @@ def cmd_demo(args) -> int:
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
         "fusion": _fusion_cfg(args), "lookahead": args.lookahead,
         "torch_threads": half, "prefill_threads": cpus,
-        "schedule": {"kind": args.schedule, **_pkt(args.pkt), "tau": args.tau}}, "flags")
+        "schedule": _schedule_cfg(args)}, "flags")
     modes = ("sketch", "logits") if args.mode == "both" else (args.mode,)
     opts = DemoOptions(clients=args.clients, modes=modes, data=args.data, redis_url=args.redis_url,
                        json_path=args.json_path, show_private=args.show_private)
@@ -707,7 +714,7 @@ def cmd_eval(args) -> int:
     opts = EvalOptions(
         data=args.data, limit=args.limit, fusions=fusions, fusion_checkpoint=args.fusion_checkpoint,
         fusion_weight=args.fusion_weight, contrast_alpha=args.contrast_alpha,
-        schedule={"kind": args.schedule, **_pkt(args.pkt), "tau": args.tau}, top_k=args.top_k,
+        schedule=_schedule_cfg(args), top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, max_gold_tokens=args.max_gold_tokens,
         edge_prompt_tokens=args.edge_prompt_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         batch=args.batch, large_model=args.large_model, small_model=args.small_model, json_path=args.json_path,

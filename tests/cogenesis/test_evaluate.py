@@ -81,3 +81,18 @@ def test_table_and_plot(report, tmp_path):
 def test_bad_options_fail_before_loading(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         EvalOptions(data="x.json", **kwargs).validate()
+
+
+def test_paper_abstract_records(tiny_large, tiny_small):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cogenesis" / "paper_dev.json"
+    if not data.is_file():
+        pytest.skip(f"{data} is not on this machine")
+    out = run_eval(EvalOptions(data=str(data), limit=2, fusions=("constant",), top_k=5, max_new_tokens=3,
+                               max_gold_tokens=8, edge_prompt_tokens=1024, batch=2, large_model=str(tiny_large),
+                               small_model=str(tiny_small)))  # 1024: room for some of the past abstracts
+    rows = {r["setting"]: r for r in out["settings"]}
+    assert out["records"] == 2 and set(rows) == {*BASE_SETTINGS, "logits_constant"}
+    assert rows["large_with_context"]["exposure"] > 0.0 == rows["large_without_context"]["exposure"]
+    assert all(math.isfinite(r["nll_per_token"]) for r in rows.values())
