@@ -197,13 +197,14 @@ def test_ignore_eos_writes_exactly_max_new_tokens(models, cloud, redis_url, samp
         assert all(0 <= o <= t for o, t in zip(r.extra["overhead_us"], r.extra["rtt_us"]))
 
 
-def test_shared_device_sessions_equal_the_lockstep_pool(models, cloud, redis_url, sample_records):
+@pytest.mark.parametrize("method", ["constant", "contrast"])  # contrast: two rows per session
+def test_shared_device_sessions_equal_the_lockstep_pool(method, models, cloud, redis_url, sample_records):
     """Sessions that run on their own threads over one SharedDevice (the fleet's and Locust's way)
     give the lockstep pool's greedy text, and their passes were batched."""
     from edge_sim.device import SharedDevice
 
     (_, tok), (small, _) = models
-    config = cfg()
+    config = cfg(fusion={"method": method})
     lockstep, _ = run(models, redis_url, sample_records[:4], config)
     engine = EdgeEngine(small, tok, config.max_prompt_tokens)
     device = SharedDevice(small, engine.pad_id)
