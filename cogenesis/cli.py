@@ -294,6 +294,8 @@ def _eval_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="CoGenesis JSON (context_aware_*.json or paper_*.json)")
     p.add_argument("--limit", type=int, default=20, help="records to evaluate (the first N with a gold answer)")
+    p.add_argument("--settings", default="large_with_context,large_without_context,small_with_context,sketch",
+                   help="comma-separated non-logits settings to run ('none': only the --fusions settings)")
     p.add_argument("--fusions", default="constant,entropy,contrast",
                    help="comma-separated logits fusion methods (add 'learned' with --fusion-checkpoint)")
     p.add_argument("--fusion-checkpoint", default=None, help="learned fusion checkpoint (`cogenesis train-fusion`)")
@@ -711,8 +713,9 @@ def cmd_eval(args) -> int:
     from cogenesis.evaluate import EvalOptions, run_eval
 
     fusions = tuple(m.strip() for m in args.fusions.split(",") if m.strip())
+    base = () if args.settings.strip() == "none" else tuple(x.strip() for x in args.settings.split(",") if x.strip())
     opts = EvalOptions(
-        data=args.data, limit=args.limit, fusions=fusions, fusion_checkpoint=args.fusion_checkpoint,
+        data=args.data, limit=args.limit, base=base, fusions=fusions, fusion_checkpoint=args.fusion_checkpoint,
         fusion_weight=args.fusion_weight, contrast_alpha=args.contrast_alpha,
         schedule=_schedule_cfg(args), top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, max_gold_tokens=args.max_gold_tokens,

@@ -45,6 +45,7 @@ from cogenesis.protocol import SketchRequest
 from cogenesis.schedules import Schedule
 from cogenesis.scoring import Judge, exposure, rouge_l
 from cogenesis.teacher import cloud_prompt_ids, gold_ids, nll, teacher_forced
+from edge_sim.gate import OutboundGate
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def _quiet(stage: str, done: int, total: int) -> None:
 class EvalOptions:
     data: str
     limit: int | None = 20
+    base: tuple[str, ...] = BASE_SETTINGS  # which non-logits settings to run
     fusions: tuple[str, ...] = ("constant", "entropy", "contrast")
     fusion_checkpoint: str | None = None
     fusion_weight: float = 0.5
@@ -91,6 +93,11 @@ class EvalOptions:
             raise ConfigError(f"--batch must be at least 1, got {self.batch}")
         if self.max_gold_tokens < 1:
             raise ConfigError(f"--max-gold-tokens must be at least 1, got {self.max_gold_tokens}")
+        unknown = [b for b in self.base if b not in BASE_SETTINGS]
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}", hint=f"use some of {', '.join(BASE_SETTINGS)}")
+        if not self.base and not self.fusions:
+            raise ConfigError("nothing to evaluate: no settings and no fusion methods")
         bad = [m for m in self.fusions if m not in METHODS]
         if bad:
             raise ConfigError(f"unknown fusion method(s) {', '.join(bad)}", hint=f"use some of {', '.join(METHODS)}")
@@ -104,7 +111,7 @@ class EvalOptions:
             "fusion": {"weight": self.fusion_weight, "alpha": self.contrast_alpha}}, "flags")
 
     def settings(self) -> tuple[str, ...]:
-        return BASE_SETTINGS + tuple(f"logits_{m}" for m in self.fusions)
+        return tuple(b for b in BASE_SETTINGS if b in self.base) + tuple(f"logits_{m}" for m in self.fusions)
 
 
 @dataclass
@@ -132,7 +139,6 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
     from deployments.engine import TransformersCloudEngine
     from edge_sim.client import EdgeClient
     from edge_sim.engine import EdgeEngine
-    from edge_sim.gate import OutboundGate
     from edge_sim.links import EngineLink
     from edge_sim.logits import run_logits_sessions
     from cogenesis.models import check_same_tokenizer, load_causal_lm, resolve_model
@@ -163,6 +169,7 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
     sketches: dict[int, str] = {}
     samp = base.sampling
     total_batches = math.ceil(len(records) / opts.batch)
+    steps, done = total_batches * len(settings), 0
 
     # ---- 1. generation, a batch of records at a time -------------------------------------------------
     for b, start in enumerate(range(0, len(records), opts.batch)):
@@ -174,28 +181,26 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
             out = engine.generate(prompt_lists, opts.max_new_tokens, samp.temperature, samp.top_p, seeds)
             return [engine.tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
-        with_ctx = [large_eng.prompt_ids(r) for r in recs]
-        no_ctx = [cloud_prompt_ids(ltok, r) for r in recs]
-        for i, p_ctx, p_pub in zip(idx, with_ctx, no_ctx):
-            received[("large_with_context", i)] = [ltok.decode(p_ctx)]
-            received[("large_without_context", i)] = [ltok.decode(p_pub)]
-        texts = {"large_with_context": gen(large_eng, with_ctx), "large_without_context": gen(large_eng, no_ctx),
-                 "small_with_context": gen(small_eng, [small_eng.prompt_ids(r) for r in recs])}
-        progress(f"generating (batch {b + 1}/{total_batches})", b * len(settings) + 3, total_batches * len(settings))
-        requests = []
-        for i, r in zip(idx, recs):
-            req = SketchRequest(request_id=uuid.uuid4().hex, instruction=r.public_instruction, kind=r.kind,
-                                max_tokens=base.sketch_max_tokens, temperature=base.sketch.temperature,
-                                top_p=base.sketch.top_p, repetition_penalty=base.sketch.repetition_penalty,
-                                seed=seeds[idx.index(i)])
-            OutboundGate(r.public_instruction, r.private_fields()).seal_json(req)  # what the client would send
-            requests.append(req)
-            sent_by[req.request_id] = ("sketch", i)
-        for i, reply in zip(idx, cloud.sketch(requests)):
-            sketches[i] = reply.sketch
-        texts["sketch"] = gen(small_eng, [small_eng.prompt_ids(r, sketch=sketches[i]) for i, r in zip(idx, recs)])
-        progress(f"generating (batch {b + 1}/{total_batches})", b * len(settings) + 4, total_batches * len(settings))
-        for j, method in enumerate(opts.fusions):
+        stage = f"generating (batch {b + 1}/{total_batches})"
+        direct = {"large_with_context": (large_eng, [large_eng.prompt_ids(r) for r in recs]),
+                  "large_without_context": (large_eng, [cloud_prompt_ids(ltok, r) for r in recs]),
+                  "small_with_context": (small_eng, [small_eng.prompt_ids(r) for r in recs])}
+        texts = {}
+        for setting, (engine, prompt_lists) in direct.items():
+            if setting not in settings:
+                continue
+            if engine is large_eng:  # the large model receives its prompt as it is
+                for i, ids in zip(idx, prompt_lists):
+                    received[(setting, i)] = [ltok.decode(ids)]
+            texts[setting] = gen(engine, prompt_lists)
+            done += 1
+            progress(stage, done, steps)
+        if "sketch" in settings:
+            _sketch_batch(cloud, base, idx, recs, seeds, sent_by, sketches)
+            texts["sketch"] = gen(small_eng, [small_eng.prompt_ids(r, sketch=sketches[i]) for i, r in zip(idx, recs)])
+            done += 1
+            progress(stage, done, steps)
+        for method in opts.fusions:
             setting = f"logits_{method}"
             clients = [EdgeClient(i, r, small_eng, cfgs[method]) for i, r in zip(idx, recs)]
             link = EngineLink(cloud)
@@ -206,15 +211,16 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
             for res in results:
                 acc[setting].failed += res.error is not None
                 texts[setting].append(res.text if res.error is None else "")
-            progress(f"generating (batch {b + 1}/{total_batches})", b * len(settings) + 5 + j,
-                     total_batches * len(settings))
+            done += 1
+            progress(stage, done, steps)
         for setting, outs in texts.items():
             for i, text in zip(idx, outs):
                 acc[setting].rouge.append(rouge_l(text, records[i].gold))
                 acc[setting].words.append(len(text.split()))
                 outputs[i][setting] = text
         for i in idx:
-            outputs[i]["sketch_outline"] = sketches[i]
+            if i in sketches:
+                outputs[i]["sketch_outline"] = sketches[i]
     audit.close()
 
     # ---- 2. what the cloud model received: the engine's audit log, plus the direct prompts ---------------
@@ -234,9 +240,11 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
             continue
         s_ctx = teacher_forced(small, small_eng.prompt_ids(r), target)
         l_noctx = teacher_forced(large, cloud_prompt_ids(ltok, r), target)
-        own = {"large_with_context": teacher_forced(large, large_eng.prompt_ids(r), target),
-               "large_without_context": l_noctx, "small_with_context": s_ctx,
-               "sketch": teacher_forced(small, small_eng.prompt_ids(r, sketch=sketches[i]), target)}
+        own = {"large_without_context": l_noctx, "small_with_context": s_ctx}
+        if "large_with_context" in settings:
+            own["large_with_context"] = teacher_forced(large, large_eng.prompt_ids(r), target)
+        if "sketch" in settings:
+            own["sketch"] = teacher_forced(small, small_eng.prompt_ids(r, sketch=sketches[i]), target)
         plain = teacher_forced(small, small_eng.plain_prompt_ids(r), target) if need_plain else None
         top = l_noctx.topk(opts.top_k, dim=-1)
         fuse_rows = torch.tensor([sched.fuses(t, s_ctx[t]) for t in range(len(target))])
@@ -248,6 +256,8 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
             acc[f"logits_{m}"].covered += int((in_cands & fuse_rows).sum())
             acc[f"logits_{m}"].fused_tokens += int(fuse_rows.sum())
         for s, lp in own.items():
+            if s not in acc:
+                continue
             acc[s].nll_sum += float(nll(lp, target).sum())
             acc[s].tokens += len(target)
         progress("scoring gold answers (teacher forced)", i + 1, len(records))
@@ -273,6 +283,21 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
     audit_path.unlink(missing_ok=True)
     work.rmdir()
     return report
+
+
+def _sketch_batch(cloud, base: EdgeConfig, idx: list[int], recs: list[Record], seeds, sent_by: dict,
+                  sketches: dict) -> None:
+    """Outlines for a batch from the cloud engine, each request sealed by its client's gate first."""
+    requests = []
+    for i, r, seed in zip(idx, recs, seeds):
+        req = SketchRequest(request_id=uuid.uuid4().hex, instruction=r.public_instruction, kind=r.kind,
+                            max_tokens=base.sketch_max_tokens, temperature=base.sketch.temperature,
+                            top_p=base.sketch.top_p, repetition_penalty=base.sketch.repetition_penalty, seed=seed)
+        OutboundGate(r.public_instruction, r.private_fields()).seal_json(req)  # what the client would send
+        requests.append(req)
+        sent_by[req.request_id] = ("sketch", i)
+    for i, reply in zip(idx, cloud.sketch(requests)):
+        sketches[i] = reply.sketch
 
 
 def _mean(values: list[float]) -> float | None:

@@ -77,10 +77,19 @@ def test_table_and_plot(report, tmp_path):
 @pytest.mark.parametrize("kwargs,message", [
     ({"limit": 0}, "--limit"), ({"fusions": ("avg",)}, "unknown fusion"),
     ({"fusions": ("learned",)}, "--fusion-checkpoint"), ({"batch": 0}, "--batch"),
-    ({"top_k": 0}, "top_k"), ({"schedule": {"kind": "sometimes"}}, "schedule.kind")])
+    ({"top_k": 0}, "top_k"), ({"schedule": {"kind": "sometimes"}}, "schedule.kind"),
+    ({"base": ("large",)}, "unknown setting"), ({"base": (), "fusions": ()}, "nothing to evaluate")])
 def test_bad_options_fail_before_loading(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         EvalOptions(data="x.json", **kwargs).validate()
+
+
+def test_only_the_logits_settings(tiny_large, tiny_small):
+    out = run_eval(EvalOptions(data=str(sample_data_path()), limit=2, base=(), fusions=("entropy",), top_k=5,
+                               max_new_tokens=3, max_gold_tokens=8, edge_prompt_tokens=256, batch=2,
+                               large_model=str(tiny_large), small_model=str(tiny_small), schedule={"kind": "pkt"}))
+    assert [r["setting"] for r in out["settings"]] == ["logits_entropy"]
+    assert math.isfinite(out["settings"][0]["nll_per_token"]) and out["edge"]["schedule"]["kind"] == "pkt"
 
 
 def test_paper_abstract_records(tiny_large, tiny_small):
