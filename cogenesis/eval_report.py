@@ -11,7 +11,7 @@ COLUMNS = [  # (header, key, format)
     ("PPL ↓", "perplexity", "{:.1f}"),
     ("ROUGE-L ↑", "rouge_l", "{:.4f}"),
     ("words", "words", "{:.0f}"),
-    ("exposure ↓", "exposure", "{:.3f}"),
+    ("exposure ↓", "exposure", "{:.4f}"),
     ("gold in candidates", "coverage", "{:.3f}"),
     ("failed", "failed", "{}"),
 ]
