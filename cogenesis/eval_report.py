@@ -13,6 +13,7 @@ COLUMNS = [  # (header, key, format)
     ("words", "words", "{:.0f}"),
     ("exposure ↓", "exposure", "{:.4f}"),
     ("gold in candidates", "coverage", "{:.3f}"),
+    ("round trips/token", "round_trips_per_token", "{:.2f}"),
     ("failed", "failed", "{}"),
 ]
 JUDGE = [("judge overall", "overall"), ("judge personalization", "personalization"),

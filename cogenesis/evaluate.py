@@ -126,6 +126,8 @@ class _Acc:
     words: list[int] = field(default_factory=list)
     exposure: list[float] = field(default_factory=list)
     failed: int = 0
+    round_trips: int = 0  # logits: cloud exchanges (open + steps)
+    generated: int = 0  # logits: tokens written
     judge: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -210,6 +212,8 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
             texts[setting] = []
             for res in results:
                 acc[setting].failed += res.error is not None
+                acc[setting].round_trips += res.round_trips
+                acc[setting].generated += res.tokens
                 texts[setting].append(res.text if res.error is None else "")
             done += 1
             progress(stage, done, steps)
@@ -316,6 +320,7 @@ def _report(opts: EvalOptions, base: EdgeConfig, settings, acc: dict[str, _Acc],
                "exposure": _mean(a.exposure), "failed": a.failed, "gold_tokens": a.tokens}
         if s.startswith("logits_"):
             row["coverage"] = round(a.covered / a.fused_tokens, 4) if a.fused_tokens else None
+            row["round_trips_per_token"] = round(a.round_trips / a.generated, 3) if a.generated else None
         if a.judge:
             row["judge"] = {name: _mean(v) for name, v in a.judge.items()}
         rows.append(row)

@@ -36,6 +36,7 @@ def test_every_setting_is_scored(report):
         assert 0.0 <= row["rouge_l"] <= 1.0 and row["failed"] == 0 and row["gold_tokens"] == 3 * 12
         if row["setting"].startswith("logits_"):
             assert 0.0 <= row["coverage"] <= 1.0
+            assert row["round_trips_per_token"] >= 1.0  # every step asks the cloud (schedule every)
     assert stages[-1][0].startswith("scoring") and stages[-1][1:] == (3, 3)
 
 
@@ -86,10 +87,11 @@ def test_bad_options_fail_before_loading(kwargs, message):
 
 def test_only_the_logits_settings(tiny_large, tiny_small):
     out = run_eval(EvalOptions(data=str(sample_data_path()), limit=2, base=(), fusions=("entropy",), top_k=5,
-                               max_new_tokens=3, max_gold_tokens=8, edge_prompt_tokens=256, batch=2,
+                               max_new_tokens=12, max_gold_tokens=8, edge_prompt_tokens=256, batch=2,
                                large_model=str(tiny_large), small_model=str(tiny_small), schedule={"kind": "pkt"}))
     assert [r["setting"] for r in out["settings"]] == ["logits_entropy"]
     assert math.isfinite(out["settings"][0]["nll_per_token"]) and out["edge"]["schedule"]["kind"] == "pkt"
+    assert out["settings"][0]["round_trips_per_token"] < 1.0  # pkt skips round trips
 
 
 def test_paper_abstract_records(tiny_large, tiny_small):
