@@ -67,6 +67,18 @@ def redis_url(redis_server) -> str:
 
 
 @pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The paper's released records (shared/data/cogenesis): $COGENESIS_DATA_DIR, /work/shared or beside the repo."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [Path(p) for p in (os.environ.get("COGENESIS_DATA_DIR"),) if p] + [
+        Path("/work/shared/data/cogenesis"), repo / "shared" / "data" / "cogenesis", repo.parent / "shared" / "data" / "cogenesis"]
+    found = next((p for p in candidates if (p / "paper_dev.json").is_file()), None)
+    if found is None:
+        pytest.skip("CoGenesis data files (shared/data/cogenesis) not found; set COGENESIS_DATA_DIR")
+    return found
+
+
+@pytest.fixture(scope="session")
 def sample_records():
     from cogenesis.data import load_records, sample_data_path
 

@@ -94,12 +94,8 @@ def test_only_the_logits_settings(tiny_large, tiny_small):
     assert out["settings"][0]["round_trips_per_token"] < 1.0  # pkt skips round trips
 
 
-def test_paper_abstract_records(tiny_large, tiny_small):
-    from pathlib import Path
-
-    data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cogenesis" / "paper_dev.json"
-    if not data.is_file():
-        pytest.skip(f"{data} is not on this machine")
+def test_paper_abstract_records(tiny_large, tiny_small, shared_data_dir):
+    data = shared_data_dir / "paper_dev.json"
     out = run_eval(EvalOptions(data=str(data), limit=2, fusions=("constant",), top_k=5, max_new_tokens=3,
                                max_gold_tokens=8, edge_prompt_tokens=1024, batch=2, large_model=str(tiny_large),
                                small_model=str(tiny_small)))  # 1024: room for some of the past abstracts
