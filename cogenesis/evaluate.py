@@ -42,9 +42,9 @@ from cogenesis.errors import ConfigError, DataError
 from cogenesis.fusion import METHODS, candidate_mask
 from cogenesis.fusion_net import Fuser
 from cogenesis.protocol import SketchRequest
-from cogenesis.schedules import Schedule
 from cogenesis.scoring import Judge, exposure, rouge_l
-from cogenesis.teacher import cloud_prompt_ids, gold_ids, nll, teacher_forced
+from cogenesis.prompts import cloud_prompt_ids
+from cogenesis.teacher import gold_ids, nll, teacher_forced
 from edge_sim.gate import OutboundGate
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
     from edge_sim.client import EdgeClient
     from edge_sim.engine import EdgeEngine
     from edge_sim.links import EngineLink
-    from edge_sim.logits import run_logits_sessions
+    from edge_sim.logits import run_logits_sessions, schedule_of
     from cogenesis.models import check_same_tokenizer, load_causal_lm, resolve_model
 
     base = opts.validate()
@@ -156,7 +156,7 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
     check_same_tokenizer(ltok, stok)
     cfgs = {m: _fusion_cfg(base, m, opts.fusion_checkpoint) for m in opts.fusions}
     fusers = {m: Fuser(c.fusion, c.top_k, small.config.vocab_size) for m, c in cfgs.items()}
-    sched = Schedule(base.schedule.kind, base.schedule.p, base.schedule.k, base.schedule.t, base.schedule.tau)
+    sched = schedule_of(base)
     small_eng = EdgeEngine(small, stok, opts.edge_prompt_tokens)
     large_eng = EdgeEngine(large, ltok, opts.edge_prompt_tokens)  # the large model given the device's prompt
     work = Path(tempfile.mkdtemp(prefix="cogenesis-eval-"))
@@ -185,7 +185,7 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
 
         stage = f"generating (batch {b + 1}/{total_batches})"
         direct = {"large_with_context": (large_eng, [large_eng.prompt_ids(r) for r in recs]),
-                  "large_without_context": (large_eng, [cloud_prompt_ids(ltok, r) for r in recs]),
+                  "large_without_context": (large_eng, [cloud_prompt_ids(ltok, r.public_instruction) for r in recs]),
                   "small_with_context": (small_eng, [small_eng.prompt_ids(r) for r in recs])}
         texts = {}
         for setting, (engine, prompt_lists) in direct.items():
@@ -243,13 +243,13 @@ def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
         if not target:
             continue
         s_ctx = teacher_forced(small, small_eng.prompt_ids(r), target)
-        l_noctx = teacher_forced(large, cloud_prompt_ids(ltok, r), target)
+        l_noctx = teacher_forced(large, cloud_prompt_ids(ltok, r.public_instruction), target)
         own = {"large_without_context": l_noctx, "small_with_context": s_ctx}
         if "large_with_context" in settings:
             own["large_with_context"] = teacher_forced(large, large_eng.prompt_ids(r), target)
         if "sketch" in settings:
             own["sketch"] = teacher_forced(small, small_eng.prompt_ids(r, sketch=sketches[i]), target)
-        plain = teacher_forced(small, small_eng.plain_prompt_ids(r), target) if need_plain else None
+        plain = teacher_forced(small, cloud_prompt_ids(stok, r.public_instruction), target) if need_plain else None
         top = l_noctx.topk(opts.top_k, dim=-1)
         fuse_rows = torch.tensor([sched.fuses(t, s_ctx[t]) for t in range(len(target))])
         gold = torch.tensor(target)

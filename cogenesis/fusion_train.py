@@ -27,7 +27,8 @@ from cogenesis.data import Record
 from cogenesis.errors import ConfigError, DataError
 from cogenesis.fusion import DEFAULT_FLOOR, mix
 from cogenesis.fusion_net import VARIANTS, FusionNet, save
-from cogenesis.teacher import cloud_prompt_ids, gold_ids, teacher_forced
+from cogenesis.prompts import cloud_prompt_ids
+from cogenesis.teacher import gold_ids, teacher_forced
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def extract(small, large, small_tok, large_tok, edge_engine, records: list[Recor
             raise DataError(f"record {record.tid}: the two models tokenize the gold answer differently",
                             hint="logits fusion needs one shared vocabulary")
         s_lp = teacher_forced(small, edge_engine.prompt_ids(record), target)  # [T, V]
-        l_lp = teacher_forced(large, cloud_prompt_ids(large_tok, record), target)
+        l_lp = teacher_forced(large, cloud_prompt_ids(large_tok, record.public_instruction), target)
         s_top, l_top = s_lp.topk(k, dim=-1), l_lp.topk(k, dim=-1)
         gold = torch.tensor(target, dtype=torch.long)
         parts.append(Positions(s_top.indices, s_top.values, l_top.indices, l_top.values,

@@ -104,6 +104,11 @@ def cloud_messages(public_instruction: str) -> list[dict]:
             {"role": "user", "content": public_instruction}]
 
 
+def cloud_prompt_ids(tokenizer, public_instruction: str) -> list[int]:
+    """The cloud's logits-mode prompt as token ids (also the device's context-free pass in contrast fusion)."""
+    return render(tokenizer, cloud_messages(public_instruction))
+
+
 def sketch_messages(public_instruction: str, kind: str = "context_aware", style: str = "zero-shot") -> list[dict]:
     return [{"role": "user", "content": skeleton_prompt(public_instruction, kind, style)}]
 

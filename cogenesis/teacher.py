@@ -10,7 +10,6 @@ from typing import Sequence
 
 import torch
 
-from cogenesis import prompts
 from cogenesis.data import Record
 
 
@@ -19,11 +18,6 @@ def gold_ids(tokenizer, record: Record, max_tokens: int) -> list[int]:
     if not record.gold:
         return []
     return list(tokenizer(record.gold.strip(), add_special_tokens=False).input_ids)[:max_tokens]
-
-
-def cloud_prompt_ids(tokenizer, record: Record) -> list[int]:
-    """What the cloud conditions on in logits mode: the public instruction alone (as the engine renders it)."""
-    return prompts.render(tokenizer, prompts.cloud_messages(record.public_instruction))
 
 
 def teacher_forced(model, prompt_ids: Sequence[int], target_ids: Sequence[int]) -> torch.Tensor:

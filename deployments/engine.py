@@ -129,7 +129,7 @@ class TransformersCloudEngine:
                 results[i] = existing  # replayed open
                 continue
             self._evict_idle()
-            ids = prompts.render(self.tok, prompts.cloud_messages(r.instruction))
+            ids = prompts.cloud_prompt_ids(self.tok, r.instruction)
             if self.audit:
                 self.audit.write("open", r.session_id, self.tok.decode(ids))
             session = _Session(ids=[], top_k=r.top_k, lookahead=r.lookahead)
@@ -154,7 +154,7 @@ class TransformersCloudEngine:
 
     def _prompt_head(self) -> tuple[list[int], KV | None]:
         if self._head is None:
-            a, b = (prompts.render(self.tok, prompts.cloud_messages(x)) for x in ("Write a poem.", "Summarize this."))
+            a, b = (prompts.cloud_prompt_ids(self.tok, x) for x in ("Write a poem.", "Summarize this."))
             n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             if n >= 2:
                 _, caches = batched_forward(self.model, [None], [a[:n]], pad_id=self.pad_id)

@@ -30,10 +30,6 @@ class EdgeEngine:
                 return ids
         return ids[-self.max_prompt_tokens:]
 
-    def plain_prompt_ids(self, record: Record) -> list[int]:
-        """The no-context prompt (what the cloud sees), on the small model: contrast fusion's second pass."""
-        return prompts.render(self.tok, prompts.cloud_messages(record.public_instruction))
-
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  seeds: list[int | None]) -> list[list[int]]:
         """Batched sampling for several clients (left-padded); each row has its own generator."""

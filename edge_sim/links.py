@@ -137,7 +137,7 @@ class StatelessLink:
 
     def open(self, lives: Sequence["_Live"], cfg: "EdgeConfig") -> None:
         for lv in lives:
-            ids = prompts.render(self.tok, prompts.cloud_messages(lv.client.record.public_instruction))
+            ids = prompts.cloud_prompt_ids(self.tok, lv.client.record.public_instruction)
             self._prompt[lv.session_id] = (ids, self.tok.decode(ids))
         self._send(lives, cfg, opening=True)
 

@@ -25,6 +25,7 @@ from cogenesis import metrics
 from cogenesis.config import EdgeConfig
 from cogenesis.errors import ConfigError
 from cogenesis.fusion_net import Fuser
+from cogenesis.prompts import cloud_prompt_ids
 from cogenesis.protocol import StepReply
 from cogenesis.sampling import sample, sampling_probs
 from cogenesis.schedules import Schedule
@@ -132,7 +133,7 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
             lv.lp = lp  # computed while the cloud prefills
         if plain is not None:
             for lv, lp in zip(lives, plain.prefill([lv.plain_key for lv in lives],
-                                                   [engine.plain_prompt_ids(lv.client.record) for lv in lives])):
+                                                   [cloud_prompt_ids(engine.tok, lv.client.record.public_instruction) for lv in lives])):
                 lv.plain_lp = lp
         link.collect(lives, cfg)
         network()

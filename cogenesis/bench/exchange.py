@@ -234,7 +234,7 @@ def _large_only(ctx: _Ctx, records, tokens: int) -> VariantResult:
     from cogenesis.models import torch_threads
 
     batch = PackedBatch(ctx.large, ctx.tok.pad_token_id)  # load_causal_lm gives every tokenizer a pad token
-    prompt_ids = [prompts.render(ctx.tok, prompts.cloud_messages(r.public_instruction)) for r in records]
+    prompt_ids = [prompts.cloud_prompt_ids(ctx.tok, r.public_instruction) for r in records]
     with torch_threads(ctx.opts.reference_threads):
         stop_at = time.perf_counter() + ctx.opts.budget_s
         t0 = time.perf_counter()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cogenesis.models import load_causal_lm
-from cogenesis.teacher import cloud_prompt_ids, gold_ids, nll, teacher_forced
+from cogenesis.prompts import cloud_prompt_ids
+from cogenesis.teacher import gold_ids, nll, teacher_forced
 
 
 def test_teacher_forced_rows_are_the_incremental_next_token_distributions(tiny_small):
@@ -26,6 +27,6 @@ def test_gold_and_cloud_prompt(tiny_small, sample_records):
     r = sample_records[0]
     assert len(gold_ids(tok, r, 10)) == 10
     assert tok.decode(gold_ids(tok, r, 10_000)).strip() == r.gold.strip()
-    cloud = tok.decode(cloud_prompt_ids(tok, r))
+    cloud = tok.decode(cloud_prompt_ids(tok, r.public_instruction))
     assert r.public_instruction in cloud
     assert all(f not in cloud for f in r.private_fields())

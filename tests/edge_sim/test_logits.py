@@ -62,7 +62,7 @@ def reference(models, record, config):
     (large, tok), (small, _) = models
     engine = EdgeEngine(small, tok, config.max_prompt_tokens)
     cloud_ids = prompts.render(tok, prompts.cloud_messages(record.public_instruction))
-    edge_ids, plain_ids = engine.prompt_ids(record), engine.plain_prompt_ids(record)
+    edge_ids, plain_ids = engine.prompt_ids(record), prompts.cloud_prompt_ids(tok, record.public_instruction)
     fuser = Fuser(config.fusion, config.top_k)
     out = []
     with torch.inference_mode():
