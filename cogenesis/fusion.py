@@ -103,6 +103,13 @@ def entropy_weight(small_topk_lp: torch.Tensor, large_topk_lp: torch.Tensor) -> 
     return torch.where(total > 1e-6, h_large / total.clamp(min=1e-6), torch.full_like(total, 0.5))
 
 
+def _mix_with_cloud(small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor,
+                    weight: torch.Tensor | float, floor: float, restrict: bool) -> torch.Tensor:
+    """``mix`` of the device's distribution with the cloud's floored top-K, over candidates if ``restrict``."""
+    large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], floor)
+    return mix(small_lp, large_dense, weight, candidate_mask(small_lp, large_ids) if restrict else None)
+
+
 def fuse_constant(
     small_lp: torch.Tensor,
     large_ids: torch.Tensor,
@@ -124,8 +131,7 @@ def fuse_constant(
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
     _check_batch(small_lp, large_ids, large_lp)
-    large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], floor)
-    return mix(small_lp, large_dense, weight, candidate_mask(small_lp, large_ids) if restrict else None)
+    return _mix_with_cloud(small_lp, large_ids, large_lp, weight, floor, restrict)
 
 
 def fuse_entropy(small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor,
@@ -133,8 +139,7 @@ def fuse_entropy(small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torc
     """Mixture with a per-row weight from the two top-K entropies (``entropy_weight``)."""
     _check_batch(small_lp, large_ids, large_lp)
     w = entropy_weight(small_lp.float().topk(large_ids.shape[1], dim=-1).values, large_lp)
-    large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], floor)
-    return mix(small_lp, large_dense, w, candidate_mask(small_lp, large_ids) if restrict else None)
+    return _mix_with_cloud(small_lp, large_ids, large_lp, w, floor, restrict)
 
 
 def fuse_contrast(small_lp: torch.Tensor, plain_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor,
@@ -167,8 +172,7 @@ def fuse_learned(small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torc
     small_top = small_lp.float().topk(net.k, dim=-1)
     with torch.no_grad():
         w = net.weight(small_top.indices, small_top.values, large_ids.long(), large_lp.float())
-    large_dense = dense_large_logprobs(large_ids, large_lp, small_lp.shape[1], net.floor)
-    return mix(small_lp, large_dense, w, candidate_mask(small_lp, large_ids) if restrict else None)
+    return _mix_with_cloud(small_lp, large_ids, large_lp, w, net.floor, restrict)
 
 
 def fuse(method: str, small_lp: torch.Tensor, large_ids: torch.Tensor, large_lp: torch.Tensor, *,
