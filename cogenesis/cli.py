@@ -666,6 +666,8 @@ def _progress_bar():
 
 
 def cmd_train_fusion(args) -> int:
+    from dataclasses import asdict
+
     from cogenesis import fusion_train as ft
     from cogenesis.data import load_records
     from cogenesis.models import check_same_tokenizer, load_causal_lm, resolve_model
@@ -689,19 +691,14 @@ def cmd_train_fusion(args) -> int:
                           lambda s, d, n: update("training", d, n))
     meta = {"data": args.data, "records": len(set(positions.record.tolist())), "small_model": args.small_model,
             "large_model": args.large_model, "max_gold_tokens": args.max_gold_tokens,
-            "edge_prompt_tokens": args.edge_prompt_tokens, "options": ft.options_dict(opts)}
-    path = ft.save_result(result, args.out, meta)
+            "edge_prompt_tokens": args.edge_prompt_tokens, "options": asdict(opts)}
+    path, json_path = ft.save_result(result, args.out, meta)
     best = result.history[result.best_epoch]["dev_nll"]
-    summary = {**meta, "checkpoint": str(path), "parameters": result.net.n_parameters(), "best_epoch": result.best_epoch,
-               "dev_nll": best, "dev_baselines": result.baselines, "history": result.history,
-               "train_positions": result.train_positions, "dev_positions": result.dev_positions,
-               "seconds": round(result.seconds, 2)}
-    _write_json(str(path.with_suffix(".json")), summary)
     print(f"{opts.variant} fusion network ({result.net.n_parameters():,} parameters), {result.train_positions} train / "
           f"{result.dev_positions} dev positions from {meta['records']} records")
     print(f"dev NLL/token over candidates: learned {best:.4f} (epoch {result.best_epoch}); fixed w: " +
           ", ".join(f"{k.removeprefix('constant_')} {v:.4f}" for k, v in result.baselines.items()))
-    print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(f"wrote {path} and {json_path}")
     print(f"use it: --fusion learned --fusion-checkpoint {path}")
     return 0
 

@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -211,12 +212,13 @@ def train(p: Positions, vocab: int, k: int, opts: TrainOptions, progress: Progre
     return result
 
 
-def save_result(result: TrainResult, path: str | Path, meta: dict) -> Path:
-    meta = {**meta, "history": result.history, "best_epoch": result.best_epoch, "dev_baselines": result.baselines,
-            "train_positions": result.train_positions, "dev_positions": result.dev_positions,
-            "parameters": result.net.n_parameters(), "seconds": round(result.seconds, 2)}
-    return save(result.net, path, meta)
-
-
-def options_dict(opts: TrainOptions) -> dict:
-    return asdict(opts)
+def save_result(result: TrainResult, path: str | Path, meta: dict) -> tuple[Path, Path]:
+    """Write the checkpoint and, beside it (.json), a summary holding the same facts; returns both paths."""
+    summary = {**meta, "parameters": result.net.n_parameters(), "best_epoch": result.best_epoch,
+               "dev_nll": result.history[result.best_epoch]["dev_nll"], "dev_baselines": result.baselines,
+               "history": result.history, "train_positions": result.train_positions,
+               "dev_positions": result.dev_positions, "seconds": round(result.seconds, 2)}
+    path = save(result.net, path, summary)
+    json_path = path.with_suffix(".json")
+    json_path.write_text(json.dumps({**summary, "checkpoint": str(path)}, indent=1))
+    return path, json_path

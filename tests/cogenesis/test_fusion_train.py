@@ -1,5 +1,6 @@
 """Training the learned fusion: the candidate set, the loss, and a real training run on tiny models."""
 
+import json
 import math
 
 import pytest
@@ -95,9 +96,10 @@ def test_extract_and_train_on_tiny_models(tiny_large, tiny_small, sample_records
                                                                        batch_size=16, dev_fraction=0.25))
     train_losses = [h["train_nll"] for h in result.history[1:]]
     assert train_losses[-1] < train_losses[0]  # the loss decreases
-    path = ft.save_result(result, tmp_path / "f.pt", {"data": "sample"})
+    path, json_path = ft.save_result(result, tmp_path / "f.pt", {"data": "sample"})
     net, meta = load(path, k=5, vocab=small.config.vocab_size)
     assert meta["best_epoch"] == result.best_epoch and meta["data"] == "sample"
+    assert json.loads(json_path.read_text()) == {**meta, "checkpoint": str(path)}
     fuser = Fuser(FusionConfig(method="learned", checkpoint=str(path)), k=5, vocab=small.config.vocab_size)
     lp = torch.randn(2, small.config.vocab_size).log_softmax(-1)
     top = lp.topk(5)
