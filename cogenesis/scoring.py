@@ -14,11 +14,11 @@ import httpx
 
 from cogenesis.data import Record
 from cogenesis.errors import ClusterError
+from edge_sim import gate
 
 log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"[a-z0-9]+")
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def rouge_tokens(text: str) -> list[str]:
@@ -50,15 +50,10 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    w = _WORD.findall(text.lower())
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
-
-
 def private_ngrams(record: Record, n: int = 4) -> set[tuple[str, ...]]:
-    """Word n-grams of the record's private fields, less those in its public instruction (public by choice)."""
-    grams = set().union(*(word_ngrams(f, n) for f in record.private_fields())) if record.private_fields() else set()
-    return grams - word_ngrams(record.public_instruction, n)
+    """Word n-grams of the record's private fields, less those in its public instruction: what the
+    device's outbound gate guards (``edge_sim.gate``), at length ``n``."""
+    return gate.private_ngrams(record.public_instruction, record.private_fields(), n)
 
 
 def exposure(record: Record, received: Iterable[str], n: int = 4) -> float:
@@ -66,7 +61,7 @@ def exposure(record: Record, received: Iterable[str], n: int = 4) -> float:
     private = private_ngrams(record, n)
     if not private:
         return 0.0
-    seen = set().union(*(word_ngrams(t, n) for t in received)) if received else set()
+    seen = set().union(*(gate.ngrams(t, n) for t in received)) if received else set()
     return len(private & seen) / len(private)
 
 

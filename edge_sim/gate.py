@@ -30,11 +30,17 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 
+def private_ngrams(public_instruction: str, private_fields: Iterable[str], n: int) -> set[tuple[str, ...]]:
+    """Word n-grams of the private fields, less those of the public instruction (public by the user's choice)."""
+    if not n:
+        return set()
+    return set().union(*(ngrams(f, n) for f in private_fields)) - ngrams(public_instruction, n)
+
+
 class OutboundGate:
     def __init__(self, public_instruction: str, private_fields: Iterable[str], ngram: int = 5) -> None:
         self.n = ngram
-        public = ngrams(public_instruction, ngram)
-        self._private = set().union(*(ngrams(f, ngram) for f in private_fields)) - public if ngram else set()
+        self._private = private_ngrams(public_instruction, private_fields, ngram)
         self.sealed = 0
 
     def check_text(self, text: str) -> None:
