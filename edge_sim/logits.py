@@ -132,8 +132,8 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
         for lv, lp in zip(lives, device.prefill(lives, [engine.prompt_ids(lv.client.record) for lv in lives])):
             lv.lp = lp  # computed while the cloud prefills
         if plain is not None:
-            for lv, lp in zip(lives, plain.prefill([lv.plain_key for lv in lives],
-                                                   [cloud_prompt_ids(engine.tok, lv.client.record.public_instruction) for lv in lives])):
+            plain_prompts = [cloud_prompt_ids(engine.tok, lv.client.record.public_instruction) for lv in lives]
+            for lv, lp in zip(lives, plain.prefill([lv.plain_key for lv in lives], plain_prompts)):
                 lv.plain_lp = lp
         link.collect(lives, cfg)
         network()
