@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import redis
 
-from cogenesis.errors import BusTimeout, ClusterError, SessionError
-from cogenesis.protocol import ErrorReply, StepBatch, StepReply, decode_replies, encode, now_us
+from cogenesis.core.errors import BusTimeout, ClusterError, SessionError
+from cogenesis.core.protocol import ErrorReply, StepBatch, StepReply, decode_replies, encode, now_us
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,16 @@ def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
     The read timeout is explicit (redis-py 8 otherwise applies its own default, shorter than the
     bus's deadlines); blocking pops never ask for more than ``BLOCK_SLICE_S``.
     """
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=SOCKET_TIMEOUT_S,
-                                  health_check_interval=30)
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30
+    )
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise ClusterError(f"cannot reach Redis at {url}: {exc}",
-                           hint="start the cluster (`cogenesis demo` starts its own Redis) or fix --redis-url") from None
+        raise ClusterError(
+            f"cannot reach Redis at {url}: {exc}",
+            hint="start the cluster (`cogenesis demo` starts its own Redis) or fix --redis-url",
+        ) from None
     return client
 
 
@@ -124,8 +127,13 @@ class EdgeBus:
             pipe.expire(OPEN_STREAM, KEY_TTL_S)
         pipe.execute()
 
-    def wait_many(self, wanted: dict[str, int], deadline_ms: int, arrivals: dict[str, int] | None = None,
-                  reply_to: dict[str, str] | None = None) -> dict[str, StepReply | Exception]:
+    def wait_many(
+        self,
+        wanted: dict[str, int],
+        deadline_ms: int,
+        arrivals: dict[str, int] | None = None,
+        reply_to: dict[str, str] | None = None,
+    ) -> dict[str, StepReply | Exception]:
         """Replies for many sessions ({session: step}); a failed session maps to its exception.
 
         ``reply_to`` maps a session to its reply list (default: its own). Whatever is already posted
@@ -149,8 +157,13 @@ class EdgeBus:
                 remaining = deadline_ms / 1000 - time.time()
                 if remaining <= 0:
                     for sid, step in wanted.items():
-                        out.setdefault(sid, BusTimeout(f"session {sid}: no reply for step {step} before its deadline",
-                                                       hint="is the cloud running and reading the bus?"))
+                        out.setdefault(
+                            sid,
+                            BusTimeout(
+                                f"session {sid}: no reply for step {step} before its deadline",
+                                hint="is the cloud running and reading the bus?",
+                            ),
+                        )
                     break
                 item = self.r.brpop(keys, timeout=min(max(remaining, 0.01), BLOCK_SLICE_S))
                 payloads = [item[1]] if item is not None else []
@@ -161,8 +174,9 @@ class EdgeBus:
                     self._accept(reply, wanted, out, arrivals, got_us)
         return out
 
-    def _accept(self, reply: StepReply | ErrorReply, wanted: dict[str, int], out: dict, arrivals: dict | None,
-                got_us: int) -> None:
+    def _accept(
+        self, reply: StepReply | ErrorReply, wanted: dict[str, int], out: dict, arrivals: dict | None, got_us: int
+    ) -> None:
         sid = reply.session_id
         if sid not in wanted or sid in out:  # for a session not asked about now: keep the newest
             kept = self._stash.get(sid)
@@ -262,8 +276,13 @@ class CloudBus:
             pipe.xlen(stream)
         return sum(pipe.execute())
 
-    def finish(self, done: list[tuple[str, bytes]], replies: list[tuple[str, bytes]],
-               routes: list[str] = (), route_ttl_s: int = KEY_TTL_S) -> None:
+    def finish(
+        self,
+        done: list[tuple[str, bytes]],
+        replies: list[tuple[str, bytes]],
+        routes: list[str] = (),
+        route_ttl_s: int = KEY_TTL_S,
+    ) -> None:
         """One pipeline: post replies (with TTL), record routes, ack and delete consumed entries."""
         pipe = self.r.pipeline(transaction=False)
         for session_id, payload in replies:

@@ -9,6 +9,7 @@ for SIGTERM, on which it shuts everything down and removes the state file. Its l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -22,16 +23,16 @@ from pathlib import Path
 
 import httpx
 
-from cluster.bus import connect
-from cogenesis import metrics
-from cogenesis.config import CloudConfig
-from cogenesis.errors import ClusterError
+from cogenesis.cluster.bus import connect
+from cogenesis.core import metrics
+from cogenesis.core.config import CloudConfig
+from cogenesis.core.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
 
 def default_state_dir() -> Path:
-    from cogenesis.models import cogenesis_home
+    from cogenesis.core.models import cogenesis_home
 
     return cogenesis_home() / "cluster"
 
@@ -46,7 +47,7 @@ class ClusterState:
     config: dict
 
     @classmethod
-    def read(cls, state_dir: Path) -> "ClusterState | None":
+    def read(cls, state_dir: Path) -> ClusterState | None:
         path = Path(state_dir) / "state.json"
         if not path.is_file():
             return None
@@ -94,8 +95,9 @@ def running(state_dir: Path | None = None) -> ClusterState | None:
     return state
 
 
-def up(cloud: CloudConfig, state_dir: Path | None = None, timeout_s: float = 600.0,
-       progress=lambda msg: None) -> tuple[ClusterState, bool]:
+def up(
+    cloud: CloudConfig, state_dir: Path | None = None, timeout_s: float = 600.0, progress=lambda msg: None
+) -> tuple[ClusterState, bool]:
     """Start the background cluster unless one runs; returns (state, started_now)."""
     state_dir = Path(state_dir or default_state_dir())
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -103,10 +105,22 @@ def up(cloud: CloudConfig, state_dir: Path | None = None, timeout_s: float = 600
         return state, False
     (state_dir / "failed").unlink(missing_ok=True)
     logf = open(state_dir / "cluster.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.daemon", "--state-dir", str(state_dir),
-                             "--config", cloud.model_dump_json()],
-                            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cogenesis.cluster.daemon",
+            "--state-dir",
+            str(state_dir),
+            "--config",
+            cloud.model_dump_json(),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
     logf.close()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -115,13 +129,17 @@ def up(cloud: CloudConfig, state_dir: Path | None = None, timeout_s: float = 600
             return state, True
         if proc.poll() is not None:
             reason = (state_dir / "failed").read_text() if (state_dir / "failed").is_file() else _log_tail(state_dir)
-            raise ClusterError(f"the cluster did not start: {reason.strip() or f'exit code {proc.returncode}'}",
-                               hint=f"full log: {state_dir / 'cluster.log'}")
+            raise ClusterError(
+                f"the cluster did not start: {reason.strip() or f'exit code {proc.returncode}'}",
+                hint=f"full log: {state_dir / 'cluster.log'}",
+            )
         progress(_last_progress(state_dir))
         time.sleep(0.5)
     _stop_pid(proc.pid, 30.0)
-    raise ClusterError(f"the cluster was not up within {timeout_s:.0f} s (stopped it)",
-                       hint=f"see {state_dir / 'cluster.log'}; the first start converts the models (minutes)")
+    raise ClusterError(
+        f"the cluster was not up within {timeout_s:.0f} s (stopped it)",
+        hint=f"see {state_dir / 'cluster.log'}; the first start converts the models (minutes)",
+    )
 
 
 def _last_progress(state_dir: Path) -> str:
@@ -152,10 +170,8 @@ def _stop_pid(pid: int, timeout_s: float) -> None:
         time.sleep(0.2)
     if _alive(pid):
         log.warning("cluster process %d did not stop within %.0f s; killing its process group", pid, timeout_s)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def status(state_dir: Path | None = None, timeout_s: float = 5.0) -> dict:
@@ -163,16 +179,23 @@ def status(state_dir: Path | None = None, timeout_s: float = 5.0) -> dict:
     state = running(state_dir)
     if state is None:
         return {"running": False}
-    out = {"running": True, "pid": state.pid, "uptime_s": round(time.time() - state.started_at, 1),
-           "redis_url": state.redis_url, "http_url": state.http_url, "ray_address": state.ray_address,
-           "large_model": state.config.get("large_model"), "replicas": state.config.get("num_replicas")}
+    out = {
+        "running": True,
+        "pid": state.pid,
+        "uptime_s": round(time.time() - state.started_at, 1),
+        "redis_url": state.redis_url,
+        "http_url": state.http_url,
+        "ray_address": state.ray_address,
+        "large_model": state.config.get("large_model"),
+        "replicas": state.config.get("num_replicas"),
+    }
     try:
         out["healthy"] = httpx.get(f"{state.http_url}/healthz", timeout=timeout_s).status_code == 200
         out["stats"] = httpx.get(f"{state.http_url}/v1/stats", timeout=timeout_s).json()
     except (httpx.HTTPError, ValueError) as exc:
         out["healthy"], out["error"] = False, f"{type(exc).__name__}: {exc}"
     try:
-        from cluster.bus import connect
+        from cogenesis.cluster.bus import connect
 
         client = connect(state.redis_url, timeout_s)
         out["redis_keys"] = client.dbsize()
@@ -185,7 +208,7 @@ def status(state_dir: Path | None = None, timeout_s: float = 5.0) -> dict:
 def _serve(state_dir: Path, cloud: CloudConfig) -> int:
     import ray
 
-    from cluster.local import LocalCluster
+    from cogenesis.cluster.local import LocalCluster
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -193,8 +216,14 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
     cluster = LocalCluster(cloud)
     try:
         info = cluster.start(progress=lambda msg: log.info("cluster: %s", msg))
-        ClusterState(os.getpid(), info.redis_url, info.http_url, ray.get_runtime_context().gcs_address, time.time(),
-                     cloud.model_dump()).write(state_dir)
+        ClusterState(
+            os.getpid(),
+            info.redis_url,
+            info.http_url,
+            ray.get_runtime_context().gcs_address,
+            time.time(),
+            cloud.model_dump(),
+        ).write(state_dir)
         log.info("cluster: up (redis %s, http %s)", info.redis_url, info.http_url)
         write_prometheus_config(state_dir)
         bus = connect(info.redis_url)

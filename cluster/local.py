@@ -11,17 +11,21 @@ from dataclasses import dataclass
 
 import httpx
 
-from cluster.redis_server import RedisServer, free_port
-from cogenesis.config import CloudConfig
-from cogenesis.errors import ClusterError
+from cogenesis.cluster.redis_server import RedisServer, free_port
+from cogenesis.core.config import CloudConfig
+from cogenesis.core.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "cogenesis"
 
 # Stay on loopback; run Ray's workers at normal priority (load generators at nice 0 starve them).
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_worker_niceness": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_worker_niceness": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
 
 
 LOG_HINT = "replica logs: /tmp/ray/session_latest/logs/serve/ (rerun with -v for more)"
@@ -30,7 +34,7 @@ LOG_HINT = "replica logs: /tmp/ray/session_latest/logs/serve/ (rerun with -v for
 def _last_error_line(error) -> str:
     """The most telling line of a Serve deployment error (its innermost exception)."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error" in ln.split(":")[0] or ln.startswith("cogenesis.errors")]
+    errors = [ln for ln in lines if "Error" in ln.split(":")[0] or ln.startswith("cogenesis.core.errors")]
     return (errors[-1] if errors else lines[-1] if lines else "unknown error")[:500]
 
 
@@ -45,8 +49,13 @@ class ClusterInfo:
 class LocalCluster:
     """Start (or attach to) Redis, start Ray and Serve, deploy the cloud app; stop all of it."""
 
-    def __init__(self, cloud: CloudConfig, redis_url: str | None = None, start_timeout_s: float = 300.0,
-                 ray_temp_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        cloud: CloudConfig,
+        redis_url: str | None = None,
+        start_timeout_s: float = 300.0,
+        ray_temp_dir: str | None = None,
+    ) -> None:
         self.cloud = cloud
         self.ray_temp_dir = ray_temp_dir
         self.external_redis = redis_url
@@ -59,8 +68,8 @@ class LocalCluster:
         import ray
         from ray import serve
 
-        from cluster.bus import connect
-        from deployments.server import build_app
+        from cogenesis.cluster.bus import connect
+        from cogenesis.deployments.server import build_app
 
         os.environ.update(RAY_ENV)
         if self.external_redis:
@@ -79,9 +88,15 @@ class LocalCluster:
         # ray.init() installs a native SIGTERM handler that dumps a stack and aborts, so nothing started
         # here would be stopped; keep the owner's Python handler (the CLI's turns `kill` into Ctrl-C).
         on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                 configure_logging=True, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": RAY_ENV}, _temp_dir=self.ray_temp_dir)
+        ray.init(
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=True,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": RAY_ENV},
+            _temp_dir=self.ray_temp_dir,
+        )
         self._ray_started = True
         if callable(on_term):
             signal.signal(signal.SIGTERM, on_term)
@@ -110,11 +125,9 @@ class LocalCluster:
                 except httpx.HTTPError:
                     pass
             if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise ClusterError(f"the cloud app failed to deploy: {_last_error_line(status.message)}",
-                                   hint=LOG_HINT)
+                raise ClusterError(f"the cloud app failed to deploy: {_last_error_line(status.message)}", hint=LOG_HINT)
             time.sleep(0.5)
-        raise ClusterError(f"the cloud app was not healthy within {self.start_timeout_s:.0f} s",
-                           hint=LOG_HINT)
+        raise ClusterError(f"the cloud app was not healthy within {self.start_timeout_s:.0f} s", hint=LOG_HINT)
 
     def stop(self) -> None:
         if self._ray_started:
@@ -131,7 +144,7 @@ class LocalCluster:
             self.redis.stop()
             self.redis = None
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 

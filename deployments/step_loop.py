@@ -11,10 +11,10 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from cluster.bus import OPEN_STREAM, CloudBus
-from cogenesis import metrics
-from cogenesis.errors import CoGenesisError, ProtocolError, UnknownSession
-from cogenesis.protocol import (
+from cogenesis.cluster.bus import OPEN_STREAM, CloudBus
+from cogenesis.core import metrics
+from cogenesis.core.errors import CoGenesisError, ProtocolError, UnknownSession
+from cogenesis.core.protocol import (
     CloseSession,
     ErrorReply,
     OpenSession,
@@ -30,7 +30,7 @@ from cogenesis.protocol import (
     pack_logprobs,
     unpack_ids,
 )
-from deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
+from cogenesis.deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,26 @@ class Trace:
 
     def fields(self, sent_us: int) -> dict:
         bus_in = self.read_us - max(sent_us, self.read_called_us) if sent_us else 0
-        return dict(bus_in_us=max(0, bus_in), server_us=self.posted_us - self.read_us, model_us=self.model_us,
-                    posted_us=self.posted_us)
+        return dict(
+            bus_in_us=max(0, bus_in),
+            server_us=self.posted_us - self.read_us,
+            model_us=self.model_us,
+            posted_us=self.posted_us,
+        )
 
 
 def step_reply(session_id: str, step: int, replica: str, top: TopK, trace: dict) -> StepReply:
-    return StepReply(session_id=session_id, step=step, replica=replica, ids=pack_ids(top.ids.ravel()),
-                     logprobs=pack_logprobs(top.logprobs.ravel()), draft=pack_ids(top.draft),
-                     prompt_tokens=top.context_len, compute_ms=round(top.compute_ms, 3), **trace)
+    return StepReply(
+        session_id=session_id,
+        step=step,
+        replica=replica,
+        ids=pack_ids(top.ids.ravel()),
+        logprobs=pack_logprobs(top.logprobs.ravel()),
+        draft=pack_ids(top.draft),
+        prompt_tokens=top.context_len,
+        compute_ms=round(top.compute_ms, 3),
+        **trace,
+    )
 
 
 def _error(session_id: str, step: int, code: str, message: str) -> ErrorReply:
@@ -76,12 +88,20 @@ def _pack(replies: list[tuple[str, StepReply | ErrorReply]]) -> list[tuple[str, 
     groups: dict[str, list] = {}
     for key, msg in replies:
         groups.setdefault(key, []).append(msg)
-    return [(key, encode(msgs[0]) if len(msgs) == 1 else encode(ReplyBatch(items=msgs))) for key, msgs in groups.items()]
+    return [
+        (key, encode(msgs[0]) if len(msgs) == 1 else encode(ReplyBatch(items=msgs))) for key, msgs in groups.items()
+    ]
 
 
 class StepLoop:
-    def __init__(self, engine: CloudEngine, bus: CloudBus, engine_lock: threading.Lock,
-                 route_ttl_s: int = 600, metrics_address: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: CloudEngine,
+        bus: CloudBus,
+        engine_lock: threading.Lock,
+        route_ttl_s: int = 600,
+        metrics_address: str | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics_address = metrics_address  # announced on the bus with every heartbeat
         self.bus = bus
@@ -91,7 +111,7 @@ class StepLoop:
         self._thread = threading.Thread(target=self._run, name="cogenesis-step-loop", daemon=True)
         self.requests = self.errors = 0
 
-    def start(self) -> "StepLoop":
+    def start(self) -> StepLoop:
         self._thread.start()
         return self
 
@@ -145,8 +165,12 @@ class StepLoop:
             elif msg.deadline_ms < now_ms():
                 self.errors += 1
                 step = msg.step if isinstance(msg, StepRequest) else 0
-                replies.append((_route(msg), _error(msg.session_id, step, "deadline",
-                                                    "the request's deadline passed before it was served")))
+                replies.append(
+                    (
+                        _route(msg),
+                        _error(msg.session_id, step, "deadline", "the request's deadline passed before it was served"),
+                    )
+                )
             else:
                 (opens if isinstance(msg, OpenSession) else steps).append(msg)
         t_model = now_us()
@@ -154,10 +178,13 @@ class StepLoop:
             t_locked = now_us()  # the model's own time starts here (before: waiting for an outline to yield)
             for msg in closes:
                 self.engine.close(msg.session_id)
-            open_out = self._call(self.engine.open_many, [
-                OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m in opens])
-            step_out = self._call(self.engine.step_many, [
-                StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps])
+            open_out = self._call(
+                self.engine.open_many, [OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m in opens]
+            )
+            step_out = self._call(
+                self.engine.step_many,
+                [StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps],
+            )
         posted = now_us()
         trace = replace(trace, model_us=posted - t_model, posted_us=posted)
         self._observe(opens, steps, (posted - t_locked) / 1e6)

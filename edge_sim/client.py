@@ -1,7 +1,7 @@
 """A simulated edge client: one user's private record, both CoGenesis modes.
 
 Everything the client sends goes through its ``OutboundGate``; the private record never leaves
-this object. Logs name sessions and sizes, never text. Logits sessions run in ``edge_sim.logits``
+this object. Logs name sessions and sizes, never text. Logits sessions run in ``cogenesis.edge_sim.logits``
 (many clients stepped together); sketch requests are made here.
 """
 
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import httpx
 import msgspec
 
-from cluster.bus import Sealed
-from cogenesis.config import EdgeConfig
-from cogenesis.data import Record
-from cogenesis.errors import BusTimeout, ClusterError, SessionError
-from cogenesis.protocol import SketchReply, SketchRequest
-from edge_sim.engine import EdgeEngine
-from edge_sim.gate import OutboundGate
+from cogenesis.cluster.bus import Sealed
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.data import Record
+from cogenesis.core.errors import BusTimeout, ClusterError, SessionError
+from cogenesis.core.protocol import SketchReply, SketchRequest
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.gate import OutboundGate
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,15 @@ class SessionResult:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        out = {"client": self.client, "tid": self.tid, "mode": self.mode, "text": self.text,
-               "tokens": self.tokens, "seconds": round(self.seconds, 3), "round_trips": self.round_trips}
+        out = {
+            "client": self.client,
+            "tid": self.tid,
+            "mode": self.mode,
+            "text": self.text,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "round_trips": self.round_trips,
+        }
         if self.ttft_s is not None:
             out["ttft_s"] = round(self.ttft_s, 3)
         if self.sketch is not None:
@@ -66,10 +73,16 @@ class EdgeClient:
 
     def request_sketch(self, http: httpx.Client, http_url: str) -> tuple[str, int, float]:
         """Ask the cloud for an outline of the public instruction. Returns (sketch, tokens, seconds)."""
-        req = SketchRequest(request_id=uuid.uuid4().hex, instruction=self.record.public_instruction,
-                            kind=self.record.kind, max_tokens=self.cfg.sketch_max_tokens,
-                            temperature=self.cfg.sketch.temperature, top_p=self.cfg.sketch.top_p,
-                            repetition_penalty=self.cfg.sketch.repetition_penalty, seed=self.seed)
+        req = SketchRequest(
+            request_id=uuid.uuid4().hex,
+            instruction=self.record.public_instruction,
+            kind=self.record.kind,
+            max_tokens=self.cfg.sketch_max_tokens,
+            temperature=self.cfg.sketch.temperature,
+            top_p=self.cfg.sketch.top_p,
+            repetition_penalty=self.cfg.sketch.repetition_penalty,
+            seed=self.seed,
+        )
         sealed = self.gate.seal_json(req)
         t0 = time.perf_counter()
         reply = post_sealed(http, f"{http_url}/v1/sketch", sealed, self.cfg.step_timeout_s)
@@ -79,13 +92,16 @@ class EdgeClient:
     def sketch_prompt(self, sketch: str) -> list[int]:
         return self.engine.prompt_ids(self.record, sketch=sketch)
 
+
 def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) -> bytes:
     """POST a gate-sealed body; errors become CoGenesisErrors that say what happened."""
     try:
         resp = http.post(url, content=sealed.payload, headers={"content-type": "application/json"}, timeout=timeout_s)
     except httpx.TimeoutException:
-        raise BusTimeout(f"no answer from {url} within {timeout_s:.0f} s",
-                         hint="the cloud may be overloaded; raise --step-timeout or add replicas") from None
+        raise BusTimeout(
+            f"no answer from {url} within {timeout_s:.0f} s",
+            hint="the cloud may be overloaded; raise --step-timeout or add replicas",
+        ) from None
     except httpx.HTTPError as exc:
         raise ClusterError(f"cannot reach the cloud at {url}: {exc}", hint="is the cluster running?") from None
     if resp.status_code != 200:
@@ -97,4 +113,3 @@ def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) 
             detail = resp.text[:200]
         raise SessionError(f"cloud answered {resp.status_code}: {detail}")
     return resp.content
-

@@ -1,6 +1,6 @@
 """Where a session's small-model passes run: the device, real or simulated by a profile.
 
-The logits loop (``edge_sim.logits``) asks its device for log-probs after a prompt (``prefill``)
+The logits loop (``cogenesis.edge_sim.logits``) asks its device for log-probs after a prompt (``prefill``)
 and after each chosen token (``step``); ``release`` frees a session's state.
 
 - ``PackedDevice``: the lockstep pool's device. All its sessions sit in one packed cache and step
@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cogenesis.errors import ConfigError
-from cogenesis.kvbatch import KV, PackedBatch, batched_forward
-from cogenesis.models import torch_threads
+from cogenesis.core.errors import ConfigError
+from cogenesis.core.kvbatch import KV, PackedBatch, batched_forward
+from cogenesis.core.models import torch_threads
 
 REAL = "real"
 # Sessions one simulated edge process runs at once on the real small model (the rest wait for a
@@ -47,8 +48,10 @@ class DeviceProfile(BaseModel):
     description: str = ""
 
     def summary(self) -> str:
-        return (f"{self.name} (simulated: {self.decode_tokens_per_s:g} tok/s decode, {self.prefill_tokens_per_s:g} "
-                f"tok/s prefill, +{self.rtt_ms:g} ms RTT per cloud exchange)")
+        return (
+            f"{self.name} (simulated: {self.decode_tokens_per_s:g} tok/s decode, {self.prefill_tokens_per_s:g} "
+            f"tok/s prefill, +{self.rtt_ms:g} ms RTT per cloud exchange)"
+        )
 
 
 def load_profiles(path: str | Path = PROFILES_FILE) -> dict[str, DeviceProfile]:
@@ -68,8 +71,10 @@ def resolve_device(name: str, path: str | Path = PROFILES_FILE) -> DeviceProfile
         return None
     profiles = load_profiles(path)
     if name not in profiles:
-        raise ConfigError(f"unknown device {name!r}",
-                          hint=f"use 'real' or a profile from {path}: {', '.join(sorted(profiles)) or '(none)'}")
+        raise ConfigError(
+            f"unknown device {name!r}",
+            hint=f"use 'real' or a profile from {path}: {', '.join(sorted(profiles)) or '(none)'}",
+        )
     return profiles[name]
 
 
@@ -83,12 +88,12 @@ def default_max_active(profile: DeviceProfile | None) -> int | None:
     return REAL_MAX_ACTIVE if profile is None else None
 
 
-def open_device(cfg, profile: DeviceProfile | None, offload: "Offload", sleep: Callable[[float], None]):
+def open_device(cfg, profile: DeviceProfile | None, offload: Offload, sleep: Callable[[float], None]):
     """The engine and device that one simulated-edge process (a fleet pool, a Locust process) shares among
     its clients. ``offload`` runs slow work (loading the model, forward passes) off the event loop;
     ``sleep`` is the loop's sleep. Returns (EdgeEngine, Device)."""
-    from cogenesis.models import load_causal_lm, resolve_model
-    from edge_sim.engine import EdgeEngine
+    from cogenesis.core.models import load_causal_lm, resolve_model
+    from cogenesis.edge_sim.engine import EdgeEngine
 
     path = offload(lambda: resolve_model(cfg.small_model))  # the first use converts the embedded model
     if profile is None:
@@ -98,8 +103,9 @@ def open_device(cfg, profile: DeviceProfile | None, offload: "Offload", sleep: C
         return engine, SharedDevice(model, engine.pad_id, offload=offload, threads=cfg.torch_threads)
     from transformers import AutoTokenizer
 
-    return EdgeEngine(None, offload(lambda: AutoTokenizer.from_pretrained(path)), cfg.max_prompt_tokens), \
-        ProfileDevice(profile, sleep)
+    return EdgeEngine(None, offload(lambda: AutoTokenizer.from_pretrained(path)), cfg.max_prompt_tokens), ProfileDevice(
+        profile, sleep
+    )
 
 
 class Device(Protocol):
@@ -160,8 +166,14 @@ class SharedDevice:
 
     simulated = False
 
-    def __init__(self, model, pad_id: int, offload: Offload = lambda fn: fn(), threads: int | None = None,
-                 prefill_chunk: int = 2048) -> None:
+    def __init__(
+        self,
+        model,
+        pad_id: int,
+        offload: Offload = lambda fn: fn(),
+        threads: int | None = None,
+        prefill_chunk: int = 2048,
+    ) -> None:
         self.model = model
         self.prefill_chunk = prefill_chunk  # prompt tokens per pass between decode passes
         self.pad_id = pad_id
@@ -243,6 +255,7 @@ class SharedDevice:
         def run():
             with torch_threads(self.threads):
                 return batched_forward(self.model, pasts, [t for _, t, _ in group], pad_id=self.pad_id)
+
         try:
             lps, caches = self.offload(run)
         except Exception as exc:  # every waiting session learns of it

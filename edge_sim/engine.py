@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from cogenesis import prompts
-from cogenesis.data import Record
-from cogenesis.sampling import sample
+from cogenesis.core import prompts
+from cogenesis.core.data import Record
+from cogenesis.core.sampling import sample
 
 
 class EdgeEngine:
     """Small model shared by the clients of one edge pool; every client keeps its own state."""
 
     def __init__(self, model, tokenizer, max_prompt_tokens: int = 1536) -> None:
-        """``model`` None: a simulated device (``edge_sim.device.ProfileDevice``), tokenizer only."""
+        """``model`` None: a simulated device (``cogenesis.edge_sim.device.ProfileDevice``), tokenizer only."""
         self.model = model.eval() if model is not None else None
         self.tok = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
@@ -28,10 +28,16 @@ class EdgeEngine:
             ids = prompts.render(self.tok, record.edge_prompt(sketch, max_history=keep))
             if len(ids) <= self.max_prompt_tokens:
                 return ids
-        return ids[-self.max_prompt_tokens:]
+        return ids[-self.max_prompt_tokens :]
 
-    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 seeds: list[int | None]) -> list[list[int]]:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seeds: list[int | None],
+    ) -> list[list[int]]:
         """Batched sampling for several clients (left-padded); each row has its own generator."""
         width = max(map(len, prompt_ids))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -45,13 +51,18 @@ class EdgeEngine:
         step_ids = ids
         with torch.inference_mode():
             for _ in range(max_new_tokens):
-                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=position,
-                                 past_key_values=cache, use_cache=True)
+                out = self.model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=position,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
                 cache = out.past_key_values
                 lp = out.logits[:, -1].float().log_softmax(-1)  # [B, V]
                 nxt = []
                 for b in range(len(prompt_ids)):
-                    tok = int(sample(lp[b:b + 1], temperature, top_p, gens[b])[0]) if not done[b] else pad
+                    tok = int(sample(lp[b : b + 1], temperature, top_p, gens[b])[0]) if not done[b] else pad
                     if not done[b]:
                         if tok in self.stop_ids:
                             done[b] = True
@@ -64,4 +75,3 @@ class EdgeEngine:
                 mask = torch.cat([mask, torch.ones(len(nxt), 1, dtype=mask.dtype)], dim=1)
                 position = position[:, -1:] + 1
         return outputs
-

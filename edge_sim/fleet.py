@@ -39,14 +39,16 @@ class FleetOptions:
     think_s: tuple[float, float] = (5.0, 15.0)
     pools: int = 1
     device: str = "real"
-    max_active: int | None = None  # sessions at once per pool (None: device.REAL_MAX_ACTIVE on the real device; no cap for a profile)
+    max_active: int | None = (
+        None  # sessions at once per pool (None: device.REAL_MAX_ACTIVE on the real device; no cap for a profile)
+    )
     data: str | None = None
     launcher: str = "local"  # local | ray
     grace_s: float = 120.0  # after the duration, running sessions get this long to finish
     edge: dict = field(default_factory=dict)  # EdgeConfig fields
 
     def validate(self) -> None:
-        from cogenesis.errors import ConfigError
+        from cogenesis.core.errors import ConfigError
 
         if self.clients < 1 or self.pools < 1 or (self.max_active is not None and self.max_active < 1):
             raise ConfigError("--clients, --pools and --max-active must be >= 1")
@@ -66,7 +68,7 @@ class FleetOptions:
 
 
 def parse_think(text: str) -> tuple[float, float]:
-    from cogenesis.errors import ConfigError
+    from cogenesis.core.errors import ConfigError
 
     try:
         a, _, b = text.partition("..")
@@ -130,12 +132,12 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     from gevent.event import Event
     from gevent.lock import BoundedSemaphore
 
-    from cogenesis import metrics
-    from cogenesis.config import EdgeConfig
-    from cogenesis.data import load_records, sample_data_path
-    from edge_sim.client import EdgeClient
-    from edge_sim.device import SharedDevice, default_max_active, open_device, resolve_device
-    from edge_sim.session import Cloud, run_session
+    from cogenesis.core import metrics
+    from cogenesis.core.config import EdgeConfig
+    from cogenesis.core.data import load_records, sample_data_path
+    from cogenesis.edge_sim.client import EdgeClient
+    from cogenesis.edge_sim.device import SharedDevice, default_max_active, open_device, resolve_device
+    from cogenesis.edge_sim.session import Cloud, run_session
 
     cfg = EdgeConfig(**opts.edge)
     profile = resolve_device(opts.device)
@@ -162,7 +164,8 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
                 return
             n = 0
             while (end is None or time.perf_counter() < end) and (
-                    opts.sessions_per_client is None or n < opts.sessions_per_client):
+                opts.sessions_per_client is None or n < opts.sessions_per_client
+            ):
                 with slots:
                     counts["active"] += 1
                     counts["max_active"] = max(counts["max_active"], counts["active"])
@@ -174,7 +177,8 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
                 n += 1
                 _record(r)
                 if (opts.sessions_per_client is None or n < opts.sessions_per_client) and over.wait(
-                        rng.uniform(*opts.think_s)):
+                    rng.uniform(*opts.think_s)
+                ):
                     return
         finally:
             counts["connected"] -= 1
@@ -228,11 +232,17 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     if isinstance(device, SharedDevice):
         device.close()
     http.close()
-    summary = {"pool": pool, "clients": len(mine), "seconds": time.perf_counter() - t_start, **counts,
-               "errors": errors, "rss_mb": {"start": round(rss["start"], 1), "end": round(_rss_mb(), 1),
-                                            "peak": round(rss["peak"], 1)},
-               "samples": {k: v.items for k, v in lat.items()},
-               "device_passes": getattr(device, "passes", None), "device_rows": getattr(device, "rows", None)}
+    summary = {
+        "pool": pool,
+        "clients": len(mine),
+        "seconds": time.perf_counter() - t_start,
+        **counts,
+        "errors": errors,
+        "rss_mb": {"start": round(rss["start"], 1), "end": round(_rss_mb(), 1), "peak": round(rss["peak"], 1)},
+        "samples": {k: v.items for k, v in lat.items()},
+        "device_passes": getattr(device, "passes", None),
+        "device_rows": getattr(device, "rows", None),
+    }
     rdb.rpush(f"cg:fleet:{run_id}:done", json.dumps(summary))
     rdb.expire(f"cg:fleet:{run_id}:done", RUN_TTL_S)
     rdb.close()
@@ -252,7 +262,9 @@ def _pool_entry(argv: list[str]) -> int:
     p.add_argument("--http-url", required=True)
     p.add_argument("--options", required=True, help="FleetOptions as JSON")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s pool{args.pool} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(asctime)s pool{args.pool} %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("edge_sim").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     raw = json.loads(args.options)
@@ -271,13 +283,25 @@ def _pool_entry(argv: list[str]) -> int:
     return 0
 
 
-
 # ---- the parent ------------------------------------------------------------------------------
 
 
 def pool_command(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_url: str) -> list[str]:
-    return [sys.executable, "-m", "edge_sim.fleet", "--run-id", run_id, "--pool", str(pool), "--redis-url", redis_url,
-            "--http-url", http_url, "--options", json.dumps(asdict(opts))]
+    return [
+        sys.executable,
+        "-m",
+        "cogenesis.edge_sim.fleet",
+        "--run-id",
+        run_id,
+        "--pool",
+        str(pool),
+        "--redis-url",
+        redis_url,
+        "--http-url",
+        http_url,
+        "--options",
+        json.dumps(asdict(opts)),
+    ]
 
 
 def _run_pool_on_ray(cmd: list[str], cwd: str) -> int:
@@ -286,8 +310,9 @@ def _run_pool_on_ray(cmd: list[str], cwd: str) -> int:
     return subprocess.call(cmd, cwd=cwd)
 
 
-def run_fleet(opts: FleetOptions, redis_url: str, http_url: str, ray_address: str | None = None,
-              progress=lambda counts: None) -> dict:
+def run_fleet(
+    opts: FleetOptions, redis_url: str, http_url: str, ray_address: str | None = None, progress=lambda counts: None
+) -> dict:
     """Start the pools, follow their counters, merge their summaries; returns the report."""
     import subprocess
     import uuid
@@ -295,8 +320,8 @@ def run_fleet(opts: FleetOptions, redis_url: str, http_url: str, ray_address: st
 
     import redis
 
-    from cogenesis.errors import ClusterError
-    from edge_sim.device import resolve_device
+    from cogenesis.core.errors import ClusterError
+    from cogenesis.edge_sim.device import resolve_device
 
     opts.validate()
     profile = resolve_device(opts.device)  # a bad name fails here, before any process starts
@@ -309,7 +334,7 @@ def run_fleet(opts: FleetOptions, redis_url: str, http_url: str, ray_address: st
     t0 = time.perf_counter()
     procs, refs = [], []
     if opts.launcher == "ray":
-        from cluster.local import RAY_ENV
+        from cogenesis.cluster.local import RAY_ENV
 
         os.environ.update(RAY_ENV)
         # Ray 2.60's local clusters authenticate with the token ray.init wrote (~/.ray/auth_token); a driver
@@ -338,8 +363,10 @@ def run_fleet(opts: FleetOptions, redis_url: str, http_url: str, ray_address: st
             progress({**counts, "elapsed_s": time.perf_counter() - t0, "pools_done": len(done)})
             dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
             if dead and len(done) < pools and not rdb.llen(f"cg:fleet:{run_id}:done"):
-                raise ClusterError(f"{len(dead)} edge pool process(es) exited with code {dead[0].returncode} "
-                                   "before reporting", hint="rerun with -v; the pool's error is printed above")
+                raise ClusterError(
+                    f"{len(dead)} edge pool process(es) exited with code {dead[0].returncode} before reporting",
+                    hint="rerun with -v; the pool's error is printed above",
+                )
             if limit is not None and time.perf_counter() - t0 > limit:
                 raise ClusterError(f"edge pools did not finish within {limit:.0f} s")
     finally:
@@ -370,9 +397,8 @@ def _sum_counts(rdb, run_id: str, pools: int) -> dict:
     return {k: (int(v) if k != "rss_mb" else round(v, 1)) for k, v in total.items()}
 
 
-def merge(done: list[dict], opts: FleetOptions, profile, seconds: float, peak_active: int,
-          peak_connected: int) -> dict:
-    from edge_sim.device import describe
+def merge(done: list[dict], opts: FleetOptions, profile, seconds: float, peak_active: int, peak_connected: int) -> dict:
+    from cogenesis.edge_sim.device import describe
 
     fatal = [d for d in done if "fatal" in d]
     ok = [d for d in done if "fatal" not in d]
@@ -385,17 +411,29 @@ def merge(done: list[dict], opts: FleetOptions, profile, seconds: float, peak_ac
     samples = {k: [x for d in ok for x in d["samples"][k]] for k in ("ttft", "itl", "session")}
     tokens = sum(d["tokens"] for d in ok)
     return {
-        "clients": opts.clients, "pools": opts.pools, "mode": opts.mode,
+        "clients": opts.clients,
+        "pools": opts.pools,
+        "mode": opts.mode,
         "device": describe(profile, "pool"),
-        "think_s": list(opts.think_s), "duration_s": opts.duration_s, "sessions_per_client": opts.sessions_per_client,
-        "max_active_per_pool": opts.max_active, "seconds": round(seconds, 1),
-        "sessions": {"ok": sum(d["ok"] for d in ok), "failed": sum(d["failed"] for d in ok) + len(fatal),
-                     "cut": sum(d["cut"] for d in ok)},
-        "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
-        "peak_connected": peak_connected, "peak_active": peak_active,
-        "ttft_ms": percentiles(samples["ttft"]), "itl_ms": percentiles(samples["itl"]),
+        "think_s": list(opts.think_s),
+        "duration_s": opts.duration_s,
+        "sessions_per_client": opts.sessions_per_client,
+        "max_active_per_pool": opts.max_active,
+        "seconds": round(seconds, 1),
+        "sessions": {
+            "ok": sum(d["ok"] for d in ok),
+            "failed": sum(d["failed"] for d in ok) + len(fatal),
+            "cut": sum(d["cut"] for d in ok),
+        },
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "peak_connected": peak_connected,
+        "peak_active": peak_active,
+        "ttft_ms": percentiles(samples["ttft"]),
+        "itl_ms": percentiles(samples["itl"]),
         "session_ms": percentiles(samples["session"]),
-        "pool_rss_mb": [d["rss_mb"] for d in ok], "errors": errors,
+        "pool_rss_mb": [d["rss_mb"] for d in ok],
+        "errors": errors,
         "edge": opts.edge,
     }
 

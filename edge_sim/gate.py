@@ -10,13 +10,13 @@ into its own output is measured separately (see tests/test_privacy.py).
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import msgspec
 
-from cluster.bus import Sealed
-from cogenesis.errors import PrivacyViolation
-from cogenesis.protocol import CloseSession, OpenSession, SketchRequest, StatelessRequest, StepRequest, encode
+from cogenesis.cluster.bus import Sealed
+from cogenesis.core.errors import PrivacyViolation
+from cogenesis.core.protocol import CloseSession, OpenSession, SketchRequest, StatelessRequest, StepRequest, encode
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -27,7 +27,7 @@ def words(text: str) -> list[str]:
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     w = words(text)
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def private_ngrams(public_instruction: str, private_fields: Iterable[str], n: int) -> set[tuple[str, ...]]:
@@ -51,8 +51,9 @@ class OutboundGate:
                 hint="send only the general instruction (the text before the first ': ') to the cloud",
             )
 
-    def seal(self, msg: OpenSession | StepRequest | CloseSession | StatelessRequest,
-             prompt_text: str | None = None) -> Sealed:
+    def seal(
+        self, msg: OpenSession | StepRequest | CloseSession | StatelessRequest, prompt_text: str | None = None
+    ) -> Sealed:
         """Check and encode a message (msgpack).
 
         A ``StatelessRequest`` re-sends the cloud prompt's token ids every step: ``prompt_text``

@@ -6,7 +6,7 @@ replies awaited together); choose the token (fused or small-only), accepting the
 when the choice equals it, which keeps the next position covered without a round trip; then run
 the small model on every session's new token in one batched pass. When the schedule is known in
 advance, the request for the next position leaves before that pass, so the cloud computes while
-the device does. How requests reach the cloud is a ``CloudLink`` (``edge_sim.links``): the Redis
+the device does. How requests reach the cloud is a ``CloudLink`` (``cogenesis.edge_sim.links``): the Redis
 bus (CoGenesis) or, for the benchmark's baseline, stateless HTTP.
 """
 
@@ -20,20 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cluster.bus import EdgeBus
-from cogenesis import metrics
-from cogenesis.config import EdgeConfig
-from cogenesis.errors import ConfigError
-from cogenesis.fusion_net import Fuser
-from cogenesis.prompts import cloud_prompt_ids
-from cogenesis.protocol import StepReply
-from cogenesis.sampling import sample, sampling_probs
-from cogenesis.schedules import Schedule
-from cogenesis.speculative import accept_draft
-from edge_sim.client import EdgeClient, SessionResult
-from edge_sim.device import Device, PackedDevice
-from edge_sim.engine import EdgeEngine
-from edge_sim.links import BusLink, CloudLink
+from cogenesis.cluster.bus import EdgeBus
+from cogenesis.core import metrics
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.errors import ConfigError
+from cogenesis.core.fusion_net import Fuser
+from cogenesis.core.prompts import cloud_prompt_ids
+from cogenesis.core.protocol import StepReply
+from cogenesis.core.sampling import sample, sampling_probs
+from cogenesis.core.schedules import Schedule
+from cogenesis.core.speculative import accept_draft
+from cogenesis.edge_sim.client import EdgeClient, SessionResult
+from cogenesis.edge_sim.device import Device, PackedDevice
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.links import BusLink, CloudLink
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ class _Live:
             if reply.posted_us:  # traced by the replica
                 self.overhead_us.append(reply.exchange_overhead_us(received_us, waited_from_us))
 
-
     def reply_done(self) -> None:
         """The current reply is used up: count how many of its drafts were accepted."""
         if self.drafts.size:
@@ -101,9 +100,15 @@ def schedule_of(cfg: EdgeConfig) -> Schedule:
     return Schedule(s.kind, s.p, s.k, s.t, s.tau)
 
 
-def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: CloudLink | EdgeBus, cfg: EdgeConfig,
-                        on_result=lambda r: None, stop_at: float | None = None,
-                        device: Device | None = None) -> list[SessionResult]:
+def run_logits_sessions(
+    clients: list[EdgeClient],
+    engine: EdgeEngine,
+    link: CloudLink | EdgeBus,
+    cfg: EdgeConfig,
+    on_result=lambda r: None,
+    stop_at: float | None = None,
+    device: Device | None = None,
+) -> list[SessionResult]:
     """Run one logits session per client, all stepped together; returns their results in order.
 
     ``stop_at`` (a ``time.perf_counter()`` instant, for time-boxed benchmarks): sessions still
@@ -114,19 +119,34 @@ def run_logits_sessions(clients: list[EdgeClient], engine: EdgeEngine, link: Clo
     sched = schedule_of(cfg)
     device = device or PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads)
     if device.simulated and sched.kind != "every":
-        raise ConfigError(f"a simulated device has no distribution of its own, so it cannot run the {sched.kind!r} "
-                          "schedule", hint="use --device real, or the 'every' schedule")
+        raise ConfigError(
+            f"a simulated device has no distribution of its own, so it cannot run the {sched.kind!r} schedule",
+            hint="use --device real, or the 'every' schedule",
+        )
     if device.simulated and cfg.fusion.method != "constant":
-        raise ConfigError(f"a simulated device samples the cloud's top-k and fuses nothing, so {cfg.fusion.method!r} "
-                          "fusion cannot run on it", hint="use --device real for fusion methods other than constant")
+        raise ConfigError(
+            f"a simulated device samples the cloud's top-k and fuses nothing, so {cfg.fusion.method!r} "
+            "fusion cannot run on it",
+            hint="use --device real for fusion methods other than constant",
+        )
     fuser = Fuser(cfg.fusion, cfg.top_k, engine.vocab) if not device.simulated else None
     plain = None  # contrast fusion: the small model without the context, stepped beside the real one
     if fuser is not None and fuser.needs_plain:
-        plain = PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads) if isinstance(device, PackedDevice) \
+        plain = (
+            PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads)
+            if isinstance(device, PackedDevice)
             else device
+        )
     network = getattr(device, "network", lambda: None)  # a profile's round trip per exchange
-    lives = [_Live(c, uuid.uuid4().hex, torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
-                   time.perf_counter()) for c in clients]
+    lives = [
+        _Live(
+            c,
+            uuid.uuid4().hex,
+            torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
+            time.perf_counter(),
+        )
+        for c in clients
+    ]
     try:
         link.open(lives, cfg)
         for lv, lp in zip(lives, device.prefill(lives, [engine.prompt_ids(lv.client.record) for lv in lives])):
@@ -185,8 +205,12 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine, fus
             target, space = torch.from_numpy(lps).float()[None], ids
         else:
             t0 = time.perf_counter()
-            target = fuser(lv.lp[None], torch.from_numpy(ids.astype(np.int64))[None], torch.from_numpy(lps)[None],
-                           None if lv.plain_lp is None else lv.plain_lp[None])
+            target = fuser(
+                lv.lp[None],
+                torch.from_numpy(ids.astype(np.int64))[None],
+                torch.from_numpy(lps)[None],
+                None if lv.plain_lp is None else lv.plain_lp[None],
+            )
             metrics.fusion_seconds.observe(time.perf_counter() - t0)
         lv.fused += 1
     else:
@@ -220,16 +244,39 @@ def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine, fus
 def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
     seconds = time.perf_counter() - lv.t0
     lv.reply_done()
-    metrics.session_done("logits", "failed" if lv.error else "cut" if lv.stopped else "ok", 0 if lv.error else len(lv.out))
+    metrics.session_done(
+        "logits", "failed" if lv.error else "cut" if lv.stopped else "ok", 0 if lv.error else len(lv.out)
+    )
     c = lv.client
-    extra = {"fused_steps": lv.fused, "accepted_draft_tokens": lv.accepted, "rtt_us": lv.rtt_us,
-             "overhead_us": lv.overhead_us, "stopped": lv.stopped,
-             "itl_s": [b - a for a, b in zip(lv.token_times, lv.token_times[1:])]}
+    extra = {
+        "fused_steps": lv.fused,
+        "accepted_draft_tokens": lv.accepted,
+        "rtt_us": lv.rtt_us,
+        "overhead_us": lv.overhead_us,
+        "stopped": lv.stopped,
+        "itl_s": [b - a for a, b in zip(lv.token_times, lv.token_times[1:])],
+    }
     if lv.error:
-        return SessionResult(c.index, c.record.tid, "logits", "", 0, seconds, error=lv.error,
-                             round_trips=lv.round_trips, extra=extra)
+        return SessionResult(
+            c.index, c.record.tid, "logits", "", 0, seconds, error=lv.error, round_trips=lv.round_trips, extra=extra
+        )
     text = engine.tok.decode(lv.out, skip_special_tokens=True).strip()
-    log.info("client %d logits session %s: %d tokens, %d round trips in %.2f s", c.index, lv.session_id[:8],
-             len(lv.out), lv.round_trips, seconds)
-    return SessionResult(c.index, c.record.tid, "logits", text, len(lv.out), seconds, ttft_s=lv.ttft,
-                         round_trips=lv.round_trips, extra=extra)
+    log.info(
+        "client %d logits session %s: %d tokens, %d round trips in %.2f s",
+        c.index,
+        lv.session_id[:8],
+        len(lv.out),
+        lv.round_trips,
+        seconds,
+    )
+    return SessionResult(
+        c.index,
+        c.record.tid,
+        "logits",
+        text,
+        len(lv.out),
+        seconds,
+        ttft_s=lv.ttft,
+        round_trips=lv.round_trips,
+        extra=extra,
+    )

@@ -2,7 +2,7 @@
 
 Each client keeps its own record, gate, sampling generator and KV state; only the model
 weights are shared. Sketch mode batches the clients' final generation into one batched
-decode; logits mode steps all clients' sessions together (``edge_sim.logits``).
+decode; logits mode steps all clients' sessions together (``cogenesis.edge_sim.logits``).
 """
 
 from __future__ import annotations
@@ -10,19 +10,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import httpx
 
-from cluster.bus import EdgeBus
-from cogenesis import metrics
-from cogenesis.config import EdgeConfig
-from cogenesis.data import Record
-from cogenesis.errors import CoGenesisError
-from edge_sim.client import EdgeClient, SessionResult
-from edge_sim.engine import EdgeEngine
-from edge_sim.logits import run_logits_sessions
+from cogenesis.cluster.bus import EdgeBus
+from cogenesis.core import metrics
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.data import Record
+from cogenesis.core.errors import CoGenesisError
+from cogenesis.edge_sim.client import EdgeClient, SessionResult
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.logits import run_logits_sessions
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,36 @@ class EdgePool:
                 except Exception as exc:  # reported per session below
                     sketches.append(exc)
         ok = [(c, s) for c, s in zip(self.clients, sketches) if not isinstance(s, Exception)]
-        results = {c.index: _failed(c, "sketch", s, time.perf_counter() - t0)
-                   for c, s in zip(self.clients, sketches) if isinstance(s, Exception)}
+        results = {
+            c.index: _failed(c, "sketch", s, time.perf_counter() - t0)
+            for c, s in zip(self.clients, sketches)
+            if isinstance(s, Exception)
+        }
         if ok and not self.stop.is_set():
             t_gen = time.perf_counter()
             samp = self.cfg.sampling
-            outs = self.engine.generate([c.sketch_prompt(s[0]) for c, s in ok], self.cfg.max_new_tokens,
-                                        samp.temperature, samp.top_p, [c.seed for c, _ in ok])
+            outs = self.engine.generate(
+                [c.sketch_prompt(s[0]) for c, s in ok],
+                self.cfg.max_new_tokens,
+                samp.temperature,
+                samp.top_p,
+                [c.seed for c, _ in ok],
+            )
             gen_s = time.perf_counter() - t_gen
             for (c, (sketch, _, sketch_s)), ids in zip(ok, outs):
                 text = self.engine.tok.decode(ids, skip_special_tokens=True).strip()
                 metrics.session_done("sketch", "ok", len(ids))
-                results[c.index] = SessionResult(c.index, c.record.tid, "sketch", text, len(ids), sketch_s + gen_s,
-                                                 round_trips=1, sketch=sketch,
-                                                 extra={"sketch_seconds": sketch_s, "edge_seconds": gen_s})
+                results[c.index] = SessionResult(
+                    c.index,
+                    c.record.tid,
+                    "sketch",
+                    text,
+                    len(ids),
+                    sketch_s + gen_s,
+                    round_trips=1,
+                    sketch=sketch,
+                    extra={"sketch_seconds": sketch_s, "edge_seconds": gen_s},
+                )
         ordered = [results[c.index] for c in self.clients if c.index in results]
         for r in ordered:
             on_result(r)

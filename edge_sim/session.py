@@ -13,15 +13,15 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from cluster.bus import EdgeBus
-from cogenesis import metrics
-from cogenesis.config import EdgeConfig
-from cogenesis.errors import CoGenesisError
-from cogenesis.sampling import sample
-from edge_sim.client import EdgeClient, SessionResult
-from edge_sim.device import Device
-from edge_sim.engine import EdgeEngine
-from edge_sim.logits import run_logits_sessions
+from cogenesis.cluster.bus import EdgeBus
+from cogenesis.core import metrics
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.errors import CoGenesisError
+from cogenesis.core.sampling import sample
+from cogenesis.edge_sim.client import EdgeClient, SessionResult
+from cogenesis.edge_sim.device import Device
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.logits import run_logits_sessions
 
 MODES = ("sketch", "logits")
 
@@ -33,8 +33,15 @@ class Cloud:
     http: httpx.Client
 
 
-def run_session(client: EdgeClient, mode: str, engine: EdgeEngine, device: Device, cloud: Cloud, cfg: EdgeConfig,
-                stop_at: float | None = None) -> SessionResult:
+def run_session(
+    client: EdgeClient,
+    mode: str,
+    engine: EdgeEngine,
+    device: Device,
+    cloud: Cloud,
+    cfg: EdgeConfig,
+    stop_at: float | None = None,
+) -> SessionResult:
     """Run one ``mode`` session for ``client``; failures come back as a result with ``error``."""
     t0 = time.perf_counter()
     try:
@@ -52,8 +59,9 @@ def run_session(client: EdgeClient, mode: str, engine: EdgeEngine, device: Devic
         return SessionResult(client.index, client.record.tid, mode, "", 0, time.perf_counter() - t0, error=exc.message)
 
 
-def _sketch_session(client: EdgeClient, engine: EdgeEngine, device: Device, cloud: Cloud, cfg: EdgeConfig,
-                    t0: float) -> SessionResult:
+def _sketch_session(
+    client: EdgeClient, engine: EdgeEngine, device: Device, cloud: Cloud, cfg: EdgeConfig, t0: float
+) -> SessionResult:
     """Outline from the cloud (public instruction only), then the device writes the text locally."""
     network = getattr(device, "network", lambda: None)
     sketch, _, sketch_s = client.request_sketch(cloud.http, cloud.http_url)
@@ -78,7 +86,15 @@ def _sketch_session(client: EdgeClient, engine: EdgeEngine, device: Device, clou
     simulated = device.simulated
     metrics.session_done("sketch", "ok", len(out))
     text = "" if simulated else engine.tok.decode(out, skip_special_tokens=True).strip()
-    return SessionResult(client.index, client.record.tid, "sketch", text, len(out), time.perf_counter() - t0,
-                         ttft_s=(times[0] - t0) if times else None, round_trips=1, sketch=sketch,
-                         extra={"sketch_seconds": sketch_s, "simulated": simulated,
-                                "itl_s": [b - a for a, b in zip(times, times[1:])]})
+    return SessionResult(
+        client.index,
+        client.record.tid,
+        "sketch",
+        text,
+        len(out),
+        time.perf_counter() - t0,
+        ttft_s=(times[0] - t0) if times else None,
+        round_trips=1,
+        sketch=sketch,
+        extra={"sketch_seconds": sketch_s, "simulated": simulated, "itl_s": [b - a for a, b in zip(times, times[1:])]},
+    )

@@ -43,8 +43,12 @@ def _options(parser) -> None:
     g.add_argument("--cg-redis-url", default="", help="bus Redis URL (default: the `cogenesis up` cluster's)")
     g.add_argument("--cg-http-url", default="", help="cloud HTTP URL (default: the `cogenesis up` cluster's)")
     g.add_argument("--cg-device", default="real", help="real, or a device profile name (configs/devices.yaml)")
-    g.add_argument("--cg-max-active", type=int, default=0,
-                   help="sessions at once per Locust process (0: 8 on the real device, no cap for a profile)")
+    g.add_argument(
+        "--cg-max-active",
+        type=int,
+        default=0,
+        help="sessions at once per Locust process (0: 8 on the real device, no cap for a profile)",
+    )
     g.add_argument("--cg-think-time", default="5..15", help="A..B seconds between a user's sessions")
     g.add_argument("--cg-max-new-tokens", type=int, default=32, help="tokens per session")
     g.add_argument("--cg-sketch-max-tokens", type=int, default=64, help="tokens the cloud may spend on an outline")
@@ -66,25 +70,33 @@ class Runtime:
 
         offload = gevent.get_hub().threadpool.apply  # slow work in a native thread: heartbeats go on meanwhile
 
-        from cogenesis.config import EdgeConfig
-        from cogenesis.data import load_records, sample_data_path
-        from cogenesis.errors import ClusterError
-        from edge_sim.device import default_max_active, describe, open_device, resolve_device
-        from edge_sim.fleet import parse_think
-        from edge_sim.session import Cloud
+        from cogenesis.core.config import EdgeConfig
+        from cogenesis.core.data import load_records, sample_data_path
+        from cogenesis.core.errors import ClusterError
+        from cogenesis.edge_sim.device import default_max_active, describe, open_device, resolve_device
+        from cogenesis.edge_sim.fleet import parse_think
+        from cogenesis.edge_sim.session import Cloud
 
         redis_url, http_url = opts.cg_redis_url, opts.cg_http_url
         if not (redis_url and http_url):
-            from cluster.daemon import running
+            from cogenesis.cluster.daemon import running
 
             state = running(opts.cg_state_dir or None)
             if state is None:
-                raise ClusterError("no cluster to load: none is running and no --cg-redis-url/--cg-http-url given",
-                                   hint="start one with `cogenesis up`")
+                raise ClusterError(
+                    "no cluster to load: none is running and no --cg-redis-url/--cg-http-url given",
+                    hint="start one with `cogenesis up`",
+                )
             redis_url, http_url = redis_url or state.redis_url, http_url or state.http_url
-        self.cfg = EdgeConfig(small_model=opts.cg_small_model, max_new_tokens=opts.cg_max_new_tokens, sketch_max_tokens=opts.cg_sketch_max_tokens,
-                              top_k=opts.cg_top_k, max_prompt_tokens=opts.cg_edge_prompt_tokens,
-                              step_timeout_s=opts.cg_step_timeout, torch_threads=opts.cg_threads)
+        self.cfg = EdgeConfig(
+            small_model=opts.cg_small_model,
+            max_new_tokens=opts.cg_max_new_tokens,
+            sketch_max_tokens=opts.cg_sketch_max_tokens,
+            top_k=opts.cg_top_k,
+            max_prompt_tokens=opts.cg_edge_prompt_tokens,
+            step_timeout_s=opts.cg_step_timeout,
+            torch_threads=opts.cg_threads,
+        )
         self.think = parse_think(opts.cg_think_time)
         self.records = load_records(opts.cg_data or sample_data_path())
         self.profile = resolve_device(opts.cg_device)
@@ -96,13 +108,12 @@ class Runtime:
         self.device_line = describe(self.profile, "Locust process")
         log.info("device: %s; cluster: %s, %s", self.device_line, redis_url, http_url)
 
-
     def _announce_metrics(self, redis_url: str) -> None:
         """Serve this process's edge metrics and keep announcing them on the bus (for `cogenesis top`)."""
         import gevent
         import redis
 
-        from cogenesis import metrics
+        from cogenesis.core import metrics
 
         address = metrics.serve(metrics.EDGE)
         bus = redis.Redis.from_url(redis_url, socket_timeout=10)
@@ -114,6 +125,7 @@ class Runtime:
                 except redis.RedisError as exc:
                     log.warning("could not announce metrics at %s: %s", address, exc)
                 gevent.sleep(10)
+
         gevent.spawn(refresh)
 
 
@@ -158,6 +170,7 @@ def _shutdown(**_) -> None:
         def _exit_soon() -> None:
             get_original("time", "sleep")(5.0)
             os._exit(0)
+
         get_original("_thread", "start_new_thread")(_exit_soon, ())
 
 
@@ -165,8 +178,11 @@ def _shutdown(**_) -> None:
 def _announce(environment, **_) -> None:
     opts = environment.parsed_options
     if opts is not None and not getattr(opts, "worker", False):
-        print(f"cogenesis loadtest: device {opts.cg_device}" + (" (a simulated profile)" if opts.cg_device != "real" else
-                                                                 " (the real small model)"), file=sys.stderr)
+        print(
+            f"cogenesis loadtest: device {opts.cg_device}"
+            + (" (a simulated profile)" if opts.cg_device != "real" else " (the real small model)"),
+            file=sys.stderr,
+        )
 
 
 class EdgeUser(User):
@@ -191,8 +207,8 @@ class EdgeUser(User):
 
     @task
     def session(self) -> None:
-        from edge_sim.client import EdgeClient
-        from edge_sim.session import run_session
+        from cogenesis.edge_sim.client import EdgeClient
+        from cogenesis.edge_sim.session import run_session
 
         rt = runtime(self.environment)
         if rt.slots is not None:
@@ -210,24 +226,53 @@ class EdgeUser(User):
         fire = self.environment.events.request.fire
         kind = self.mode
         if r.error:
-            fire(request_type=kind, name="session", response_time=r.seconds * 1000, response_length=0,
-                 exception=RuntimeError(r.error), context={"client": self.index})
+            fire(
+                request_type=kind,
+                name="session",
+                response_time=r.seconds * 1000,
+                response_length=0,
+                exception=RuntimeError(r.error),
+                context={"client": self.index},
+            )
             return
-        fire(request_type=kind, name="session", response_time=r.seconds * 1000, response_length=r.tokens,
-             exception=None, context={"client": self.index})
+        fire(
+            request_type=kind,
+            name="session",
+            response_time=r.seconds * 1000,
+            response_length=r.tokens,
+            exception=None,
+            context={"client": self.index},
+        )
         if kind == "logits":
             for rtt in r.extra.get("rtt_us", ()):
-                fire(request_type=kind, name="step", response_time=rtt / 1000, response_length=1, exception=None,
-                     context={})
+                fire(
+                    request_type=kind,
+                    name="step",
+                    response_time=rtt / 1000,
+                    response_length=1,
+                    exception=None,
+                    context={},
+                )
         elif "sketch_seconds" in r.extra:
-            fire(request_type=kind, name="request", response_time=r.extra["sketch_seconds"] * 1000,
-                 response_length=0, exception=None, context={})
+            fire(
+                request_type=kind,
+                name="request",
+                response_time=r.extra["sketch_seconds"] * 1000,
+                response_length=0,
+                exception=None,
+                context={},
+            )
         if r.ttft_s is not None:
-            fire(request_type=kind, name="ttft", response_time=r.ttft_s * 1000, response_length=0, exception=None,
-                 context={})
+            fire(
+                request_type=kind,
+                name="ttft",
+                response_time=r.ttft_s * 1000,
+                response_length=0,
+                exception=None,
+                context={},
+            )
         for gap in r.extra.get("itl_s", ()):
-            fire(request_type=kind, name="itl", response_time=gap * 1000, response_length=0, exception=None,
-                 context={})
+            fire(request_type=kind, name="itl", response_time=gap * 1000, response_length=0, exception=None, context={})
 
 
 class LogitsUser(EdgeUser):
@@ -248,5 +293,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
-import cogenesis.models  # noqa: E402,F401
-import edge_sim.session  # noqa: E402,F401
+import cogenesis.core.models  # noqa: E402
+import cogenesis.edge_sim.session  # noqa: E402,F401

@@ -24,8 +24,8 @@ class ShapeProfile(BaseModel):
 
 
 def load_shape(path: str | Path) -> ShapeProfile:
-    from cogenesis.config import validate
-    from cogenesis.errors import ConfigError
+    from cogenesis.core.config import validate
+    from cogenesis.core.errors import ConfigError
 
     path = Path(path)
     if not path.is_file():

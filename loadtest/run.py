@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cogenesis.errors import ClusterError, ConfigError
-from loadtest.profiles import load_shape
+from cogenesis.core.errors import ClusterError, ConfigError
+from cogenesis.loadtest.profiles import load_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = {"logits": ["LogitsUser"], "sketch": ["SketchUser"], "mixed": ["LogitsUser", "SketchUser"]}
@@ -63,8 +63,8 @@ class LoadtestOptions:
         if self.processes < 1:
             raise ConfigError("--processes must be >= 1")
         parse_duration(self.run_time)
-        from edge_sim.device import resolve_device
-        from edge_sim.fleet import parse_think
+        from cogenesis.edge_sim.device import resolve_device
+        from cogenesis.edge_sim.fleet import parse_think
 
         resolve_device(self.device)
         parse_think(self.think_time)
@@ -74,11 +74,36 @@ class LoadtestOptions:
 
 def locust_command(opts: LoadtestOptions, redis_url: str, http_url: str, prefix: Path, html: Path) -> list[str]:
     files = "loadtest/locustfile.py" + (",loadtest/shapes.py" if opts.shape else "")
-    cmd = [sys.executable, "-m", "locust", "-f", files, "--headless", "--csv", str(prefix), "--csv-full-history",
-           "--html", str(html), "--stop-timeout", f"{int(opts.stop_timeout_s)}s", "--only-summary",
-           "--cg-redis-url", redis_url, "--cg-http-url", http_url, "--cg-device", opts.device,
-           "--cg-think-time", opts.think_time, "--cg-max-new-tokens", str(opts.max_new_tokens),
-           "--cg-max-active", str(opts.max_active), "--cg-small-model", opts.small_model]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        files,
+        "--headless",
+        "--csv",
+        str(prefix),
+        "--csv-full-history",
+        "--html",
+        str(html),
+        "--stop-timeout",
+        f"{int(opts.stop_timeout_s)}s",
+        "--only-summary",
+        "--cg-redis-url",
+        redis_url,
+        "--cg-http-url",
+        http_url,
+        "--cg-device",
+        opts.device,
+        "--cg-think-time",
+        opts.think_time,
+        "--cg-max-new-tokens",
+        str(opts.max_new_tokens),
+        "--cg-max-active",
+        str(opts.max_active),
+        "--cg-small-model",
+        opts.small_model,
+    ]
     if opts.data:
         cmd += ["--cg-data", str(Path(opts.data).resolve())]
     if not opts.shape:
@@ -106,8 +131,11 @@ def _history(prefix: Path) -> dict:
     rows = _read_csv(Path(f"{prefix}_stats_history.csv"))
     agg = [r for r in rows if r.get("Name") == "Aggregated"]
     stamps = [_num(r, "Timestamp") for r in agg if _num(r, "User Count") > 0]
-    return {"users": int(max((_num(r, "User Count") for r in agg), default=0)),
-            "span_s": (max(stamps) - min(stamps)) if len(stamps) > 1 else 0.0, "last": agg[-1] if agg else {}}
+    return {
+        "users": int(max((_num(r, "User Count") for r in agg), default=0)),
+        "span_s": (max(stamps) - min(stamps)) if len(stamps) > 1 else 0.0,
+        "last": agg[-1] if agg else {},
+    }
 
 
 def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: int, device_line: str) -> dict:
@@ -118,31 +146,58 @@ def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: in
         s = stats[(m, "session")]
         n, f = int(_num(s, "Request Count")), int(_num(s, "Failure Count"))
         t = _num(s, "Average Content Size") * n  # content sizes are tokens; failures count 0
-        pct = {name: {"p50": _num(stats[(m, name)], "50%"), "p99": _num(stats[(m, name)], "99%")}
-               for name in ("ttft", "itl", "step", "request", "session") if (m, name) in stats}
-        per_mode[m] = {"sessions_ok": n - f, "sessions_failed": f, "tokens": int(t), **{f"{k}_ms": v for k, v in pct.items()}}
+        pct = {
+            name: {"p50": _num(stats[(m, name)], "50%"), "p99": _num(stats[(m, name)], "99%")}
+            for name in ("ttft", "itl", "step", "request", "session")
+            if (m, name) in stats
+        }
+        per_mode[m] = {
+            "sessions_ok": n - f,
+            "sessions_failed": f,
+            "tokens": int(t),
+            **{f"{k}_ms": v for k, v in pct.items()},
+        }
         tokens, ok, failed = tokens + t, ok + n - f, failed + f
-    failures = [{"type": r.get("Method"), "name": r.get("Name"), "error": r.get("Error"), "count": int(_num(r, "Occurrences"))}
-                for r in _read_csv(Path(f"{prefix}_failures.csv"))]
-    exceptions = [{"count": int(_num(r, "Count")), "message": r.get("Message")}
-                  for r in _read_csv(Path(f"{prefix}_exceptions.csv"))]  # errors in user code (not sessions)
+    failures = [
+        {"type": r.get("Method"), "name": r.get("Name"), "error": r.get("Error"), "count": int(_num(r, "Occurrences"))}
+        for r in _read_csv(Path(f"{prefix}_failures.csv"))
+    ]
+    exceptions = [
+        {"count": int(_num(r, "Count")), "message": r.get("Message")}
+        for r in _read_csv(Path(f"{prefix}_exceptions.csv"))
+    ]  # errors in user code (not sessions)
     run_s = load_shape(opts.shape).run_time_s if opts.shape else parse_duration(opts.run_time)
     return {
-        "users": opts.users if not opts.shape else None, "users_reached": _history(prefix)["users"],
-        "spawn_rate": opts.spawn_rate, "run_time_s": run_s, "shape": opts.shape, "mode": opts.mode,
-        "processes": opts.processes, "device": device_line, "think_time_s": opts.think_time,
-        "max_new_tokens": opts.max_new_tokens, "test_s": round(seconds, 1),
-        "sessions": {"ok": ok, "failed": failed}, "tokens": int(tokens),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "modes": per_mode,
-        "failures": failures, "exceptions": exceptions, "locust_exit_code": exit_code,
-        "reports": {"csv": f"{prefix}_stats.csv", "history_csv": f"{prefix}_stats_history.csv",
-                    "html": str(prefix.parent / "report.html"), "log": str(prefix.parent / "locust.log")},
+        "users": opts.users if not opts.shape else None,
+        "users_reached": _history(prefix)["users"],
+        "spawn_rate": opts.spawn_rate,
+        "run_time_s": run_s,
+        "shape": opts.shape,
+        "mode": opts.mode,
+        "processes": opts.processes,
+        "device": device_line,
+        "think_time_s": opts.think_time,
+        "max_new_tokens": opts.max_new_tokens,
+        "test_s": round(seconds, 1),
+        "sessions": {"ok": ok, "failed": failed},
+        "tokens": int(tokens),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "modes": per_mode,
+        "failures": failures,
+        "exceptions": exceptions,
+        "locust_exit_code": exit_code,
+        "reports": {
+            "csv": f"{prefix}_stats.csv",
+            "history_csv": f"{prefix}_stats_history.csv",
+            "html": str(prefix.parent / "report.html"),
+            "log": str(prefix.parent / "locust.log"),
+        },
         "options": asdict(opts),
     }
 
 
 def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=lambda line: None) -> dict:
-    from edge_sim.device import describe, resolve_device
+    from cogenesis.edge_sim.device import describe, resolve_device
 
     opts.validate()
     profile = resolve_device(opts.device)
@@ -160,8 +215,9 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
     limit = run_s + opts.stop_timeout_s + 300  # + startup (model load) and reports
     t0 = time.perf_counter()
     with open(logfile, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             while proc.poll() is None:
                 if time.perf_counter() - t0 > limit:
@@ -170,11 +226,18 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
                         proc.wait(timeout=30)
                     except subprocess.TimeoutExpired:
                         proc.kill()
-                    raise ClusterError(f"Locust did not finish within {limit:.0f} s (stopped it)", hint=f"see {logfile}")
+                    raise ClusterError(
+                        f"Locust did not finish within {limit:.0f} s (stopped it)", hint=f"see {logfile}"
+                    )
                 last = _history(prefix)["last"]
-                progress({"elapsed_s": time.perf_counter() - t0, "users": int(_num(last, "User Count")),
-                          "requests": int(_num(last, "Total Request Count")),
-                          "failures": int(_num(last, "Total Failure Count"))})
+                progress(
+                    {
+                        "elapsed_s": time.perf_counter() - t0,
+                        "users": int(_num(last, "User Count")),
+                        "requests": int(_num(last, "Total Request Count")),
+                        "failures": int(_num(last, "Total Failure Count")),
+                    }
+                )
                 time.sleep(1.0)
         except BaseException:
             if proc.poll() is None:
@@ -184,8 +247,9 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
     seconds = time.perf_counter() - t0
     if not Path(f"{prefix}_stats.csv").is_file():
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-5:])
-        raise ClusterError(f"Locust exited with code {proc.returncode} and wrote no report:\n{tail}",
-                           hint=f"full log: {logfile}")
+        raise ClusterError(
+            f"Locust exited with code {proc.returncode} and wrote no report:\n{tail}", hint=f"full log: {logfile}"
+        )
     span = _history(prefix)["span_s"] or seconds  # from the first user to the end, as Locust recorded it
     summary = summarize(opts, prefix, span, proc.returncode, device_line)
     plot = plot_history(prefix, out / "loadtest.png")
@@ -211,8 +275,13 @@ def plot_history(prefix: Path, out: Path) -> Path | None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     agg = [r for r in rows if r.get("Name") == "Aggregated"]
     users = top.twinx()
-    users.plot([_num(r, "Timestamp") - t0 for r in agg], [_num(r, "User Count") for r in agg], color="grey",
-               linestyle=":", label="users")
+    users.plot(
+        [_num(r, "Timestamp") - t0 for r in agg],
+        [_num(r, "User Count") for r in agg],
+        color="grey",
+        linestyle=":",
+        label="users",
+    )
     users.set_ylabel("users")
     for mode in ("logits", "sketch"):
         sess = [r for r in rows if r.get("Type") == mode and r.get("Name") == "session"]
@@ -220,16 +289,18 @@ def plot_history(prefix: Path, out: Path) -> Path | None:
             continue
         ts = [_num(r, "Timestamp") - t0 for r in sess]
         tokens = [_num(r, "Total Request Count") * _num(r, "Total Average Content Size") for r in sess]
-        rates = [max(0.0, (b - a) / (tb - ta)) if tb > ta else 0.0
-                 for a, b, ta, tb in zip(tokens, tokens[1:], ts, ts[1:])]
+        rates = [
+            max(0.0, (b - a) / (tb - ta)) if tb > ta else 0.0 for a, b, ta, tb in zip(tokens, tokens[1:], ts, ts[1:])
+        ]
         top.plot(ts[1:], rates, label=f"{mode} tokens/s (completed sessions)")
         for name, style in (("itl", "-"), ("step", "--"), ("ttft", ":")):
             series = [r for r in rows if r.get("Type") == mode and r.get("Name") == name]
             if series:
                 xs = [_num(r, "Timestamp") - t0 for r in series]
                 for q, alpha in (("50%", 1.0), ("99%", 0.5)):
-                    bottom.plot(xs, [_num(r, q) for r in series], linestyle=style, alpha=alpha,
-                                label=f"{mode} {name} p{q[:-1]}")
+                    bottom.plot(
+                        xs, [_num(r, q) for r in series], linestyle=style, alpha=alpha, label=f"{mode} {name} p{q[:-1]}"
+                    )
     top.set_ylabel("tokens/s")
     top.legend(loc="upper left", fontsize=8)
     bottom.set_yscale("log")

@@ -16,7 +16,7 @@ from pathlib import Path
 from locust import LoadTestShape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # plain `locust -f` from a checkout
-from loadtest.profiles import ShapeProfile, load_shape, users_at
+from cogenesis.loadtest.profiles import ShapeProfile, load_shape, users_at
 
 ENV = "COGENESIS_SHAPE"
 

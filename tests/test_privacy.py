@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from cluster.local import LocalCluster
-from cogenesis.config import CloudConfig, EdgeConfig
-from cogenesis.data import load_records, sample_data_path
-from cogenesis.models import load_causal_lm, resolve_model
-from edge_sim.engine import EdgeEngine
-from edge_sim.pool import EdgePool
+from cogenesis.cluster.local import LocalCluster
+from cogenesis.core.config import CloudConfig, EdgeConfig
+from cogenesis.core.data import load_records, sample_data_path
+from cogenesis.core.models import load_causal_lm, resolve_model
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.pool import EdgePool
 
 pytestmark = pytest.mark.slow
 
@@ -103,9 +103,11 @@ def test_private_context_never_reaches_the_cloud(tmp_path, caplog, redis_server,
     step_leaks = set().union(*(found(e["text"]) for e in entries if e["kind"] == "step"))
     assert step_leaks <= copied, f"canaries in step inputs that the small model never wrote: {step_leaks - copied}"
     record_property("canaries_copied_into_logits_output", len(copied))
-    print(f"\nmeasured: {len(copied)} of {len(CANARIES)} canaries copied by the small model into "
-          f"logits-mode output ({sorted(copied) or 'none'}); sketch outputs with canaries: "
-          f"{sum(bool(found(r.text)) for r in sketch)} of {len(sketch)} (never sent)")
+    print(
+        f"\nmeasured: {len(copied)} of {len(CANARIES)} canaries copied by the small model into "
+        f"logits-mode output ({sorted(copied) or 'none'}); sketch outputs with canaries: "
+        f"{sum(bool(found(r.text)) for r in sketch)} of {len(sketch)} (never sent)"
+    )
 
     # 2. Redis: nothing private in any command (payloads are binary ids; text would show up here)
     assert not found("\n".join(monitor.lines))

@@ -5,7 +5,7 @@ import time
 import pytest
 import redis
 
-from cluster.bus import (
+from cogenesis.cluster.bus import (
     GROUP,
     OPEN_STREAM,
     CloudBus,
@@ -15,13 +15,13 @@ from cluster.bus import (
     in_stream,
     reply_key,
 )
-from cogenesis.errors import BusTimeout, ClusterError, SessionError
-from cogenesis.protocol import (
+from cogenesis.core.errors import BusTimeout, ClusterError, SessionError
+from cogenesis.core.protocol import (
     ErrorReply,
     OpenSession,
     StepReply,
-    decode_request,
     deadline_in,
+    decode_request,
     encode,
     pack_ids,
     pack_logprobs,
@@ -45,8 +45,11 @@ def test_open_reaches_a_replica_and_reply_comes_back(redis_url):
     batch = cloud.read(block_ms=1000)
     assert len(batch) == 1 and batch[0][0] == OPEN_STREAM
     assert decode_request(batch[0][2]).session_id == "s1"
-    reply = encode(StepReply(session_id="s1", step=0, replica="r1", ids=pack_ids([5, 6, 7]),
-                             logprobs=pack_logprobs([-0.1, -2.0, -3.0])))
+    reply = encode(
+        StepReply(
+            session_id="s1", step=0, replica="r1", ids=pack_ids([5, 6, 7]), logprobs=pack_logprobs([-0.1, -2.0, -3.0])
+        )
+    )
     cloud.finish([(batch[0][0], batch[0][1])], [("s1", reply)], routes=["s1"])
     got = edge.wait_reply("s1", 0, deadline_in(2))
     assert got.replica == "r1" and got.top_k()[0].tolist() == [[5, 6, 7]]
@@ -100,7 +103,7 @@ def test_long_waits_block_in_slices_shorter_than_the_socket_timeout(redis_url, m
     for the reply: the edge pops in slices until the deadline, never tripping the socket timeout."""
     import threading
 
-    import cluster.bus as bus
+    import cogenesis.cluster.bus as bus
 
     monkeypatch.setattr(bus, "BLOCK_SLICE_S", 0.2)
     edge = EdgeBus(redis_url)
@@ -127,30 +130,38 @@ def test_edge_bus_only_sends_sealed_messages(redis_url):
 
 
 def _step(session_id, step, reply_to="pool"):
-    from cogenesis.protocol import StepRequest
+    from cogenesis.core.protocol import StepRequest
 
-    return Sealed(encode(StepRequest(session_id=session_id, step=step, tokens=pack_ids([7]), deadline_ms=deadline_in(5),
-                                     reply_to=reply_to)), "StepRequest")
+    return Sealed(
+        encode(
+            StepRequest(
+                session_id=session_id, step=step, tokens=pack_ids([7]), deadline_ms=deadline_in(5), reply_to=reply_to
+            )
+        ),
+        "StepRequest",
+    )
 
 
 def test_a_round_for_one_replica_is_one_stream_entry(redis_url):
-    from cogenesis.protocol import StepBatch
+    from cogenesis.core.protocol import StepBatch
 
     edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
     edge.send_many([("r1", f"s{i}", _step(f"s{i}", 1)) for i in range(5)] + [("r2", "t", _step("t", 1))])
     assert edge.r.xlen(in_stream("r1")) == 1 and edge.r.xlen(in_stream("r2")) == 1
-    (stream, _, payload), = cloud.read(block_ms=1000)
+    ((stream, _, payload),) = cloud.read(block_ms=1000)
     batch = decode_request(payload)
     assert stream == in_stream("r1") and isinstance(batch, StepBatch)
     assert [decode_request(b).session_id for b in batch.items] == [f"s{i}" for i in range(5)]
 
 
 def test_pool_replies_share_one_list_and_early_ones_are_kept(redis_url):
-    from cogenesis.protocol import ReplyBatch
+    from cogenesis.core.protocol import ReplyBatch
 
     edge = EdgeBus(redis_url)
-    replies = [StepReply(session_id=s, step=2, replica="r1", ids=pack_ids([1]), logprobs=pack_logprobs([-1.0]))
-               for s in ("a", "b", "c")]
+    replies = [
+        StepReply(session_id=s, step=2, replica="r1", ids=pack_ids([1]), logprobs=pack_logprobs([-1.0]))
+        for s in ("a", "b", "c")
+    ]
     edge.r.lpush(reply_key("pool"), encode(ReplyBatch(items=replies)))
     arrivals = {}
     got = edge.wait_many({"a": 2, "b": 2}, deadline_in(2), arrivals, reply_to={"a": "pool", "b": "pool"})

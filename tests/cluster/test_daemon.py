@@ -5,9 +5,9 @@ import os
 import httpx
 import pytest
 
-from cluster import daemon
-from cogenesis.config import CloudConfig
-from cogenesis.errors import ClusterError
+from cogenesis.cluster import daemon
+from cogenesis.core.config import CloudConfig
+from cogenesis.core.errors import ClusterError
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,9 @@ def test_status_and_down_without_a_cluster(tmp_path):
 
 
 def test_a_stale_state_file_is_cleared(tmp_path):
-    dead = daemon.ClusterState(pid=2**22 + 12345, redis_url="redis://x", http_url="http://x", ray_address="",
-                               started_at=0.0, config={})
+    dead = daemon.ClusterState(
+        pid=2**22 + 12345, redis_url="redis://x", http_url="http://x", ray_address="", started_at=0.0, config={}
+    )
     dead.write(tmp_path)
     assert daemon.running(tmp_path) is None
     assert not (tmp_path / "state.json").exists()

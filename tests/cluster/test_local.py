@@ -5,12 +5,12 @@ import json
 import httpx
 import pytest
 
-from cluster.bus import EdgeBus
-from cluster.local import LocalCluster
-from cogenesis.config import CloudConfig, EdgeConfig
-from cogenesis.models import load_causal_lm
-from edge_sim.engine import EdgeEngine
-from edge_sim.pool import EdgePool
+from cogenesis.cluster.bus import EdgeBus
+from cogenesis.cluster.local import LocalCluster
+from cogenesis.core.config import CloudConfig, EdgeConfig
+from cogenesis.core.models import load_causal_lm
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.pool import EdgePool
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,9 @@ def cluster(tiny_large, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(tiny_small, sample_records):
     model, tok = load_causal_lm(str(tiny_small))
-    cfg = EdgeConfig(max_new_tokens=6, sketch_max_tokens=16, max_prompt_tokens=384,
-                     sampling={"temperature": 0.0, "top_p": 1.0})
+    cfg = EdgeConfig(
+        max_new_tokens=6, sketch_max_tokens=16, max_prompt_tokens=384, sampling={"temperature": 0.0, "top_p": 1.0}
+    )
     return EdgePool(sample_records[:3], EdgeEngine(model, tok, cfg.max_prompt_tokens), cfg)
 
 
@@ -51,16 +52,17 @@ def test_http_errors_are_clear(cluster):
     _, info, _ = cluster
     bad = httpx.post(f"{info.http_url}/v1/sketch", content=b"{not json", timeout=30)
     assert bad.status_code == 400 and "malformed SketchRequest" in bad.json()["error"]
-    empty = httpx.post(f"{info.http_url}/v1/sketch", json={"type": "sketch", "request_id": "e", "instruction": "  "},
-                       timeout=30)
+    empty = httpx.post(
+        f"{info.http_url}/v1/sketch", json={"type": "sketch", "request_id": "e", "instruction": "  "}, timeout=30
+    )
     assert empty.status_code == 422 and "empty instruction" in empty.json()["error"]
     assert httpx.get(f"{info.http_url}/healthz", timeout=30).json()["ok"] is True
 
 
 def test_unknown_session_is_refused_by_the_replica(cluster):
-    from cluster.bus import Sealed
-    from cogenesis.errors import SessionError
-    from cogenesis.protocol import StepRequest, deadline_in, encode, pack_ids
+    from cogenesis.cluster.bus import Sealed
+    from cogenesis.core.errors import SessionError
+    from cogenesis.core.protocol import StepRequest, deadline_in, encode, pack_ids
 
     _, info, _ = cluster
     replica = httpx.get(f"{info.http_url}/healthz", timeout=30).json()["replica"]
@@ -85,9 +87,9 @@ def test_audit_log_holds_public_instructions_only(cluster, pool, sample_records)
 def test_stateless_baseline_writes_the_same_greedy_text_as_the_bus(cluster, pool):
     """The official code's protocol (whole sequence over HTTP, no server state) and CoGenesis's
     (session KV caches, batched steps over Redis) must produce the same fused greedy output."""
-    from cogenesis.protocol import StatelessRequest, encode, pack_ids
-    from edge_sim.links import StatelessLink
-    from edge_sim.logits import run_logits_sessions
+    from cogenesis.core.protocol import StatelessRequest, encode, pack_ids
+    from cogenesis.edge_sim.links import StatelessLink
+    from cogenesis.edge_sim.logits import run_logits_sessions
 
     _, info, _ = cluster
     bus = EdgeBus(info.redis_url)

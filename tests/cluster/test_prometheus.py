@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from cluster.redis_server import free_port
-from edge_sim.fleet import FleetOptions, run_fleet
+from cogenesis.cluster.redis_server import free_port
+from cogenesis.edge_sim.fleet import FleetOptions, run_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,29 @@ def _query(base: str, expr: str) -> list:
     return r["data"]["result"]
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="the `prometheus` binary is not installed: `make setup` installs "
-                    "Debian's package where apt-get can (as root); install it to run this test")
+@pytest.mark.skipif(
+    PROMETHEUS is None,
+    reason="the `prometheus` binary is not installed: `make setup` installs "
+    "Debian's package where apt-get can (as root); install it to run this test",
+)
 def test_prometheus_scrapes_throughput_and_round_trip_under_load(background_cluster, tiny_small, tmp_path):
-    from cogenesis.config import EdgeConfig
+    from cogenesis.core.config import EdgeConfig
 
     state, state_dir, _ = background_cluster
     config = state_dir / "prometheus.yml"
     assert config.is_file()  # written by the cluster, pointed at its discovery file
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "prometheus.log", "wb"))
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "wb"),
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -48,13 +58,30 @@ def test_prometheus_scrapes_throughput_and_round_trip_under_load(background_clus
             time.sleep(0.5)
         else:
             pytest.fail("prometheus did not become ready: " + (tmp_path / "prometheus.log").read_text()[-2000:])
-        edge = EdgeConfig(small_model=str(tiny_small), max_new_tokens=24, max_prompt_tokens=256, ignore_eos=True,
-                          step_timeout_s=60).model_dump()
+        edge = EdgeConfig(
+            small_model=str(tiny_small), max_new_tokens=24, max_prompt_tokens=256, ignore_eos=True, step_timeout_s=60
+        ).model_dump()
         top = subprocess.Popen(  # `cogenesis top` while the load runs: it finds the replica and the pool
-            f"sleep 12 && {sys.executable} -m cogenesis.cli top --once --json --interval 5 --state-dir {state_dir}",
-            shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        report = run_fleet(FleetOptions(clients=12, mode="logits", duration_s=25.0, think_s=(0.0, 1.0), pools=1,
-                                        device="phone", grace_s=60, edge=edge), state.redis_url, state.http_url)
+            f"sleep 12 && {sys.executable} -m cogenesis.apps.cli top --once --json --interval 5 --state-dir {state_dir}",
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        report = run_fleet(
+            FleetOptions(
+                clients=12,
+                mode="logits",
+                duration_s=25.0,
+                think_s=(0.0, 1.0),
+                pools=1,
+                device="phone",
+                grace_s=60,
+                edge=edge,
+            ),
+            state.redis_url,
+            state.http_url,
+        )
         assert report["sessions"]["failed"] == 0 and report["sessions"]["ok"] > 0
         out, err = top.communicate(timeout=60)
         assert top.returncode == 0, err[-2000:]
@@ -68,10 +95,13 @@ def test_prometheus_scrapes_throughput_and_round_trip_under_load(background_clus
         assert tokens and float(tokens[0]["value"][1]) > 0
         cloud = _query(base, "sum(increase(cogenesis_cloud_tokens_total[2m]))")
         assert cloud and float(cloud[0]["value"][1]) > 0
-        p99 = _query(base, "max_over_time(histogram_quantile(0.99, sum by (le) "
-                           "(rate(cogenesis_step_roundtrip_seconds_bucket[20s])))[2m:5s])")
+        p99 = _query(
+            base,
+            "max_over_time(histogram_quantile(0.99, sum by (le) "
+            "(rate(cogenesis_step_roundtrip_seconds_bucket[20s])))[2m:5s])",
+        )
         assert p99 and 0 < float(p99[0]["value"][1]) < 60
-        from cogenesis.dashboard import render  # the dashboard's own queries work against it too
+        from cogenesis.apps.dashboard import render  # the dashboard's own queries work against it too
 
         png = render(base, tmp_path / "dashboard.png", minutes=2)
         assert png.stat().st_size > 10_000

@@ -3,8 +3,8 @@
 import pytest
 import redis
 
-from cluster.redis_server import RedisServer
-from cogenesis.errors import ClusterError
+from cogenesis.cluster.redis_server import RedisServer
+from cogenesis.core.errors import ClusterError
 
 
 def test_start_version_stop():

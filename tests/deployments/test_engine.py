@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from cogenesis import prompts
-from cogenesis.errors import SessionError, UnknownSession
-from cogenesis.models import load_causal_lm
-from cogenesis.protocol import SketchRequest
-from deployments.audit import AuditLog
-from deployments.engine import TransformersCloudEngine
+from cogenesis.core import prompts
+from cogenesis.core.errors import SessionError, UnknownSession
+from cogenesis.core.models import load_causal_lm
+from cogenesis.core.protocol import SketchRequest
+from cogenesis.deployments.audit import AuditLog
+from cogenesis.deployments.engine import TransformersCloudEngine
 
 INSTRUCTION = "Write a short invitation for a charity event"
 
@@ -106,8 +106,10 @@ def test_close_frees_and_lru_limit_holds(engine):
 
 
 def test_sketch_batch_equals_single_requests_under_greedy(engine):
-    reqs = [SketchRequest(request_id=str(i), instruction=text, max_tokens=12, temperature=0.0)
-            for i, text in enumerate([INSTRUCTION, "Outline a blog post about pottery classes for beginners"])]
+    reqs = [
+        SketchRequest(request_id=str(i), instruction=text, max_tokens=12, temperature=0.0)
+        for i, text in enumerate([INSTRUCTION, "Outline a blog post about pottery classes for beginners"])
+    ]
     batched = engine.sketch(reqs)
     single = [engine.sketch([r])[0] for r in reqs]
     assert [r.request_id for r in batched] == ["0", "1"]
@@ -134,8 +136,12 @@ def test_audit_log_records_what_the_model_conditions_on(model_tok, tmp_path):
     assert lines[1]["text"].endswith("Hello") and lines[1]["appended"] == "Hello"
 
 
-INSTRUCTIONS = [INSTRUCTION, "Outline a blog post about pottery", "Draft a toast for a 30th wedding anniversary",
-                "Describe a weekend DIY project"]
+INSTRUCTIONS = [
+    INSTRUCTION,
+    "Outline a blog post about pottery",
+    "Draft a toast for a 30th wedding anniversary",
+    "Describe a weekend DIY project",
+]
 
 
 def _greedy_session(engine, sid, instruction, n):
@@ -151,7 +157,7 @@ def test_batched_steps_equal_single_sessions_under_greedy(model_tok):
     model, tok = model_tok
     single = [_greedy_session(TransformersCloudEngine(model, tok), "x", text, 6) for text in INSTRUCTIONS]
     batched = TransformersCloudEngine(model, tok)
-    from deployments.engine import OpenArgs, StepArgs
+    from cogenesis.deployments.engine import OpenArgs, StepArgs
 
     tops = batched.open_many([OpenArgs(f"s{i}", text, 5) for i, text in enumerate(INSTRUCTIONS)])
     outs = [[] for _ in INSTRUCTIONS]
@@ -187,8 +193,9 @@ def test_lookahead_draft_is_the_models_greedy_path(model_tok):
     assert top.draft.tolist() == plain[:4]  # d1 is the argmax after the prompt, d2 the argmax after d1, ...
     assert top.ids[:, 0].tolist() == plain[:5]
     for row in range(1, 5):  # each draft row is the top-k after the draft prefix
-        ref_ids, ref_lp = _reference_topk(model, prompts.render(tok, prompts.cloud_messages(INSTRUCTION))
-                                          + plain[:row], 5)
+        ref_ids, ref_lp = _reference_topk(
+            model, prompts.render(tok, prompts.cloud_messages(INSTRUCTION)) + plain[:row], 5
+        )
         assert top.ids[row].tolist() == ref_ids
         assert torch.allclose(torch.from_numpy(top.logprobs[row]), ref_lp, atol=1e-4)
     # the edge accepts two draft tokens and then picks its own: the cache is cropped, not rebuilt

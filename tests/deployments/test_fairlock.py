@@ -3,7 +3,7 @@
 import threading
 import time
 
-from deployments.fairlock import FairLock
+from cogenesis.deployments.fairlock import FairLock
 
 
 def test_waiters_get_the_lock_in_arrival_order():

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from cogenesis.config import CloudConfig, validate
-from deployments.server import build_app
+from cogenesis.core.config import CloudConfig, validate
+from cogenesis.deployments.server import build_app
 
 CONFIG = Path(__file__).parents[2] / "configs" / "serve.yaml"
 
@@ -13,7 +13,7 @@ CONFIG = Path(__file__).parents[2] / "configs" / "serve.yaml"
 def test_serve_yaml_builds_the_app():
     app = yaml.safe_load(CONFIG.read_text())["applications"][0]
     module, _, attr = app["import_path"].partition(":")
-    assert (module, attr) == ("deployments.server", "build_app")
+    assert (module, attr) == ("cogenesis.deployments.server", "build_app")
     cfg = validate(CloudConfig, app["args"], str(CONFIG))
     built = build_app(app["args"])
     assert cfg.num_replicas == 1

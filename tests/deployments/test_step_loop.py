@@ -5,12 +5,12 @@ import threading
 import pytest
 import redis
 
-from cluster.bus import CloudBus, EdgeBus, Sealed, in_stream
-from cogenesis.errors import SessionError
-from cogenesis.models import load_causal_lm
-from cogenesis.protocol import CloseSession, OpenSession, StepRequest, deadline_in, encode, now_ms, pack_ids
-from deployments.engine import TransformersCloudEngine
-from deployments.step_loop import StepLoop
+from cogenesis.cluster.bus import CloudBus, EdgeBus, Sealed, in_stream
+from cogenesis.core.errors import SessionError
+from cogenesis.core.models import load_causal_lm
+from cogenesis.core.protocol import CloseSession, OpenSession, StepRequest, deadline_in, encode, now_ms, pack_ids
+from cogenesis.deployments.engine import TransformersCloudEngine
+from cogenesis.deployments.step_loop import StepLoop
 
 
 @pytest.fixture
@@ -28,8 +28,9 @@ def seal(msg):
 
 def test_open_step_close_through_the_loop(loop, redis_url):
     edge = EdgeBus(redis_url)
-    edge.send_open(seal(OpenSession(session_id="s", instruction="Write a haiku", top_k=4,
-                                    deadline_ms=deadline_in(10))), "s")
+    edge.send_open(
+        seal(OpenSession(session_id="s", instruction="Write a haiku", top_k=4, deadline_ms=deadline_in(10))), "s"
+    )
     first = edge.wait_reply("s", 0, deadline_in(10))
     assert first.replica == "r1" and first.top_k()[0].shape == (1, 4)
     token = int(first.top_k()[0][0, 0])
@@ -81,16 +82,28 @@ def test_pending_requests_are_served_in_one_batch(tiny_large, redis_url):
 
     CloudBus(redis_url, "r1").close()  # create the groups before anything is queued
     for i in range(6):
-        edge.send_open(seal(OpenSession(session_id=f"s{i}", instruction=f"Write note {i}", top_k=3,
-                                        deadline_ms=deadline_in(30), lookahead=2)), f"s{i}")
+        edge.send_open(
+            seal(
+                OpenSession(
+                    session_id=f"s{i}", instruction=f"Write note {i}", top_k=3, deadline_ms=deadline_in(30), lookahead=2
+                )
+            ),
+            f"s{i}",
+        )
     loop = serve_queued()
     firsts = [edge.wait_reply(f"s{i}", 0, deadline_in(30)) for i in range(6)]
     loop.stop()
     assert all(f.top_k()[0].shape == (3, 3) and f.drafts().size == 2 for f in firsts)
     assert engine.stats()["batches"] == 3
     for i, f in enumerate(firsts):  # accept the first draft token, then choose another
-        edge.send_to("r1", seal(StepRequest(session_id=f"s{i}", step=1, tokens=pack_ids([int(f.drafts()[0]), 7]),
-                                            deadline_ms=deadline_in(30))))
+        edge.send_to(
+            "r1",
+            seal(
+                StepRequest(
+                    session_id=f"s{i}", step=1, tokens=pack_ids([int(f.drafts()[0]), 7]), deadline_ms=deadline_in(30)
+                )
+            ),
+        )
     loop = serve_queued()
     seconds = [edge.wait_reply(f"s{i}", 1, deadline_in(30)) for i in range(6)]
     loop.stop()

@@ -4,14 +4,20 @@ import json
 
 import pytest
 
-from cogenesis.config import EdgeConfig
-from cogenesis.errors import ConfigError
-from edge_sim.fleet import FleetOptions, Reservoir, merge, mode_of, parse_think, percentiles, run_fleet
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.errors import ConfigError
+from cogenesis.edge_sim.fleet import FleetOptions, Reservoir, merge, mode_of, parse_think, percentiles, run_fleet
 
 
 def _edge(tiny_small, **kw):
-    return EdgeConfig(small_model=str(tiny_small), max_new_tokens=6, sketch_max_tokens=12, max_prompt_tokens=256,
-                      step_timeout_s=60, **kw).model_dump()
+    return EdgeConfig(
+        small_model=str(tiny_small),
+        max_new_tokens=6,
+        sketch_max_tokens=12,
+        max_prompt_tokens=256,
+        step_timeout_s=60,
+        **kw,
+    ).model_dump()
 
 
 def test_options_are_checked_before_anything_starts():
@@ -49,8 +55,16 @@ def test_reservoir_is_bounded_and_uniform():
 @pytest.mark.slow
 def test_real_device_fleet_runs_every_session_in_mixed_mode(background_cluster, tiny_small):
     state, _, audit = background_cluster
-    opts = FleetOptions(clients=6, mode="mixed", duration_s=None, sessions_per_client=2, think_s=(0.0, 0.5),
-                        pools=2, device="real", edge=_edge(tiny_small))
+    opts = FleetOptions(
+        clients=6,
+        mode="mixed",
+        duration_s=None,
+        sessions_per_client=2,
+        think_s=(0.0, 0.5),
+        pools=2,
+        device="real",
+        edge=_edge(tiny_small),
+    )
     seen = []
     report = run_fleet(opts, state.redis_url, state.http_url, state.ray_address, seen.append)
     assert report["sessions"] == {"ok": 12, "failed": 0, "cut": 0}, report["errors"]
@@ -63,8 +77,16 @@ def test_real_device_fleet_runs_every_session_in_mixed_mode(background_cluster, 
 @pytest.mark.slow
 def test_profile_fleet_is_named_in_the_report_and_bounded_by_duration(background_cluster, tiny_small):
     state, _, _ = background_cluster
-    opts = FleetOptions(clients=40, mode="logits", duration_s=6.0, think_s=(0.5, 2.0), pools=1, device="phone",
-                        grace_s=60, edge=_edge(tiny_small))
+    opts = FleetOptions(
+        clients=40,
+        mode="logits",
+        duration_s=6.0,
+        think_s=(0.5, 2.0),
+        pools=1,
+        device="phone",
+        grace_s=60,
+        edge=_edge(tiny_small),
+    )
     report = run_fleet(opts, state.redis_url, state.http_url)
     assert report["device"].startswith("phone (simulated: 20 tok/s decode")
     assert report["sessions"]["failed"] == 0, report["errors"]
@@ -75,8 +97,16 @@ def test_profile_fleet_is_named_in_the_report_and_bounded_by_duration(background
 
 def test_merge_counts_a_pool_that_died_as_a_failure():
     opts = FleetOptions()
-    ok = {"pool": 0, "ok": 3, "failed": 1, "cut": 0, "tokens": 30, "errors": {"boom": 1},
-          "samples": {"ttft": [0.1], "itl": [0.01], "session": [1.0]}, "rss_mb": {"start": 1, "end": 1, "peak": 1}}
+    ok = {
+        "pool": 0,
+        "ok": 3,
+        "failed": 1,
+        "cut": 0,
+        "tokens": 30,
+        "errors": {"boom": 1},
+        "samples": {"ttft": [0.1], "itl": [0.01], "session": [1.0]},
+        "rss_mb": {"start": 1, "end": 1, "peak": 1},
+    }
     report = merge([ok, {"pool": 1, "fatal": "no model"}], opts, None, 10.0, 4, 8)
     assert report["sessions"] == {"ok": 3, "failed": 2, "cut": 0}
     assert report["errors"] == {"boom": 1, "pool 1 failed: no model": 1}
@@ -87,8 +117,16 @@ def test_merge_counts_a_pool_that_died_as_a_failure():
 def test_thinking_clients_stop_when_the_duration_ends(background_cluster, tiny_small):
     """Clients asleep in a long think time end with the duration, not when their sleep would."""
     state, _, _ = background_cluster
-    opts = FleetOptions(clients=20, mode="logits", duration_s=3.0, think_s=(0.0, 600.0), pools=1, device="phone",
-                        grace_s=60, edge=_edge(tiny_small))
+    opts = FleetOptions(
+        clients=20,
+        mode="logits",
+        duration_s=3.0,
+        think_s=(0.0, 600.0),
+        pools=1,
+        device="phone",
+        grace_s=60,
+        edge=_edge(tiny_small),
+    )
     report = run_fleet(opts, state.redis_url, state.http_url)
     assert report["sessions"]["failed"] == 0, report["errors"]
     assert report["seconds"] < 3.0 + 60  # pool start-up + running sessions' grace, never the 600 s think
@@ -102,11 +140,37 @@ def test_pools_run_as_ray_tasks_on_the_clusters_ray(background_cluster, tiny_sma
 
     _, state_dir, _ = background_cluster
     out = tmp_path / "edge.json"
-    proc = subprocess.run([sys.executable, "-m", "cogenesis.cli", "edge", "--state-dir", str(state_dir),
-                           "--launcher", "ray", "--clients", "6", "--pools", "2", "--sessions-per-client", "1",
-                           "--think-time", "0..0.5", "--device", "phone", "--max-new-tokens", "6",
-                           "--small-model", str(tiny_small), "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cogenesis.apps.cli",
+            "edge",
+            "--state-dir",
+            str(state_dir),
+            "--launcher",
+            "ray",
+            "--clients",
+            "6",
+            "--pools",
+            "2",
+            "--sessions-per-client",
+            "1",
+            "--think-time",
+            "0..0.5",
+            "--device",
+            "phone",
+            "--max-new-tokens",
+            "6",
+            "--small-model",
+            str(tiny_small),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["sessions"] == {"ok": 6, "failed": 0, "cut": 0}, report["errors"]

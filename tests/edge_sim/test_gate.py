@@ -6,10 +6,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from cluster.bus import Sealed
-from cogenesis.data import load_records, sample_data_path
-from cogenesis.errors import PrivacyViolation
-from cogenesis.protocol import (
+from cogenesis.cluster.bus import Sealed
+from cogenesis.core.data import load_records, sample_data_path
+from cogenesis.core.errors import PrivacyViolation
+from cogenesis.core.protocol import (
     CloseSession,
     ErrorReply,
     OpenSession,
@@ -22,7 +22,7 @@ from cogenesis.protocol import (
     pack_ids,
     unpack_ids,
 )
-from edge_sim.gate import OutboundGate, ngrams, words
+from cogenesis.edge_sim.gate import OutboundGate, ngrams, words
 
 PUBLIC = "Write a birthday message for my colleague"
 PRIVATE = [
@@ -194,7 +194,7 @@ def test_seal_json_rejects_non_sketch(gate, msg):
 
 def test_sealed_is_immutable(gate):
     sealed = gate.seal(_open(PUBLIC))
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         sealed.payload = b"tampered"  # type: ignore[misc]
 
 
@@ -213,7 +213,7 @@ def test_real_records_public_passes_and_full_task_is_refused():
     for rec in load_records(sample_data_path()):
         gate = OutboundGate(rec.public_instruction, rec.private_fields())
         assert decode_request(gate.seal(_open(rec.public_instruction)).payload).instruction == rec.public_instruction
-        details = rec.task[len(rec.public_instruction):]
+        details = rec.task[len(rec.public_instruction) :]
         if len(words(details)) >= 5:
             with pytest.raises(PrivacyViolation):
                 gate.seal(_open(rec.task))

@@ -6,8 +6,8 @@ import httpx
 import numpy as np
 import pytest
 
-from cogenesis.errors import ProtocolError, SessionError
-from edge_sim.links import OpenAILink
+from cogenesis.core.errors import ProtocolError, SessionError
+from cogenesis.edge_sim.links import OpenAILink
 
 
 class _Tok:
@@ -26,8 +26,14 @@ def test_completions_top_logprobs_become_a_step_reply():
 
     def handler(request):
         seen.update(__import__("json").loads(request.content))
-        return httpx.Response(200, json={"choices": [{"logprobs": {"top_logprobs": [
-            {"token_id:7": -2.0, "token_id:3": -0.5, "token_id:11": -1.0}]}}]})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [
+                    {"logprobs": {"top_logprobs": [{"token_id:7": -2.0, "token_id:3": -0.5, "token_id:11": -1.0}]}}
+                ]
+            },
+        )
 
     link = _link(handler)
     try:
@@ -40,8 +46,9 @@ def test_completions_top_logprobs_become_a_step_reply():
     assert seen["prompt"] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("status, body, error", [(500, {"error": "boom"}, SessionError),
-                                                 (200, {"choices": []}, ProtocolError)])
+@pytest.mark.parametrize(
+    "status, body, error", [(500, {"error": "boom"}, SessionError), (200, {"choices": []}, ProtocolError)]
+)
 def test_bad_replies_are_clear_errors(status, body, error):
     link = _link(lambda request: httpx.Response(status, json=body))
     try:
@@ -49,4 +56,3 @@ def test_bad_replies_are_clear_errors(status, body, error):
             link._post_json("s", 1, {}, 5.0)
     finally:
         link.shutdown()
-

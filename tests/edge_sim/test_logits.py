@@ -7,22 +7,22 @@ import time
 import pytest
 import torch
 
-from cluster.bus import CloudBus, EdgeBus
-from cogenesis import prompts
-from cogenesis.config import EdgeConfig
-from cogenesis.fusion import fuse_constant
-from cogenesis.fusion_net import Fuser, FusionNet, save
-from cogenesis.models import load_causal_lm
-from cogenesis.sampling import sampling_probs
-from cogenesis.speculative import accept_draft
-from deployments.audit import AuditLog
-from deployments.engine import TransformersCloudEngine
-from deployments.step_loop import StepLoop
-from edge_sim.client import EdgeClient
-from edge_sim.engine import EdgeEngine
-from edge_sim.gate import ngrams
-from edge_sim.links import EngineLink
-from edge_sim.logits import run_logits_sessions
+from cogenesis.cluster.bus import CloudBus, EdgeBus
+from cogenesis.core import prompts
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.fusion import fuse_constant
+from cogenesis.core.fusion_net import Fuser, FusionNet, save
+from cogenesis.core.models import load_causal_lm
+from cogenesis.core.sampling import sampling_probs
+from cogenesis.core.speculative import accept_draft
+from cogenesis.deployments.audit import AuditLog
+from cogenesis.deployments.engine import TransformersCloudEngine
+from cogenesis.deployments.step_loop import StepLoop
+from cogenesis.edge_sim.client import EdgeClient
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.gate import ngrams
+from cogenesis.edge_sim.links import EngineLink
+from cogenesis.edge_sim.logits import run_logits_sessions
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
 
@@ -134,8 +134,9 @@ def test_lookahead_gives_identical_greedy_text_in_fewer_round_trips(models, clou
 
 def test_pkt_schedule_skips_round_trips(models, cloud, redis_url, sample_records):
     every, _ = run(models, redis_url, sample_records[:2], cfg(max_new_tokens=14))
-    pkt, _ = run(models, redis_url, sample_records[:2], cfg(max_new_tokens=14,
-                                                            schedule={"kind": "pkt", "p": 2, "k": 3, "t": 1}))
+    pkt, _ = run(
+        models, redis_url, sample_records[:2], cfg(max_new_tokens=14, schedule={"kind": "pkt", "p": 2, "k": 3, "t": 1})
+    )
     for r in pkt:
         positions = r.tokens + (r.tokens < 14)  # a stop token was chosen at one more position
         assert r.extra["fused_steps"] == sum(1 for i in range(positions) if i < 2 or (i - 4) % 4 < 1)
@@ -156,8 +157,12 @@ def test_speculative_acceptance_keeps_the_fused_distribution(models, sample_reco
     rec = sample_records[0]
     with torch.inference_mode():
         s_lp = small(torch.tensor([EdgeEngine(small, tok, 512).prompt_ids(rec)])).logits[:, -1].log_softmax(-1)
-        l_top = large(torch.tensor([prompts.render(tok, prompts.cloud_messages(rec.public_instruction))])
-                      ).logits[0, -1].log_softmax(-1).topk(5)
+        l_top = (
+            large(torch.tensor([prompts.render(tok, prompts.cloud_messages(rec.public_instruction))]))
+            .logits[0, -1]
+            .log_softmax(-1)
+            .topk(5)
+        )
     q = sampling_probs(fuse_constant(s_lp, l_top.indices[None], l_top.values[None], 0.5), 1.0, 1.0)[0]
     draft = int(l_top.indices[0])  # the cloud's greedy proposal
     gen = torch.Generator().manual_seed(0)
@@ -183,7 +188,8 @@ def test_cloud_conditions_only_on_public_text(models, cloud, redis_url, sample_r
     assert [e["kind"] for e in entries] == ["open"] + ["step"] * (results[0].round_trips - 1)
     assert all(record.public_instruction in e["text"] for e in entries)
     private_phrases = set().union(*(ngrams(f, 5) for f in record.private_fields())) - ngrams(
-        record.public_instruction, 5)
+        record.public_instruction, 5
+    )
     assert private_phrases  # the record does hold private text
     for e in entries:
         assert not ngrams(e["text"], 5) & private_phrases
@@ -201,7 +207,7 @@ def test_ignore_eos_writes_exactly_max_new_tokens(models, cloud, redis_url, samp
 def test_shared_device_sessions_equal_the_lockstep_pool(method, models, cloud, redis_url, sample_records):
     """Sessions that run on their own threads over one SharedDevice (the fleet's and Locust's way)
     give the lockstep pool's greedy text, and their passes were batched."""
-    from edge_sim.device import SharedDevice
+    from cogenesis.edge_sim.device import SharedDevice
 
     (_, tok), (small, _) = models
     config = cfg(fusion={"method": method})
@@ -231,7 +237,7 @@ def test_shared_device_sessions_equal_the_lockstep_pool(method, models, cloud, r
 
 
 def test_profile_device_samples_the_cloud_top_k_and_takes_its_time(models, cloud, redis_url, sample_records):
-    from edge_sim.device import ProfileDevice, DeviceProfile
+    from cogenesis.edge_sim.device import DeviceProfile, ProfileDevice
 
     (large, tok), (small, _) = models
     config = cfg(max_new_tokens=6, ignore_eos=True)
@@ -250,7 +256,7 @@ def test_profile_device_samples_the_cloud_top_k_and_takes_its_time(models, cloud
         ids = list(cloud_ids)
         for _ in range(6):
             ids.append(int(large(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert r.text == tok.decode(ids[len(cloud_ids):], skip_special_tokens=True).strip()
+    assert r.text == tok.decode(ids[len(cloud_ids) :], skip_special_tokens=True).strip()
     prompt_len = len(engine.prompt_ids(sample_records[0]))
     assert slept[0] == pytest.approx(prompt_len / 1000)  # prefill
     assert slept.count(0.04) == r.round_trips  # one RTT per exchange
@@ -258,13 +264,18 @@ def test_profile_device_samples_the_cloud_top_k_and_takes_its_time(models, cloud
 
 
 def test_profile_device_refuses_schedules_that_need_a_distribution(models, redis_url, sample_records):
-    from cogenesis.errors import ConfigError
-    from edge_sim.device import ProfileDevice, DeviceProfile
+    from cogenesis.core.errors import ConfigError
+    from cogenesis.edge_sim.device import DeviceProfile, ProfileDevice
 
     (_, tok), _ = models
     config = cfg(schedule={"kind": "uncertainty"})
     engine = EdgeEngine(None, tok, config.max_prompt_tokens)
     profile = DeviceProfile(name="t", decode_tokens_per_s=1, prefill_tokens_per_s=1, rtt_ms=0)
     with pytest.raises(ConfigError, match="uncertainty"):
-        run_logits_sessions([EdgeClient(0, sample_records[0], engine, config)], engine, EdgeBus(redis_url), config,
-                            device=ProfileDevice(profile, lambda s: None))
+        run_logits_sessions(
+            [EdgeClient(0, sample_records[0], engine, config)],
+            engine,
+            EdgeBus(redis_url),
+            config,
+            device=ProfileDevice(profile, lambda s: None),
+        )

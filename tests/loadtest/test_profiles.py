@@ -2,8 +2,8 @@
 
 import pytest
 
-from cogenesis.errors import ConfigError
-from loadtest.profiles import ShapeProfile, load_shape, users_at
+from cogenesis.core.errors import ConfigError
+from cogenesis.loadtest.profiles import ShapeProfile, load_shape, users_at
 
 
 def test_shipped_profiles_load_and_end():

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from cogenesis.errors import ConfigError
-from loadtest.run import LoadtestOptions, locust_command, parse_duration, run_loadtest
+from cogenesis.core.errors import ConfigError
+from cogenesis.loadtest.run import LoadtestOptions, locust_command, parse_duration, run_loadtest
 
 
 def test_durations_use_locusts_syntax():
@@ -27,19 +27,30 @@ def test_options_fail_before_locust_starts():
 
 
 def test_command_names_the_user_classes_and_the_cluster(tmp_path):
-    cmd = locust_command(LoadtestOptions(mode="mixed", processes=3, device="phone"), "redis://r", "http://h",
-                         tmp_path / "locust", tmp_path / "r.html")
+    cmd = locust_command(
+        LoadtestOptions(mode="mixed", processes=3, device="phone"),
+        "redis://r",
+        "http://h",
+        tmp_path / "locust",
+        tmp_path / "r.html",
+    )
     assert cmd[-2:] == ["LogitsUser", "SketchUser"]
     assert "--headless" in cmd and cmd[cmd.index("--processes") + 1] == "3"
     assert cmd[cmd.index("--cg-device") + 1] == "phone" and cmd[cmd.index("--cg-redis-url") + 1] == "redis://r"
-    shaped = locust_command(LoadtestOptions(shape="configs/loadtest/spike.yaml"), "r", "h", tmp_path / "l", tmp_path / "h")
+    shaped = locust_command(
+        LoadtestOptions(shape="configs/loadtest/spike.yaml"), "r", "h", tmp_path / "l", tmp_path / "h"
+    )
     assert "-u" not in shaped and "loadtest/shapes.py" in shaped[shaped.index("-f") + 1]
 
 
 def test_locustfile_loads_in_plain_locust():
     """`locust -f loadtest/locustfile.py --list` sees the two user classes (and no abstract one)."""
-    out = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--list"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "LogitsUser" in out.stdout and "SketchUser" in out.stdout and "EdgeUser" not in out.stdout
 
@@ -47,8 +58,18 @@ def test_locustfile_loads_in_plain_locust():
 @pytest.mark.slow
 def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, tiny_small, sample_records, tmp_path):
     state, state_dir, audit = background_cluster
-    opts = LoadtestOptions(users=8, spawn_rate=8, run_time="20s", mode="mixed", think_time="0..2", processes=2,
-                           max_new_tokens=6, stop_timeout_s=60, small_model=str(tiny_small), out_dir=str(tmp_path))
+    opts = LoadtestOptions(
+        users=8,
+        spawn_rate=8,
+        run_time="20s",
+        mode="mixed",
+        think_time="0..2",
+        processes=2,
+        max_new_tokens=6,
+        stop_timeout_s=60,
+        small_model=str(tiny_small),
+        out_dir=str(tmp_path),
+    )
     summary = run_loadtest(opts, state.redis_url, state.http_url)
     log = (tmp_path / "locust.log").read_text()[-4000:]
     assert summary["sessions"]["failed"] == 0 and not summary["failures"] and not summary["exceptions"], log
@@ -58,8 +79,14 @@ def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, ti
     assert logits["sessions_ok"] > 0 and logits["tokens"] > 0
     assert logits["ttft_ms"]["p50"] > 0 and logits["itl_ms"]["p99"] > 0 and logits["step_ms"]["p50"] > 0
     assert summary["tokens_per_s"] > 0 and summary["device"].startswith("real")
-    for name in ("report.html", "locust_stats.csv", "locust_stats_history.csv", "summary.json", "locust.log",
-                 "loadtest.png"):
+    for name in (
+        "report.html",
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "summary.json",
+        "locust.log",
+        "loadtest.png",
+    ):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["sessions"] == summary["sessions"]
     import time
@@ -68,13 +95,15 @@ def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, ti
 
     def leftovers():
         return [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
     deadline = time.monotonic() + 15
     while leftovers() and time.monotonic() < deadline:  # Locust's worker processes exit with it
         time.sleep(0.5)
     assert not leftovers()
     # private context stays in the Locust process: not in the cloud's model input, reports or logs
     texts = [audit.read_text(), (state_dir / "cluster.log").read_text()] + [
-        (tmp_path / n).read_text() for n in ("report.html", "locust_stats.csv", "locust.log", "summary.json")]
+        (tmp_path / n).read_text() for n in ("report.html", "locust_stats.csv", "locust.log", "summary.json")
+    ]
     for rec in sample_records:
         for field in rec.private_fields():
             probe = field.strip()[:60]

@@ -1,0 +1,95 @@
+"""What one benchmark variant measured, from its session results (pure functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100, linear interpolation); None when there is nothing to measure."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One session as the benchmark sees it: seconds are relative to the variant's start."""
+
+    tokens: int
+    first_token_s: float | None  # when its first token was chosen
+    end_s: float  # when it finished (or was stopped)
+    completed: bool  # wrote all it was asked to (False: failed or stopped by the time budget)
+    failed: bool = False
+    round_trips: int = 0
+    rtt_us: tuple[int, ...] = ()
+    overhead_us: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    variant: str
+    sessions: int
+    completed: int
+    failed: int
+    truncated: bool  # the time budget stopped it before every session finished
+    tokens: int
+    wall_s: float
+    tokens_per_s: float  # all tokens / wall (includes prefill: the edge's private context too)
+    decode_tokens_per_s: float | None  # tokens after each session's first / (end - last first token)
+    ttft_p50_s: float | None
+    session_p50_s: float | None
+    session_p99_s: float | None
+    rtt_p50_ms: float | None
+    rtt_p99_ms: float | None
+    overhead_p50_ms: float | None  # bus + serialization per step (None: not traced)
+    overhead_p99_ms: float | None
+    round_trips: int
+    tokens_per_round_trip: float | None
+    extra: dict
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def summarize(
+    variant: str, runs: Sequence[Run], wall_s: float, truncated: bool = False, extra: dict | None = None
+) -> VariantResult:
+    ok = [r for r in runs if not r.failed]
+    tokens = sum(r.tokens for r in ok)
+    firsts = [r.first_token_s for r in ok if r.first_token_s is not None]
+    decode_tps = None
+    if firsts and len(firsts) == len(ok):
+        span = max(r.end_s for r in ok) - max(firsts)
+        after_first = sum(max(0, r.tokens - 1) for r in ok)
+        decode_tps = after_first / span if span > 0 and after_first else None
+    lat = [r.end_s for r in ok if r.completed]
+    rtt = [u / 1000 for r in ok for u in r.rtt_us]
+    over = [u / 1000 for r in ok for u in r.overhead_us]
+    trips = sum(r.round_trips for r in ok)
+    return VariantResult(
+        variant=variant,
+        sessions=len(runs),
+        completed=sum(r.completed for r in runs),
+        failed=len(runs) - len(ok),
+        truncated=truncated,
+        tokens=tokens,
+        wall_s=wall_s,
+        tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
+        decode_tokens_per_s=decode_tps,
+        ttft_p50_s=pct(firsts, 50),
+        session_p50_s=pct(lat, 50),
+        session_p99_s=pct(lat, 99),
+        rtt_p50_ms=pct(rtt, 50),
+        rtt_p99_ms=pct(rtt, 99),
+        overhead_p50_ms=pct(over, 50),
+        overhead_p99_ms=pct(over, 99),
+        round_trips=trips,
+        tokens_per_round_trip=tokens / trips if trips else None,
+        extra=dict(extra or {}),
+    )
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None

@@ -1,0 +1,42 @@
+"""``cogenesis bench exchange`` end to end on tiny models: every variant runs and is reported."""
+
+import json
+
+import pytest
+
+from cogenesis.apps.bench.exchange import ExchangeBenchOptions, run_exchange_bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_runs_every_variant_and_writes_its_report(tiny_large, tiny_small, tmp_path):
+    from rich.console import Console
+
+    out = tmp_path / "bench.json"
+    opts = ExchangeBenchOptions(
+        sessions=(1, 3),
+        max_new_tokens=4,
+        lookahead=2,
+        top_k=5,
+        edge_prompt_tokens=128,
+        budget_s=120,
+        large_model=str(tiny_large),
+        small_model=str(tiny_small),
+        json_path=str(out),
+        threads=1,
+    )
+    report = run_exchange_bench(opts, Console(quiet=True))
+    assert json.loads(out.read_text()) == report
+    got = {(r["sessions"], r["variant"]) for r in report["results"]}
+    assert got == {(n, v) for n in (1, 3) for v in opts.variants}
+    for r in report["results"]:
+        assert r["failed"] == 0 and not r["truncated"] and r["tokens"] == 4 * r["sessions"], r
+        if r["variant"] != "large-only":
+            assert r["overhead_p50_ms"] is not None and r["overhead_p50_ms"] >= 0
+    la = [r for r in report["results"] if r["variant"] == "cogenesis-lookahead"]
+    assert all(r["tokens_per_round_trip"] >= 1 for r in la)
+    assert {(q["sessions"], q["variant"]) for q in report["ratios"]} == {
+        (n, v) for n in (1, 3) for v in ("cogenesis", "cogenesis-lookahead")
+    }
+    assert out.with_suffix(".md").read_text().startswith("| N | variant |")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

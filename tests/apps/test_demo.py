@@ -1,0 +1,81 @@
+"""``cogenesis demo`` end to end (real models, Redis, Ray Serve), and a clean Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "cogenesis.apps.cli"]
+
+
+def _started_by(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_demo_writes_both_modes(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [*CLI, "demo", "--clients", "2", "--max-new-tokens", "12", "--sketch-max-tokens", "64", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sessions = report["sessions"]
+    assert sorted((s["client"], s["mode"]) for s in sessions) == [
+        (0, "logits"),
+        (0, "sketch"),
+        (1, "logits"),
+        (1, "sketch"),
+    ]
+    for s in sessions:
+        assert s["tid"] and isinstance(s["seconds"], float) and "error" not in s
+        assert 0 < s["tokens"] <= 12 and len(s["text"].split()) >= 2
+    summary = report["summary"]
+    assert summary["models"]["large"].endswith("smollm2-135m-instruct")
+    assert summary["models"]["small_derivation"]["num_layers"] == 24
+    assert summary["redis_version"] and summary["ray_version"]
+    assert set(summary["modes"]) == {"sketch", "logits"}
+    assert all(m["tokens_per_s"] > 0 and m["failed"] == 0 for m in summary["modes"].values())
+    assert "CoGenesis demo" in proc.stdout  # the summary table
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_shuts_everything_down(tmp_path, sig):
+    """Ctrl-C and `kill` both stop Serve, Ray and Redis (Ray's own SIGTERM handler would abort)."""
+    proc = subprocess.Popen(
+        [*CLI, "demo", "--clients", "2", "--max-new-tokens", "400"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    seen, deadline = [], time.monotonic() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if "cluster up" in line or time.monotonic() > deadline:
+            break
+    assert any("cluster up" in x for x in seen), "".join(seen)[-2000:]
+    time.sleep(3)  # let sessions start
+    children = _started_by(proc.pid)
+    assert any("redis-server" in " ".join(c.cmdline()) for c in children if c.is_running())
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-2000:]
+    assert "interrupted" in rest and "Traceback" not in rest
+    time.sleep(2)
+    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(c.cmdline())[:120] for c in alive]
