@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: setup demo test test-fast models clean prometheus
+.PHONY: setup demo test test-fast lint typecheck models clean prometheus
 
 setup: $(VENV)/.installed
 
@@ -30,11 +30,25 @@ demo: setup
 models: setup
 	$(BIN)/cogenesis models prepare
 
-test: setup prometheus
+test: setup prometheus lint
 	$(BIN)/python -m pytest $(ARGS)
 
-test-fast: setup
+test-fast: setup lint
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+# Layers (import-linter contracts in pyproject.toml), lint, format and types: all must pass.
+lint: setup typecheck
+	$(BIN)/lint-imports --no-logo
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The namespace as it installs (cogenesis.cluster is the folder cluster/, ...), as symlinks mypy can follow.
+TYPECHECK_VIEW := build/typecheck/cogenesis
+typecheck: setup
+	@rm -rf build/typecheck && mkdir -p $(TYPECHECK_VIEW)
+	@for p in core apps; do ln -s ../../../cogenesis/$$p $(TYPECHECK_VIEW)/$$p; done
+	@for p in cluster deployments edge_sim loadtest; do ln -s ../../../$$p $(TYPECHECK_VIEW)/$$p; done
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p cogenesis
 
 clean:
 	rm -rf $(VENV) build *.egg-info
