@@ -72,7 +72,7 @@ class RedisServer:
         client = redis.Redis.from_url(self.url, socket_timeout=1.0)
         while True:
             if self._proc.poll() is not None:
-                err = (self._proc.stderr.read() or b"").decode(errors="replace").strip()
+                err = (self._proc.stderr.read() if self._proc.stderr else b"").decode(errors="replace").strip()
                 self._cleanup()
                 raise ClusterError(
                     f"redis-server exited at start (code {self._proc.returncode}): {err[-300:]}",

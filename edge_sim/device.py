@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 import yaml
@@ -153,7 +153,13 @@ class PackedDevice:
         self.rows = rest
 
 
-Offload = Callable[[Callable[[], object]], object]
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Runs ``fn`` somewhere that does not block the caller's event loop and returns its result."""
+
+    def __call__(self, fn: Callable[[], _T], /) -> _T: ...
 
 
 class SharedDevice:

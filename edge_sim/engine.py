@@ -39,6 +39,7 @@ class EdgeEngine:
         seeds: list[int | None],
     ) -> list[list[int]]:
         """Batched sampling for several clients (left-padded); each row has its own generator."""
+        assert self.model is not None, "generate() needs the small model (a simulated device has none)"
         width = max(map(len, prompt_ids))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])  # [B, T]

@@ -61,7 +61,7 @@ def run(args) -> int:
             torch.set_num_threads(2)
             model, tok = m.load_causal_lm(str(large))
             keep = m.greedy_layer_search(model, tok, _texts(args.data, args.records), args.keep, console.print)
-            extra = {"search": f"greedy (keep {args.keep}, {args.records} records)"}
+            extra: dict[str, object] = {"search": f"greedy (keep {args.keep}, {args.records} records)"}
         else:
             keep, extra = list(m.RECORDED_LAYERS), {"search": "recorded", "dropped_layers": list(m.DROPPED_LAYERS)}
         m.prune_layers(large, out, keep, extra)

@@ -75,7 +75,7 @@ def _turns(raw: dict, where: str) -> tuple[str, str | None]:
 
 def parse_context_aware(raw: dict, where: str) -> Record:
     instruction, gold = _turns(raw, where)
-    public, private = split_instruction(instruction)
+    public, private_part = split_instruction(instruction)
     if not public:
         raise DataError(f"{where}: the instruction is empty", hint="each record needs a non-empty user instruction")
     profile = raw.get("additional_profile") or ""
@@ -84,7 +84,7 @@ def parse_context_aware(raw: dict, where: str) -> Record:
         if not isinstance(item, dict) or "text" not in item:
             raise DataError(f"{where}: profile[{j}] should be an object with 'title' and 'text'", hint=FORMAT_HINT)
         history.append((str(item.get("title", "")), str(item["text"])))
-    private = tuple(s for s in (private, profile, *(t for pair in history for t in pair)) if s.strip())
+    private = tuple(s for s in (private_part, profile, *(t for pair in history for t in pair)) if s.strip())
     return Record(
         tid=str(raw.get("tid", where)),
         kind="context_aware",

@@ -11,6 +11,7 @@ Padding is masked; positions continue per row, so a row's result equals running 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -117,7 +118,7 @@ class PackedBatch:
     def __init__(self, model, pad_id: int = 0) -> None:
         self.model = model
         self.pad_id = pad_id
-        self.cache = None
+        self.cache: Any = None  # a transformers Cache once prefilled
         self.mask: torch.Tensor | None = None  # [B, L] 1 = real token
         self.lengths: list[int] = []
 
@@ -149,6 +150,7 @@ class PackedBatch:
         """Keep only ``rows`` (in this order), e.g. after sessions finish."""
         if list(rows) == list(range(len(self.lengths))):
             return
+        assert self.cache is not None and self.mask is not None, "keep() before prefill()"
         idx = torch.tensor(list(rows), dtype=torch.long)
         self.cache.batch_select_indices(idx)
         self.mask = self.mask[idx]

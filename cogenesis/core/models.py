@@ -332,7 +332,7 @@ def greedy_layer_search(
 
     while len(current) > keep:
         scores = {layer: ppl([x for x in current if x != layer]) for layer in current}
-        drop = min(scores, key=scores.get)
+        drop = min(scores, key=scores.__getitem__)
         current.remove(drop)
         progress(f"dropped layer {drop}: {len(current)} left, ppl {scores[drop]:.1f}")
     return current

@@ -27,7 +27,7 @@ edge gets the exchange overhead of a step, the time on the bus and in serializat
 from __future__ import annotations
 
 import time
-from typing import Literal, Union
+from typing import Literal, TypeVar, Union
 
 import msgspec
 import numpy as np
@@ -85,7 +85,7 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 # ---- logits mode -------------------------------------------------------------------------
 
 
-class OpenSession(_Msg, tag="open"):
+class OpenSession(_Msg, frozen=True, tag="open"):
     """Edge -> cloud: start a logits session from the context-free general instruction."""
 
     session_id: str
@@ -97,7 +97,7 @@ class OpenSession(_Msg, tag="open"):
     reply_to: str = ""  # reply list key suffix shared by an edge pool's sessions ("" = the session id)
 
 
-class StepRequest(_Msg, tag="step"):
+class StepRequest(_Msg, frozen=True, tag="step"):
     """Edge -> owning replica: extend the session by ``tokens`` and return the next top-k."""
 
     session_id: str
@@ -108,13 +108,13 @@ class StepRequest(_Msg, tag="step"):
     reply_to: str = ""  # reply list key suffix ("" = the session id)
 
 
-class CloseSession(_Msg, tag="close"):
+class CloseSession(_Msg, frozen=True, tag="close"):
     """Edge -> owning replica: free the session's KV cache. No reply."""
 
     session_id: str
 
 
-class StepReply(_Msg, tag="reply"):
+class StepReply(_Msg, frozen=True, tag="reply"):
     """Cloud -> edge: the large model's next-token top-k for ``step``, and optionally a draft.
 
     With lookahead n, ``draft`` holds the replica's own greedy continuation d1..dn and the top-k
@@ -160,7 +160,7 @@ class StepReply(_Msg, tag="reply"):
         return unpack_ids(self.draft)
 
 
-class ErrorReply(_Msg, tag="error"):
+class ErrorReply(_Msg, frozen=True, tag="error"):
     """Cloud -> edge: the request could not be served. ``code`` is machine-readable."""
 
     session_id: str
@@ -169,7 +169,7 @@ class ErrorReply(_Msg, tag="error"):
     message: str
 
 
-class StatelessRequest(_Msg, tag="stateless"):
+class StatelessRequest(_Msg, frozen=True, tag="stateless"):
     """Edge -> cloud over HTTP: the official code's protocol, the benchmark's baseline. Every step
     re-sends the whole public sequence (prompt + generated ids); the cloud keeps no state."""
 
@@ -180,7 +180,7 @@ class StatelessRequest(_Msg, tag="stateless"):
     sent_us: int = 0
 
 
-class StepBatch(_Msg, tag="batch"):
+class StepBatch(_Msg, frozen=True, tag="batch"):
     """Edge pool -> one replica: a round's StepRequests and CloseSessions in one stream entry.
 
     Each item is one message exactly as the client's outbound gate sealed it (msgpack bytes)."""
@@ -188,7 +188,7 @@ class StepBatch(_Msg, tag="batch"):
     items: list[bytes]
 
 
-class ReplyBatch(_Msg, tag="replies"):
+class ReplyBatch(_Msg, frozen=True, tag="replies"):
     """Replica -> edge pool: every reply of one served batch that goes to the same reply list."""
 
     items: list[StepReply | ErrorReply]
@@ -197,7 +197,7 @@ class ReplyBatch(_Msg, tag="replies"):
 # ---- sketch mode (HTTP through the Serve ingress) ----------------------------------------
 
 
-class SketchRequest(_Msg, tag="sketch"):
+class SketchRequest(_Msg, frozen=True, tag="sketch"):
     """Edge -> cloud: write an outline for the general instruction."""
 
     request_id: str
@@ -212,7 +212,7 @@ class SketchRequest(_Msg, tag="sketch"):
     seed: int | None = None
 
 
-class SketchReply(_Msg, tag="sketch_reply"):
+class SketchReply(_Msg, frozen=True, tag="sketch_reply"):
     request_id: str
     sketch: str
     tokens: int
@@ -223,17 +223,16 @@ EdgeToCloud = Union[OpenSession, StepRequest, CloseSession, StepBatch]  # noqa: 
 CloudToEdge = Union[StepReply, ErrorReply, ReplyBatch]  # noqa: UP007
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders = {
-    EdgeToCloud: msgspec.msgpack.Decoder(EdgeToCloud),
-    CloudToEdge: msgspec.msgpack.Decoder(CloudToEdge),
-}
+_request_decoder: msgspec.msgpack.Decoder[EdgeToCloud] = msgspec.msgpack.Decoder(EdgeToCloud)
+_reply_decoder: msgspec.msgpack.Decoder[CloudToEdge] = msgspec.msgpack.Decoder(CloudToEdge)
+_M = TypeVar("_M", bound=_Msg)
 
 
 def encode(msg: _Msg) -> bytes:
     return _encoder.encode(msg)
 
 
-def _check_version(msg: _Msg) -> _Msg:
+def _check_version(msg: _M) -> _M:
     if msg.v != PROTOCOL_VERSION:
         raise ProtocolError(
             f"message version {msg.v} is not supported (this build speaks v{PROTOCOL_VERSION})",
@@ -245,7 +244,7 @@ def _check_version(msg: _Msg) -> _Msg:
 def decode_request(buf: bytes) -> OpenSession | StepRequest | CloseSession | StepBatch:
     """Decode an edge -> cloud message; malformed input raises ProtocolError, never crashes."""
     try:
-        msg = _decoders[EdgeToCloud].decode(buf)
+        msg = _request_decoder.decode(buf)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed edge->cloud message: {exc}") from None
     return _check_version(msg)
@@ -253,7 +252,7 @@ def decode_request(buf: bytes) -> OpenSession | StepRequest | CloseSession | Ste
 
 def decode_reply(buf: bytes) -> StepReply | ErrorReply | ReplyBatch:
     try:
-        msg = _decoders[CloudToEdge].decode(buf)
+        msg = _reply_decoder.decode(buf)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed cloud->edge message: {exc}") from None
     return _check_version(msg)
