@@ -5,7 +5,6 @@ Keys (every one has a TTL; nothing private is ever written):
 - ``cg:in:{replica}``       stream, StepRequest / CloseSession (or a ``StepBatch`` of an edge pool's round)
                             for the replica that owns the sessions
 - ``cg:reply:{reply_to}``   list, replies (one or a ``ReplyBatch``) for an edge pool or one session
-- ``cg:route:{session}``    string, the replica owning the session
 - ``cg:alive:{replica}``    string, replica heartbeat
 Stream entries are deleted once acknowledged, and streams are capped with MAXLEN, so memory
 stays flat however long the cluster runs.
@@ -36,12 +35,8 @@ def in_stream(replica: str) -> str:
     return f"cg:in:{replica}"
 
 
-def reply_key(session_id: str) -> str:
-    return f"cg:reply:{session_id}"
-
-
-def route_key(session_id: str) -> str:
-    return f"cg:route:{session_id}"
+def reply_key(reply_to: str) -> str:
+    return f"cg:reply:{reply_to}"
 
 
 def alive_key(replica: str) -> str:
@@ -96,12 +91,6 @@ class EdgeBus:
         if not isinstance(msg, Sealed):
             raise TypeError("the edge bus only sends messages sealed by the outbound gate")
         return msg.payload
-
-    def send_open(self, msg: Sealed, session_id: str) -> None:
-        self.send_many([(None, session_id, msg)])
-
-    def send_to(self, replica: str, msg: Sealed) -> None:
-        self.send_many([(replica, "", msg)])
 
     def send_many(self, items: list[tuple[str | None, str, Sealed]]) -> None:
         """Send in one round trip: (replica or None for a new session, session_id, msg).
@@ -192,14 +181,6 @@ class EdgeBus:
         if arrivals is not None:
             arrivals[sid] = got_us
 
-    def wait_reply(self, session_id: str, step: int, deadline_ms: int, reply_to: str | None = None) -> StepReply:
-        """Block until the reply for ``step`` arrives or the deadline passes. Older replies are skipped."""
-        got = self.wait_many({session_id: step}, deadline_ms, reply_to={session_id: reply_to} if reply_to else None)
-        reply = got[session_id]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
     def forget(self, session_ids) -> None:
         """Drop kept replies of sessions that ended."""
         for sid in session_ids:
@@ -261,8 +242,10 @@ class CloudBus:
                 self._ensure_groups()
                 return []
             raise
-        out = []
-        for stream, entries in resp or []:
+        if not isinstance(resp, list):  # nothing came (RESP2, ``connect``'s protocol, answers a list otherwise)
+            return []
+        out: list[tuple[str, bytes, bytes]] = []
+        for stream, entries in resp:
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, fields in entries:
                 out.append((name, entry_id, fields.get(FIELD, b"")))
@@ -276,20 +259,12 @@ class CloudBus:
             pipe.xlen(stream)
         return sum(pipe.execute())
 
-    def finish(
-        self,
-        done: list[tuple[str, bytes]],
-        replies: list[tuple[str, bytes]],
-        routes: list[str] = (),
-        route_ttl_s: int = KEY_TTL_S,
-    ) -> None:
-        """One pipeline: post replies (with TTL), record routes, ack and delete consumed entries."""
+    def finish(self, done: list[tuple[str, bytes]], replies: list[tuple[str, bytes]]) -> None:
+        """One pipeline: post replies (with TTL) to their reply lists, ack and delete consumed entries."""
         pipe = self.r.pipeline(transaction=False)
-        for session_id, payload in replies:
-            pipe.lpush(reply_key(session_id), payload)
-            pipe.expire(reply_key(session_id), REPLY_TTL_S)
-        for session_id in routes:
-            pipe.set(route_key(session_id), self.replica, ex=route_ttl_s)
+        for reply_to, payload in replies:
+            pipe.lpush(reply_key(reply_to), payload)
+            pipe.expire(reply_key(reply_to), REPLY_TTL_S)
         for stream, entry_id in done:
             pipe.xack(stream, GROUP, entry_id)
             pipe.xdel(stream, entry_id)

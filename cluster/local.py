@@ -8,12 +8,16 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 
 from cogenesis.cluster.redis_server import RedisServer, free_port
 from cogenesis.core.config import CloudConfig
 from cogenesis.core.errors import ClusterError
+
+if TYPE_CHECKING:
+    from cogenesis.deployments.engine import EngineFactory
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,9 @@ class ClusterInfo:
 
 
 class LocalCluster:
-    """Start (or attach to) Redis, start Ray and Serve, deploy the cloud app; stop all of it."""
+    """Start (or attach to) Redis, start Ray and Serve, deploy the cloud app; stop all of it.
+
+    ``engine_factory`` replaces ``cloud.engine_factory`` (a callable Ray can pickle, e.g. a test's fake engine)."""
 
     def __init__(
         self,
@@ -55,8 +61,10 @@ class LocalCluster:
         redis_url: str | None = None,
         start_timeout_s: float = 300.0,
         ray_temp_dir: str | None = None,
+        engine_factory: EngineFactory | None = None,
     ) -> None:
         self.cloud = cloud
+        self.engine_factory = engine_factory
         self.ray_temp_dir = ray_temp_dir
         self.external_redis = redis_url
         self.start_timeout_s = start_timeout_s
@@ -104,7 +112,7 @@ class LocalCluster:
         progress(f"deploying the large model on Ray Serve ({cfg.num_replicas} replica(s))")
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         try:
-            serve.run(build_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix, blocking=False)
+            serve.run(build_app(cfg, self.engine_factory), name=APP_NAME, route_prefix=cfg.route_prefix, blocking=False)
         except RuntimeError as exc:
             raise ClusterError(f"the cloud app failed to deploy: {_last_error_line(exc)}", hint=LOG_HINT) from None
         http_url = f"http://127.0.0.1:{http_port}{cfg.route_prefix.rstrip('/')}"

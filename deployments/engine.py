@@ -10,10 +10,11 @@ n tokens with the top-k at every draft position. Not thread-safe: its owner seri
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,7 +23,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cogenesis.core import prompts
-from cogenesis.core.errors import SessionError, UnknownSession
+from cogenesis.core.config import CloudConfig
+from cogenesis.core.errors import ConfigError, SessionError, UnknownSession
 from cogenesis.core.kvbatch import KV, batched_forward, kv_bytes, kv_crop
 from cogenesis.core.protocol import MAX_TOP_K, SketchReply, SketchRequest
 from cogenesis.deployments.audit import AuditLog
@@ -59,12 +61,39 @@ class StepArgs:
 
 
 class CloudEngine(Protocol):
+    """Everything a replica calls on its model. Not thread-safe: the replica serialises calls."""
+
     def open_many(self, requests: Sequence[OpenArgs]) -> list[TopK | SessionError]: ...
     def step_many(self, requests: Sequence[StepArgs]) -> list[TopK | SessionError]: ...
     def close(self, session_id: str) -> bool: ...
     def sketch(self, requests: Sequence[SketchRequest]) -> list[SketchReply]: ...
     def stateless_top_k(self, token_ids: Sequence[int], top_k: int) -> TopK: ...
     def stats(self) -> dict: ...
+    def set_yield_point(self, yield_point: Callable[[], None]) -> None:
+        """Install what long calls (outlines) run every few tokens, so waiting steps can go first."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release what the engine holds outside the process (files); the replica is going away."""
+        ...
+
+
+EngineFactory = Callable[[CloudConfig], CloudEngine]
+
+
+def load_engine_factory(path: str) -> EngineFactory:
+    """The engine factory at ``module:function`` (``CloudConfig.engine_factory``), imported here."""
+    module_name, _, attr = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the engine factory {path!r}: {exc}",
+            hint="set engine_factory to module:function, a function taking a CloudConfig and returning a CloudEngine",
+        ) from None
+    if not callable(factory):
+        raise ConfigError(f"the engine factory {path!r} is not callable", hint="point engine_factory at a function")
+    return factory
 
 
 @dataclass
@@ -118,7 +147,7 @@ class TransformersCloudEngine:
         self._sketch_prefix = tokenizer(prompts.SKETCH_PREFIX, add_special_tokens=False).input_ids
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self.counters = EngineStats()
-        self.yield_point = lambda: None  # called every few outline tokens (the replica lets waiting steps run)
+        self._yield_point: Callable[[], None] = lambda: None  # called every few outline tokens
         self._head: tuple[list[int], KV | None] | None = None  # the cloud prompt's fixed head and its KV
 
     # ---- logits mode: batched ------------------------------------------------------------------
@@ -400,7 +429,7 @@ class TransformersCloudEngine:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
         if group[0].seed is not None:
             torch.manual_seed(group[0].seed)
-        sampling = (
+        sampling: dict[str, bool | float] = (
             dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         )
         sampling["repetition_penalty"] = repetition_penalty
@@ -411,7 +440,7 @@ class TransformersCloudEngine:
                 max_new_tokens=max_tokens,
                 pad_token_id=pad,
                 eos_token_id=self.tok.eos_token_id,
-                logits_processor=LogitsProcessorList([_YieldEachToken(self.yield_point)]),
+                logits_processor=LogitsProcessorList([_YieldEachToken(self._yield_point)]),
                 **sampling,
             )
         new = out[:, width:]
@@ -424,6 +453,13 @@ class TransformersCloudEngine:
         self.counters.sketch_tokens += sum(counts)
         ms = (time.perf_counter() - t0) * 1000
         return texts, counts, [ms] * len(group)
+
+    def set_yield_point(self, yield_point: Callable[[], None]) -> None:
+        self._yield_point = yield_point
+
+    def shutdown(self) -> None:
+        if self.audit:
+            self.audit.close()
 
     def stats(self) -> dict:
         c = self.counters
@@ -465,10 +501,11 @@ def _raise_or(result: TopK | SessionError) -> TopK:
     return result
 
 
-def build_engine(cfg) -> TransformersCloudEngine:
+def build_engine(cfg: CloudConfig) -> TransformersCloudEngine:
     """The default engine for a CloudConfig: transformers on CPU, model resolved from the spec."""
     from cogenesis.core.models import load_causal_lm, resolve_model
 
+    torch.set_num_threads(cfg.torch_threads)
     model, tok = load_causal_lm(resolve_model(cfg.large_model))
     audit = AuditLog(cfg.audit_log) if cfg.audit_log else None
     return TransformersCloudEngine(

@@ -1,18 +1,23 @@
 """Ray Serve application: a thin shim over a cloud engine.
 
 HTTP ingress (sketch mode, the stateless baseline, health, stats) and the Redis step loop
-(logits mode) share one engine; a lock serialises model calls. Build it from a CloudConfig with ``build_app`` (also the
-``import_path`` for ``serve run configs/serve.yaml``).
+(logits mode) share one engine; a lock serialises model calls. The engine comes from a factory
+(``CloudConfig.engine_factory``, resolved in the replica; ``build_app(engine_factory=...)`` passes one
+directly). Build the app from a CloudConfig with ``build_app`` (also the ``import_path`` for
+``serve run configs/serve.yaml``). The engine and the step loop (torch, transformers) are imported
+in the replica, not where the app is built.
 """
 
 import asyncio
 import logging
 import os
 import uuid
+from typing import TYPE_CHECKING
 
 import msgspec
 from fastapi import FastAPI, Request, Response
 from ray import serve
+from ray.serve import Application
 
 from cogenesis.core import metrics
 from cogenesis.core.config import CloudConfig, validate
@@ -28,17 +33,19 @@ from cogenesis.core.protocol import (
     encode,
     now_ms,
     now_us,
-    pack_ids,
-    pack_logprobs,
     unpack_ids,
 )
 from cogenesis.deployments.fairlock import FairLock
+from cogenesis.deployments.replies import TraceFields, step_reply
+
+if TYPE_CHECKING:
+    from cogenesis.deployments.engine import EngineFactory, TopK
 
 log = logging.getLogger("cogenesis.cloud")
 api = FastAPI(title="CoGenesis cloud", docs_url=None, redoc_url=None)
 
 
-def _msgpack(msg, status: int = 200) -> Response:
+def _msgpack(msg: StepReply | ErrorReply, status: int = 200) -> Response:
     return Response(encode(msg), status_code=status, media_type="application/msgpack")
 
 
@@ -48,60 +55,55 @@ def _json_error(status: int, message: str, hint: str | None = None) -> Response:
     )
 
 
-@serve.deployment(name="CloudServer", health_check_period_s=5, graceful_shutdown_timeout_s=10)
 @serve.ingress(api)
 class CloudServer:
-    def __init__(self, config: dict) -> None:
-        import torch
+    """One replica: an engine from ``engine_factory`` (default: ``CloudConfig.engine_factory``) behind HTTP
+    and the bus step loop."""
 
+    def __init__(self, config: dict, engine_factory: "EngineFactory | None" = None) -> None:
         from cogenesis.cluster.bus import CloudBus
-        from cogenesis.deployments.engine import build_engine
+        from cogenesis.deployments.engine import load_engine_factory
         from cogenesis.deployments.step_loop import StepLoop
 
         self.cfg = validate(CloudConfig, config, "CloudServer")
-        torch.set_num_threads(self.cfg.torch_threads)
-        self.engine = build_engine(self.cfg)
+        self.engine = (engine_factory or load_engine_factory(self.cfg.engine_factory))(self.cfg)
         self.lock = FairLock()  # outlines yield to waiting logits steps between tokens
-        self.engine.yield_point = self.lock.yield_
+        self.engine.set_yield_point(self.lock.yield_)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (tests of the shim)
             self.replica = uuid.uuid4().hex[:8]
         self.metrics_address = metrics.serve(metrics.CLOUD)  # announced on the bus by the step loop
         self.loop = StepLoop(
-            self.engine,
-            CloudBus(self.cfg.redis_url, self.replica),
-            self.lock,
-            metrics_address=self.metrics_address,
-            route_ttl_s=int(self.cfg.session_idle_s),
+            self.engine, CloudBus(self.cfg.redis_url, self.replica), self.lock, metrics_address=self.metrics_address
         ).start()
-        self._sketch_batch.set_max_batch_size(self.cfg.sketch_max_batch)
-        self._sketch_batch.set_batch_wait_timeout_s(self.cfg.sketch_batch_wait_s)
+        self._sketch_batch = serve.batch(
+            max_batch_size=self.cfg.sketch_max_batch, batch_wait_timeout_s=self.cfg.sketch_batch_wait_s
+        )(self._sketch_many)
         log.info("replica %s ready (pid %d)", self.replica, os.getpid())
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def _sketch_batch(self, requests: "list[SketchRequest]") -> "list[SketchReply | CoGenesisError]":
-        def run():
-            with self.lock:
-                return self.engine.sketch(requests)
-
+    async def _sketch_many(self, requests: list[SketchRequest]) -> list[SketchReply | CoGenesisError]:
         try:
-            return await asyncio.to_thread(run)
+            return list(await asyncio.to_thread(self._sketch_locked, requests))
         except CoGenesisError:
             if len(requests) == 1:
                 raise
             # one bad request must not fail its batch-mates: retry each alone
-            out = []
+            out: list[SketchReply | CoGenesisError] = []
             for req in requests:
                 try:
-                    out.append(await asyncio.to_thread(lambda r=req: self._sketch_one(r)))
+                    out.extend(await asyncio.to_thread(self._sketch_locked, [req]))
                 except CoGenesisError as exc:
                     out.append(exc)
             return out
 
-    def _sketch_one(self, req: SketchRequest) -> SketchReply:
+    def _sketch_locked(self, requests: list[SketchRequest]) -> list[SketchReply]:
         with self.lock:
-            return self.engine.sketch([req])[0]
+            return self.engine.sketch(requests)
+
+    def _stateless_locked(self, ids: list[int], top_k: int) -> "tuple[TopK, int]":
+        with self.lock:
+            return self.engine.stateless_top_k(ids, top_k), now_us()
 
     @api.post("/v1/sketch")
     async def sketch(self, request: Request) -> Response:
@@ -137,34 +139,21 @@ class CloudServer:
                 ),
                 422,
             )
-
-        def run():
-            with self.lock:
-                return self.engine.stateless_top_k(ids, req.top_k), now_us()
-
         t0 = now_us()  # from here on: waiting for a worker thread and the lock (a busy model), then the model
         try:
-            top, t1 = await asyncio.to_thread(run)
+            top, t1 = await asyncio.to_thread(self._stateless_locked, ids, req.top_k)
         except CoGenesisError as exc:
             return _msgpack(
                 ErrorReply(session_id=req.session_id, step=len(ids), code="bad_request", message=exc.message), 422
             )
         posted = now_us()
-        return _msgpack(
-            StepReply(
-                session_id=req.session_id,
-                step=len(ids),
-                replica=self.replica,
-                ids=pack_ids(top.ids.ravel()),
-                logprobs=pack_logprobs(top.logprobs.ravel()),
-                prompt_tokens=top.context_len,
-                compute_ms=round(top.compute_ms, 3),
-                bus_in_us=max(0, arrived - req.sent_us) if req.sent_us else 0,
-                server_us=posted - arrived,
-                model_us=t1 - t0,
-                posted_us=posted,
-            )
+        trace = TraceFields(
+            bus_in_us=max(0, arrived - req.sent_us) if req.sent_us else 0,
+            server_us=posted - arrived,
+            model_us=t1 - t0,
+            posted_us=posted,
         )
+        return _msgpack(step_reply(req.session_id, len(ids), self.replica, top, trace))
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -185,19 +174,24 @@ class CloudServer:
             raise RuntimeError("the step loop thread died")
 
     def __del__(self) -> None:
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            loop.stop()
-        audit = getattr(self.engine, "audit", None) if hasattr(self, "engine") else None
-        if audit is not None:
-            audit.close()
+        """Serve calls this when the replica shuts down: stop the step loop, then the engine."""
+        if hasattr(self, "loop"):
+            self.loop.stop()
+        if hasattr(self, "engine"):
+            self.engine.shutdown()
 
 
-def build_app(args: dict | CloudConfig | None = None):
-    """Serve application builder (``import_path: deployments.server:build_app``)."""
+CloudDeployment = serve.deployment(name="CloudServer", health_check_period_s=5, graceful_shutdown_timeout_s=10)(
+    CloudServer
+)
+
+
+def build_app(args: dict | CloudConfig | None = None, engine_factory: "EngineFactory | None" = None) -> Application:
+    """Serve application builder (``import_path: cogenesis.deployments.server:build_app``); ``engine_factory``
+    replaces ``CloudConfig.engine_factory`` (tests: a callable Ray can pickle)."""
     cfg = args if isinstance(args, CloudConfig) else validate(CloudConfig, dict(args or {}), "serve args")
-    return CloudServer.options(
+    return CloudDeployment.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=max(cfg.max_ongoing_requests, cfg.sketch_max_batch),
         ray_actor_options={"num_cpus": cfg.replica_cpus},
-    ).bind(cfg.model_dump())
+    ).bind(cfg.model_dump(), engine_factory)

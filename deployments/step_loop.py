@@ -9,13 +9,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from cogenesis.cluster.bus import OPEN_STREAM, CloudBus
 from cogenesis.core import metrics
-from cogenesis.core.errors import CoGenesisError, ProtocolError, UnknownSession
+from cogenesis.core.errors import CoGenesisError, ProtocolError, SessionError, UnknownSession
 from cogenesis.core.protocol import (
     CloseSession,
+    EdgeToCloud,
     ErrorReply,
     OpenSession,
     ReplyBatch,
@@ -26,13 +30,15 @@ from cogenesis.core.protocol import (
     encode,
     now_ms,
     now_us,
-    pack_ids,
-    pack_logprobs,
     unpack_ids,
 )
 from cogenesis.deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
+from cogenesis.deployments.replies import TraceFields, step_reply
 
 log = logging.getLogger(__name__)
+
+Outcome = TopK | Exception  # what the engine made of one request
+_A = TypeVar("_A")
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,9 @@ class Trace:
     model_us: int = 0  # time in (or waiting for) the engine while serving the batch
     posted_us: int = 0
 
-    def fields(self, sent_us: int) -> dict:
+    def fields(self, sent_us: int) -> TraceFields:
         bus_in = self.read_us - max(sent_us, self.read_called_us) if sent_us else 0
-        return dict(
+        return TraceFields(
             bus_in_us=max(0, bus_in),
             server_us=self.posted_us - self.read_us,
             model_us=self.model_us,
@@ -54,38 +60,24 @@ class Trace:
         )
 
 
-def step_reply(session_id: str, step: int, replica: str, top: TopK, trace: dict) -> StepReply:
-    return StepReply(
-        session_id=session_id,
-        step=step,
-        replica=replica,
-        ids=pack_ids(top.ids.ravel()),
-        logprobs=pack_logprobs(top.logprobs.ravel()),
-        draft=pack_ids(top.draft),
-        prompt_tokens=top.context_len,
-        compute_ms=round(top.compute_ms, 3),
-        **trace,
-    )
-
-
 def _error(session_id: str, step: int, code: str, message: str) -> ErrorReply:
     return ErrorReply(session_id=session_id, step=step, code=code, message=message)
 
 
-def _decode(payload: bytes):
+def _decode(payload: bytes) -> EdgeToCloud | ProtocolError:
     try:
         return decode_request(payload)
     except ProtocolError as exc:
         return exc
 
 
-def _route(msg: OpenSession | StepRequest) -> str:
+def _reply_to(msg: OpenSession | StepRequest) -> str:
     return msg.reply_to or msg.session_id
 
 
 def _pack(replies: list[tuple[str, StepReply | ErrorReply]]) -> list[tuple[str, bytes]]:
     """One payload per reply list: the reply itself, or a ReplyBatch when a pool gets several."""
-    groups: dict[str, list] = {}
+    groups: dict[str, list[StepReply | ErrorReply]] = {}
     for key, msg in replies:
         groups.setdefault(key, []).append(msg)
     return [
@@ -98,15 +90,13 @@ class StepLoop:
         self,
         engine: CloudEngine,
         bus: CloudBus,
-        engine_lock: threading.Lock,
-        route_ttl_s: int = 600,
+        engine_lock: AbstractContextManager[object],
         metrics_address: str | None = None,
     ) -> None:
         self.engine = engine
         self.metrics_address = metrics_address  # announced on the bus with every heartbeat
         self.bus = bus
         self.lock = engine_lock
-        self.route_ttl_s = route_ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cogenesis-step-loop", daemon=True)
         self.requests = self.errors = 0
@@ -142,7 +132,8 @@ class StepLoop:
 
     def _serve(self, batch: list[tuple[str, bytes, bytes]], trace: Trace) -> None:
         """One bus read = one batch: all opens in one forward pass, all steps in another."""
-        done, replies, routes = [], [], []
+        done: list[tuple[str, bytes]] = []
+        replies: list[tuple[str, StepReply | ErrorReply]] = []
         opens: list[OpenSession] = []
         steps: list[StepRequest] = []
         closes: list[CloseSession] = []
@@ -167,12 +158,14 @@ class StepLoop:
                 step = msg.step if isinstance(msg, StepRequest) else 0
                 replies.append(
                     (
-                        _route(msg),
+                        _reply_to(msg),
                         _error(msg.session_id, step, "deadline", "the request's deadline passed before it was served"),
                     )
                 )
+            elif isinstance(msg, OpenSession):
+                opens.append(msg)
             else:
-                (opens if isinstance(msg, OpenSession) else steps).append(msg)
+                steps.append(msg)
         t_model = now_us()
         with self.lock:
             t_locked = now_us()  # the model's own time starts here (before: waiting for an outline to yield)
@@ -189,13 +182,12 @@ class StepLoop:
         trace = replace(trace, model_us=posted - t_model, posted_us=posted)
         self._observe(opens, steps, (posted - t_locked) / 1e6)
         for msg, out in zip(opens, open_out):
-            replies.append((_route(msg), self._encode(msg, 0, out, trace)))
-            routes.append(msg.session_id)
+            replies.append((_reply_to(msg), self._encode(msg, 0, out, trace)))
         for msg, out in zip(steps, step_out):
-            replies.append((_route(msg), self._encode(msg, msg.step, out, trace)))
-        self.bus.finish(done, _pack(replies), routes, self.route_ttl_s)
+            replies.append((_reply_to(msg), self._encode(msg, msg.step, out, trace)))
+        self.bus.finish(done, _pack(replies))
 
-    def _observe(self, opens: list, steps: list, model_s: float) -> None:
+    def _observe(self, opens: list[OpenSession], steps: list[StepRequest], model_s: float) -> None:
         if opens or steps:
             metrics.step_batch_size.observe(len(opens) + len(steps))
             metrics.step_seconds.observe(model_s)
@@ -205,10 +197,12 @@ class StepLoop:
         metrics.kv_cache_bytes.set(stats.get("kv_bytes", 0))
         metrics.bus_queue_depth.set(self.bus.backlog())
 
-    def _expand(self, batch: list[tuple[str, bytes, bytes]], done: list) -> list[tuple[str, bytes, object]]:
+    def _expand(
+        self, batch: list[tuple[str, bytes, bytes]], done: list[tuple[str, bytes]]
+    ) -> list[tuple[str, bytes, EdgeToCloud | ProtocolError]]:
         """Decoded messages, one per request: a StepBatch entry yields its items (acked once, as one
         entry). A payload that does not decode yields its ProtocolError, reported by the caller."""
-        out = []
+        out: list[tuple[str, bytes, EdgeToCloud | ProtocolError]] = []
         for stream, entry_id, payload in batch:
             done.append((stream, entry_id))
             msg = _decode(payload)
@@ -218,7 +212,7 @@ class StepLoop:
                 out.append((stream, entry_id, msg))
         return out
 
-    def _call(self, fn, args: list) -> list:
+    def _call(self, fn: Callable[[Sequence[_A]], list[TopK | SessionError]], args: list[_A]) -> Sequence[Outcome]:
         if not args:
             return []
         try:
@@ -227,7 +221,7 @@ class StepLoop:
             log.exception("engine failed on a batch of %d", len(args))
             return [exc] * len(args)
 
-    def _encode(self, msg: OpenSession | StepRequest, step: int, out, trace: Trace) -> StepReply | ErrorReply:
+    def _encode(self, msg: OpenSession | StepRequest, step: int, out: Outcome, trace: Trace) -> StepReply | ErrorReply:
         session_id = msg.session_id
         if isinstance(out, TopK):
             return step_reply(session_id, step, self.bus.replica, out, trace.fields(msg.sent_us))

@@ -264,7 +264,7 @@ def decode_replies(buf: bytes) -> list[StepReply | ErrorReply]:
     return list(msg.items) if isinstance(msg, ReplyBatch) else [msg]
 
 
-def _decode_as(decode, buf: bytes, typ: type[_Msg]) -> _Msg:
+def _decode_as(decode, buf: bytes, typ: type[_M]) -> _M:
     try:
         msg = decode(buf, type=typ)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -272,11 +272,11 @@ def _decode_as(decode, buf: bytes, typ: type[_Msg]) -> _Msg:
     return _check_version(msg)
 
 
-def decode_msgpack(buf: bytes, typ: type[_Msg]) -> _Msg:
+def decode_msgpack(buf: bytes, typ: type[_M]) -> _M:
     """Decode a msgpack HTTP body into ``typ`` (the stateless baseline)."""
     return _decode_as(msgspec.msgpack.decode, buf, typ)
 
 
-def decode_json(buf: bytes, typ: type[_Msg]) -> _Msg:
+def decode_json(buf: bytes, typ: type[_M]) -> _M:
     """Decode a JSON HTTP body into ``typ`` (sketch mode)."""
     return _decode_as(msgspec.json.decode, buf, typ)

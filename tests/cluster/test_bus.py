@@ -33,6 +33,14 @@ def _open(session_id="s1"):
     return Sealed(encode(msg), "OpenSession")
 
 
+def _wait(edge, session_id, step, deadline_ms):
+    """One session's reply for ``step``; a refusal or a timeout is raised."""
+    reply = edge.wait_many({session_id: step}, deadline_ms)[session_id]
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
 def test_unreachable_redis_is_a_clear_error():
     with pytest.raises(ClusterError, match="cannot reach Redis"):
         connect("redis://127.0.0.1:1/0", timeout_s=0.5)
@@ -41,7 +49,7 @@ def test_unreachable_redis_is_a_clear_error():
 def test_open_reaches_a_replica_and_reply_comes_back(redis_url):
     cloud = CloudBus(redis_url, "r1")
     edge = EdgeBus(redis_url)
-    edge.send_open(_open(), "s1")
+    edge.send_many([(None, "s1", _open())])
     batch = cloud.read(block_ms=1000)
     assert len(batch) == 1 and batch[0][0] == OPEN_STREAM
     assert decode_request(batch[0][2]).session_id == "s1"
@@ -50,11 +58,10 @@ def test_open_reaches_a_replica_and_reply_comes_back(redis_url):
             session_id="s1", step=0, replica="r1", ids=pack_ids([5, 6, 7]), logprobs=pack_logprobs([-0.1, -2.0, -3.0])
         )
     )
-    cloud.finish([(batch[0][0], batch[0][1])], [("s1", reply)], routes=["s1"])
-    got = edge.wait_reply("s1", 0, deadline_in(2))
+    cloud.finish([(batch[0][0], batch[0][1])], [("s1", reply)])
+    got = _wait(edge, "s1", 0, deadline_in(2))
     assert got.replica == "r1" and got.top_k()[0].tolist() == [[5, 6, 7]]
     r = redis.Redis.from_url(redis_url)
-    assert r.get("cg:route:s1") == b"r1"
     assert r.xlen(OPEN_STREAM) == 0  # acknowledged entries are deleted
     assert r.xpending(OPEN_STREAM, GROUP)["pending"] == 0
 
@@ -62,14 +69,14 @@ def test_open_reaches_a_replica_and_reply_comes_back(redis_url):
 def test_every_key_has_a_ttl(redis_url):
     cloud = CloudBus(redis_url, "r1")
     edge = EdgeBus(redis_url)
-    edge.send_open(_open(), "s1")
-    edge.send_to("r1", _open())
+    edge.send_many([(None, "s1", _open())])
+    edge.send_many([("r1", "", _open())])
     batch = cloud.read(block_ms=1000)
     reply = encode(ErrorReply(session_id="s1", step=0, code="x", message="y"))
-    cloud.finish([], [("s1", reply)], routes=["s1"])
+    cloud.finish([], [("s1", reply)])
     r = redis.Redis.from_url(redis_url)
     keys = r.keys("cg:*")
-    assert {k.decode() for k in keys} >= {OPEN_STREAM, in_stream("r1"), reply_key("s1"), "cg:route:s1", "cg:alive:r1"}
+    assert {k.decode() for k in keys} >= {OPEN_STREAM, in_stream("r1"), reply_key("s1"), "cg:alive:r1"}
     assert all(r.ttl(k) > 0 for k in keys), {k: r.ttl(k) for k in keys}
     assert len(batch) == 2
 
@@ -78,24 +85,24 @@ def test_two_replicas_share_opens_without_duplicates(redis_url):
     a, b = CloudBus(redis_url, "ra"), CloudBus(redis_url, "rb")
     edge = EdgeBus(redis_url)
     for i in range(10):
-        edge.send_open(_open(f"s{i}"), f"s{i}")
+        edge.send_many([(None, f"s{i}", _open(f"s{i}"))])
     seen = []
     for bus in (a, b, a, b):
         seen += [decode_request(p).session_id for _, _, p in bus.read(block_ms=50, count=5)]
     assert sorted(seen) == sorted(f"s{i}" for i in range(10))
 
 
-def test_wait_reply_times_out_and_skips_stale_replies(redis_url):
+def test_wait_times_out_and_skips_stale_replies(redis_url):
     edge = EdgeBus(redis_url)
     t0 = time.monotonic()
     with pytest.raises(BusTimeout, match="no reply for step 3"):
-        edge.wait_reply("nobody", 3, deadline_in(0.3))
+        _wait(edge, "nobody", 3, deadline_in(0.3))
     assert time.monotonic() - t0 < 2.0
     r = redis.Redis.from_url(redis_url)
     stale = encode(StepReply(session_id="s", step=1, replica="r", ids=pack_ids([1]), logprobs=pack_logprobs([0.0])))
     fresh = encode(StepReply(session_id="s", step=2, replica="r", ids=pack_ids([2]), logprobs=pack_logprobs([0.0])))
     r.lpush(reply_key("s"), stale, fresh)
-    assert edge.wait_reply("s", 2, deadline_in(1)).step == 2
+    assert _wait(edge, "s", 2, deadline_in(1)).step == 2
 
 
 def test_long_waits_block_in_slices_shorter_than_the_socket_timeout(redis_url, monkeypatch):
@@ -111,7 +118,7 @@ def test_long_waits_block_in_slices_shorter_than_the_socket_timeout(redis_url, m
     late = encode(StepReply(session_id="s", step=1, replica="r", ids=pack_ids([1]), logprobs=pack_logprobs([0.0])))
     timer = threading.Timer(0.9, lambda: redis.Redis.from_url(redis_url).lpush(reply_key("s"), late))
     timer.start()
-    assert edge.wait_reply("s", 1, deadline_in(5)).step == 1
+    assert _wait(edge, "s", 1, deadline_in(5)).step == 1
     timer.join()
 
 
@@ -120,13 +127,13 @@ def test_error_reply_raises_session_error(redis_url):
     r = redis.Redis.from_url(redis_url)
     r.lpush(reply_key("s"), encode(ErrorReply(session_id="s", step=4, code="unknown_session", message="gone")))
     with pytest.raises(SessionError, match="unknown_session: gone"):
-        edge.wait_reply("s", 4, deadline_in(1))
+        _wait(edge, "s", 4, deadline_in(1))
 
 
 def test_edge_bus_only_sends_sealed_messages(redis_url):
     edge = EdgeBus(redis_url)
     with pytest.raises(TypeError, match="sealed"):
-        edge.send_to("r1", b"raw bytes")
+        edge.send_many([("r1", "s", b"raw bytes")])
 
 
 def _step(session_id, step, reply_to="pool"):
@@ -179,7 +186,7 @@ def test_a_flood_of_opens_is_taken_a_share_at_a_time(redis_url):
     step pending for it is still served in that pass; the rest of the opens wait in the stream."""
     edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
     for i in range(10):
-        edge.send_open(_open(f"s{i}"), f"s{i}")
+        edge.send_many([(None, f"s{i}", _open(f"s{i}"))])
     edge.send_many([("r1", f"t{i}", _step(f"t{i}", 1)) for i in range(5)])
     first = cloud.read(block_ms=1000, max_opens=4)
     assert sum(s == OPEN_STREAM for s, _, _ in first) == 4
@@ -191,5 +198,5 @@ def test_a_flood_of_opens_is_taken_a_share_at_a_time(redis_url):
 def test_replica_drains_a_burst_into_one_read(redis_url):
     edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
     for i in range(4):
-        edge.send_open(_open(f"s{i}"), f"s{i}")
+        edge.send_many([(None, f"s{i}", _open(f"s{i}"))])
     assert len(cloud.read(block_ms=1000)) == 4

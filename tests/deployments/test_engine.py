@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from cogenesis.core import prompts
-from cogenesis.core.errors import SessionError, UnknownSession
+from cogenesis.core.config import CloudConfig
+from cogenesis.core.errors import ConfigError, SessionError, UnknownSession
 from cogenesis.core.models import load_causal_lm
 from cogenesis.core.protocol import SketchRequest
 from cogenesis.deployments.audit import AuditLog
-from cogenesis.deployments.engine import TransformersCloudEngine
+from cogenesis.deployments.engine import TransformersCloudEngine, build_engine, load_engine_factory
 
 INSTRUCTION = "Write a short invitation for a charity event"
 
@@ -205,3 +206,28 @@ def test_lookahead_draft_is_the_models_greedy_path(model_tok):
     ref_ids, _ = _reference_topk(model, prompts.render(tok, prompts.cloud_messages(INSTRUCTION)) + sent, 5)
     assert after.ids[0].tolist() == ref_ids and after.draft.size == 4
     assert engine.stats()["recomputes"] == 0
+
+
+def test_the_yield_point_runs_every_few_outline_tokens(engine):
+    calls = []
+    engine.set_yield_point(lambda: calls.append(1))
+    (reply,) = engine.sketch([SketchRequest(request_id="k", instruction=INSTRUCTION, max_tokens=12, temperature=0.0)])
+    assert reply.tokens == 12 and len(calls) == 3  # every 4 tokens
+
+
+def test_shutdown_closes_the_audit_log(model_tok, tmp_path):
+    model, tok = model_tok
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    TransformersCloudEngine(model, tok, audit=audit).shutdown()
+    with pytest.raises(OSError):
+        audit.write("open", "a", "after shutdown")
+
+
+def test_the_engine_factory_is_loaded_from_its_import_path():
+    assert load_engine_factory(CloudConfig().engine_factory) is build_engine
+    with pytest.raises(ConfigError, match="cannot load the engine factory 'nowhere:build_engine'"):
+        load_engine_factory("nowhere:build_engine")
+    with pytest.raises(ConfigError, match="cannot load the engine factory"):
+        load_engine_factory("cogenesis.deployments.engine:no_such_factory")
+    with pytest.raises(ConfigError, match="is not callable"):
+        load_engine_factory("cogenesis.deployments.engine:MAX_LOOKAHEAD")
