@@ -2,24 +2,16 @@
 
 Everything the client sends goes through its ``OutboundGate``; the private record never leaves
 this object. Logs name sessions and sizes, never text. Logits sessions run in ``cogenesis.edge_sim.logits``
-(many clients stepped together); sketch requests are made here.
+(many clients stepped together), sketch sessions in ``cogenesis.edge_sim.sketch``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from dataclasses import dataclass, field
 
-import httpx
-import msgspec
-
-from cogenesis.cluster.bus import Sealed
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.data import Record
-from cogenesis.core.errors import BusTimeout, ClusterError, SessionError
-from cogenesis.core.protocol import SketchReply, SketchRequest
 from cogenesis.edge_sim.engine import EdgeEngine
 from cogenesis.edge_sim.gate import OutboundGate
 
@@ -38,7 +30,17 @@ class SessionResult:
     round_trips: int = 0  # cloud exchanges (sketch: 1; logits: open + steps)
     sketch: str | None = None  # the cloud's outline (public: written from the public instruction)
     error: str | None = None
-    extra: dict = field(default_factory=dict)
+    itl_s: list[float] = field(default_factory=list)  # gaps between consecutive generated tokens
+    stopped: bool = False  # ended early by the caller's time budget, with what it wrote (logits)
+    # logits mode: the exchange with the cloud
+    fused_steps: int = 0  # positions whose token came from the fused distribution
+    accepted_draft_tokens: int = 0  # the cloud's lookahead drafts the edge accepted
+    rtt_us: list[int] = field(default_factory=list)  # per reply: sent -> received
+    overhead_us: list[int] = field(default_factory=list)  # per reply: bus + serialization, not model time
+    # sketch mode
+    sketch_seconds: float | None = None  # the outline request to the cloud
+    edge_seconds: float | None = None  # the local generation from the outline (a pool's batched decode)
+    simulated: bool = False  # written by a device profile (no small model ran; no text)
 
     def to_json(self) -> dict:
         out = {
@@ -68,48 +70,3 @@ class EdgeClient:
         self.gate = OutboundGate(record.public_instruction, record.private_fields())
         seed = cfg.sampling.seed
         self.seed = None if seed is None else seed + index
-
-    # ---- sketch mode --------------------------------------------------------------------------
-
-    def request_sketch(self, http: httpx.Client, http_url: str) -> tuple[str, int, float]:
-        """Ask the cloud for an outline of the public instruction. Returns (sketch, tokens, seconds)."""
-        req = SketchRequest(
-            request_id=uuid.uuid4().hex,
-            instruction=self.record.public_instruction,
-            kind=self.record.kind,
-            max_tokens=self.cfg.sketch_max_tokens,
-            temperature=self.cfg.sketch.temperature,
-            top_p=self.cfg.sketch.top_p,
-            repetition_penalty=self.cfg.sketch.repetition_penalty,
-            seed=self.seed,
-        )
-        sealed = self.gate.seal_json(req)
-        t0 = time.perf_counter()
-        reply = post_sealed(http, f"{http_url}/v1/sketch", sealed, self.cfg.step_timeout_s)
-        parsed = msgspec.json.decode(reply, type=SketchReply)
-        return parsed.sketch, parsed.tokens, time.perf_counter() - t0
-
-    def sketch_prompt(self, sketch: str) -> list[int]:
-        return self.engine.prompt_ids(self.record, sketch=sketch)
-
-
-def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) -> bytes:
-    """POST a gate-sealed body; errors become CoGenesisErrors that say what happened."""
-    try:
-        resp = http.post(url, content=sealed.payload, headers={"content-type": "application/json"}, timeout=timeout_s)
-    except httpx.TimeoutException:
-        raise BusTimeout(
-            f"no answer from {url} within {timeout_s:.0f} s",
-            hint="the cloud may be overloaded; raise --step-timeout or add replicas",
-        ) from None
-    except httpx.HTTPError as exc:
-        raise ClusterError(f"cannot reach the cloud at {url}: {exc}", hint="is the cluster running?") from None
-    if resp.status_code != 200:
-        try:
-            body = resp.json()
-            detail = body.get("error") or body.get("detail") or resp.text[:200]
-            detail = f"{detail} ({body['hint']})" if body.get("hint") else detail
-        except ValueError:
-            detail = resp.text[:200]
-        raise SessionError(f"cloud answered {resp.status_code}: {detail}")
-    return resp.content

@@ -4,37 +4,20 @@ The gate knows the client's private strings and refuses any outbound text that c
 run of ``ngram`` consecutive words from them (word n-grams that also occur in the public
 instruction are public by declaration: the user chose to send that instruction). Generated
 token ids in logits steps pass: sending them is the protocol; what the small model copies
-into its own output is measured separately (see tests/test_privacy.py).
+into its own output is measured separately (see tests/test_privacy.py). The n-grams are
+``cogenesis.core.privacy``'s, shared with eval's exposure score.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import msgspec
 
 from cogenesis.cluster.bus import Sealed
 from cogenesis.core.errors import PrivacyViolation
+from cogenesis.core.privacy import ngrams, private_ngrams
 from cogenesis.core.protocol import CloseSession, OpenSession, SketchRequest, StatelessRequest, StepRequest, encode
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    w = words(text)
-    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
-
-
-def private_ngrams(public_instruction: str, private_fields: Iterable[str], n: int) -> set[tuple[str, ...]]:
-    """Word n-grams of the private fields, less those of the public instruction (public by the user's choice)."""
-    if not n:
-        return set()
-    return set().union(*(ngrams(f, n) for f in private_fields)) - ngrams(public_instruction, n)
 
 
 class OutboundGate:

@@ -6,9 +6,11 @@
   POSTs the whole public sequence (prompt + generated ids) over HTTP and the cloud keeps nothing;
   one request per session per step, each computed alone.
 
-A link only moves messages: the session loop (``cogenesis.edge_sim.logits``) decides what to ask. Every
-message is sealed by the client's outbound gate. Each reply is traced: round trip and exchange
-overhead (bus + serialization, not model time) go into the session's ``trace``.
+A link only moves messages: the session loop (``cogenesis.edge_sim.logits``) decides what to ask and
+hands the link typed items (``Opening``, ``Step``, ``Closing``); every message is sealed by the
+client's outbound gate carried in the item. ``collect`` returns an ``Arrival`` per session: its reply
+or a ``Failure``, with the send and receive times from which the loop traces the round trip and the
+exchange overhead (bus + serialization, not model time). A link never touches the loop's state.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
-from cogenesis.cluster.bus import EdgeBus
+from cogenesis.cluster.bus import EdgeBus, Sealed
 from cogenesis.core import prompts
 from cogenesis.core.errors import BusTimeout, ClusterError, CoGenesisError, ProtocolError, SessionError
 from cogenesis.core.protocol import (
     CloseSession,
     ErrorReply,
     OpenSession,
+    ReplyBatch,
     StatelessRequest,
     StepReply,
     StepRequest,
@@ -38,32 +42,85 @@ from cogenesis.core.protocol import (
     pack_ids,
     pack_logprobs,
 )
+from cogenesis.edge_sim.gate import OutboundGate
 
 if TYPE_CHECKING:
     from cogenesis.core.config import EdgeConfig
-    from cogenesis.edge_sim.logits import _Live
 
 log = logging.getLogger(__name__)
 
 
+# ---- what the session loop hands a link, and what it gets back ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Opening:
+    """Start a session: its public instruction is the only text that leaves the device."""
+
+    session_id: str
+    client: int  # the client's index (to attribute what the cloud received)
+    instruction: str
+    gate: OutboundGate  # seals the message before it leaves
+
+
+@dataclass(frozen=True)
+class Step:
+    """Ask for the next top-k: the generated ids the cloud has not seen yet, under a new step number."""
+
+    session_id: str
+    step: int
+    tokens: tuple[int, ...]  # new ids since the last request
+    generated: tuple[int, ...]  # every id written so far (a stateless link re-sends them all)
+    replica: str  # the replica holding the session
+    gate: OutboundGate
+
+
+@dataclass(frozen=True)
+class Closing:
+    """The session ended: free what the cloud holds for it."""
+
+    session_id: str
+    replica: str  # "" when no reply came yet (no replica holds it)
+    gate: OutboundGate
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a session's request was not answered, said for the user."""
+
+    message: str
+
+    @classmethod
+    def of(cls, exc: Exception) -> Failure:
+        return cls(exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A session's answer to its in-flight request, with the times its trace needs."""
+
+    session_id: str
+    reply: StepReply | Failure
+    sent_us: int = 0  # when the request left (``now_us``)
+    received_us: int | None = None  # when the reply arrived; None: not timed (an in-process link)
+    waited_from_us: int = 0  # when the edge started waiting for it (exchange overhead counts from there)
+
+
 class CloudLink(Protocol):
-    def open(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
+    def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
         """Start every session; their first replies are collected by ``collect``."""
 
-    def request(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
+    def request(self, steps: Sequence[Step], cfg: EdgeConfig) -> None:
         """Send each session's unsent tokens and ask for the next top-k."""
 
-    def collect(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        """Wait (up to the step timeout) for the in-flight replies of ``lives``."""
+    def collect(self, session_ids: Sequence[str], cfg: EdgeConfig) -> list[Arrival]:
+        """Wait (up to the step timeout) for the in-flight replies of these sessions."""
 
-    def close(self, lives: Sequence[_Live]) -> None:
+    def close(self, sessions: Sequence[Closing]) -> None:
         """Free whatever the cloud holds for these sessions (best effort)."""
 
 
-def _fail(lv: _Live, exc: Exception) -> None:
-    lv.error = exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}"
-    lv.done = True
-    log.warning("client %d logits session failed: %s", lv.client.index, lv.error)
+# ---- links ---------------------------------------------------------------------------------------------
 
 
 class BusLink:
@@ -72,89 +129,87 @@ class BusLink:
     def __init__(self, bus: EdgeBus) -> None:
         self.bus = bus
         self.reply_to = f"pool-{uuid.uuid4().hex}"  # one reply list for all of this pool's sessions
+        self._in_flight: dict[str, tuple[int, int]] = {}  # session -> (step awaited, sent_us)
 
-    def open(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
+    def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
         sent = now_us()
-        self.bus.send_many(
-            [
-                (
-                    None,
-                    lv.session_id,
-                    lv.client.gate.seal(
-                        OpenSession(
-                            session_id=lv.session_id,
-                            instruction=lv.client.record.public_instruction,
-                            top_k=cfg.top_k,
-                            deadline_ms=deadline_in(cfg.step_timeout_s),
-                            lookahead=cfg.lookahead,
-                            sent_us=sent,
-                            reply_to=self.reply_to,
-                        )
-                    ),
-                )
-                for lv in lives
-            ]
-        )
-        for lv in lives:
-            lv.sent(sent)
-
-    def request(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        if not lives:
-            return
-        sent = now_us()
-        items = []
-        for lv in lives:
-            step, tokens = lv.next_step()
-            items.append(
-                (
-                    lv.replica,
-                    lv.session_id,
-                    lv.client.gate.seal(
-                        StepRequest(
-                            session_id=lv.session_id,
-                            step=step,
-                            tokens=pack_ids(tokens),
-                            deadline_ms=deadline_in(cfg.step_timeout_s),
-                            sent_us=sent,
-                            reply_to=self.reply_to,
-                        )
-                    ),
-                )
+        items: list[tuple[str | None, str, Sealed]] = [
+            (
+                None,
+                o.session_id,
+                o.gate.seal(
+                    OpenSession(
+                        session_id=o.session_id,
+                        instruction=o.instruction,
+                        top_k=cfg.top_k,
+                        deadline_ms=deadline_in(cfg.step_timeout_s),
+                        lookahead=cfg.lookahead,
+                        sent_us=sent,
+                        reply_to=self.reply_to,
+                    )
+                ),
             )
+            for o in sessions
+        ]
         self.bus.send_many(items)
-        for lv in lives:
-            lv.sent(sent)
+        self._in_flight.update((o.session_id, (0, sent)) for o in sessions)
 
-    def collect(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        waiting = {lv.session_id: lv for lv in lives if lv.in_flight and not lv.done}
-        if not waiting:
+    def request(self, steps: Sequence[Step], cfg: EdgeConfig) -> None:
+        if not steps:
             return
-        since, arrivals = now_us(), {}
+        sent = now_us()
+        items: list[tuple[str | None, str, Sealed]] = [
+            (
+                s.replica,
+                s.session_id,
+                s.gate.seal(
+                    StepRequest(
+                        session_id=s.session_id,
+                        step=s.step,
+                        tokens=pack_ids(s.tokens),
+                        deadline_ms=deadline_in(cfg.step_timeout_s),
+                        sent_us=sent,
+                        reply_to=self.reply_to,
+                    )
+                ),
+            )
+            for s in steps
+        ]
+        self.bus.send_many(items)
+        self._in_flight.update((s.session_id, (s.step, sent)) for s in steps)
+
+    def collect(self, session_ids: Sequence[str], cfg: EdgeConfig) -> list[Arrival]:
+        if not session_ids:
+            return []
+        since = now_us()
+        arrivals: dict[str, int] = {}
         got = self.bus.wait_many(
-            {sid: lv.step for sid, lv in waiting.items()},
+            {sid: self._in_flight[sid][0] for sid in session_ids},
             deadline_in(cfg.step_timeout_s),
             arrivals,
-            reply_to=dict.fromkeys(waiting, self.reply_to),
+            reply_to=dict.fromkeys(session_ids, self.reply_to),
         )
+        out = []
         for sid, reply in got.items():
-            lv = waiting[sid]
+            _, sent = self._in_flight.pop(sid)
             if isinstance(reply, Exception):
-                _fail(lv, reply)
+                out.append(Arrival(sid, Failure.of(reply)))
             else:
-                lv.take(reply, arrivals.get(sid, now_us()), since)
+                out.append(Arrival(sid, reply, sent, arrivals.get(sid, now_us()), since))
+        return out
 
-    def close(self, lives: Sequence[_Live]) -> None:
-        closes = [
-            (lv.replica, lv.session_id, lv.client.gate.seal(CloseSession(session_id=lv.session_id)))
-            for lv in lives
-            if lv.replica
+    def close(self, sessions: Sequence[Closing]) -> None:
+        closes: list[tuple[str | None, str, Sealed]] = [
+            (c.replica, c.session_id, c.gate.seal(CloseSession(session_id=c.session_id))) for c in sessions if c.replica
         ]
         if closes:
             try:
                 self.bus.send_many(closes)
             except Exception as exc:  # the sessions time out on the replica anyway
                 log.warning("could not close %d session(s): %s", len(closes), exc)
-        self.bus.forget(lv.session_id for lv in lives)
+        for c in sessions:
+            self._in_flight.pop(c.session_id, None)
+        self.bus.forget(c.session_id for c in sessions)
 
 
 class StatelessLink:
@@ -170,36 +225,33 @@ class StatelessLink:
         self.http = httpx.Client(limits=httpx.Limits(max_connections=max_concurrency))
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="stateless")
         self._prompt: dict[str, tuple[list[int], str]] = {}  # session -> (cloud prompt ids, its text)
-        self._futures: dict[str, Future] = {}
+        self._futures: dict[str, tuple[Future, int]] = {}  # session -> (its POST, sent_us)
 
-    def open(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        for lv in lives:
-            ids = prompts.cloud_prompt_ids(self.tok, lv.client.record.public_instruction)
-            self._prompt[lv.session_id] = (ids, self.tok.decode(ids))
-        self._send(lives, cfg, opening=True)
+    def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
+        for o in sessions:
+            ids = prompts.cloud_prompt_ids(self.tok, o.instruction)
+            self._prompt[o.session_id] = (ids, self.tok.decode(ids))
+            self._send(o.session_id, (), o.gate, cfg)
 
-    def request(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        self._send(lives, cfg, opening=False)
+    def request(self, steps: Sequence[Step], cfg: EdgeConfig) -> None:
+        for s in steps:
+            self._send(s.session_id, s.generated, s.gate, cfg)
 
-    def _send(self, lives: Sequence[_Live], cfg: EdgeConfig, opening: bool) -> None:
-        for lv in lives:
-            if not opening:
-                lv.next_step()
-            ids, text = self._prompt[lv.session_id]
-            sent = now_us()
-            tokens = ids + lv.out
-            sealed = lv.client.gate.seal(
-                StatelessRequest(
-                    session_id=lv.session_id,
-                    tokens=pack_ids(tokens),
-                    top_k=cfg.top_k,
-                    deadline_ms=deadline_in(cfg.step_timeout_s),
-                    sent_us=sent,
-                ),
-                prompt_text=text,
-            )
-            self._futures[lv.session_id] = self._submit(lv.session_id, tokens, sealed.payload, cfg)
-            lv.sent(sent)
+    def _send(self, session_id: str, generated: Sequence[int], gate: OutboundGate, cfg: EdgeConfig) -> None:
+        ids, text = self._prompt[session_id]
+        sent = now_us()
+        tokens = ids + list(generated)
+        sealed = gate.seal(
+            StatelessRequest(
+                session_id=session_id,
+                tokens=pack_ids(tokens),
+                top_k=cfg.top_k,
+                deadline_ms=deadline_in(cfg.step_timeout_s),
+                sent_us=sent,
+            ),
+            prompt_text=text,
+        )
+        self._futures[session_id] = (self._submit(session_id, tokens, sealed.payload, cfg), sent)
 
     def _submit(self, session_id: str, tokens: list[int], sealed: bytes, cfg: EdgeConfig) -> Future:
         """Start the POST of one gate-sealed step in the background."""
@@ -218,31 +270,33 @@ class StatelessLink:
         except httpx.HTTPError as exc:
             raise ClusterError(f"cannot reach the cloud at {self.url}: {exc}", hint="is the cluster running?") from None
         try:
-            return decode_reply(resp.content), now_us()
+            reply = decode_reply(resp.content)
         except ProtocolError:
             raise SessionError(f"cloud answered {resp.status_code}: {resp.text[:200]}") from None
+        if isinstance(reply, ReplyBatch):
+            raise ProtocolError(f"{self.url} answered a batch of {len(reply.items)} replies to one stateless step")
+        return reply, now_us()
 
-    def collect(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
+    def collect(self, session_ids: Sequence[str], cfg: EdgeConfig) -> list[Arrival]:
         since = now_us()
-        for lv in [lv for lv in lives if lv.in_flight and not lv.done]:
-            future = self._futures.pop(lv.session_id)
-            try:
-                reply, received = future.result(timeout=cfg.step_timeout_s + 5)
-            except FutureTimeout:
-                _fail(lv, BusTimeout(f"session {lv.session_id}: no stateless reply in time"))
-                continue
-            except Exception as exc:
-                _fail(lv, exc)
-                continue
-            if isinstance(reply, ErrorReply):
-                _fail(lv, SessionError(f"cloud refused session {lv.session_id}: {reply.code}: {reply.message}"))
-            else:
-                lv.take(reply, received, since)
+        return [self._arrival(sid, *self._futures.pop(sid), since, cfg) for sid in session_ids]
 
-    def close(self, lives: Sequence[_Live]) -> None:
-        for lv in lives:
-            self._prompt.pop(lv.session_id, None)
-            self._futures.pop(lv.session_id, None)
+    def _arrival(self, session_id: str, future: Future, sent: int, since: int, cfg: EdgeConfig) -> Arrival:
+        try:
+            reply, received = future.result(timeout=cfg.step_timeout_s + 5)
+        except FutureTimeout:
+            return Arrival(session_id, Failure.of(BusTimeout(f"session {session_id}: no stateless reply in time")))
+        except Exception as exc:
+            return Arrival(session_id, Failure.of(exc))
+        if isinstance(reply, ErrorReply):
+            refused = SessionError(f"cloud refused session {session_id}: {reply.code}: {reply.message}")
+            return Arrival(session_id, Failure.of(refused))
+        return Arrival(session_id, reply, sent, received, since)
+
+    def close(self, sessions: Sequence[Closing]) -> None:
+        for c in sessions:
+            self._prompt.pop(c.session_id, None)
+            self._futures.pop(c.session_id, None)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -295,80 +349,3 @@ class OpenAILink(StatelessLink):
             ids=pack_ids([i for i, _ in pairs]),
             logprobs=pack_logprobs([lp for _, lp in pairs]),
         ), received
-
-
-class EngineLink:
-    """The cloud engine called in-process (``cogenesis eval``): the same messages, sealed by the same
-    gates, without Redis or Serve. Replies are computed at ``request`` and handed over at ``collect``."""
-
-    def __init__(self, engine, replica: str = "in-process") -> None:
-        self.engine = engine  # deployments.engine.CloudEngine
-        self.replica = replica
-        self._pending: dict[str, object] = {}
-        self.opened: dict[str, int] = {}  # session id -> client index (to attribute the engine's audit log)
-
-    def open(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        from cogenesis.deployments.engine import OpenArgs
-
-        for lv in lives:  # the gate checks what would leave the device
-            self.opened[lv.session_id] = lv.client.index
-            lv.client.gate.seal(
-                OpenSession(
-                    session_id=lv.session_id,
-                    instruction=lv.client.record.public_instruction,
-                    top_k=cfg.top_k,
-                    deadline_ms=deadline_in(cfg.step_timeout_s),
-                    lookahead=cfg.lookahead,
-                )
-            )
-        self._answer(
-            lives,
-            self.engine.open_many(
-                [OpenArgs(lv.session_id, lv.client.record.public_instruction, cfg.top_k, cfg.lookahead) for lv in lives]
-            ),
-        )
-
-    def request(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        from cogenesis.deployments.engine import StepArgs
-
-        args = []
-        for lv in lives:
-            step, tokens = lv.next_step()
-            lv.client.gate.seal(
-                StepRequest(
-                    session_id=lv.session_id,
-                    step=step,
-                    tokens=pack_ids(tokens),
-                    deadline_ms=deadline_in(cfg.step_timeout_s),
-                )
-            )
-            args.append(StepArgs(lv.session_id, step, tuple(tokens)))
-        if args:
-            self._answer(lives, self.engine.step_many(args))
-
-    def _answer(self, lives: Sequence[_Live], results: list) -> None:
-        from cogenesis.deployments.step_loop import step_reply
-
-        sent = now_us()
-        for lv, result in zip(lives, results):
-            lv.sent(sent)
-            self._pending[lv.session_id] = (
-                result
-                if isinstance(result, Exception)
-                else step_reply(lv.session_id, lv.step, self.replica, result, {})
-            )
-
-    def collect(self, lives: Sequence[_Live], cfg: EdgeConfig) -> None:
-        for lv in lives:
-            if not lv.in_flight or lv.done:
-                continue
-            reply = self._pending.pop(lv.session_id)
-            if isinstance(reply, Exception):
-                _fail(lv, reply)
-            else:
-                lv.take(reply)
-
-    def close(self, lives: Sequence[_Live]) -> None:
-        for lv in lives:
-            self._pending.pop(lv.session_id, None)
-            self.engine.close(lv.session_id)

@@ -7,7 +7,11 @@ when the choice equals it, which keeps the next position covered without a round
 the small model on every session's new token in one batched pass. When the schedule is known in
 advance, the request for the next position leaves before that pass, so the cloud computes while
 the device does. How requests reach the cloud is a ``CloudLink`` (``cogenesis.edge_sim.links``): the Redis
-bus (CoGenesis) or, for the benchmark's baseline, stateless HTTP.
+bus (CoGenesis) or, for the benchmark's baseline, stateless HTTP. The loop hands a link typed
+items (``Opening``, ``Step``, ``Closing``) and applies the ``Arrival``s it returns.
+
+A session's state is split by concern: what it wrote (``_Live``), its exchange with the cloud
+(``_Exchange``), when things happened (``_Trace``) and its counts (``_Stats``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +28,7 @@ import torch
 from cogenesis.cluster.bus import EdgeBus
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
-from cogenesis.core.errors import ConfigError
+from cogenesis.core.errors import ConfigError, SessionError
 from cogenesis.core.fusion_net import Fuser
 from cogenesis.core.prompts import cloud_prompt_ids
 from cogenesis.core.protocol import StepReply
@@ -33,66 +38,126 @@ from cogenesis.core.speculative import accept_draft
 from cogenesis.edge_sim.client import EdgeClient, SessionResult
 from cogenesis.edge_sim.device import Device, PackedDevice
 from cogenesis.edge_sim.engine import EdgeEngine
-from cogenesis.edge_sim.links import BusLink, CloudLink
+from cogenesis.edge_sim.links import Arrival, BusLink, Closing, CloudLink, Failure, Opening, Step
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+# ---- one session's state, by concern ------------------------------------------------------------------
+
+
+@dataclass
+class _Exchange:
+    """What the cloud told a session: who holds it, the top-k rows of its last reply and their drafts."""
+
+    replica: str = ""
+    step: int = 0  # last step number sent
+    in_flight: bool = False
+    rows: tuple[np.ndarray, np.ndarray] | None = None  # cloud top-k rows [P, K] of the last reply
+    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    row: int | None = None  # which row covers the current position (None: not covered)
+
+
+@dataclass
+class _Trace:
+    """When things happened: first token, every chosen token, and per reply its round trip and overhead."""
+
+    t0: float  # perf_counter at the session's start
+    ttft: float | None = None
+    token_times: list[float] = field(default_factory=list)  # perf_counter at each chosen token
+    rtt_us: list[int] = field(default_factory=list)  # per reply: sent -> received
+    overhead_us: list[int] = field(default_factory=list)  # per reply: bus + serialization (StepReply)
+
+    def chose(self) -> None:
+        self.ttft = self.ttft if self.ttft is not None else time.perf_counter() - self.t0
+
+    def wrote(self) -> None:
+        self.token_times.append(time.perf_counter())
+
+    def replied(self, arrival: Arrival, reply: StepReply) -> None:
+        if arrival.received_us is None:  # an untimed (in-process) link
+            return
+        rtt = arrival.received_us - arrival.sent_us
+        self.rtt_us.append(rtt)
+        metrics.step_roundtrip_seconds.observe(rtt / 1e6)
+        if reply.posted_us:  # traced by the replica
+            self.overhead_us.append(reply.exchange_overhead_us(arrival.received_us, arrival.waited_from_us))
+
+    def gaps(self) -> list[float]:
+        """Inter-token latencies (s)."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+@dataclass
+class _Stats:
+    round_trips: int = 0
+    fused: int = 0
+    accepted: int = 0  # draft tokens accepted
+    accepted_now: int = 0  # ... of the current reply's drafts
+
+
+@dataclass(eq=False)  # a session is its own key on the device (identity)
 class _Live:
+    """One running session: what it wrote, and where its exchange, trace and counts stand."""
+
     client: EdgeClient
     session_id: str
     gen: torch.Generator | None
-    t0: float
+    trace: _Trace
     lp: torch.Tensor | None = None  # [V] small model's log-probs at the current position
     plain_lp: torch.Tensor | None = None  # [V] ... without the private context (contrast fusion only)
     plain_key: object = field(default_factory=object)  # this session's row on the no-context pass
     out: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # chosen tokens the cloud has not seen yet
-    replica: str = ""
-    step: int = 0  # last step number sent
-    rows: tuple[np.ndarray, np.ndarray] | None = None  # cloud top-k rows [P, K] of the last reply
-    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    row: int | None = None  # which row covers the current position (None: not covered)
-    in_flight: bool = False
-    round_trips: int = 0
-    fused: int = 0
-    accepted: int = 0  # draft tokens accepted
-    accepted_now: int = 0  # ... of the current reply's drafts
-    ttft: float | None = None
-    token_times: list[float] = field(default_factory=list)  # perf_counter at each chosen token
     error: str | None = None
     done: bool = False
     stopped: bool = False  # ended early by the caller's time budget
-    sent_us: int = 0  # when the in-flight request left
-    rtt_us: list[int] = field(default_factory=list)  # per reply: sent -> received
-    overhead_us: list[int] = field(default_factory=list)  # per reply: bus + serialization (StepReply)
+    cloud: _Exchange = field(default_factory=_Exchange)
+    stats: _Stats = field(default_factory=_Stats)
 
-    def next_step(self) -> tuple[int, list[int]]:
+    @classmethod
+    def start(cls, client: EdgeClient) -> _Live:
+        gen = torch.Generator().manual_seed(client.seed) if client.seed is not None else None
+        return cls(client, uuid.uuid4().hex, gen, _Trace(time.perf_counter()))
+
+    def opening(self) -> Opening:
+        return Opening(self.session_id, self.client.index, self.client.record.public_instruction, self.client.gate)
+
+    def next_step(self) -> Step:
         """Number the next request and hand over the tokens the cloud has not seen."""
-        self.step += 1
+        self.cloud.step += 1
         tokens, self.unsent = self.unsent, []
-        return self.step, tokens
+        return Step(
+            self.session_id, self.cloud.step, tuple(tokens), tuple(self.out), self.cloud.replica, self.client.gate
+        )
 
-    def sent(self, at_us: int) -> None:
-        self.sent_us, self.in_flight = at_us, True
-        self.round_trips += 1
+    def closing(self) -> Closing:
+        return Closing(self.session_id, self.cloud.replica, self.client.gate)
 
-    def take(self, reply: StepReply, received_us: int = 0, waited_from_us: int = 0) -> None:
+    def sent(self) -> None:
+        self.cloud.in_flight = True
+        self.stats.round_trips += 1
+
+    def arrived(self, arrival: Arrival) -> None:
+        if isinstance(arrival.reply, Failure):
+            self.error, self.done = arrival.reply.message, True
+            log.warning("client %d logits session failed: %s", self.client.index, self.error)
+            return
+        reply = arrival.reply
         self.reply_done()
-        self.rows, self.drafts, self.row = reply.top_k(), reply.drafts(), 0
-        self.replica, self.in_flight = reply.replica, False
-        if received_us:
-            self.rtt_us.append(received_us - self.sent_us)
-            metrics.step_roundtrip_seconds.observe((received_us - self.sent_us) / 1e6)
-            if reply.posted_us:  # traced by the replica
-                self.overhead_us.append(reply.exchange_overhead_us(received_us, waited_from_us))
+        cloud = self.cloud
+        cloud.rows, cloud.drafts, cloud.row = reply.top_k(), reply.drafts(), 0
+        cloud.replica, cloud.in_flight = reply.replica, False
+        self.trace.replied(arrival, reply)
 
     def reply_done(self) -> None:
         """The current reply is used up: count how many of its drafts were accepted."""
-        if self.drafts.size:
-            metrics.lookahead_accepted_tokens.observe(self.accepted_now)
-        self.accepted_now = 0
+        if self.cloud.drafts.size:
+            metrics.lookahead_accepted_tokens.observe(self.stats.accepted_now)
+        self.stats.accepted_now = 0
+
+
+# ---- the lockstep loop ------------------------------------------------------------------------------------
 
 
 def schedule_of(cfg: EdgeConfig) -> Schedule:
@@ -105,19 +170,119 @@ def run_logits_sessions(
     engine: EdgeEngine,
     link: CloudLink | EdgeBus,
     cfg: EdgeConfig,
-    on_result=lambda r: None,
+    on_result: Callable[[SessionResult], None] = lambda r: None,
     stop_at: float | None = None,
     device: Device | None = None,
 ) -> list[SessionResult]:
     """Run one logits session per client, all stepped together; returns their results in order.
 
     ``stop_at`` (a ``time.perf_counter()`` instant, for time-boxed benchmarks): sessions still
-    running then end early with what they wrote, marked ``extra["stopped"]``. ``device``: where
-    the small-model passes run (default: one packed batch of these sessions).
+    running then end early with what they wrote, marked ``stopped``. ``device``: where the
+    small-model passes run (default: one packed batch of these sessions).
     """
-    link = BusLink(link) if isinstance(link, EdgeBus) else link
-    sched = schedule_of(cfg)
-    device = device or PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads)
+    loop = _Loop.prepare(BusLink(link) if isinstance(link, EdgeBus) else link, engine, cfg, device)
+    lives = [_Live.start(c) for c in clients]
+    try:
+        loop.open(lives)
+        while live := [lv for lv in lives if not lv.done]:
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                for lv in live:
+                    lv.stopped = lv.done = True
+                break
+            loop.step_round(live)
+    finally:
+        loop.release(lives)
+    results = [_result(lv, engine) for lv in lives]
+    for r in results:
+        on_result(r)
+    return results
+
+
+@dataclass
+class _Loop:
+    """What stays fixed over a run: how the cloud is reached, where passes run, how tokens are chosen."""
+
+    link: CloudLink
+    engine: EdgeEngine
+    cfg: EdgeConfig
+    sched: Schedule
+    device: Device
+    fuser: Fuser | None  # None: a simulated device (tokens sampled from the cloud's top-k)
+    plain: Device | None  # contrast fusion: the small model without the context, stepped beside the real one
+    network: Callable[[], None]  # a profile's round trip per exchange
+
+    @classmethod
+    def prepare(cls, link: CloudLink, engine: EdgeEngine, cfg: EdgeConfig, device: Device | None) -> _Loop:
+        sched = schedule_of(cfg)
+        device = device or PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads)
+        _check_device(device, sched, cfg)
+        fuser = Fuser(cfg.fusion, cfg.top_k, engine.vocab) if not device.simulated else None
+        plain = None
+        if fuser is not None and fuser.needs_plain:
+            plain = (
+                PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads)
+                if isinstance(device, PackedDevice)
+                else device
+            )
+        return cls(link, engine, cfg, sched, device, fuser, plain, getattr(device, "network", lambda: None))
+
+    def open(self, lives: list[_Live]) -> None:
+        """Open every session, prefill the private prompts while the cloud prefills, then take the first replies."""
+        self.link.open([lv.opening() for lv in lives], self.cfg)
+        for lv in lives:
+            lv.sent()
+        private_prompts = [self.engine.prompt_ids(lv.client.record) for lv in lives]
+        for lv, lp in zip(lives, self.device.prefill(lives, private_prompts)):
+            lv.lp = lp  # computed while the cloud prefills
+        if self.plain is not None:
+            plain_prompts = [cloud_prompt_ids(self.engine.tok, lv.client.record.public_instruction) for lv in lives]
+            for lv, lp in zip(lives, self.plain.prefill([lv.plain_key for lv in lives], plain_prompts)):
+                lv.plain_lp = lp
+        self.collect(lives)
+        self.network()
+
+    def step_round(self, live: list[_Live]) -> None:
+        """One position of every live session: cloud top-k where needed, a token each, one small-model pass."""
+        need = [lv for lv in live if self.sched.fuses(len(lv.out), lv.lp) and lv.cloud.row is None]
+        self.ask([lv for lv in need if not lv.cloud.in_flight])
+        if need:
+            self.collect(need)
+            self.network()
+        for lv in [lv for lv in live if not lv.done]:
+            _choose(lv, self)
+        live = [lv for lv in live if not lv.done]
+        if not live:
+            return
+        if self.sched.known_in_advance:  # ask early, so the cloud computes while the device does
+            self.ask([lv for lv in live if lv.cloud.row is None and self.sched.fuses(len(lv.out))])
+        self.advance(live)
+
+    def ask(self, lives: list[_Live]) -> None:
+        self.link.request([lv.next_step() for lv in lives], self.cfg)
+        for lv in lives:
+            lv.sent()
+
+    def collect(self, lives: list[_Live]) -> None:
+        waiting = {lv.session_id: lv for lv in lives if lv.cloud.in_flight and not lv.done}
+        for arrival in self.link.collect(list(waiting), self.cfg):
+            waiting[arrival.session_id].arrived(arrival)
+
+    def advance(self, live: list[_Live]) -> None:
+        """Run the small model on every session's new token (and the no-context pass beside it)."""
+        for lv, lp in zip(live, self.device.step(live, [lv.out[-1] for lv in live])):
+            lv.lp = lp
+        if self.plain is not None:
+            for lv, lp in zip(live, self.plain.step([lv.plain_key for lv in live], [lv.out[-1] for lv in live])):
+                lv.plain_lp = lp
+
+    def release(self, lives: list[_Live]) -> None:
+        self.device.release(lives)
+        if self.plain is not None:
+            self.plain.release([lv.plain_key for lv in lives])
+        self.link.close([lv.closing() for lv in lives])
+
+
+def _check_device(device: Device, sched: Schedule, cfg: EdgeConfig) -> None:
     if device.simulated and sched.kind != "every":
         raise ConfigError(
             f"a simulated device has no distribution of its own, so it cannot run the {sched.kind!r} schedule",
@@ -129,154 +294,108 @@ def run_logits_sessions(
             "fusion cannot run on it",
             hint="use --device real for fusion methods other than constant",
         )
-    fuser = Fuser(cfg.fusion, cfg.top_k, engine.vocab) if not device.simulated else None
-    plain = None  # contrast fusion: the small model without the context, stepped beside the real one
-    if fuser is not None and fuser.needs_plain:
-        plain = (
-            PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads)
-            if isinstance(device, PackedDevice)
-            else device
-        )
-    network = getattr(device, "network", lambda: None)  # a profile's round trip per exchange
-    lives = [
-        _Live(
-            c,
-            uuid.uuid4().hex,
-            torch.Generator().manual_seed(c.seed) if c.seed is not None else None,
-            time.perf_counter(),
-        )
-        for c in clients
-    ]
-    try:
-        link.open(lives, cfg)
-        for lv, lp in zip(lives, device.prefill(lives, [engine.prompt_ids(lv.client.record) for lv in lives])):
-            lv.lp = lp  # computed while the cloud prefills
-        if plain is not None:
-            plain_prompts = [cloud_prompt_ids(engine.tok, lv.client.record.public_instruction) for lv in lives]
-            for lv, lp in zip(lives, plain.prefill([lv.plain_key for lv in lives], plain_prompts)):
-                lv.plain_lp = lp
-        link.collect(lives, cfg)
-        network()
-        while True:
-            live = [lv for lv in lives if not lv.done]
-            if not live:
-                break
-            if stop_at is not None and time.perf_counter() >= stop_at:
-                for lv in live:
-                    lv.stopped = lv.done = True
-                break
-            # 1. positions that need the cloud and are not covered: ask (if not already asked)
-            need = [lv for lv in live if sched.fuses(len(lv.out), lv.lp) and lv.row is None]
-            link.request([lv for lv in need if not lv.in_flight], cfg)
-            if need:
-                link.collect(need, cfg)
-                network()
-            # 2. choose every session's token
-            for lv in [lv for lv in live if not lv.done]:
-                _choose(lv, sched, cfg, engine, fuser)
-            live = [lv for lv in live if not lv.done]
-            if not live:
-                break
-            # 3. ask early for positions known to need the cloud, then run the small model meanwhile
-            if sched.known_in_advance:
-                link.request([lv for lv in live if lv.row is None and sched.fuses(len(lv.out))], cfg)
-            for lv, lp in zip(live, device.step(live, [lv.out[-1] for lv in live])):
-                lv.lp = lp
-            if plain is not None:
-                for lv, lp in zip(live, plain.step([lv.plain_key for lv in live], [lv.out[-1] for lv in live])):
-                    lv.plain_lp = lp
-    finally:
-        device.release(lives)
-        if plain is not None:
-            plain.release([lv.plain_key for lv in lives])
-        link.close(lives)
-    results = [_result(lv, engine) for lv in lives]
-    for r in results:
-        on_result(r)
-    return results
 
 
-def _choose(lv: _Live, sched: Schedule, cfg: EdgeConfig, engine: EdgeEngine, fuser: Fuser | None) -> None:
-    samp = cfg.sampling
-    space = None  # None: target spans the vocabulary; else it spans these K token ids
-    if sched.fuses(len(lv.out), lv.lp) and lv.row is not None:
-        ids, lps = lv.rows[0][lv.row], lv.rows[1][lv.row]
-        if lv.lp is None:  # a simulated device: the cloud's top-k alone (sampled over K, not the vocabulary)
-            target, space = torch.from_numpy(lps).float()[None], ids
-        else:
-            t0 = time.perf_counter()
-            target = fuser(
-                lv.lp[None],
-                torch.from_numpy(ids.astype(np.int64))[None],
-                torch.from_numpy(lps)[None],
-                None if lv.plain_lp is None else lv.plain_lp[None],
-            )
-            metrics.fusion_seconds.observe(time.perf_counter() - t0)
-        lv.fused += 1
-    else:
-        target = lv.lp[None]
-    draft = int(lv.drafts[lv.row]) if lv.row is not None and lv.row < lv.drafts.size else None
-    if draft is not None and space is not None:  # the draft's index among the K ids (absent: cannot be accepted)
-        hits = np.flatnonzero(space == draft)
-        draft = int(hits[0]) if hits.size else None
-    if draft is not None:  # a draft proposes this position's token
+# ---- one token ---------------------------------------------------------------------------------------------
+
+
+def _choose(lv: _Live, loop: _Loop) -> None:
+    """Choose the session's token at its position, accepting the cloud's draft when the choice equals it."""
+    samp = loop.cfg.sampling
+    target, space = _target(lv, loop.sched.fuses(len(lv.out), lv.lp), loop.fuser)
+    row = lv.cloud.row
+    draft = _draft(lv.cloud.drafts, row, space)
+    if draft is not None and row is not None:  # a draft proposes this position's token
         q = sampling_probs(target, samp.temperature, samp.top_p)[0]
         token, accepted = accept_draft(q, draft, 1.0, lv.gen)
-        lv.row = lv.row + 1 if accepted else None
-        lv.accepted += accepted
-        lv.accepted_now += accepted
+        lv.cloud.row = row + 1 if accepted else None
+        lv.stats.accepted += accepted
+        lv.stats.accepted_now += accepted
     else:
         token = int(sample(target, samp.temperature, samp.top_p, lv.gen)[0])
-        lv.row = None
+        lv.cloud.row = None
     if space is not None:
         token = int(space[token])
-    lv.ttft = lv.ttft if lv.ttft is not None else time.perf_counter() - lv.t0
-    if token in engine.stop_ids and not cfg.ignore_eos:
+    lv.trace.chose()
+    if token in loop.engine.stop_ids and not loop.cfg.ignore_eos:
         lv.done = True
         return
     lv.out.append(token)
     lv.unsent.append(token)
-    lv.token_times.append(time.perf_counter())
-    if len(lv.out) >= cfg.max_new_tokens:
+    lv.trace.wrote()
+    if len(lv.out) >= loop.cfg.max_new_tokens:
         lv.done = True
 
 
+def _target(lv: _Live, fuses: bool, fuser: Fuser | None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The distribution to choose from [1, V], and the ids it spans (None: the whole vocabulary)."""
+    rows, row = lv.cloud.rows, lv.cloud.row
+    if fuses and rows is not None and row is not None:
+        lv.stats.fused += 1
+        ids, lps = rows[0][row], rows[1][row]
+        if lv.lp is None or fuser is None:  # a simulated device: the cloud's top-k alone (sampled over K)
+            return torch.from_numpy(lps).float()[None], ids
+        t0 = time.perf_counter()
+        target = fuser(
+            lv.lp[None],
+            torch.from_numpy(ids.astype(np.int64))[None],
+            torch.from_numpy(lps)[None],
+            None if lv.plain_lp is None else lv.plain_lp[None],
+        )
+        metrics.fusion_seconds.observe(time.perf_counter() - t0)
+        return target, None
+    if lv.lp is None:
+        raise SessionError(
+            f"session {lv.session_id}: no cloud top-k covers position {len(lv.out)}, and a simulated device "
+            "has no distribution of its own"
+        )
+    return lv.lp[None], None
+
+
+def _draft(drafts: np.ndarray, row: int | None, space: np.ndarray | None) -> int | None:
+    """The cloud's draft for this position: a token id, or its index among ``space`` (None: no draft, or
+    a draft outside the K ids, which cannot be accepted)."""
+    if row is None or row >= drafts.size:
+        return None
+    draft = int(drafts[row])
+    if space is None:
+        return draft
+    hits = np.flatnonzero(space == draft)
+    return int(hits[0]) if hits.size else None
+
+
 def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
-    seconds = time.perf_counter() - lv.t0
+    seconds = time.perf_counter() - lv.trace.t0
     lv.reply_done()
     metrics.session_done(
         "logits", "failed" if lv.error else "cut" if lv.stopped else "ok", 0 if lv.error else len(lv.out)
     )
     c = lv.client
-    extra = {
-        "fused_steps": lv.fused,
-        "accepted_draft_tokens": lv.accepted,
-        "rtt_us": lv.rtt_us,
-        "overhead_us": lv.overhead_us,
-        "stopped": lv.stopped,
-        "itl_s": [b - a for a, b in zip(lv.token_times, lv.token_times[1:])],
-    }
-    if lv.error:
-        return SessionResult(
-            c.index, c.record.tid, "logits", "", 0, seconds, error=lv.error, round_trips=lv.round_trips, extra=extra
+    text, tokens, ttft = "", 0, None
+    if not lv.error:
+        text, tokens, ttft = engine.tok.decode(lv.out, skip_special_tokens=True).strip(), len(lv.out), lv.trace.ttft
+        log.info(
+            "client %d logits session %s: %d tokens, %d round trips in %.2f s",
+            c.index,
+            lv.session_id[:8],
+            len(lv.out),
+            lv.stats.round_trips,
+            seconds,
         )
-    text = engine.tok.decode(lv.out, skip_special_tokens=True).strip()
-    log.info(
-        "client %d logits session %s: %d tokens, %d round trips in %.2f s",
-        c.index,
-        lv.session_id[:8],
-        len(lv.out),
-        lv.round_trips,
-        seconds,
-    )
     return SessionResult(
         c.index,
         c.record.tid,
         "logits",
         text,
-        len(lv.out),
+        tokens,
         seconds,
-        ttft_s=lv.ttft,
-        round_trips=lv.round_trips,
-        extra=extra,
+        ttft_s=ttft,
+        round_trips=lv.stats.round_trips,
+        error=lv.error or None,
+        itl_s=lv.trace.gaps(),
+        stopped=lv.stopped,
+        fused_steps=lv.stats.fused,
+        accepted_draft_tokens=lv.stats.accepted,
+        rtt_us=lv.trace.rtt_us,
+        overhead_us=lv.trace.overhead_us,
     )

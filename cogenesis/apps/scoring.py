@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import httpx
 
+from cogenesis.core import privacy
 from cogenesis.core.data import Record
 from cogenesis.core.errors import ClusterError
-from cogenesis.edge_sim import gate
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 def private_ngrams(record: Record, n: int = 4) -> set[tuple[str, ...]]:
     """Word n-grams of the record's private fields, less those in its public instruction: what the
-    device's outbound gate guards (``cogenesis.edge_sim.gate``), at length ``n``."""
-    return gate.private_ngrams(record.public_instruction, record.private_fields(), n)
+    device's outbound gate guards, at length ``n`` (both use ``cogenesis.core.privacy``)."""
+    return privacy.private_ngrams(record.public_instruction, record.private_fields(), n)
 
 
 def exposure(record: Record, received: Iterable[str], n: int = 4) -> float:
@@ -61,7 +61,7 @@ def exposure(record: Record, received: Iterable[str], n: int = 4) -> float:
     private = private_ngrams(record, n)
     if not private:
         return 0.0
-    seen = set().union(*(gate.ngrams(t, n) for t in received)) if received else set()
+    seen = set().union(*(privacy.ngrams(t, n) for t in received)) if received else set()
     return len(private & seen) / len(private)
 
 

@@ -9,6 +9,7 @@ import pytest
 from cogenesis.cluster.bus import Sealed
 from cogenesis.core.data import load_records, sample_data_path
 from cogenesis.core.errors import PrivacyViolation
+from cogenesis.core.privacy import words
 from cogenesis.core.protocol import (
     CloseSession,
     ErrorReply,
@@ -22,7 +23,7 @@ from cogenesis.core.protocol import (
     pack_ids,
     unpack_ids,
 )
-from cogenesis.edge_sim.gate import OutboundGate, ngrams, words
+from cogenesis.edge_sim.gate import OutboundGate
 
 PUBLIC = "Write a birthday message for my colleague"
 PRIVATE = [
@@ -43,18 +44,6 @@ def _sketch(instruction: str) -> SketchRequest:
 @pytest.fixture
 def gate() -> OutboundGate:
     return OutboundGate(PUBLIC, PRIVATE)
-
-
-# ---- helpers ----------------------------------------------------------------------------------
-
-
-def test_words_lowercases_and_drops_punctuation():
-    assert words("Hello, World! It's 42.") == ["hello", "world", "it", "s", "42"]
-
-
-def test_ngrams():
-    assert ngrams("a b c d", 2) == {("a", "b"), ("b", "c"), ("c", "d")}
-    assert ngrams("a b", 3) == set()
 
 
 # ---- OpenSession --------------------------------------------------------------------------------

@@ -1,13 +1,30 @@
-"""The OpenAI-compatible (vLLM) link's handling of completions replies, on a stand-in HTTP transport.
+"""The links' typed seam (items in, arrivals out) and the HTTP links on a stand-in transport.
 
-The real server is exercised by `cogenesis bench exchange --with-vllm` (README: Benchmarks)."""
+The real servers are exercised by tests/cluster/test_local.py (stateless) and `cogenesis bench exchange
+--with-vllm` (README: Benchmarks)."""
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
-from cogenesis.core.errors import ProtocolError, SessionError
-from cogenesis.edge_sim.links import OpenAILink
+from cogenesis.core import prompts
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.errors import BusTimeout, ProtocolError, SessionError
+from cogenesis.core.protocol import (
+    ErrorReply,
+    StatelessRequest,
+    StepReply,
+    encode,
+    pack_ids,
+    pack_logprobs,
+    unpack_ids,
+)
+from cogenesis.edge_sim.gate import OutboundGate
+from cogenesis.edge_sim.links import Failure, OpenAILink, Opening, StatelessLink, Step
+
+PUBLIC = "Write a birthday message for my colleague"
 
 
 class _Tok:
@@ -56,3 +73,41 @@ def test_bad_replies_are_clear_errors(status, body, error):
             link._post_json("s", 1, {}, 5.0)
     finally:
         link.shutdown()
+
+
+def test_failures_say_what_went_wrong():
+    assert Failure.of(BusTimeout("no reply for step 3", hint="is the cloud up?")) == Failure("no reply for step 3")
+    assert Failure.of(ValueError("bad")) == Failure("ValueError: bad")
+
+
+def test_stateless_link_takes_items_and_returns_timed_arrivals(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    posted: list[list[int]] = []
+
+    def handler(request):
+        req = msgspec.msgpack.decode(request.content, type=StatelessRequest)
+        posted.append(unpack_ids(req.tokens).tolist())
+        if req.session_id == "bad":
+            return httpx.Response(200, content=encode(ErrorReply(session_id="bad", step=0, code="busy", message="x")))
+        top = StepReply(
+            session_id=req.session_id, step=0, replica="r1", ids=pack_ids([4, 5]), logprobs=pack_logprobs([-0.1, -1])
+        )
+        return httpx.Response(200, content=encode(top))
+
+    link = StatelessLink("http://cloud.invalid", tok, max_concurrency=2)
+    link.http = httpx.Client(transport=httpx.MockTransport(handler))
+    gate, cfg = OutboundGate(PUBLIC, []), EdgeConfig(top_k=2)
+    try:
+        link.open([Opening("s", 0, PUBLIC, gate), Opening("bad", 1, PUBLIC, gate)], cfg)
+        opened = {a.session_id: a for a in link.collect(["s", "bad"], cfg)}
+        link.request([Step("s", 1, (4,), (4,), "r1", gate)], cfg)
+        (stepped,) = link.collect(["s"], cfg)
+    finally:
+        link.shutdown()
+    prompt = prompts.cloud_prompt_ids(tok, PUBLIC)
+    assert posted[0] == prompt and posted[-1] == prompt + [4]  # the whole public sequence, every step
+    assert opened["bad"].reply == Failure("cloud refused session bad: busy: x")
+    for a in (opened["s"], stepped):
+        assert isinstance(a.reply, StepReply) and a.reply.top_k()[0].tolist() == [[4, 5]]
+        assert a.received_us is not None and 0 < a.sent_us <= a.received_us  # timed: the loop traces it
+    assert gate.sealed == 3  # every request was sealed, each with the prompt text it carries

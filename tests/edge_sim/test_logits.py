@@ -7,12 +7,15 @@ import time
 import pytest
 import torch
 
+from cogenesis.apps.engine_link import EngineLink
 from cogenesis.cluster.bus import CloudBus, EdgeBus
 from cogenesis.core import prompts
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.fusion import fuse_constant
 from cogenesis.core.fusion_net import Fuser, FusionNet, save
 from cogenesis.core.models import load_causal_lm
+from cogenesis.core.privacy import ngrams
+from cogenesis.core.protocol import StepReply, pack_ids, pack_logprobs
 from cogenesis.core.sampling import sampling_probs
 from cogenesis.core.speculative import accept_draft
 from cogenesis.deployments.audit import AuditLog
@@ -20,8 +23,7 @@ from cogenesis.deployments.engine import TransformersCloudEngine
 from cogenesis.deployments.step_loop import StepLoop
 from cogenesis.edge_sim.client import EdgeClient
 from cogenesis.edge_sim.engine import EdgeEngine
-from cogenesis.edge_sim.gate import ngrams
-from cogenesis.edge_sim.links import EngineLink
+from cogenesis.edge_sim.links import Arrival, Failure, Opening
 from cogenesis.edge_sim.logits import run_logits_sessions
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
@@ -125,11 +127,11 @@ def test_lookahead_gives_identical_greedy_text_in_fewer_round_trips(models, clou
     plain, _ = run(models, redis_url, sample_records[:3], cfg(max_new_tokens=16))
     ahead, _ = run(models, redis_url, sample_records[:3], cfg(max_new_tokens=16, lookahead=4))
     assert [r.text for r in ahead] == [r.text for r in plain]
-    accepted = sum(r.extra["accepted_draft_tokens"] for r in ahead)
+    accepted = sum(r.accepted_draft_tokens for r in ahead)
     assert accepted > 0
     assert sum(r.round_trips for r in ahead) < sum(r.round_trips for r in plain)
     for r in ahead:  # every position is covered by a reply (one per round trip) or an accepted draft
-        assert r.round_trips + r.extra["accepted_draft_tokens"] >= r.tokens
+        assert r.round_trips + r.accepted_draft_tokens >= r.tokens
 
 
 def test_pkt_schedule_skips_round_trips(models, cloud, redis_url, sample_records):
@@ -139,7 +141,7 @@ def test_pkt_schedule_skips_round_trips(models, cloud, redis_url, sample_records
     )
     for r in pkt:
         positions = r.tokens + (r.tokens < 14)  # a stop token was chosen at one more position
-        assert r.extra["fused_steps"] == sum(1 for i in range(positions) if i < 2 or (i - 4) % 4 < 1)
+        assert r.fused_steps == sum(1 for i in range(positions) if i < 2 or (i - 4) % 4 < 1)
         assert r.round_trips < r.tokens
     assert sum(r.round_trips for r in pkt) < sum(r.round_trips for r in every)
 
@@ -147,8 +149,8 @@ def test_pkt_schedule_skips_round_trips(models, cloud, redis_url, sample_records
 def test_uncertainty_schedule_thresholds(models, cloud, redis_url, sample_records):
     never, _ = run(models, redis_url, sample_records[:1], cfg(schedule={"kind": "uncertainty", "tau": 1e9}))
     always, _ = run(models, redis_url, sample_records[:1], cfg(schedule={"kind": "uncertainty", "tau": 0.0}))
-    assert never[0].extra["fused_steps"] == 0 and never[0].round_trips == 1  # just the open
-    assert always[0].extra["fused_steps"] == always[0].tokens + (always[0].tokens < 10)
+    assert never[0].fused_steps == 0 and never[0].round_trips == 1  # just the open
+    assert always[0].fused_steps == always[0].tokens + (always[0].tokens < 10)
 
 
 def test_speculative_acceptance_keeps_the_fused_distribution(models, sample_records):
@@ -199,8 +201,8 @@ def test_ignore_eos_writes_exactly_max_new_tokens(models, cloud, redis_url, samp
     results, _ = run(models, redis_url, sample_records[:3], cfg(max_new_tokens=12, ignore_eos=True))
     assert [r.tokens for r in results] == [12, 12, 12]
     for r in results:  # every step was traced: round trip and bus overhead per reply
-        assert len(r.extra["rtt_us"]) == len(r.extra["overhead_us"]) == r.round_trips
-        assert all(0 <= o <= t for o, t in zip(r.extra["overhead_us"], r.extra["rtt_us"]))
+        assert len(r.rtt_us) == len(r.overhead_us) == r.round_trips
+        assert all(0 <= o <= t for o, t in zip(r.overhead_us, r.rtt_us))
 
 
 @pytest.mark.parametrize("method", ["constant", "contrast"])  # contrast: two rows per session
@@ -279,3 +281,74 @@ def test_profile_device_refuses_schedules_that_need_a_distribution(models, redis
             config,
             device=ProfileDevice(profile, lambda s: None),
         )
+
+
+class _ScriptedLink:
+    """A CloudLink that answers every request itself, the same top-k each time (``fail_at``: the step it refuses)."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.fail_at = fail_at
+        self.items: list = []
+        self.asked: dict[str, int] = {}
+        self.closed: list = []
+
+    def open(self, sessions, cfg):
+        self.items += sessions
+        self.asked.update((o.session_id, 0) for o in sessions)
+
+    def request(self, steps, cfg):
+        self.items += steps
+        self.asked.update((s.session_id, s.step) for s in steps)
+
+    def collect(self, session_ids, cfg):
+        out = []
+        for sid in session_ids:
+            step = self.asked.pop(sid)
+            if step == self.fail_at:
+                out.append(Arrival(sid, Failure(f"cloud refused step {step}")))
+                continue
+            top = StepReply(
+                session_id=sid, step=step, replica="r9", ids=pack_ids([7, 8]), logprobs=pack_logprobs([-0.1, -2])
+            )
+            out.append(Arrival(sid, top, sent_us=100, received_us=350, waited_from_us=200))
+        return out
+
+    def close(self, sessions):
+        self.closed += sessions
+
+
+def _scripted(tokenizer_dir, record, link):
+    from transformers import AutoTokenizer
+
+    from cogenesis.edge_sim.device import DeviceProfile, ProfileDevice
+
+    config = cfg(top_k=2, max_new_tokens=3, ignore_eos=True)
+    engine = EdgeEngine(None, AutoTokenizer.from_pretrained(str(tokenizer_dir)), config.max_prompt_tokens)
+    profile = DeviceProfile(name="t", decode_tokens_per_s=1e6, prefill_tokens_per_s=1e9, rtt_ms=0)
+    client = EdgeClient(0, record, engine, config)
+    return run_logits_sessions([client], engine, link, config, device=ProfileDevice(profile, lambda s: None))[0], engine
+
+
+def test_the_loop_hands_links_typed_items_and_applies_their_arrivals(tokenizer_dir, sample_records):
+    link = _ScriptedLink()
+    r, engine = _scripted(tokenizer_dir, sample_records[0], link)
+    assert (
+        r.error is None and r.tokens == 3 and r.text == engine.tok.decode([7, 7, 7], skip_special_tokens=True).strip()
+    )
+    opening, *steps = link.items
+    assert isinstance(opening, Opening) and opening.instruction == sample_records[0].public_instruction
+    assert [(s.step, s.tokens, s.generated, s.replica) for s in steps] == [
+        (1, (7,), (7,), "r9"),
+        (2, (7,), (7, 7), "r9"),
+    ]
+    assert [c.replica for c in link.closed] == ["r9"] and link.closed[0].session_id == opening.session_id
+    assert r.round_trips == 3 and r.fused_steps == 3 and r.rtt_us == [250] * 3
+    assert r.overhead_us == []  # the replies carry no replica trace
+    assert len(r.itl_s) == 2 and not r.stopped
+    assert set(r.to_json()) == {"client", "tid", "mode", "text", "tokens", "seconds", "round_trips", "ttft_s"}
+
+
+def test_a_failed_arrival_ends_its_session_with_the_links_message(tokenizer_dir, sample_records):
+    r, _ = _scripted(tokenizer_dir, sample_records[0], _ScriptedLink(fail_at=2))
+    assert r.error == "cloud refused step 2" and r.text == "" and r.tokens == 0 and r.round_trips == 3
+    assert r.to_json()["error"] == "cloud refused step 2" and "ttft_s" not in r.to_json()

@@ -35,12 +35,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from cogenesis.apps.bench.stats import Run, VariantResult, ratio, summarize
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.protocol import MAX_TOP_K
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +95,9 @@ class ExchangeBenchOptions:
 class _Ctx:
     opts: ExchangeBenchOptions
     records: list
-    small: object
-    large: object
-    tok: object
+    small: PreTrainedModel
+    large: PreTrainedModel
+    tok: PreTrainedTokenizerBase
     large_path: str
     redis_url: str = ""
     http_url: str = ""
@@ -106,7 +110,7 @@ def run_exchange_bench(opts: ExchangeBenchOptions, console, progress: Callable[[
 
     from cogenesis.apps.demo import pick_records
     from cogenesis.cluster.local import LocalCluster
-    from cogenesis.core.config import CloudConfig
+    from cogenesis.core.config import CloudConfig, validate
     from cogenesis.core.models import check_same_tokenizer, load_causal_lm, resolve_model
 
     say = progress or (lambda m: None)
@@ -119,13 +123,17 @@ def run_exchange_bench(opts: ExchangeBenchOptions, console, progress: Callable[[
     check_same_tokenizer(large_tok, tok)
     ctx = _Ctx(opts, pick_records(opts.data, max(opts.sessions)), small, large, tok, large_path)
     n_max = max(opts.sessions)
-    cloud = CloudConfig(
-        large_model=large_path,
-        torch_threads=opts.threads,
-        replica_cpus=0.5,
-        max_sessions=max(1024, 2 * n_max),
-        max_ongoing_requests=max(256, n_max),
-        session_idle_s=max(300.0, opts.step_timeout_s),
+    cloud = validate(
+        CloudConfig,
+        {
+            "large_model": large_path,
+            "torch_threads": opts.threads,
+            "replica_cpus": 0.5,
+            "max_sessions": max(1024, 2 * n_max),
+            "max_ongoing_requests": max(256, n_max),
+            "session_idle_s": max(300.0, opts.step_timeout_s),
+        },
+        "the bench's cloud",
     )
     cluster = LocalCluster(cloud)
     vllm = None
@@ -188,6 +196,7 @@ def _run_variant(ctx: _Ctx, variant: str, n: int, max_new_tokens: int | None = N
     from cogenesis.cluster.bus import EdgeBus
     from cogenesis.edge_sim.links import BusLink, OpenAILink, StatelessLink
 
+    link: BusLink | StatelessLink
     if variant == "stateless":
         link = StatelessLink(ctx.http_url, ctx.tok, max_concurrency=n)
     elif variant == "vllm":
@@ -206,22 +215,26 @@ def _run_variant(ctx: _Ctx, variant: str, n: int, max_new_tokens: int | None = N
 
 
 def _edge_pool(ctx: _Ctx, variant: str, records, tokens: int, link, lookahead: int, before) -> VariantResult:
-    from cogenesis.core.config import EdgeConfig
+    from cogenesis.core.config import EdgeConfig, validate
     from cogenesis.edge_sim.client import EdgeClient
     from cogenesis.edge_sim.engine import EdgeEngine
     from cogenesis.edge_sim.logits import run_logits_sessions
 
     opts = ctx.opts
-    cfg = EdgeConfig(
-        top_k=opts.top_k,
-        lookahead=lookahead,
-        max_new_tokens=tokens,
-        ignore_eos=True,
-        max_prompt_tokens=opts.edge_prompt_tokens,
-        step_timeout_s=opts.step_timeout_s,
-        torch_threads=opts.threads,
-        prefill_threads=opts.reference_threads,
-        sampling={"temperature": 0.0, "top_p": 1.0, "seed": 0},
+    cfg = validate(
+        EdgeConfig,
+        {
+            "top_k": opts.top_k,
+            "lookahead": lookahead,
+            "max_new_tokens": tokens,
+            "ignore_eos": True,
+            "max_prompt_tokens": opts.edge_prompt_tokens,
+            "step_timeout_s": opts.step_timeout_s,
+            "torch_threads": opts.threads,
+            "prefill_threads": opts.reference_threads,
+            "sampling": {"temperature": 0.0, "top_p": 1.0, "seed": 0},
+        },
+        "the bench's edge",
     )
     engine = EdgeEngine(ctx.small, ctx.tok, opts.edge_prompt_tokens)
     clients = [EdgeClient(i, rec, engine, cfg) for i, rec in enumerate(records)]
@@ -233,18 +246,18 @@ def _edge_pool(ctx: _Ctx, variant: str, records, tokens: int, link, lookahead: i
             tokens=r.tokens,
             first_token_s=r.ttft_s,
             end_s=r.seconds,
-            completed=r.error is None and not r.extra.get("stopped"),
+            completed=r.error is None and not r.stopped,
             failed=r.error is not None,
             round_trips=r.round_trips,
-            rtt_us=tuple(r.extra.get("rtt_us", ())),
-            overhead_us=tuple(r.extra.get("overhead_us", ())),
+            rtt_us=tuple(r.rtt_us),
+            overhead_us=tuple(r.overhead_us),
         )
         for r in results
     ]
     errors = sorted({r.error for r in results if r.error})
-    extra = {
+    extra: dict[str, object] = {
         "lookahead": lookahead,
-        "accepted_draft_tokens": sum(r.extra.get("accepted_draft_tokens", 0) for r in results),
+        "accepted_draft_tokens": sum(r.accepted_draft_tokens for r in results),
     }
     if errors:
         extra["errors"] = errors[:5]
@@ -255,7 +268,7 @@ def _edge_pool(ctx: _Ctx, variant: str, records, tokens: int, link, lookahead: i
         extra["cloud_batches"] = batches
         extra["cloud_mean_batch_size"] = round(rows / batches, 2) if batches else None
         extra["cloud_evictions"] = after["evictions"] - before["evictions"]
-    truncated = any(r.extra.get("stopped") for r in results)
+    truncated = any(r.stopped for r in results)
     return summarize(variant, runs, wall, truncated, extra)
 
 
@@ -298,13 +311,13 @@ def ratios(results: list[VariantResult]) -> list[dict]:
                 {
                     "sessions": n,
                     "variant": name,
-                    "vs_large_only": _r(ratio(r.decode_tokens_per_s, ref and ref.decode_tokens_per_s)),
-                    "vs_stateless": _r(ratio(r.decode_tokens_per_s, base and base.decode_tokens_per_s)),
+                    "vs_large_only": _r(ratio(r.decode_tokens_per_s, ref.decode_tokens_per_s if ref else None)),
+                    "vs_stateless": _r(ratio(r.decode_tokens_per_s, base.decode_tokens_per_s if base else None)),
                     "vs_vllm": _r(ratio(r.decode_tokens_per_s, by["vllm"].decode_tokens_per_s))
                     if "vllm" in by
                     else None,
-                    "e2e_vs_large_only": _r(ratio(r.tokens_per_s, ref and ref.tokens_per_s)),
-                    "e2e_vs_stateless": _r(ratio(r.tokens_per_s, base and base.tokens_per_s)),
+                    "e2e_vs_large_only": _r(ratio(r.tokens_per_s, ref.tokens_per_s if ref else None)),
+                    "e2e_vs_stateless": _r(ratio(r.tokens_per_s, base.tokens_per_s if base else None)),
                 }
             )
     return out
