@@ -1,33 +1,50 @@
-"""``cogenesis edge``: thousands of simulated clients against a running cluster.
+"""One edge pool of ``cogenesis edge``: a process (``python -m cogenesis.edge_sim.fleet``) of simulated clients.
 
-The parent starts ``--pools`` pool processes (``python -m edge_sim.fleet``, or Ray tasks that run
-it, spread over the Ray cluster's nodes). A pool process runs its clients as greenlets (gevent,
-in that process only: never in Serve or Ray workers): each client thinks, runs a session, thinks
-again. The pool's small model is one ``SharedDevice`` that batches whatever its clients' sessions
-need (or a ``ProfileDevice``). Each client holds its own record (cycled from the dataset by
-client index), gate and session state; nothing private leaves the pool process.
+The launcher (``cogenesis.apps.fleet``) starts ``--pools`` of these processes, or Ray tasks that run
+them. A pool runs its clients as greenlets (gevent, in this process only: never in Serve or Ray
+workers): each client thinks, runs a session, thinks again. The pool's small model is one
+``SharedDevice`` that batches whatever its clients' sessions need (or a ``ProfileDevice``). Each
+client holds its own record (cycled from the dataset by client index), gate and session state;
+nothing private leaves the pool process.
 
-Pools publish their counters to Redis (``cg:fleet:{run}:pool:{i}``, a hash with a TTL) every
-second and their summary once at the end (``cg:fleet:{run}:done``), so the parent shows one
-progress line and merges the pools' summaries, wherever the pools run.
+A pool publishes typed messages (msgspec JSON) to Redis: its ``PoolProgress`` every second
+(``cg:fleet:{run}:pool:{i}``, with a TTL) and once at the end its ``PoolSummary``, or ``PoolFailed``
+if it could not run (pushed to ``cg:fleet:{run}:done``). The launcher reads nothing else.
+
+The small model, httpx and redis are imported inside the pool's functions: the process imports
+them only after gevent has patched it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
+import msgspec
+
+from cogenesis.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import redis
+
+    from cogenesis.core.config import EdgeConfig
+    from cogenesis.core.data import Record
+    from cogenesis.edge_sim.client import SessionResult
+    from cogenesis.edge_sim.device import Device, DeviceProfile
+    from cogenesis.edge_sim.engine import EdgeEngine
+    from cogenesis.edge_sim.session import Cloud
 
 log = logging.getLogger(__name__)
 
 RUN_TTL_S = 3600
 LATENCY_SAMPLES = 20_000  # per pool and kind: a uniform reservoir keeps memory flat however long it runs
+PROGRESS_EVERY_S = 1.0
+STUCK = "did not finish within the duration + grace + step timeout"
 
 
 @dataclass
@@ -48,8 +65,6 @@ class FleetOptions:
     edge: dict = field(default_factory=dict)  # EdgeConfig fields
 
     def validate(self) -> None:
-        from cogenesis.core.errors import ConfigError
-
         if self.clients < 1 or self.pools < 1 or (self.max_active is not None and self.max_active < 1):
             raise ConfigError("--clients, --pools and --max-active must be >= 1")
         if self.mode not in ("sketch", "logits", "mixed"):
@@ -68,8 +83,6 @@ class FleetOptions:
 
 
 def parse_think(text: str) -> tuple[float, float]:
-    from cogenesis.core.errors import ConfigError
-
     try:
         a, _, b = text.partition("..")
         lo, hi = float(a), float(b or a)
@@ -85,6 +98,90 @@ def mode_of(mode: str, client: int, session: int) -> str:
     return mode if mode != "mixed" else ("sketch", "logits")[(client + session) % 2]
 
 
+# ---- the messages a pool publishes ---------------------------------------------------------------
+
+
+class PoolCounts(msgspec.Struct):
+    """A pool's running counters."""
+
+    connected: int = 0  # clients started and not yet ended
+    active: int = 0  # clients in a session now
+    max_active: int = 0  # the most in a session at once so far
+    ok: int = 0
+    failed: int = 0
+    cut: int = 0  # ended early by the duration's grace period, with what they wrote
+    tokens: int = 0
+
+
+class PoolProgress(msgspec.Struct, frozen=True):
+    """Published every second while the pool runs, and once more at the end."""
+
+    pool: int
+    clients: int
+    counts: PoolCounts
+    rss_mb: float
+
+
+class RssMb(msgspec.Struct, frozen=True):
+    start: float
+    end: float
+    peak: float
+
+
+class LatencySamples(msgspec.Struct, frozen=True):
+    """Uniform samples of each latency (seconds): time to first token, inter-token gaps, whole sessions."""
+
+    ttft: list[float]
+    itl: list[float]
+    session: list[float]
+
+
+class PoolSummary(msgspec.Struct, frozen=True, tag="summary"):
+    """A pool's result once its clients have ended."""
+
+    pool: int
+    clients: int
+    seconds: float
+    counts: PoolCounts
+    errors: dict[str, int]  # error message (first 120 characters) -> sessions
+    rss_mb: RssMb
+    samples: LatencySamples
+    device_passes: int | None  # the shared device's batched passes (None: a profile)
+    device_rows: int | None  # sessions served by those passes
+
+
+class PoolFailed(msgspec.Struct, frozen=True, tag="failed"):
+    """A pool that could not run its clients (e.g. its model did not load)."""
+
+    pool: int
+    fatal: str
+
+
+_progress_decoder = msgspec.json.Decoder(PoolProgress)
+_done_decoder: msgspec.json.Decoder[PoolSummary | PoolFailed] = msgspec.json.Decoder(PoolSummary | PoolFailed)
+
+
+def progress_key(run_id: str, pool: int) -> str:
+    return f"cg:fleet:{run_id}:pool:{pool}"
+
+
+def done_key(run_id: str) -> str:
+    return f"cg:fleet:{run_id}:done"
+
+
+def decode_progress(raw: bytes | str) -> PoolProgress:
+    return _progress_decoder.decode(raw)
+
+
+def decode_done(raw: bytes | str) -> PoolSummary | PoolFailed:
+    return _done_decoder.decode(raw)
+
+
+def publish_done(rdb: redis.Redis, run_id: str, done: PoolSummary | PoolFailed) -> None:
+    rdb.rpush(done_key(run_id), msgspec.json.encode(done))
+    rdb.expire(done_key(run_id), RUN_TTL_S)
+
+
 # ---- statistics -------------------------------------------------------------------------------
 
 
@@ -92,7 +189,8 @@ class Reservoir:
     """A bounded uniform sample of a stream (Vitter's algorithm R)."""
 
     def __init__(self, size: int = LATENCY_SAMPLES, seed: int = 0) -> None:
-        self.size, self.seen, self.items = size, 0, []
+        self.size, self.seen = size, 0
+        self.items: list[float] = []
         self.rng = random.Random(seed)
 
     def add(self, x: float) -> None:
@@ -105,16 +203,6 @@ class Reservoir:
                 self.items[j] = x
 
 
-def percentiles(xs, qs=(50, 99)) -> dict:
-    if not len(xs):
-        return {f"p{q}": None for q in qs}
-    arr = np.asarray(xs, dtype=float)
-    return {f"p{q}": round(float(np.percentile(arr, q)) * 1000, 2) for q in qs}  # milliseconds
-
-
-# ---- the pool process ------------------------------------------------------------------------
-
-
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -123,130 +211,201 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_url: str) -> dict:
-    """Run this pool's clients (indices pool, pool + P, ...) to the end; returns the pool's summary.
-    Call only in a process that gevent has monkey-patched (``python -m edge_sim.fleet`` does)."""
+# ---- the pool process ------------------------------------------------------------------------
+
+
+def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_url: str) -> PoolSummary:
+    """Run this pool's clients (indices pool, pool + P, ...) to the end; publishes and returns its summary.
+    Call only in a process that gevent has monkey-patched (``python -m cogenesis.edge_sim.fleet`` does)."""
     import gevent
     import httpx
     import redis
-    from gevent.event import Event
-    from gevent.lock import BoundedSemaphore
 
     from cogenesis.core import metrics
     from cogenesis.core.config import EdgeConfig
     from cogenesis.core.data import load_records, sample_data_path
-    from cogenesis.edge_sim.client import EdgeClient
-    from cogenesis.edge_sim.device import SharedDevice, default_max_active, open_device, resolve_device
-    from cogenesis.edge_sim.session import Cloud, run_session
+    from cogenesis.edge_sim.device import default_max_active
+    from cogenesis.edge_sim.session import Cloud
 
     cfg = EdgeConfig(**opts.edge)
-    profile = resolve_device(opts.device)
-    records = load_records(opts.data or sample_data_path())
-    engine, device = open_device(cfg, profile, lambda fn: gevent.get_hub().threadpool.apply(fn), gevent.sleep)
-    mine = list(range(pool, opts.clients, opts.pools))
-    counts = {"connected": 0, "active": 0, "ok": 0, "failed": 0, "cut": 0, "tokens": 0, "max_active": 0}
-    lat = {k: Reservoir(seed=pool * 7 + i) for i, k in enumerate(("ttft", "itl", "session"))}
-    errors: dict[str, int] = {}
-    rss = {"start": _rss_mb(), "peak": 0.0}
-    slots = BoundedSemaphore(opts.max_active or default_max_active(profile) or len(mine))
-    t_start = time.perf_counter()
-    end = None if opts.duration_s is None else t_start + opts.duration_s
-    hard_stop = None if end is None else end + opts.grace_s
-    http = httpx.Client(limits=httpx.Limits(max_connections=256))
-    cloud = Cloud(redis_url, http_url, http)
-
-    def client_loop(index: int) -> None:
-        record = records[index % len(records)]  # the dataset's, not a copy; the session's state is built per session
-        rng = random.Random(index)
-        counts["connected"] += 1
-        try:
-            if over.wait(rng.uniform(0, opts.think_s[1])):  # devices do not all start at once
-                return
-            n = 0
-            while (end is None or time.perf_counter() < end) and (
-                opts.sessions_per_client is None or n < opts.sessions_per_client
-            ):
-                with slots:
-                    counts["active"] += 1
-                    counts["max_active"] = max(counts["max_active"], counts["active"])
-                    try:
-                        client = EdgeClient(index, record, engine, cfg)  # gate and state live for one session
-                        r = run_session(client, mode_of(opts.mode, index, n), engine, device, cloud, cfg, hard_stop)
-                    finally:
-                        counts["active"] -= 1
-                n += 1
-                _record(r)
-                if (opts.sessions_per_client is None or n < opts.sessions_per_client) and over.wait(
-                    rng.uniform(*opts.think_s)
-                ):
-                    return
-        finally:
-            counts["connected"] -= 1
-
-    def _record(r) -> None:
-        if r.error:
-            counts["failed"] += 1
-            key = r.error[:120]
-            errors[key] = errors.get(key, 0) + 1
-            return
-        counts["cut" if r.extra.get("stopped") else "ok"] += 1
-        counts["tokens"] += r.tokens
-        lat["session"].add(r.seconds)
-        if r.ttft_s is not None:
-            lat["ttft"].add(r.ttft_s)
-        for gap in r.extra.get("itl_s", ()):
-            lat["itl"].add(gap)
-
+    records = load_records(opts.data or sample_data_path())  # a bad file fails before the model loads
+    profile, engine, device = open_pool_device(cfg, opts.device)
+    clients = PoolClients(pool, opts, cfg, records, engine, device, default_max_active(profile))
     rdb = redis.Redis.from_url(redis_url, socket_timeout=10)
-    key = f"cg:fleet:{run_id}:pool:{pool}"
-    metrics_address = metrics.serve(metrics.EDGE)
-
-    def publish() -> None:
-        rss["peak"] = max(rss["peak"], _rss_mb())
-        rdb.hset(key, mapping={**counts, "rss_mb": round(_rss_mb(), 1), "clients": len(mine)})
-        rdb.expire(key, RUN_TTL_S)
-        metrics.announce(rdb, "edge", f"fleet-{run_id}-{pool}", metrics_address)
-
-    def reporter() -> None:
-        while True:
-            try:
-                publish()
-            except redis.RedisError as exc:
-                log.warning("pool %d could not publish progress: %s", pool, exc)
-            gevent.sleep(1.0)
-
-    over = Event()  # set when the duration ends: thinking clients stop at once
-    if end is not None:
-        gevent.spawn_later(max(0.0, end - time.perf_counter()), over.set)
-    rep = gevent.spawn(reporter)
-    greenlets = [gevent.spawn(client_loop, i) for i in mine]
-    timeout = None if hard_stop is None else hard_stop - time.perf_counter() + cfg.step_timeout_s + 30
-    gevent.joinall(greenlets, timeout=timeout)
-    stuck = sum(not g.dead for g in greenlets)
-    gevent.killall([g for g in greenlets if not g.dead], timeout=10)
-    rep.kill()
-    if stuck:
-        counts["failed"] += stuck
-        errors["did not finish within the duration + grace + step timeout"] = stuck
-    publish()
-    if isinstance(device, SharedDevice):
-        device.close()
-    http.close()
-    summary = {
-        "pool": pool,
-        "clients": len(mine),
-        "seconds": time.perf_counter() - t_start,
-        **counts,
-        "errors": errors,
-        "rss_mb": {"start": round(rss["start"], 1), "end": round(_rss_mb(), 1), "peak": round(rss["peak"], 1)},
-        "samples": {k: v.items for k, v in lat.items()},
-        "device_passes": getattr(device, "passes", None),
-        "device_rows": getattr(device, "rows", None),
-    }
-    rdb.rpush(f"cg:fleet:{run_id}:done", json.dumps(summary))
-    rdb.expire(f"cg:fleet:{run_id}:done", RUN_TTL_S)
+    progress = ProgressPublisher(rdb, run_id, clients, metrics.serve(metrics.EDGE))
+    reporter = gevent.spawn(progress.every_second)
+    with httpx.Client(limits=httpx.Limits(max_connections=256)) as http:
+        clients.run(Cloud(redis_url, http_url, http))
+        reporter.kill()
+        progress.publish()
+        clients.close()
+    summary = clients.summary()
+    publish_done(rdb, run_id, summary)
     rdb.close()
     return summary
+
+
+def open_pool_device(cfg: EdgeConfig, name: str) -> tuple[DeviceProfile | None, EdgeEngine, Device]:
+    """The small model (or profile) this pool's clients share; slow work runs in gevent's native threads."""
+    import gevent
+
+    from cogenesis.edge_sim.device import open_device, resolve_device
+
+    profile = resolve_device(name)
+    engine, device = open_device(cfg, profile, gevent.get_hub().threadpool.apply, gevent.sleep)
+    return profile, engine, device
+
+
+class PoolClients:
+    """This pool's clients on its shared small model (or profile): their sessions, counters and latencies."""
+
+    def __init__(
+        self,
+        pool: int,
+        opts: FleetOptions,
+        cfg: EdgeConfig,
+        records: list[Record],
+        engine: EdgeEngine,
+        device: Device,
+        max_active: int | None,
+    ) -> None:
+        from gevent.event import Event
+        from gevent.lock import BoundedSemaphore
+
+        self.pool, self.opts, self.cfg = pool, opts, cfg
+        self.records, self.engine, self.device = records, engine, device
+        self.mine = list(range(pool, opts.clients, opts.pools))
+        self.counts = PoolCounts()
+        self.latency = {k: Reservoir(seed=pool * 7 + i) for i, k in enumerate(LatencySamples.__struct_fields__)}
+        self.errors: dict[str, int] = {}
+        self.rss_start, self.rss_peak = _rss_mb(), 0.0
+        self.slots = BoundedSemaphore(opts.max_active or max_active or len(self.mine))  # sessions at once
+        self.over = Event()  # set when the duration ends: thinking clients stop at once
+        self.t_start = time.perf_counter()
+        self.end = None if opts.duration_s is None else self.t_start + opts.duration_s
+        self.hard_stop = None if self.end is None else self.end + opts.grace_s
+
+    def run(self, cloud: Cloud) -> None:
+        """Every client until the duration or its sessions end. Clients still running after the grace and
+        one step timeout are stopped and counted as failed."""
+        import gevent
+
+        if self.end is not None:
+            gevent.spawn_later(max(0.0, self.end - time.perf_counter()), self.over.set)
+        greenlets = [gevent.spawn(self.client, i, cloud) for i in self.mine]
+        timeout = (
+            None if self.hard_stop is None else self.hard_stop - time.perf_counter() + self.cfg.step_timeout_s + 30
+        )
+        gevent.joinall(greenlets, timeout=timeout)
+        stuck = [g for g in greenlets if not g.dead]
+        gevent.killall(stuck, timeout=10)
+        if stuck:
+            self.counts.failed += len(stuck)
+            self.errors[STUCK] = len(stuck)
+
+    def client(self, index: int, cloud: Cloud) -> None:
+        """One device: a first wait (devices do not all start at once), then session, think, session, ..."""
+        rng = random.Random(index)
+        self.counts.connected += 1
+        try:
+            if self.over.wait(rng.uniform(0, self.opts.think_s[1])):
+                return
+            n = 0
+            while self._time_left() and self._sessions_left(n):
+                self.count(self.session(index, n, cloud))
+                n += 1
+                if self._sessions_left(n) and self.over.wait(rng.uniform(*self.opts.think_s)):
+                    return
+        finally:
+            self.counts.connected -= 1
+
+    def session(self, index: int, n: int, cloud: Cloud) -> SessionResult:
+        """Client ``index``'s ``n``-th session, once a slot on the device is free."""
+        from cogenesis.edge_sim.client import EdgeClient
+        from cogenesis.edge_sim.session import run_session
+
+        record = self.records[index % len(self.records)]  # the dataset's, not a copy
+        with self.slots:
+            self.counts.active += 1
+            self.counts.max_active = max(self.counts.max_active, self.counts.active)
+            try:
+                client = EdgeClient(index, record, self.engine, self.cfg)  # gate and state live for one session
+                mode = mode_of(self.opts.mode, index, n)
+                return run_session(client, mode, self.engine, self.device, cloud, self.cfg, self.hard_stop)
+            finally:
+                self.counts.active -= 1
+
+    def count(self, r: SessionResult) -> None:
+        if r.error:
+            self.counts.failed += 1
+            key = r.error[:120]
+            self.errors[key] = self.errors.get(key, 0) + 1
+            return
+        if r.stopped:
+            self.counts.cut += 1
+        else:
+            self.counts.ok += 1
+        self.counts.tokens += r.tokens
+        self.latency["session"].add(r.seconds)
+        if r.ttft_s is not None:
+            self.latency["ttft"].add(r.ttft_s)
+        for gap in r.itl_s:
+            self.latency["itl"].add(gap)
+
+    def progress(self) -> PoolProgress:
+        self.rss_peak = max(self.rss_peak, _rss_mb())
+        return PoolProgress(self.pool, len(self.mine), self.counts, round(_rss_mb(), 1))
+
+    def close(self) -> None:
+        """Stop the shared device's worker (a profile has none)."""
+        close = getattr(self.device, "close", None)
+        if close is not None:
+            close()
+
+    def summary(self) -> PoolSummary:
+        return PoolSummary(
+            pool=self.pool,
+            clients=len(self.mine),
+            seconds=time.perf_counter() - self.t_start,
+            counts=self.counts,
+            errors=self.errors,
+            rss_mb=RssMb(start=round(self.rss_start, 1), end=round(_rss_mb(), 1), peak=round(self.rss_peak, 1)),
+            samples=LatencySamples(**{k: r.items for k, r in self.latency.items()}),
+            device_passes=getattr(self.device, "passes", None),
+            device_rows=getattr(self.device, "rows", None),
+        )
+
+    def _time_left(self) -> bool:
+        return self.end is None or time.perf_counter() < self.end
+
+    def _sessions_left(self, done: int) -> bool:
+        return self.opts.sessions_per_client is None or done < self.opts.sessions_per_client
+
+
+class ProgressPublisher:
+    """Publishes a pool's progress (and announces its metrics) on Redis."""
+
+    def __init__(self, rdb: redis.Redis, run_id: str, clients: PoolClients, metrics_address: str) -> None:
+        self.rdb, self.run_id, self.clients, self.metrics_address = rdb, run_id, clients, metrics_address
+
+    def publish(self) -> None:
+        from cogenesis.core import metrics
+
+        key = progress_key(self.run_id, self.clients.pool)
+        self.rdb.set(key, msgspec.json.encode(self.clients.progress()), ex=RUN_TTL_S)
+        metrics.announce(self.rdb, "edge", f"fleet-{self.run_id}-{self.clients.pool}", self.metrics_address)
+
+    def every_second(self) -> None:
+        """Publish until killed; a Redis error is logged and tried again a second later."""
+        import gevent
+        import redis
+
+        while True:
+            try:
+                self.publish()
+            except redis.RedisError as exc:
+                log.warning("pool %d could not publish progress: %s", self.clients.pool, exc)
+            gevent.sleep(PROGRESS_EVERY_S)
 
 
 def _pool_entry(argv: list[str]) -> int:
@@ -265,177 +424,20 @@ def _pool_entry(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.WARNING, format=f"%(asctime)s pool{args.pool} %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("edge_sim").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raw = json.loads(args.options)
-    raw["think_s"] = tuple(raw["think_s"])
+    opts = msgspec.json.decode(args.options, type=FleetOptions)
     try:
-        pool_main(args.run_id, args.pool, FleetOptions(**raw), args.redis_url, args.http_url)
-    except Exception as exc:  # tell the parent, which is waiting on the done list
+        pool_main(args.run_id, args.pool, opts, args.redis_url, args.http_url)
+    except Exception as exc:  # tell the launcher, which is waiting on the done list
         import redis
 
         message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
         log.error("pool %d failed: %s", args.pool, message)
-        rdb = redis.Redis.from_url(args.redis_url, socket_timeout=10)
-        rdb.rpush(f"cg:fleet:{args.run_id}:done", json.dumps({"pool": args.pool, "fatal": message}))
-        rdb.expire(f"cg:fleet:{args.run_id}:done", RUN_TTL_S)
+        publish_done(
+            redis.Redis.from_url(args.redis_url, socket_timeout=10), args.run_id, PoolFailed(args.pool, message)
+        )
         return 1
     return 0
-
-
-# ---- the parent ------------------------------------------------------------------------------
-
-
-def pool_command(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_url: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cogenesis.edge_sim.fleet",
-        "--run-id",
-        run_id,
-        "--pool",
-        str(pool),
-        "--redis-url",
-        redis_url,
-        "--http-url",
-        http_url,
-        "--options",
-        json.dumps(asdict(opts)),
-    ]
-
-
-def _run_pool_on_ray(cmd: list[str], cwd: str) -> int:
-    import subprocess
-
-    return subprocess.call(cmd, cwd=cwd)
-
-
-def run_fleet(
-    opts: FleetOptions, redis_url: str, http_url: str, ray_address: str | None = None, progress=lambda counts: None
-) -> dict:
-    """Start the pools, follow their counters, merge their summaries; returns the report."""
-    import subprocess
-    import uuid
-    from pathlib import Path
-
-    import redis
-
-    from cogenesis.core.errors import ClusterError
-    from cogenesis.edge_sim.device import resolve_device
-
-    opts.validate()
-    profile = resolve_device(opts.device)  # a bad name fails here, before any process starts
-    run_id = uuid.uuid4().hex[:12]
-    root = str(Path(__file__).resolve().parent.parent)
-    pools = min(opts.pools, opts.clients)
-    opts.pools = pools
-    cmds = [pool_command(run_id, i, opts, redis_url, http_url) for i in range(pools)]
-    rdb = redis.Redis.from_url(redis_url, socket_timeout=10)
-    t0 = time.perf_counter()
-    procs, refs = [], []
-    if opts.launcher == "ray":
-        from cogenesis.cluster.local import RAY_ENV
-
-        os.environ.update(RAY_ENV)
-        # Ray 2.60's local clusters authenticate with the token ray.init wrote (~/.ray/auth_token); a driver
-        # sends it only in token mode, which Ray reads when first imported
-        if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
-        task = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(_run_pool_on_ray)
-        refs = [task.remote(cmd, root) for cmd in cmds]
-    else:
-        procs = [subprocess.Popen(cmd, cwd=root, stdin=subprocess.DEVNULL) for cmd in cmds]
-    limit = (opts.duration_s + opts.grace_s + 600) if opts.duration_s is not None else None
-    done: list[dict] = []
-    peak_active = peak_connected = 0
-    try:
-        while len(done) < pools:
-            got = rdb.blpop([f"cg:fleet:{run_id}:done"], timeout=1)
-            if got:
-                done.append(json.loads(got[1]))
-            counts = _sum_counts(rdb, run_id, pools)
-            peak_active = max(peak_active, counts.get("active", 0))
-            peak_connected = max(peak_connected, counts.get("connected", 0))
-            progress({**counts, "elapsed_s": time.perf_counter() - t0, "pools_done": len(done)})
-            dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
-            if dead and len(done) < pools and not rdb.llen(f"cg:fleet:{run_id}:done"):
-                raise ClusterError(
-                    f"{len(dead)} edge pool process(es) exited with code {dead[0].returncode} before reporting",
-                    hint="rerun with -v; the pool's error is printed above",
-                )
-            if limit is not None and time.perf_counter() - t0 > limit:
-                raise ClusterError(f"edge pools did not finish within {limit:.0f} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if refs:
-            import ray
-
-            ray.wait(refs, num_returns=len(refs), timeout=30)
-        rdb.close()
-    return merge(done, opts, profile, time.perf_counter() - t0, peak_active, peak_connected)
-
-
-def _sum_counts(rdb, run_id: str, pools: int) -> dict:
-    pipe = rdb.pipeline()
-    for i in range(pools):
-        pipe.hgetall(f"cg:fleet:{run_id}:pool:{i}")
-    total: dict[str, float] = {}
-    for h in pipe.execute():
-        for k, v in h.items():
-            k = k.decode()
-            total[k] = total.get(k, 0) + float(v)
-    return {k: (int(v) if k != "rss_mb" else round(v, 1)) for k, v in total.items()}
-
-
-def merge(done: list[dict], opts: FleetOptions, profile, seconds: float, peak_active: int, peak_connected: int) -> dict:
-    from cogenesis.edge_sim.device import describe
-
-    fatal = [d for d in done if "fatal" in d]
-    ok = [d for d in done if "fatal" not in d]
-    errors: dict[str, int] = {}
-    for d in ok:
-        for k, v in d["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-    for d in fatal:
-        errors[f"pool {d['pool']} failed: {d['fatal']}"] = 1
-    samples = {k: [x for d in ok for x in d["samples"][k]] for k in ("ttft", "itl", "session")}
-    tokens = sum(d["tokens"] for d in ok)
-    return {
-        "clients": opts.clients,
-        "pools": opts.pools,
-        "mode": opts.mode,
-        "device": describe(profile, "pool"),
-        "think_s": list(opts.think_s),
-        "duration_s": opts.duration_s,
-        "sessions_per_client": opts.sessions_per_client,
-        "max_active_per_pool": opts.max_active,
-        "seconds": round(seconds, 1),
-        "sessions": {
-            "ok": sum(d["ok"] for d in ok),
-            "failed": sum(d["failed"] for d in ok) + len(fatal),
-            "cut": sum(d["cut"] for d in ok),
-        },
-        "tokens": tokens,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
-        "peak_connected": peak_connected,
-        "peak_active": peak_active,
-        "ttft_ms": percentiles(samples["ttft"]),
-        "itl_ms": percentiles(samples["itl"]),
-        "session_ms": percentiles(samples["session"]),
-        "pool_rss_mb": [d["rss_mb"] for d in ok],
-        "errors": errors,
-        "edge": opts.edge,
-    }
 
 
 if __name__ == "__main__":

@@ -40,13 +40,6 @@ def pick_records(path: str | None, n: int) -> list[Record]:
     return [records[i % len(records)] for i in range(n)]  # cycled when there are fewer records
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 def summarize(results, wall: dict[str, float]) -> dict:
     out = {}
     for mode, seconds in wall.items():

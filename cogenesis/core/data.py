@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from cogenesis.core.errors import DataError
 from cogenesis.core.prompts import OUTLINE_HINT, SYSTEM_WITH_CONTEXT, split_instruction
@@ -27,7 +28,7 @@ FORMAT_HINT = (
 @dataclass(frozen=True, repr=False)
 class Record:
     tid: str
-    kind: str  # "context_aware" | "paper"
+    kind: Literal["context_aware", "paper"]
     public_instruction: str  # the only text the cloud may see
     task: str  # the user's whole instruction (may include private details)
     profile: str = ""  # additional_profile (private)

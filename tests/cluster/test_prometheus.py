@@ -10,8 +10,9 @@ import time
 import httpx
 import pytest
 
+from cogenesis.apps.fleet import run_fleet
 from cogenesis.cluster.redis_server import free_port
-from cogenesis.edge_sim.fleet import FleetOptions, run_fleet
+from cogenesis.edge_sim.fleet import FleetOptions
 
 pytestmark = pytest.mark.slow
 

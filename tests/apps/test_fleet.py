@@ -1,12 +1,25 @@
-"""`cogenesis edge`: pool processes of gevent clients against a real background cluster (tiny models)."""
+"""`cogenesis edge`: the launcher starts pool processes of gevent clients against a real background cluster
+(tiny models), follows their progress on Redis and merges their summaries."""
 
 import json
 
+import msgspec
 import pytest
+import redis
 
+from cogenesis.apps.fleet import merge, percentiles, run_fleet, sum_progress
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.errors import ConfigError
-from cogenesis.edge_sim.fleet import FleetOptions, Reservoir, merge, mode_of, parse_think, percentiles, run_fleet
+from cogenesis.edge_sim.fleet import (
+    FleetOptions,
+    LatencySamples,
+    PoolCounts,
+    PoolFailed,
+    PoolProgress,
+    PoolSummary,
+    RssMb,
+    progress_key,
+)
 
 
 def _edge(tiny_small, **kw):
@@ -20,36 +33,26 @@ def _edge(tiny_small, **kw):
     ).model_dump()
 
 
-def test_options_are_checked_before_anything_starts():
-    with pytest.raises(ConfigError, match="exactly one"):
-        FleetOptions(duration_s=None, sessions_per_client=None).validate()
-    with pytest.raises(ConfigError, match="think-time"):
-        FleetOptions(think_s=(5, 1)).validate()
-    with pytest.raises(ConfigError, match="mode"):
-        FleetOptions(mode="telepathy").validate()
-    with pytest.raises(ConfigError, match="A..B"):
-        parse_think("soon")
-    assert parse_think("2..7") == (2.0, 7.0) and parse_think("3") == (3.0, 3.0)
-
-
 def test_unknown_device_names_the_profiles(redis_url):
     with pytest.raises(ConfigError, match="unknown device 'toaster'") as err:
         run_fleet(FleetOptions(device="toaster", duration_s=1), redis_url, "http://127.0.0.1:9")
     assert "phone" in err.value.hint
 
 
-def test_mixed_mode_alternates_by_client_and_session():
-    assert [mode_of("mixed", c, s) for c in (0, 1) for s in (0, 1)] == ["sketch", "logits", "logits", "sketch"]
-    assert mode_of("logits", 3, 4) == "logits"
-
-
-def test_reservoir_is_bounded_and_uniform():
-    r = Reservoir(size=100, seed=0)
-    for i in range(10_000):
-        r.add(i)
-    assert len(r.items) == 100 and r.seen == 10_000
-    assert 3000 < sum(r.items) / 100 < 7000  # a sample of the whole stream, not its head
+def test_percentiles_are_milliseconds():
     assert percentiles([0.001, 0.002, 0.003]) == {"p50": 2.0, "p99": 2.98}
+    assert percentiles([]) == {"p50": None, "p99": None}
+
+
+def test_progress_is_summed_over_the_pools_that_published(redis_url):
+    rdb = redis.Redis.from_url(redis_url)
+    for pool, (active, rss) in enumerate([(2, 100.04), (3, 50.03)]):
+        progress = PoolProgress(pool=pool, clients=4, counts=PoolCounts(connected=4, active=active, ok=1), rss_mb=rss)
+        rdb.set(progress_key("run1", pool), msgspec.json.encode(progress))
+    total = sum_progress(rdb, "run1", 3)  # pool 2 has not published yet
+    rdb.close()
+    assert total["active"] == 5 and total["connected"] == 8 and total["ok"] == 2 and total["failed"] == 0
+    assert total["clients"] == 8 and total["rss_mb"] == 150.1
 
 
 @pytest.mark.slow
@@ -97,17 +100,18 @@ def test_profile_fleet_is_named_in_the_report_and_bounded_by_duration(background
 
 def test_merge_counts_a_pool_that_died_as_a_failure():
     opts = FleetOptions()
-    ok = {
-        "pool": 0,
-        "ok": 3,
-        "failed": 1,
-        "cut": 0,
-        "tokens": 30,
-        "errors": {"boom": 1},
-        "samples": {"ttft": [0.1], "itl": [0.01], "session": [1.0]},
-        "rss_mb": {"start": 1, "end": 1, "peak": 1},
-    }
-    report = merge([ok, {"pool": 1, "fatal": "no model"}], opts, None, 10.0, 4, 8)
+    ok = PoolSummary(
+        pool=0,
+        clients=1,
+        seconds=10.0,
+        counts=PoolCounts(ok=3, failed=1, cut=0, tokens=30),
+        errors={"boom": 1},
+        samples=LatencySamples(ttft=[0.1], itl=[0.01], session=[1.0]),
+        rss_mb=RssMb(start=1, end=1, peak=1),
+        device_passes=None,
+        device_rows=None,
+    )
+    report = merge([ok, PoolFailed(pool=1, fatal="no model")], opts, None, 10.0, 4, 8)
     assert report["sessions"] == {"ok": 3, "failed": 2, "cut": 0}
     assert report["errors"] == {"boom": 1, "pool 1 failed: no model": 1}
     assert report["tokens_per_s"] == 3.0

@@ -1,0 +1,158 @@
+"""The one sketch path: gate-sealed outline requests to an outline source, the answer written on the device."""
+
+import httpx
+import msgspec
+import pytest
+
+from cogenesis.core.config import EdgeConfig
+from cogenesis.core.errors import ClusterError, PrivacyViolation, SessionError
+from cogenesis.core.models import load_causal_lm
+from cogenesis.core.protocol import SketchReply, SketchRequest
+from cogenesis.edge_sim.client import EdgeClient
+from cogenesis.edge_sim.device import DeviceProfile, ProfileDevice, SharedDevice
+from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.sketch import HttpOutlines, Outline, write_sketch, write_sketches
+
+
+class FakeOutlines:
+    """Outlines written from the request alone; a client index in ``failing`` gets an error instead."""
+
+    def __init__(self, failing: dict[int, Exception] | None = None) -> None:
+        self.failing = failing or {}
+        self.calls: list[list] = []
+
+    def outlines(self, requests):
+        self.calls.append(list(requests))
+        return [self.failing.get(r.client) or Outline(f"1. {r.request.instruction}", 5, 0.25) for r in requests]
+
+
+def cfg(**kw):
+    return EdgeConfig(max_new_tokens=6, max_prompt_tokens=256, sampling={"temperature": 0.7, "seed": 3}, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_small):
+    model, tok = load_causal_lm(str(tiny_small))
+    return EdgeEngine(model, tok, 256)
+
+
+def clients(engine, records, config):
+    return [EdgeClient(i, r, engine, config) for i, r in enumerate(records)]
+
+
+def test_a_group_sends_sealed_public_requests_and_writes_in_one_batched_generation(engine, sample_records):
+    config = cfg()
+    group = clients(engine, sample_records[:3], config)
+    source = FakeOutlines()
+    results = write_sketches(group, source, engine, config)
+
+    (sent,) = source.calls  # one call for the whole group
+    assert [r.client for r in sent] == [0, 1, 2]
+    for r, c in zip(sent, group):
+        assert msgspec.json.decode(r.sealed.payload, type=SketchRequest) == r.request  # exactly what was sealed
+        assert r.request.instruction == c.record.public_instruction and r.request.seed == c.seed
+        assert r.request.max_tokens == config.sketch_max_tokens and r.request.kind == c.record.kind
+    outlines = [f"1. {c.record.public_instruction}" for c in group]
+    ids = engine.generate(
+        [engine.prompt_ids(c.record, sketch=o) for c, o in zip(group, outlines)],
+        config.max_new_tokens,
+        config.sampling.temperature,
+        config.sampling.top_p,
+        [c.seed for c in group],
+    )
+    assert [r.text for r in results] == [engine.tok.decode(i, skip_special_tokens=True).strip() for i in ids]
+    assert [r.tokens for r in results] == [len(i) for i in ids]
+    for r, c, o in zip(results, group, outlines):
+        assert r.error is None and r.mode == "sketch" and r.client == c.index and r.tid == c.record.tid
+        assert r.sketch == o and r.round_trips == 1 and r.sketch_seconds == 0.25 and r.edge_seconds is not None
+
+
+def test_a_failed_outline_fails_only_its_own_session(engine, sample_records):
+    config = cfg()
+    group = clients(engine, sample_records[:3], config)
+    results = write_sketches(group, FakeOutlines({1: SessionError("cloud answered 503: busy")}), engine, config)
+    assert [r.client for r in results] == [0, 1, 2]
+    assert results[1].error == "cloud answered 503: busy" and results[1].tokens == 0 and results[1].text == ""
+    assert results[0].error is None and results[2].error is None and results[0].tokens > 0
+
+
+def test_what_the_gate_refuses_never_reaches_the_source(engine, sample_records):
+    config = cfg()
+    group = clients(engine, sample_records[:2], config)
+
+    def refuse(msg):
+        raise PrivacyViolation("outbound message carries 1 private 5-word phrase(s); nothing was sent")
+
+    group[0].gate.seal_json = refuse
+    source = FakeOutlines()
+    results = write_sketches(group, source, engine, config)
+    assert [r.client for r in source.calls[0]] == [1]
+    assert "private" in results[0].error and results[1].error is None
+
+
+def test_one_session_on_a_shared_device_measures_its_tokens(engine, sample_records):
+    config = cfg(ignore_eos=True)
+    device = SharedDevice(engine.model, engine.pad_id)
+    try:
+        r = write_sketch(EdgeClient(0, sample_records[0], engine, config), FakeOutlines(), engine, device, config)
+    finally:
+        device.close()
+    assert r.error is None and r.tokens == 6 and r.text and not r.simulated
+    assert r.sketch == f"1. {sample_records[0].public_instruction}" and r.sketch_seconds == 0.25
+    assert r.ttft_s is not None and 0 < r.ttft_s <= r.seconds and len(r.itl_s) == 5
+    assert not device.caches  # the session released its cache
+
+
+def test_a_profile_device_takes_its_time_and_writes_no_text(engine, sample_records):
+    config = cfg()
+    slept = []
+    profile = DeviceProfile(name="test", decode_tokens_per_s=50, prefill_tokens_per_s=1000, rtt_ms=40)
+    r = write_sketch(
+        EdgeClient(0, sample_records[0], engine, config),
+        FakeOutlines(),
+        engine,
+        ProfileDevice(profile, slept.append),
+        config,
+    )
+    assert r.simulated and r.text == "" and r.tokens == 6
+    assert slept[0] == 0.04 and slept[2:] == [0.02] * 5  # the round trip, the prompt, then one pass a token
+
+
+def test_a_single_session_raises_what_its_outline_request_raised(engine, sample_records):
+    config = cfg()
+    device = ProfileDevice(DeviceProfile(name="t", decode_tokens_per_s=50, prefill_tokens_per_s=1000, rtt_ms=0))
+    with pytest.raises(SessionError, match="busy"):
+        write_sketch(
+            EdgeClient(0, sample_records[0], engine, config),
+            FakeOutlines({0: SessionError("busy")}),
+            engine,
+            device,
+            config,
+        )
+
+
+def test_http_outlines_post_the_sealed_body_and_report_errors(engine, sample_records):
+    config = cfg()
+    group = clients(engine, sample_records[:3], config)
+    bodies = []
+
+    def cloud(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/sketch"
+        req = msgspec.json.decode(request.content, type=SketchRequest)
+        bodies.append(request.content)
+        if req.seed == group[1].seed:
+            return httpx.Response(503, json={"error": "replica busy", "hint": "add replicas"})
+        if req.seed == group[2].seed:
+            raise httpx.ConnectError("refused")
+        reply = SketchReply(request_id=req.request_id, sketch="1. intro", tokens=4)
+        return httpx.Response(200, content=msgspec.json.encode(reply))
+
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http:
+        results = write_sketches(group, HttpOutlines(http, "http://cloud", 5.0), engine, config)
+    assert len(bodies) == 3
+    assert results[0].error is None and results[0].sketch == "1. intro"
+    assert results[1].error == "cloud answered 503: replica busy (add replicas)"
+    assert results[2].error.startswith("cannot reach the cloud at http://cloud/v1/sketch")
+    device = ProfileDevice(DeviceProfile(name="t", decode_tokens_per_s=50, prefill_tokens_per_s=1000, rtt_ms=0))
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http, pytest.raises(ClusterError):
+        write_sketch(group[2], HttpOutlines(http, "http://cloud", 5.0), engine, device, config)  # the caller reports it
