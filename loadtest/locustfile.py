@@ -39,6 +39,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per outline req
 
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
+    from cogenesis.apps.flags import LOCUST
+
     g = parser.add_argument_group("CoGenesis")
     g.add_argument("--cg-redis-url", default="", help="bus Redis URL (default: the `cogenesis up` cluster's)")
     g.add_argument("--cg-http-url", default="", help="cloud HTTP URL (default: the `cogenesis up` cluster's)")
@@ -50,15 +52,9 @@ def _options(parser) -> None:
         help="sessions at once per Locust process (0: 8 on the real device, no cap for a profile)",
     )
     g.add_argument("--cg-think-time", default="5..15", help="A..B seconds between a user's sessions")
-    g.add_argument("--cg-max-new-tokens", type=int, default=32, help="tokens per session")
-    g.add_argument("--cg-sketch-max-tokens", type=int, default=64, help="tokens the cloud may spend on an outline")
-    g.add_argument("--cg-top-k", type=int, default=10, help="cloud top-k per logits step")
-    g.add_argument("--cg-edge-prompt-tokens", type=int, default=512, help="small-model prompt budget")
-    g.add_argument("--cg-step-timeout", type=float, default=120.0, help="seconds to wait for one cloud reply")
-    g.add_argument("--cg-threads", type=int, default=1, help="torch threads of the small model per process")
     g.add_argument("--cg-data", default="", help="CoGenesis JSON file (default: the shipped sample, cycled)")
-    g.add_argument("--cg-small-model", default="embedded:small", help="device model: embedded:small, HF dir or hub id")
     g.add_argument("--cg-state-dir", default="", help="state directory of `cogenesis up` (default: its own)")
+    LOCUST.add_to(g, grouped=False)  # the edge's config fields, with `cogenesis loadtest`'s defaults
 
 
 class Runtime:
@@ -70,6 +66,7 @@ class Runtime:
 
         offload = gevent.get_hub().threadpool.apply  # slow work in a native thread: heartbeats go on meanwhile
 
+        from cogenesis.apps.flags import LOCUST
         from cogenesis.core.config import EdgeConfig
         from cogenesis.core.data import load_records, sample_data_path
         from cogenesis.core.errors import ClusterError
@@ -88,15 +85,7 @@ class Runtime:
                     hint="start one with `cogenesis up`",
                 )
             redis_url, http_url = redis_url or state.redis_url, http_url or state.http_url
-        self.cfg = EdgeConfig(
-            small_model=opts.cg_small_model,
-            max_new_tokens=opts.cg_max_new_tokens,
-            sketch_max_tokens=opts.cg_sketch_max_tokens,
-            top_k=opts.cg_top_k,
-            max_prompt_tokens=opts.cg_edge_prompt_tokens,
-            step_timeout_s=opts.cg_step_timeout,
-            torch_threads=opts.cg_threads,
-        )
+        self.cfg = LOCUST.config(opts, EdgeConfig)
         self.think = parse_think(opts.cg_think_time)
         self.records = load_records(opts.cg_data or sample_data_path())
         self.profile = resolve_device(opts.cg_device)
@@ -244,7 +233,7 @@ class EdgeUser(User):
             context={"client": self.index},
         )
         if kind == "logits":
-            for rtt in r.extra.get("rtt_us", ()):
+            for rtt in r.rtt_us:
                 fire(
                     request_type=kind,
                     name="step",
@@ -253,11 +242,11 @@ class EdgeUser(User):
                     exception=None,
                     context={},
                 )
-        elif "sketch_seconds" in r.extra:
+        elif r.sketch_seconds is not None:
             fire(
                 request_type=kind,
                 name="request",
-                response_time=r.extra["sketch_seconds"] * 1000,
+                response_time=r.sketch_seconds * 1000,
                 response_length=0,
                 exception=None,
                 context={},
@@ -271,7 +260,7 @@ class EdgeUser(User):
                 exception=None,
                 context={},
             )
-        for gap in r.extra.get("itl_s", ()):
+        for gap in r.itl_s:
             fire(request_type=kind, name="itl", response_time=gap * 1000, response_length=0, exception=None, context={})
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cogenesis.core.config import command_default
 from cogenesis.core.errors import ClusterError, ConfigError
 from cogenesis.loadtest.profiles import load_shape
 
@@ -46,10 +47,10 @@ class LoadtestOptions:
     processes: int = 1
     shape: str | None = None  # a configs/loadtest/*.yaml profile (overrides users/spawn rate/run time)
     think_time: str = "5..15"
-    max_new_tokens: int = 32
+    max_new_tokens: int = command_default("loadtest", "edge.max_new_tokens")
     max_active: int = 0
     stop_timeout_s: float = 30.0
-    small_model: str = "embedded:small"
+    small_model: str = command_default("loadtest", "edge.small_model")
     data: str | None = None
     out_dir: str = "out/loadtest"
     json_path: str | None = None

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.models import EMBEDDED_LARGE, EMBEDDED_SMALL
@@ -95,6 +99,11 @@ class CloudConfig(_Cfg):
     )
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP ingress port.")
     route_prefix: str = Field("/", description="Serve route prefix of the app.")
+    engine_factory: str = Field(
+        "cogenesis.deployments.engine:build_engine",
+        pattern=r"^[\w.]+:\w+$",
+        description="The replica's engine, as module:function; it takes this CloudConfig and returns a CloudEngine.",
+    )
 
 
 class EdgeConfig(_Cfg):
@@ -126,7 +135,124 @@ class EdgeConfig(_Cfg):
     schedule: ScheduleConfig = ScheduleConfig()
 
 
-def load_yaml(path: str | Path, model: type[_Cfg]):
+# ---- per-command defaults ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachineDefault:
+    """A default computed on the machine that runs the command; the reference shows its label."""
+
+    label: str
+    compute: Callable[[], Any]
+
+    def __str__(self) -> str:
+        return self.label
+
+
+HALF_THE_CORES = MachineDefault("half the CPU cores", lambda: max(1, (os.cpu_count() or 2) // 2))
+
+SECTIONS: dict[str, type[BaseModel]] = {"cloud": CloudConfig, "edge": EdgeConfig}
+
+# The one place where a command deliberately starts from another default than its field's
+# (`cogenesis config` lists them; every command's --help shows its own). Paths: section.field[.field].
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "up": {  # a replica sized for load (`cogenesis loadtest` starts its cluster with these too)
+        "cloud.torch_threads": HALF_THE_CORES,
+        "cloud.kv_budget_mb": 4096,
+        "cloud.max_sessions": 4096,
+        "cloud.max_ongoing_requests": 1024,
+    },
+    "edge": {  # many short sessions at once
+        "edge.max_new_tokens": 32,
+        "edge.sketch_max_tokens": 64,
+        "edge.max_prompt_tokens": 512,
+        "edge.torch_threads": 1,
+        "edge.step_timeout_s": 60.0,
+    },
+    "loadtest": {  # `cogenesis loadtest` and Locust's --cg-* options
+        "edge.max_new_tokens": 32,
+        "edge.sketch_max_tokens": 64,
+        "edge.max_prompt_tokens": 512,
+        "edge.torch_threads": 1,
+        "edge.step_timeout_s": 120.0,
+    },
+    "bench exchange": {
+        "edge.lookahead": 4,
+        "edge.max_prompt_tokens": 512,
+        "edge.torch_threads": HALF_THE_CORES,
+    },
+    "eval": {"edge.max_new_tokens": 128},
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def field_info(path: str) -> FieldInfo:
+    """The field at a dotted path such as ``edge.sampling.seed``."""
+    section, *names = path.split(".")
+    model = SECTIONS[section]
+    for name in names[:-1]:
+        nested = nested_model(model.model_fields[name])
+        if nested is None:
+            raise KeyError(f"{path}: {name} holds no config model")
+        model = nested
+    return model.model_fields[names[-1]]
+
+
+def field_paths(section: str) -> list[str]:
+    """Every field of a section as a dotted path, nested models' fields in place of the model."""
+    return [f"{section}.{name}" for name in _names(SECTIONS[section])]
+
+
+def _names(model: type[BaseModel]) -> list[str]:
+    names: list[str] = []
+    for name, info in model.model_fields.items():
+        nested = nested_model(info)
+        names += [f"{name}.{sub}" for sub in _names(nested)] if nested else [name]
+    return names
+
+
+def nested_model(info: FieldInfo) -> type[BaseModel] | None:
+    """The config model a field holds, if it holds one (``EdgeConfig.sampling``)."""
+    ann = info.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def command_default(command: str, path: str) -> Any:
+    """The default of ``path`` in ``command``: the command's own (COMMAND_DEFAULTS), else the field's."""
+    value = COMMAND_DEFAULTS.get(command, {}).get(path, field_info(path).default)
+    return value.compute() if isinstance(value, MachineDefault) else value
+
+
+def command_config(
+    model: type[M],
+    command: str,
+    values: Mapping[str, Any] | None = None,
+    where: str = "flags",
+    labels: Mapping[str, str] | None = None,
+) -> M:
+    """``model`` as ``command`` runs it: field defaults, the command's own defaults, then ``values``
+    (dotted paths of the model's section; others are ignored), validated."""
+    section = next(name for name, m in SECTIONS.items() if m is model)
+    chosen = {path: command_default(command, path) for path in COMMAND_DEFAULTS.get(command, {})}
+    raw: dict[str, Any] = {}
+    for path, value in {**chosen, **(values or {})}.items():
+        head, *names = path.split(".")
+        if head == section:
+            _put(raw, names, value)
+    return validate(model, raw, where, labels)
+
+
+def _put(raw: dict[str, Any], names: list[str], value: Any) -> None:
+    for name in names[:-1]:
+        raw = raw.setdefault(name, {})
+    raw[names[-1]] = value
+
+
+# ---- loading and validating ---------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
     """Load a YAML file into ``model``; every problem becomes one ConfigError naming the field."""
     path = Path(path)
     if not path.is_file():
@@ -138,12 +264,20 @@ def load_yaml(path: str | Path, model: type[_Cfg]):
     return validate(model, raw, str(path))
 
 
-def validate(model: type[_Cfg], raw: dict, where: str = "config"):
+def validate(model: type[M], raw: Any, where: str = "config", labels: Mapping[str, str] | None = None) -> M:
+    """``raw`` as a ``model``, or one ConfigError naming every bad field (``labels``: the flag that set
+    a field, shown beside it)."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(".".join(map(str, e["loc"])), e["msg"], labels or {}) for e in exc.errors())
         raise ConfigError(
             f"invalid {model.__name__} in {where}: {problems}",
             hint=f"see `cogenesis config --show` for every field of {model.__name__}",
         ) from None
+
+
+def _problem(loc: str, msg: str, labels: Mapping[str, str]) -> str:
+    if not loc:
+        return f"<root>: {msg}"
+    return f"{loc} ({labels[loc]}): {msg}" if loc in labels else f"{loc}: {msg}"

@@ -1,12 +1,17 @@
 """The CLI explains itself and turns bad input into one clear error line (no traceback)."""
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from cogenesis.apps.cli import main
+from cogenesis.apps.cli import build_parser, main
+from cogenesis.apps.flags import DEMO, EDGE, EVAL, LOADTEST, UP
+from cogenesis.core.config import CloudConfig, EdgeConfig, command_config
 
 
 def run_cli(*args, timeout=120):
@@ -64,6 +69,140 @@ def test_config_reference_documents_every_field(capsys):
     out = capsys.readouterr().out
     assert "top_k = 10  # Top-k the cloud returns per logits step." in out
     assert "large_model = 'embedded:large'" in out
+    assert (
+        "max_new_tokens = 64  # Tokens each client generates per session.  "
+        "[int in [1, 4096]; --max-new-tokens; edge: 32, loadtest: 32, eval: 128]"
+    ) in out
+    assert "torch_threads = 2  # torch intra-op threads per replica.  [int in [1, 256]; --threads; up: half the" in out
+    assert (
+        "  sampling.seed = 0  # " in out
+        and "  schedule.p = 5  # pkt: fuse the first P steps.  [int >= 0; --pkt]" in out
+    )
+
+
+def test_readme_config_table_is_the_generated_one(capsys):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- config-table:start -->\n")[1].split("<!-- config-table:end -->")[0]
+    assert main(["config", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out == block, (
+        "README's configuration table is stale: paste `cogenesis config --markdown` between its markers"
+    )
+    assert "| `edge.max_new_tokens` | int in [1, 4096] | `64` | edge: `32`, loadtest: `32`, eval: `128` |" in out
+    assert "| `edge.schedule.kind` | every / pkt / uncertainty | `every` |  | `--schedule` |" in out
+
+
+HALF = max(1, (os.cpu_count() or 2) // 2)
+MODELS = {"large_model": "embedded:large", "small_model": "embedded:small"}
+FUSION = {"fusion": "constant", "fusion_weight": 0.5, "contrast_alpha": 1.0, "fusion_checkpoint": None}
+SCHEDULE = {"schedule": "every", "pkt": "5,10,3", "tau": 2.0}
+SAMPLING = {"temperature": 0.7, "top_p": 0.9, "seed": 0}
+# What every config flag defaulted to before the flags were generated from the config (cli.py before issue 12).
+DEFAULTS_BEFORE = {
+    ("demo",): {
+        "max_new_tokens": 64,
+        "audit_log": None,
+        **MODELS,
+        "replicas": 1,
+        "top_k": 10,
+        "lookahead": 0,
+        **SCHEDULE,
+        **FUSION,
+        **SAMPLING,
+        "sketch_style": "zero-shot",
+        "sketch_temperature": 0.0,
+        "sketch_top_p": 1.0,
+        "sketch_repetition_penalty": 1.3,
+        "sketch_max_tokens": 160,
+        "step_timeout": 30.0,
+    },
+    ("bench", "exchange"): {
+        "max_new_tokens": 64,
+        "lookahead": 4,
+        "top_k": 10,
+        "edge_prompt_tokens": 512,
+        **MODELS,
+        "threads": HALF,
+    },
+    ("up",): {
+        "large_model": "embedded:large",
+        "replicas": 1,
+        "threads": HALF,
+        "kv_budget_mb": 4096,
+        "max_sessions": 4096,
+        "max_ongoing_requests": 1024,
+        "http_port": 8000,
+    },
+    ("edge",): {
+        "max_new_tokens": 32,
+        "sketch_max_tokens": 64,
+        "top_k": 10,
+        "lookahead": 0,
+        **FUSION,
+        "edge_prompt_tokens": 512,
+        "small_model": "embedded:small",
+        "threads": 1,
+        "step_timeout": 60.0,
+    },
+    ("loadtest",): {"max_new_tokens": 32},
+    ("train-fusion",): {"top_k": 10, "max_gold_tokens": 384, "edge_prompt_tokens": 1536, **MODELS},
+    ("eval",): {
+        "fusion_checkpoint": None,
+        "fusion_weight": 0.5,
+        "contrast_alpha": 1.0,
+        **SCHEDULE,
+        "top_k": 10,
+        "max_new_tokens": 128,
+        **SAMPLING,
+        "max_gold_tokens": 384,
+        "edge_prompt_tokens": 1536,
+        **MODELS,
+    },
+}
+REQUIRED = {("train-fusion",): ["--data", "x.json"], ("eval",): ["--data", "x.json"]}
+
+
+@pytest.mark.parametrize("command", DEFAULTS_BEFORE, ids=" ".join)
+def test_every_command_keeps_its_defaults(command):
+    args = build_parser().parse_args([*command, *REQUIRED.get(command, [])])
+    before = DEFAULTS_BEFORE[command]
+    now = {dest: getattr(args, dest) for dest in before}
+    assert now == before
+    assert {k: type(v) for k, v in now.items()} == {k: type(v) for k, v in before.items()}
+
+
+@pytest.mark.parametrize("command", DEFAULTS_BEFORE, ids=" ".join)
+def test_help_shows_each_commands_default(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag: no wrapping inside a default
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for dest, default in DEFAULTS_BEFORE[command].items():
+        flag = "--" + dest.replace("_", "-")
+        shown = re.search(rf" {flag} (?:[A-Z_,]+|{{[^}}]*}}) .*?\(default: (.*?)\)", text)
+        assert shown and shown.group(1) == str(default), (flag, shown and shown.group(1))
+
+
+def test_configs_equal_the_ones_the_commands_built_before():
+    parse = build_parser().parse_args
+    fusion = {"method": "constant", "weight": 0.5, "alpha": 1.0, "checkpoint": None}
+    assert EDGE.config(parse(["edge"]), EdgeConfig) == EdgeConfig(
+        max_new_tokens=32,
+        sketch_max_tokens=64,
+        max_prompt_tokens=512,
+        torch_threads=1,
+        step_timeout_s=60.0,
+        fusion=fusion,
+    )
+    up = CloudConfig(torch_threads=HALF, kv_budget_mb=4096, max_sessions=4096, max_ongoing_requests=1024)
+    assert UP.config(parse(["up"]), CloudConfig) == up == command_config(CloudConfig, "up")
+    demo = parse(["demo"])
+    assert DEMO.config(demo, CloudConfig, {"cloud.torch_threads": 1}) == CloudConfig(torch_threads=1)
+    assert DEMO.config(demo, EdgeConfig, {"edge.prefill_threads": 2}) == EdgeConfig(
+        prefill_threads=2, schedule={"kind": "every", "p": 5, "k": 10, "t": 3, "tau": 2.0}, fusion=fusion
+    )
+    assert LOADTEST.config(parse(["loadtest"]), EdgeConfig).max_new_tokens == 32
+    assert EVAL.config(parse(["eval", "--data", "x.json"]), EdgeConfig) == EdgeConfig(max_new_tokens=128)
 
 
 def test_unknown_model_is_a_clear_error(capsys, tmp_path):

@@ -5,7 +5,20 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from cogenesis.core.config import CloudConfig, EdgeConfig, FusionConfig, SamplingConfig, load_yaml, validate
+from cogenesis.core.config import (
+    COMMAND_DEFAULTS,
+    HALF_THE_CORES,
+    CloudConfig,
+    EdgeConfig,
+    FusionConfig,
+    SamplingConfig,
+    command_config,
+    command_default,
+    field_info,
+    field_paths,
+    load_yaml,
+    validate,
+)
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.protocol import MAX_TOP_K
 
@@ -185,3 +198,60 @@ def test_load_yaml_list_document(tmp_path):
     path.write_text("- top_k: 3\n")
     with pytest.raises(ConfigError, match="<root>"):
         load_yaml(path, EdgeConfig)
+
+
+# ---- per-command defaults -------------------------------------------------------------------------
+
+
+def test_field_paths_expand_nested_models():
+    edge = field_paths("edge")
+    assert "edge.top_k" in edge and "edge.sampling.seed" in edge and "edge.schedule.tau" in edge
+    assert "edge.sampling" not in edge and len(edge) == len(set(edge))
+    assert field_paths("cloud")[0] == "cloud.large_model"
+    for path in (*edge, *field_paths("cloud")):
+        assert field_info(path).description, f"{path} has no description"
+
+
+def test_field_info_refuses_a_path_through_a_plain_field():
+    with pytest.raises(KeyError):
+        field_info("edge.top_k.x")
+
+
+def test_every_command_default_names_a_field_and_differs_from_it():
+    for command, overrides in COMMAND_DEFAULTS.items():
+        for path, value in overrides.items():
+            assert value != field_info(path).default, f"{command}: {path} repeats the field's default"
+        command_config(EdgeConfig, command)  # each command's configs validate
+        command_config(CloudConfig, command)
+
+
+def test_command_default_is_the_override_else_the_field():
+    assert command_default("edge", "edge.max_new_tokens") == 32
+    assert command_default("eval", "edge.max_new_tokens") == 128
+    assert command_default("demo", "edge.max_new_tokens") == EdgeConfig().max_new_tokens == 64
+    assert command_default("loadtest", "edge.step_timeout_s") == 120.0
+    assert command_default("edge", "edge.step_timeout_s") == 60.0
+    assert command_default("up", "cloud.kv_budget_mb") == 4096 and CloudConfig().kv_budget_mb == 2048
+    assert command_default("up", "cloud.torch_threads") == HALF_THE_CORES.compute() >= 1
+    assert str(HALF_THE_CORES) == "half the CPU cores"
+
+
+def test_command_config_applies_overrides_then_values():
+    cfg = command_config(EdgeConfig, "edge", {"edge.top_k": 3, "edge.sampling.seed": 7, "cloud.num_replicas": 2})
+    assert (cfg.max_new_tokens, cfg.step_timeout_s, cfg.top_k, cfg.sampling.seed) == (32, 60.0, 3, 7)
+    assert cfg.sampling.temperature == 0.7  # untouched nested default
+    assert command_config(EdgeConfig, "demo") == EdgeConfig()
+    up = command_config(CloudConfig, "up", {"cloud.max_sessions": 8})
+    assert (up.max_sessions, up.kv_budget_mb, up.max_ongoing_requests) == (8, 4096, 1024)
+
+
+def test_command_config_errors_name_the_flag():
+    with pytest.raises(ConfigError, match=r"invalid EdgeConfig in flags: top_k \(--top-k\): ") as info:
+        command_config(EdgeConfig, "edge", {"edge.top_k": 0}, labels={"top_k": "--top-k"})
+    assert "cogenesis config" in (info.value.hint or "")
+
+
+def test_labels_only_decorate_their_fields():
+    with pytest.raises(ConfigError) as info:
+        validate(EdgeConfig, {"top_k": 0, "lookahead": -1}, "flags", {"lookahead": "--lookahead"})
+    assert "top_k: " in info.value.message and "lookahead (--lookahead): " in info.value.message

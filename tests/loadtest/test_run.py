@@ -55,6 +55,60 @@ def test_locustfile_loads_in_plain_locust():
     assert "LogitsUser" in out.stdout and "SketchUser" in out.stdout and "EdgeUser" not in out.stdout
 
 
+LOCUST_OPTIONS = """
+import importlib.util, json, sys
+from locust import argument_parser
+from cogenesis.apps.flags import LOCUST
+from cogenesis.core.config import EdgeConfig
+
+spec = importlib.util.spec_from_file_location("locustfile", "loadtest/locustfile.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers its options
+opts = argument_parser.parse_options(["-f", "loadtest/locustfile.py", *sys.argv[1:]])
+print(json.dumps({"options": {k: v for k, v in vars(opts).items() if k.startswith("cg_")},
+                  "edge": LOCUST.config(opts, EdgeConfig).model_dump()}))
+"""
+
+
+def locust_options(*argv: str) -> dict:
+    """Locust's parsed --cg-* options and the EdgeConfig a Locust process builds from them (in a
+    subprocess: Locust monkey-patches with gevent on import)."""
+    out = subprocess.run(
+        [sys.executable, "-c", LOCUST_OPTIONS, *argv], capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_locust_options_come_from_the_config_with_the_loadtest_defaults():
+    parsed = locust_options()
+    # what the --cg-* options defaulted to when the locustfile declared them itself
+    before = {
+        "cg_max_new_tokens": 32,
+        "cg_sketch_max_tokens": 64,
+        "cg_top_k": 10,
+        "cg_edge_prompt_tokens": 512,
+        "cg_step_timeout": 120.0,
+        "cg_threads": 1,
+        "cg_small_model": "embedded:small",
+        "cg_redis_url": "",
+        "cg_http_url": "",
+        "cg_device": "real",
+        "cg_max_active": 0,
+        "cg_think_time": "5..15",
+        "cg_data": "",
+        "cg_state_dir": "",
+    }
+    assert parsed["options"] == before
+    edge = parsed["edge"]
+    assert (edge["max_new_tokens"], edge["sketch_max_tokens"], edge["top_k"]) == (32, 64, 10)
+    assert (edge["max_prompt_tokens"], edge["step_timeout_s"], edge["torch_threads"]) == (512, 120.0, 1)
+    assert locust_options("--cg-top-k", "7", "--cg-step-timeout", "5")["edge"]["top_k"] == 7
+
+
+def test_loadtest_options_default_to_the_loadtest_config():
+    opts = LoadtestOptions()
+    assert (opts.max_new_tokens, opts.small_model) == (32, "embedded:small")
+
+
 @pytest.mark.slow
 def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, tiny_small, sample_records, tmp_path):
     state, state_dir, audit = background_cluster
