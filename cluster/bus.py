@@ -4,17 +4,27 @@ Keys (every one has a TTL; nothing private is ever written):
 - ``cg:open``               stream, OpenSession requests; consumer group ``cloud`` spreads them over replicas
 - ``cg:in:{replica}``       stream, StepRequest / CloseSession (or a ``StepBatch`` of an edge pool's round)
                             for the replica that owns the sessions
-- ``cg:reply:{reply_to}``   list, replies (one or a ``ReplyBatch``) for an edge pool or one session
+- ``cg:reply:{reply_to}``   list, replies (one or a ``ReplyBatch``) for an edge link's sessions
 - ``cg:alive:{replica}``    string, replica heartbeat
 Stream entries are deleted once acknowledged, and streams are capped with MAXLEN, so memory
 stays flat however long the cluster runs.
+
+What an edge writes is only what its outbound gate sealed (``Sealed``): the edge bus sends a genuine
+``Sealed``'s bytes and refuses anything else. ``reply_to`` is random per edge link (a fleet client's or
+Locust user's session has its own link; a demo or benchmark pool's one link serves that batch of
+sessions and is never reused), so it links no device's sessions to each other. Stream entry ids are
+Redis's (its clock, the cloud's): a replica counts a request's budget from its entry's arrival.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
+import sys
 import time
-from dataclasses import dataclass
+from typing import NamedTuple, NoReturn
 
 import redis
 
@@ -45,6 +55,7 @@ def alive_key(replica: str) -> str:
 
 SOCKET_TIMEOUT_S = 10.0  # no command waits longer on the socket; blocking pops wait in shorter slices
 BLOCK_SLICE_S = 5.0
+DRAIN_COUNT = 1024  # replies a drain takes off one reply list at once
 
 
 def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
@@ -66,12 +77,119 @@ def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
     return client
 
 
-@dataclass(frozen=True)
-class Sealed:
-    """Bytes that passed the edge's outbound gate. The edge bus sends nothing else."""
+def entry_ms(entry_id: bytes | str) -> int:
+    """When Redis took a stream entry (its clock, unix ms), read from the entry's id (``<ms>-<seq>``)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
 
+
+# ---- sealed payloads: the one way out of an edge ------------------------------------------------------
+
+GATE_MODULE = "cogenesis.edge_sim.gate"
+
+
+class SealKey:
+    """The capability to make ``Sealed`` payloads. One exists per process; the edge's outbound gate
+    (``cogenesis.edge_sim.gate``) claims it when imported (``claim_seal_key``), and nothing else can."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("the seal key cannot be copied or pickled")
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError("the seal key cannot be copied or pickled")
+
+    def __deepcopy__(self, memo: dict) -> NoReturn:
+        raise TypeError("the seal key cannot be copied or pickled")
+
+
+_SEAL_KEY = SealKey()
+_SEAL_SECRET = secrets.token_bytes(32)  # a Sealed is genuine only in the process that sealed it
+_key_claimed = False
+
+
+def claim_seal_key() -> SealKey:
+    """Hand the seal key to the outbound gate: only ``cogenesis.edge_sim.gate`` may claim it, once."""
+    global _key_claimed
+    caller = sys._getframe(1).f_globals.get("__name__")
+    if caller != GATE_MODULE or _key_claimed:
+        raise RuntimeError(
+            f"{caller} asked for the seal key: only {GATE_MODULE} seals payloads, and it claims the key once; "
+            "seal messages with OutboundGate.seal / seal_json"
+        )
+    _key_claimed = True
+    return _SEAL_KEY
+
+
+def _tag(payload: bytes, kind: str) -> bytes:
+    h = hashlib.blake2b(key=_SEAL_SECRET, digest_size=16)
+    h.update(kind.encode())
+    h.update(b"\0")
+    h.update(payload)
+    return h.digest()
+
+
+class Sealed:
+    """Bytes that passed the edge's outbound gate; an edge transport sends nothing else (``wire_bytes``).
+
+    Only the seal key's holder (the gate) can make one; it carries a keyed digest of its bytes, so an
+    edited, copied or hand-built one is not genuine. It cannot be changed, copied or pickled. (Python
+    has no private memory: code that reads this module's private names can still forge one. This makes
+    the one way out a checked interface, which every transport verifies, not a sandbox.)"""
+
+    __slots__ = ("_tag", "kind", "payload")
     payload: bytes
-    kind: str
+    kind: str  # the sealed message's type name
+
+    def __init__(self, key: SealKey, payload: bytes, kind: str) -> None:
+        if key is not _SEAL_KEY:
+            raise TypeError("only the edge's outbound gate makes sealed payloads: use OutboundGate.seal / seal_json")
+        if not isinstance(payload, bytes):
+            raise TypeError(f"a sealed payload is bytes, not {type(payload).__name__}")
+        for name, value in (("payload", payload), ("kind", kind), ("_tag", _tag(payload, kind))):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("a sealed payload cannot be changed: seal a new message")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("a sealed payload cannot be changed: seal a new message")
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError("a sealed payload cannot be copied or pickled: seal the message again")
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError("a sealed payload cannot be copied or pickled: seal the message again")
+
+    def __deepcopy__(self, memo: dict) -> NoReturn:
+        raise TypeError("a sealed payload cannot be copied or pickled: seal the message again")
+
+    def __repr__(self) -> str:
+        return f"Sealed({self.kind}, {len(self.payload)} bytes)"
+
+
+def wire_bytes(msg: object) -> bytes:
+    """The bytes an edge transport may send: a genuine ``Sealed``'s payload, exactly. Anything else
+    (raw bytes, a message, a forged or altered ``Sealed``) raises TypeError."""
+    try:
+        genuine = type(msg) is Sealed and hmac.compare_digest(msg._tag, _tag(msg.payload, msg.kind))  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # a Sealed built without its constructor has no (valid) fields
+        genuine = False
+    if not genuine:
+        raise TypeError(
+            f"edge transports send only payloads sealed by the outbound gate, not {type(msg).__name__}: "
+            "seal the message with OutboundGate.seal / seal_json"
+        )
+    return msg.payload  # type: ignore[attr-defined]
+
+
+class Received(NamedTuple):
+    """When the edge had a reply (``now_us``, the edge's clock: it stays on the edge)."""
+
+    at_us: int
+    looked_us: int | None  # when the edge began the wait that found it already there (it arrived unobserved,
+    # while the edge was busy elsewhere); None: it arrived while the edge waited, so ``at_us`` is its arrival
 
 
 class EdgeBus:
@@ -85,31 +203,28 @@ class EdgeBus:
 
     def __init__(self, url: str) -> None:
         self.r = connect(url)
-        self._stash: dict[str, StepReply | ErrorReply] = {}  # session -> newest reply not yet asked for
-
-    def _check(self, msg: Sealed) -> bytes:
-        if not isinstance(msg, Sealed):
-            raise TypeError("the edge bus only sends messages sealed by the outbound gate")
-        return msg.payload
+        # session -> newest reply not yet asked for, and when it came
+        self._stash: dict[str, tuple[StepReply | ErrorReply, Received]] = {}
 
     def send_many(self, items: list[tuple[str | None, str, Sealed]]) -> None:
         """Send in one round trip: (replica or None for a new session, session_id, msg).
 
-        New sessions go one entry each to the shared open stream (so replicas share them out);
-        everything for one replica goes as one ``StepBatch`` entry on its stream."""
+        Each ``msg`` must be a genuine ``Sealed`` (TypeError otherwise, before anything is sent); its
+        bytes go out exactly as sealed. New sessions go one entry each to the shared open stream (so
+        replicas share them out); everything for one replica goes as one ``StepBatch`` entry on its stream."""
+        payloads = [(replica, session_id, wire_bytes(msg)) for replica, session_id, msg in items]
         pipe = self.r.pipeline(transaction=False)
         per_replica: dict[str, list[bytes]] = {}
         opened = False
-        for replica, session_id, msg in items:
-            payload = self._check(msg)
+        for replica, session_id, payload in payloads:
             if replica is None:
                 pipe.delete(reply_key(session_id))
                 pipe.xadd(OPEN_STREAM, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)
                 opened = True
             else:
                 per_replica.setdefault(replica, []).append(payload)
-        for replica, payloads in per_replica.items():
-            entry = payloads[0] if len(payloads) == 1 else encode(StepBatch(items=payloads))
+        for replica, batch in per_replica.items():
+            entry = batch[0] if len(batch) == 1 else encode(StepBatch(items=batch))
             pipe.xadd(in_stream(replica), {FIELD: entry}, maxlen=STREAM_MAXLEN, approximate=True)
             pipe.expire(in_stream(replica), KEY_TTL_S)
         if opened:
@@ -120,28 +235,29 @@ class EdgeBus:
         self,
         wanted: dict[str, int],
         deadline_ms: int,
-        arrivals: dict[str, int] | None = None,
+        arrivals: dict[str, Received] | None = None,
         reply_to: dict[str, str] | None = None,
     ) -> dict[str, StepReply | Exception]:
         """Replies for many sessions ({session: step}); a failed session maps to its exception.
 
+        ``deadline_ms``: this edge's own deadline (``deadline_in``, its clock; it never leaves the edge).
         ``reply_to`` maps a session to its reply list (default: its own). Whatever is already posted
         is fetched in one pipelined round trip; otherwise one blocking pop waits for the next.
-        ``arrivals`` (if given) receives each session's receive time (``now_us``) for tracing.
+        ``arrivals`` (if given) receives when each session's reply came (``Received``), for tracing.
         """
         out: dict[str, StepReply | Exception] = {}
         routes = reply_to or {}
         for sid in wanted:
             if sid in self._stash:
-                self._accept(self._stash.pop(sid), wanted, out, arrivals, now_us())
-        drain = True
+                self._accept(*self._stash.pop(sid), wanted, out, arrivals)
+        started, drain, first = now_us(), True, True
         while len(out) < len(wanted):
             keys = sorted({reply_key(routes.get(sid, sid)) for sid in wanted if sid not in out})
             if drain:
                 pipe = self.r.pipeline(transaction=False)
                 for k in keys:
-                    pipe.rpop(k)
-                payloads = [v for v in pipe.execute() if v is not None]
+                    pipe.rpop(k, DRAIN_COUNT)
+                payloads = [p for popped in pipe.execute() if popped for p in popped]
             else:
                 remaining = deadline_ms / 1000 - time.time()
                 if remaining <= 0:
@@ -156,21 +272,26 @@ class EdgeBus:
                     break
                 item = self.r.brpop(keys, timeout=min(max(remaining, 0.01), BLOCK_SLICE_S))
                 payloads = [item[1]] if item is not None else []
-            drain = bool(payloads)  # after a hit, more may be ready
-            got_us = now_us()
+            got = Received(now_us(), started if first else None)  # the first drain finds what was already there
+            drain, first = bool(payloads), False  # after a hit, more may be ready
             for payload in payloads:
                 for reply in decode_replies(payload):
-                    self._accept(reply, wanted, out, arrivals, got_us)
+                    self._accept(reply, got, wanted, out, arrivals)
         return out
 
     def _accept(
-        self, reply: StepReply | ErrorReply, wanted: dict[str, int], out: dict, arrivals: dict | None, got_us: int
+        self,
+        reply: StepReply | ErrorReply,
+        got: Received,
+        wanted: dict[str, int],
+        out: dict,
+        arrivals: dict[str, Received] | None,
     ) -> None:
         sid = reply.session_id
         if sid not in wanted or sid in out:  # for a session not asked about now: keep the newest
             kept = self._stash.get(sid)
-            if kept is None or kept.step <= reply.step:
-                self._stash[sid] = reply
+            if kept is None or kept[0].step <= reply.step:
+                self._stash[sid] = (reply, got)
             return
         if reply.step < wanted[sid]:
             return  # late duplicate of an earlier step
@@ -179,7 +300,7 @@ class EdgeBus:
         else:
             out[sid] = reply
         if arrivals is not None:
-            arrivals[sid] = got_us
+            arrivals[sid] = got
 
     def forget(self, session_ids) -> None:
         """Drop kept replies of sessions that ended."""

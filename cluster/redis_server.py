@@ -57,6 +57,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def log_path(self) -> Path | None:
+        """The server's log file (None: not started)."""
+        return Path(self._dir.name) / "redis.log" if self._dir is not None else None
+
     def start(self) -> RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="cogenesis-redis-")
         conf = Path(self._dir.name) / "redis.conf"

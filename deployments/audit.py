@@ -6,6 +6,7 @@ cloud model, it would be in this file. Each replica appends with O_APPEND, one l
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -20,12 +21,11 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, kind: str, request_id: str, text: str, **extra) -> None:
-        line = (
-            json.dumps(
-                {"ts": round(time.time(), 3), "kind": kind, "id": request_id, **extra, "text": text}, ensure_ascii=False
-            )
-            + "\n"
-        )
+        self.append({"kind": kind, "id": request_id, **extra, "text": text})
+
+    def append(self, entry: dict) -> None:
+        """One JSON line: ``entry`` after the time it was written."""
+        line = json.dumps({"ts": round(time.time(), 3), **entry}, ensure_ascii=False) + "\n"
         with self._lock:
             os.write(self._fd, line.encode("utf-8"))
 
@@ -34,3 +34,11 @@ class AuditLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+class RequestCapture(AuditLog):
+    """Every HTTP request body a replica receives, as it arrived (``CloudConfig.capture_http``): one JSON
+    line per request with its route and its body in base64, for privacy audits of the HTTP channel."""
+
+    def capture(self, route: str, body: bytes) -> None:
+        self.append({"route": route, "body": base64.b64encode(body).decode("ascii")})

@@ -11,12 +11,12 @@ if TYPE_CHECKING:
 
 
 class TraceFields(TypedDict):
-    """A reply's tracing fields, as the transport that carried the request measured them (see ``StepReply``)."""
+    """A reply's tracing fields: durations on the replica's clock, as the transport that carried the request
+    measured them (see ``StepReply``)."""
 
-    bus_in_us: int
     server_us: int
     model_us: int
-    posted_us: int
+    queue_us: int
 
 
 def step_reply(session_id: str, step: int, replica: str, top: TopK, trace: TraceFields) -> StepReply:

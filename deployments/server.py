@@ -35,6 +35,7 @@ from cogenesis.core.protocol import (
     now_us,
     unpack_ids,
 )
+from cogenesis.deployments.audit import RequestCapture
 from cogenesis.deployments.fairlock import FairLock
 from cogenesis.deployments.replies import TraceFields, step_reply
 
@@ -74,6 +75,7 @@ class CloudServer:
         except Exception:  # outside Serve (tests of the shim)
             self.replica = uuid.uuid4().hex[:8]
         self.metrics_address = metrics.serve(metrics.CLOUD)  # announced on the bus by the step loop
+        self.capture = RequestCapture(self.cfg.capture_http) if self.cfg.capture_http else None
         self.loop = StepLoop(
             self.engine, CloudBus(self.cfg.redis_url, self.replica), self.lock, metrics_address=self.metrics_address
         ).start()
@@ -105,10 +107,17 @@ class CloudServer:
         with self.lock:
             return self.engine.stateless_top_k(ids, top_k), now_us()
 
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, captured as it arrived when ``CloudConfig.capture_http`` is set."""
+        body = await request.body()
+        if self.capture is not None:
+            self.capture.capture(request.url.path, body)
+        return body
+
     @api.post("/v1/sketch")
     async def sketch(self, request: Request) -> Response:
         try:
-            req = decode_json(await request.body(), SketchRequest)
+            req = decode_json(await self._body(request), SketchRequest)
             reply = await self._sketch_batch(req)
             if isinstance(reply, CoGenesisError):
                 raise reply
@@ -125,17 +134,17 @@ class CloudServer:
         """The official code's protocol (benchmark baseline): whole sequence in, next top-k out, no state."""
         arrived = now_us()
         try:
-            req = decode_msgpack(await request.body(), StatelessRequest)
+            req = decode_msgpack(await self._body(request), StatelessRequest)
             ids = unpack_ids(req.tokens).tolist()
         except ProtocolError as exc:
             return _msgpack(ErrorReply(session_id="", step=0, code="bad_request", message=exc.message), 400)
-        if req.deadline_ms < now_ms():
+        if arrived // 1000 + req.budget_ms <= now_ms():  # the budget counts from arrival, on this replica's clock
             return _msgpack(
                 ErrorReply(
                     session_id=req.session_id,
                     step=len(ids),
                     code="deadline",
-                    message="the request's deadline passed before it was served",
+                    message="the request's time budget ran out before it was served",
                 ),
                 422,
             )
@@ -147,12 +156,7 @@ class CloudServer:
                 ErrorReply(session_id=req.session_id, step=len(ids), code="bad_request", message=exc.message), 422
             )
         posted = now_us()
-        trace = TraceFields(
-            bus_in_us=max(0, arrived - req.sent_us) if req.sent_us else 0,
-            server_us=posted - arrived,
-            model_us=t1 - t0,
-            posted_us=posted,
-        )
+        trace = TraceFields(server_us=posted - arrived, model_us=t1 - t0, queue_us=0)  # served on arrival
         return _msgpack(step_reply(req.session_id, len(ids), self.replica, top, trace))
 
     @api.get("/healthz")
@@ -179,6 +183,9 @@ class CloudServer:
             self.loop.stop()
         if hasattr(self, "engine"):
             self.engine.shutdown()
+        capture = getattr(self, "capture", None)
+        if capture is not None:
+            capture.close()
 
 
 CloudDeployment = serve.deployment(name="CloudServer", health_check_period_s=5, graceful_shutdown_timeout_s=10)(

@@ -2,6 +2,9 @@
 
 Runs in one thread per replica. Errors never kill the loop: each bad request gets an
 ErrorReply naming the problem (or, if it cannot even be decoded, a warning in the log).
+
+Time is this replica's own: a request's budget counts from its arrival on the cloud (its stream
+entry's id, Redis's clock), and a reply's tracing fields are durations measured here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from cogenesis.cluster.bus import OPEN_STREAM, CloudBus
+from cogenesis.cluster.bus import OPEN_STREAM, CloudBus, entry_ms
 from cogenesis.core import metrics
 from cogenesis.core.errors import CoGenesisError, ProtocolError, SessionError, UnknownSession
 from cogenesis.core.protocol import (
@@ -43,20 +46,24 @@ _A = TypeVar("_A")
 
 @dataclass(frozen=True)
 class Trace:
-    """When this replica read a batch and how long it held it (see ``StepReply`` tracing fields)."""
+    """When this replica read a batch and how long it held it (see ``StepReply`` tracing fields);
+    every time is on this replica's clock."""
 
     read_called_us: int  # the loop was idle (waiting on the bus) from here
     read_us: int  # the batch was in hand
     model_us: int = 0  # time in (or waiting for) the engine while serving the batch
     posted_us: int = 0
 
-    def fields(self, sent_us: int) -> TraceFields:
-        bus_in = self.read_us - max(sent_us, self.read_called_us) if sent_us else 0
+    def fields(self, arrived_ms: int) -> TraceFields:
+        """A request's durations; ``arrived_ms``: when its stream entry arrived (Redis's clock, whole ms).
+
+        Its queue time is how long it waited before this replica began the read that took it (while the
+        replica served others); ms resolution makes it a lower bound, and a request that came during the
+        read did not queue."""
         return TraceFields(
-            bus_in_us=max(0, bus_in),
             server_us=self.posted_us - self.read_us,
             model_us=self.model_us,
-            posted_us=self.posted_us,
+            queue_us=max(0, self.read_called_us - (arrived_ms + 1) * 1000),
         )
 
 
@@ -73,6 +80,11 @@ def _decode(payload: bytes) -> EdgeToCloud | ProtocolError:
 
 def _reply_to(msg: OpenSession | StepRequest) -> str:
     return msg.reply_to or msg.session_id
+
+
+def _spent(arrived_ms: int, msg: OpenSession | StepRequest) -> bool:
+    """The request's budget, counted from its arrival, is used up (a budget of 0 always is)."""
+    return arrived_ms + msg.budget_ms <= now_ms()
 
 
 def _pack(replies: list[tuple[str, StepReply | ErrorReply]]) -> list[tuple[str, bytes]]:
@@ -134,8 +146,8 @@ class StepLoop:
         """One bus read = one batch: all opens in one forward pass, all steps in another."""
         done: list[tuple[str, bytes]] = []
         replies: list[tuple[str, StepReply | ErrorReply]] = []
-        opens: list[OpenSession] = []
-        steps: list[StepRequest] = []
+        opens: list[tuple[OpenSession, int]] = []  # (request, when its entry arrived: ms, Redis's clock)
+        steps: list[tuple[StepRequest, int]] = []
         closes: list[CloseSession] = []
         for stream, entry_id, msg in self._expand(batch, done):
             self.requests += 1
@@ -153,43 +165,47 @@ class StepLoop:
                 continue
             if isinstance(msg, CloseSession):
                 closes.append(msg)
-            elif msg.deadline_ms < now_ms():
+                continue
+            arrived = entry_ms(entry_id)
+            if _spent(arrived, msg):
                 self.errors += 1
                 step = msg.step if isinstance(msg, StepRequest) else 0
                 replies.append(
                     (
                         _reply_to(msg),
-                        _error(msg.session_id, step, "deadline", "the request's deadline passed before it was served"),
+                        _error(
+                            msg.session_id, step, "deadline", "the request's time budget ran out before it was served"
+                        ),
                     )
                 )
             elif isinstance(msg, OpenSession):
-                opens.append(msg)
+                opens.append((msg, arrived))
             else:
-                steps.append(msg)
+                steps.append((msg, arrived))
         t_model = now_us()
         with self.lock:
             t_locked = now_us()  # the model's own time starts here (before: waiting for an outline to yield)
             for msg in closes:
                 self.engine.close(msg.session_id)
             open_out = self._call(
-                self.engine.open_many, [OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m in opens]
+                self.engine.open_many, [OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m, _ in opens]
             )
             step_out = self._call(
                 self.engine.step_many,
-                [StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m in steps],
+                [StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m, _ in steps],
             )
         posted = now_us()
         trace = replace(trace, model_us=posted - t_model, posted_us=posted)
-        self._observe(opens, steps, (posted - t_locked) / 1e6)
-        for msg, out in zip(opens, open_out):
-            replies.append((_reply_to(msg), self._encode(msg, 0, out, trace)))
-        for msg, out in zip(steps, step_out):
-            replies.append((_reply_to(msg), self._encode(msg, msg.step, out, trace)))
+        self._observe(len(opens) + len(steps), [m for m, _ in steps], (posted - t_locked) / 1e6)
+        for (msg, arrived), out in zip(opens, open_out):
+            replies.append((_reply_to(msg), self._encode(msg, 0, out, trace.fields(arrived))))
+        for (msg, arrived), out in zip(steps, step_out):
+            replies.append((_reply_to(msg), self._encode(msg, msg.step, out, trace.fields(arrived))))
         self.bus.finish(done, _pack(replies))
 
-    def _observe(self, opens: list[OpenSession], steps: list[StepRequest], model_s: float) -> None:
-        if opens or steps:
-            metrics.step_batch_size.observe(len(opens) + len(steps))
+    def _observe(self, served: int, steps: list[StepRequest], model_s: float) -> None:
+        if served:
+            metrics.step_batch_size.observe(served)
             metrics.step_seconds.observe(model_s)
             metrics.cloud_tokens.labels("logits").inc(sum(len(unpack_ids(m.tokens)) for m in steps))
         stats = self.engine.stats()
@@ -221,10 +237,12 @@ class StepLoop:
             log.exception("engine failed on a batch of %d", len(args))
             return [exc] * len(args)
 
-    def _encode(self, msg: OpenSession | StepRequest, step: int, out: Outcome, trace: Trace) -> StepReply | ErrorReply:
+    def _encode(
+        self, msg: OpenSession | StepRequest, step: int, out: Outcome, trace: TraceFields
+    ) -> StepReply | ErrorReply:
         session_id = msg.session_id
         if isinstance(out, TopK):
-            return step_reply(session_id, step, self.bus.replica, out, trace.fields(msg.sent_us))
+            return step_reply(session_id, step, self.bus.replica, out, trace)
         self.errors += 1
         if isinstance(out, UnknownSession):
             return _error(session_id, step, "unknown_session", out.message)

@@ -3,6 +3,9 @@
 Everything the client sends goes through its ``OutboundGate``; the private record never leaves
 this object. Logs name sessions and sizes, never text. Logits sessions run in ``cogenesis.edge_sim.logits``
 (many clients stepped together), sketch sessions in ``cogenesis.edge_sim.sketch``.
+
+A failed session keeps its message on the device (``SessionResult.error``, local logs); what may leave
+the device process (a fleet pool's counts on Redis, a Locust report) is its ``ErrorCode``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.data import Record
+from cogenesis.core.protocol import ErrorCode
 from cogenesis.edge_sim.engine import EdgeEngine
 from cogenesis.edge_sim.gate import OutboundGate
 
@@ -29,7 +33,8 @@ class SessionResult:
     ttft_s: float | None = None  # time to first generated token
     round_trips: int = 0  # cloud exchanges (sketch: 1; logits: open + steps)
     sketch: str | None = None  # the cloud's outline (public: written from the public instruction)
-    error: str | None = None
+    error: str | None = None  # what went wrong, for the user (stays on the device)
+    error_code: ErrorCode | None = None  # ... as the code that may leave it (set exactly when ``error`` is)
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive generated tokens
     stopped: bool = False  # ended early by the caller's time budget, with what it wrote (logits)
     # logits mode: the exchange with the cloud
@@ -37,10 +42,17 @@ class SessionResult:
     accepted_draft_tokens: int = 0  # the cloud's lookahead drafts the edge accepted
     rtt_us: list[int] = field(default_factory=list)  # per reply: sent -> received
     overhead_us: list[int] = field(default_factory=list)  # per reply: bus + serialization, not model time
+    held_tokens: int = 0  # tokens the stream gate did not send as written (held back, then released or replaced)
+    private_spans: int = 0  # private spans the small model wrote that the cloud got a placeholder for
+    span_policy: str | None = None  # the span policy that acted (None: no private span was written)
     # sketch mode
     sketch_seconds: float | None = None  # the outline request to the cloud
     edge_seconds: float | None = None  # the local generation from the outline (a pool's batched decode)
     simulated: bool = False  # written by a device profile (no small model ran; no text)
+
+    def __post_init__(self) -> None:
+        if (self.error is None) != (self.error_code is None):
+            raise ValueError("a failed SessionResult has both an error message and an error code, a good one neither")
 
     def to_json(self) -> dict:
         out = {
@@ -58,6 +70,12 @@ class SessionResult:
             out["sketch"] = self.sketch
         if self.error is not None:
             out["error"] = self.error
+        if self.held_tokens or self.span_policy:  # numbers and the policy's name only, never text
+            out["privacy"] = {
+                "held_tokens": self.held_tokens,
+                "private_spans": self.private_spans,
+                "span_policy": self.span_policy,
+            }
         return out
 
 
@@ -67,6 +85,8 @@ class EdgeClient:
         self.record = record
         self.engine = engine
         self.cfg = cfg
-        self.gate = OutboundGate(record.public_instruction, record.private_fields())
+        self.gate = OutboundGate.of_record(record, cfg.privacy)
         seed = cfg.sampling.seed
+        # the device's own sampling seed (reproducible runs); it never leaves the device: an outline
+        # request carries a fresh seed of its own (``cogenesis.edge_sim.sketch.sketch_request``)
         self.seed = None if seed is None else seed + index

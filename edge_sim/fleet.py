@@ -9,7 +9,9 @@ nothing private leaves the pool process.
 
 A pool publishes typed messages (msgspec JSON) to Redis: its ``PoolProgress`` every second
 (``cg:fleet:{run}:pool:{i}``, with a TTL) and once at the end its ``PoolSummary``, or ``PoolFailed``
-if it could not run (pushed to ``cg:fleet:{run}:done``). The launcher reads nothing else.
+if it could not run (pushed to ``cg:fleet:{run}:done``). The launcher reads nothing else. They hold
+numbers and error codes (``cogenesis.core.protocol.ErrorCode``) only: no text of the pool leaves it
+(an error's message stays in the pool's own log).
 
 The small model, httpx and redis are imported inside the pool's functions: the process imports
 them only after gevent has patched it.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from cogenesis.core.errors import ConfigError
+from cogenesis.core.protocol import ErrorCode, error_code
 
 if TYPE_CHECKING:
     import redis
@@ -44,7 +47,6 @@ log = logging.getLogger(__name__)
 RUN_TTL_S = 3600
 LATENCY_SAMPLES = 20_000  # per pool and kind: a uniform reservoir keeps memory flat however long it runs
 PROGRESS_EVERY_S = 1.0
-STUCK = "did not finish within the duration + grace + step timeout"
 
 
 @dataclass
@@ -143,7 +145,8 @@ class PoolSummary(msgspec.Struct, frozen=True, tag="summary"):
     clients: int
     seconds: float
     counts: PoolCounts
-    errors: dict[str, int]  # error message (first 120 characters) -> sessions
+    errors: dict[ErrorCode, int]  # failed sessions by error code ("stuck": did not finish within the
+    # duration + grace + step timeout)
     rss_mb: RssMb
     samples: LatencySamples
     device_passes: int | None  # the shared device's batched passes (None: a profile)
@@ -151,10 +154,10 @@ class PoolSummary(msgspec.Struct, frozen=True, tag="summary"):
 
 
 class PoolFailed(msgspec.Struct, frozen=True, tag="failed"):
-    """A pool that could not run its clients (e.g. its model did not load)."""
+    """A pool that could not run its clients (e.g. its model did not load: ``setup``); the why is in its log."""
 
     pool: int
-    fatal: str
+    code: ErrorCode
 
 
 _progress_decoder = msgspec.json.Decoder(PoolProgress)
@@ -277,7 +280,7 @@ class PoolClients:
         self.mine = list(range(pool, opts.clients, opts.pools))
         self.counts = PoolCounts()
         self.latency = {k: Reservoir(seed=pool * 7 + i) for i, k in enumerate(LatencySamples.__struct_fields__)}
-        self.errors: dict[str, int] = {}
+        self.errors: dict[ErrorCode, int] = {}
         self.rss_start, self.rss_peak = _rss_mb(), 0.0
         self.slots = BoundedSemaphore(opts.max_active or max_active or len(self.mine))  # sessions at once
         self.over = Event()  # set when the duration ends: thinking clients stop at once
@@ -300,8 +303,9 @@ class PoolClients:
         stuck = [g for g in greenlets if not g.dead]
         gevent.killall(stuck, timeout=10)
         if stuck:
+            log.warning("pool %d: %d client(s) did not finish within the duration + grace", self.pool, len(stuck))
             self.counts.failed += len(stuck)
-            self.errors[STUCK] = len(stuck)
+            self.errors["stuck"] = len(stuck)
 
     def client(self, index: int, cloud: Cloud) -> None:
         """One device: a first wait (devices do not all start at once), then session, think, session, ..."""
@@ -321,25 +325,31 @@ class PoolClients:
 
     def session(self, index: int, n: int, cloud: Cloud) -> SessionResult:
         """Client ``index``'s ``n``-th session, once a slot on the device is free."""
-        from cogenesis.edge_sim.client import EdgeClient
+        from cogenesis.edge_sim.client import EdgeClient, SessionResult
         from cogenesis.edge_sim.session import run_session
 
         record = self.records[index % len(self.records)]  # the dataset's, not a copy
+        mode = mode_of(self.opts.mode, index, n)
         with self.slots:
             self.counts.active += 1
             self.counts.max_active = max(self.counts.max_active, self.counts.active)
+            t0 = time.perf_counter()
             try:
                 client = EdgeClient(index, record, self.engine, self.cfg)  # gate and state live for one session
-                mode = mode_of(self.opts.mode, index, n)
                 return run_session(client, mode, self.engine, self.device, cloud, self.cfg, self.hard_stop)
+            except Exception as exc:  # a bug, not a session error: counted by its code, told only to the local log
+                log.exception("client %d %s session crashed", index, mode)
+                seconds = time.perf_counter() - t0
+                return SessionResult(
+                    index, record.tid, mode, "", 0, seconds, error=type(exc).__name__, error_code=error_code(exc)
+                )
             finally:
                 self.counts.active -= 1
 
     def count(self, r: SessionResult) -> None:
-        if r.error:
+        if r.error_code is not None:  # its message stays here
             self.counts.failed += 1
-            key = r.error[:120]
-            self.errors[key] = self.errors.get(key, 0) + 1
+            self.errors[r.error_code] = self.errors.get(r.error_code, 0) + 1
             return
         if r.stopped:
             self.counts.cut += 1
@@ -431,13 +441,20 @@ def _pool_entry(argv: list[str]) -> int:
     except Exception as exc:  # tell the launcher, which is waiting on the done list
         import redis
 
-        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-        log.error("pool %d failed: %s", args.pool, message)
-        publish_done(
-            redis.Redis.from_url(args.redis_url, socket_timeout=10), args.run_id, PoolFailed(args.pool, message)
-        )
+        rdb = redis.Redis.from_url(args.redis_url, socket_timeout=10)
+        report_failure(rdb, args.run_id, args.pool, exc)
+        rdb.close()
         return 1
     return 0
+
+
+def report_failure(rdb: redis.Redis, run_id: str, pool: int, exc: BaseException) -> PoolFailed:
+    """A pool that could not run: its error's message goes to the local log, its code to the launcher."""
+    message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+    log.error("pool %d failed: %s", pool, message)
+    failed = PoolFailed(pool, error_code(exc))
+    publish_done(rdb, run_id, failed)
+    return failed
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@
 
 A link only moves messages: the session loop (``cogenesis.edge_sim.logits``) decides what to ask and
 hands the link typed items (``Opening``, ``Step``, ``Closing``); every message is sealed by the
-client's outbound gate carried in the item. ``collect`` returns an ``Arrival`` per session: its reply
-or a ``Failure``, with the send and receive times from which the loop traces the round trip and the
+client's outbound gate carried in the item, and a link sends exactly the sealed bytes (``wire_bytes``).
+``collect`` returns an ``Arrival`` per session: its reply or a ``Failure`` (a code and a message), with
+the send and receive times, on the edge's own clock, from which the loop traces the round trip and the
 exchange overhead (bus + serialization, not model time). A link never touches the loop's state.
+Requests carry a time budget, never the edge's clock.
 """
 
 from __future__ import annotations
@@ -25,19 +27,23 @@ from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
-from cogenesis.cluster.bus import EdgeBus, Sealed
+from cogenesis.cluster.bus import EdgeBus, Received, Sealed, wire_bytes
 from cogenesis.core import prompts
 from cogenesis.core.errors import BusTimeout, ClusterError, CoGenesisError, ProtocolError, SessionError
 from cogenesis.core.protocol import (
     CloseSession,
+    CompletionsRequest,
+    ErrorCode,
     ErrorReply,
     OpenSession,
     ReplyBatch,
     StatelessRequest,
     StepReply,
     StepRequest,
+    budget_of,
     deadline_in,
     decode_reply,
+    error_code,
     now_us,
     pack_ids,
     pack_logprobs,
@@ -58,7 +64,7 @@ class Opening:
     """Start a session: its public instruction is the only text that leaves the device."""
 
     session_id: str
-    client: int  # the client's index (to attribute what the cloud received)
+    client: int  # the client's index (attributes what the cloud received, locally; never sent)
     instruction: str
     gate: OutboundGate  # seals the message before it leaves
 
@@ -86,24 +92,37 @@ class Closing:
 
 @dataclass(frozen=True)
 class Failure:
-    """Why a session's request was not answered, said for the user."""
+    """Why a session's request was not answered: a message for the user (it stays on the device) and
+    the code that may leave it (``cogenesis.edge_sim.client.ErrorCode``)."""
 
     message: str
+    code: ErrorCode
 
     @classmethod
     def of(cls, exc: Exception) -> Failure:
-        return cls(exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}")
+        message = exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}"
+        return cls(message, error_code(exc))
 
 
 @dataclass(frozen=True)
 class Arrival:
-    """A session's answer to its in-flight request, with the times its trace needs."""
+    """A session's answer to its in-flight request, with the times (the edge's clock) its trace needs."""
 
     session_id: str
     reply: StepReply | Failure
     sent_us: int = 0  # when the request left (``now_us``)
-    received_us: int | None = None  # when the reply arrived; None: not timed (an in-process link)
-    waited_from_us: int = 0  # when the edge started waiting for it (exchange overhead counts from there)
+    received_us: int | None = None  # when the edge had the reply; None: not timed (an in-process link)
+    waited_from_us: int = 0  # when the edge began the wait that found the reply already there (it arrived
+    # unobserved while the edge computed); 0: it arrived while the edge waited, or a receiving thread
+    # timed it, so ``received_us`` is its arrival
+
+    def exchange_overhead_us(self) -> int | None:
+        """The step's bus + serialization time (``StepReply.exchange_overhead_us``); None: untimed or untraced."""
+        reply = self.reply
+        if self.received_us is None or not isinstance(reply, StepReply) or not reply.traced:
+            return None
+        fetch = self.received_us - self.waited_from_us if self.waited_from_us else None
+        return reply.exchange_overhead_us(self.received_us - self.sent_us, fetch)
 
 
 class CloudLink(Protocol):
@@ -124,12 +143,16 @@ class CloudLink(Protocol):
 
 
 class BusLink:
-    """Logits steps over the Redis bus to the replica that owns each session."""
+    """Logits steps over the Redis bus to the replica that owns each session.
+
+    Its sessions share one reply list, named at random per link: a fleet client's or a Locust user's
+    session has a link of its own, a demo or benchmark pool one for its batch of sessions (of different
+    clients); no link is reused, so the name links no device's sessions to each other."""
 
     def __init__(self, bus: EdgeBus) -> None:
         self.bus = bus
-        self.reply_to = f"pool-{uuid.uuid4().hex}"  # one reply list for all of this pool's sessions
-        self._in_flight: dict[str, tuple[int, int]] = {}  # session -> (step awaited, sent_us)
+        self.reply_to = f"pool-{uuid.uuid4().hex}"  # one reply list for all of this link's sessions
+        self._in_flight: dict[str, tuple[int, int]] = {}  # session -> (step awaited, sent_us: the edge's clock)
 
     def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
         sent = now_us()
@@ -142,9 +165,8 @@ class BusLink:
                         session_id=o.session_id,
                         instruction=o.instruction,
                         top_k=cfg.top_k,
-                        deadline_ms=deadline_in(cfg.step_timeout_s),
+                        budget_ms=budget_of(cfg.step_timeout_s),
                         lookahead=cfg.lookahead,
-                        sent_us=sent,
                         reply_to=self.reply_to,
                     )
                 ),
@@ -167,8 +189,7 @@ class BusLink:
                         session_id=s.session_id,
                         step=s.step,
                         tokens=pack_ids(s.tokens),
-                        deadline_ms=deadline_in(cfg.step_timeout_s),
-                        sent_us=sent,
+                        budget_ms=budget_of(cfg.step_timeout_s),
                         reply_to=self.reply_to,
                     )
                 ),
@@ -181,8 +202,7 @@ class BusLink:
     def collect(self, session_ids: Sequence[str], cfg: EdgeConfig) -> list[Arrival]:
         if not session_ids:
             return []
-        since = now_us()
-        arrivals: dict[str, int] = {}
+        arrivals: dict[str, Received] = {}
         got = self.bus.wait_many(
             {sid: self._in_flight[sid][0] for sid in session_ids},
             deadline_in(cfg.step_timeout_s),
@@ -195,7 +215,8 @@ class BusLink:
             if isinstance(reply, Exception):
                 out.append(Arrival(sid, Failure.of(reply)))
             else:
-                out.append(Arrival(sid, reply, sent, arrivals.get(sid, now_us()), since))
+                received = arrivals[sid]
+                out.append(Arrival(sid, reply, sent, received.at_us, received.looked_us or 0))
         return out
 
     def close(self, sessions: Sequence[Closing]) -> None:
@@ -216,8 +237,11 @@ class StatelessLink:
     """The official code's exchange: the whole sequence over HTTP every step, no server state.
 
     Requests of one round go out concurrently (one thread each, up to ``max_concurrency``) while
-    the edge runs its small model; the cloud computes each one alone (batch 1).
+    the edge runs its small model; the cloud computes each one alone (batch 1). Each POST's body is
+    exactly the bytes the gate sealed.
     """
+
+    content_type = "application/msgpack"
 
     def __init__(self, http_url: str, tokenizer, max_concurrency: int = 256) -> None:
         self.url = f"{http_url.rstrip('/')}/v1/stateless"
@@ -241,26 +265,28 @@ class StatelessLink:
         ids, text = self._prompt[session_id]
         sent = now_us()
         tokens = ids + list(generated)
-        sealed = gate.seal(
-            StatelessRequest(
-                session_id=session_id,
-                tokens=pack_ids(tokens),
-                top_k=cfg.top_k,
-                deadline_ms=deadline_in(cfg.step_timeout_s),
-                sent_us=sent,
-            ),
-            prompt_text=text,
+        sealed = self._seal(session_id, tokens, text, gate, cfg)
+        post = self.pool.submit(self._post, sealed, session_id, len(tokens), cfg.step_timeout_s)
+        self._futures[session_id] = (post, sent)
+
+    def _seal(
+        self, session_id: str, tokens: list[int], prompt_text: str, gate: OutboundGate, cfg: EdgeConfig
+    ) -> Sealed:
+        """The step's request, as the gate checked and sealed it (``prompt_text``: the prompt's ids decoded)."""
+        request = StatelessRequest(
+            session_id=session_id, tokens=pack_ids(tokens), top_k=cfg.top_k, budget_ms=budget_of(cfg.step_timeout_s)
         )
-        self._futures[session_id] = (self._submit(session_id, tokens, sealed.payload, cfg), sent)
+        return gate.seal(request, prompt_text=prompt_text)
 
-    def _submit(self, session_id: str, tokens: list[int], sealed: bytes, cfg: EdgeConfig) -> Future:
-        """Start the POST of one gate-sealed step in the background."""
-        return self.pool.submit(self._post, sealed, cfg.step_timeout_s)
-
-    def _post(self, body: bytes, timeout_s: float) -> tuple[StepReply | ErrorReply, int]:
+    def _post(
+        self, sealed: Sealed, session_id: str, length: int, timeout_s: float
+    ) -> tuple[StepReply | ErrorReply, int]:
+        """POST one gate-sealed step (its bytes exactly) and read the reply; returns it and when it came.
+        ``length``: how many tokens the request carries (the step of the reply, as the stateless server numbers it)."""
+        body = wire_bytes(sealed)
         try:
             resp = self.http.post(
-                self.url, content=body, headers={"content-type": "application/msgpack"}, timeout=timeout_s
+                self.url, content=body, headers={"content-type": self.content_type}, timeout=timeout_s
             )
         except httpx.TimeoutException:
             raise BusTimeout(
@@ -269,19 +295,21 @@ class StatelessLink:
             ) from None
         except httpx.HTTPError as exc:
             raise ClusterError(f"cannot reach the cloud at {self.url}: {exc}", hint="is the cluster running?") from None
+        return self._reply(resp, session_id, length), now_us()
+
+    def _reply(self, resp: httpx.Response, session_id: str, length: int) -> StepReply | ErrorReply:
         try:
             reply = decode_reply(resp.content)
         except ProtocolError:
             raise SessionError(f"cloud answered {resp.status_code}: {resp.text[:200]}") from None
         if isinstance(reply, ReplyBatch):
             raise ProtocolError(f"{self.url} answered a batch of {len(reply.items)} replies to one stateless step")
-        return reply, now_us()
+        return reply
 
     def collect(self, session_ids: Sequence[str], cfg: EdgeConfig) -> list[Arrival]:
-        since = now_us()
-        return [self._arrival(sid, *self._futures.pop(sid), since, cfg) for sid in session_ids]
+        return [self._arrival(sid, *self._futures.pop(sid), cfg) for sid in session_ids]
 
-    def _arrival(self, session_id: str, future: Future, sent: int, since: int, cfg: EdgeConfig) -> Arrival:
+    def _arrival(self, session_id: str, future: Future, sent: int, cfg: EdgeConfig) -> Arrival:
         try:
             reply, received = future.result(timeout=cfg.step_timeout_s + 5)
         except FutureTimeout:
@@ -291,7 +319,7 @@ class StatelessLink:
         if isinstance(reply, ErrorReply):
             refused = SessionError(f"cloud refused session {session_id}: {reply.code}: {reply.message}")
             return Arrival(session_id, Failure.of(refused))
-        return Arrival(session_id, reply, sent, received, since)
+        return Arrival(session_id, reply, sent, received)  # timed by the thread that received it
 
     def close(self, sessions: Sequence[Closing]) -> None:
         for c in sessions:
@@ -306,35 +334,24 @@ class StatelessLink:
 class OpenAILink(StatelessLink):
     """An OpenAI-compatible completions server (vLLM) driven per step: the setup a user would pick
     instead of CoGenesis. Each step POSTs the whole sequence as token ids with ``max_tokens=1`` and
-    ``logprobs=k``; the server's prefix cache avoids most of the recompute. Untraced (the server
-    does not report its own time), so only round trips are measured."""
+    ``logprobs=k`` (a ``CompletionsRequest``, sealed by the gate as JSON and sent as sealed); the
+    server's prefix cache avoids most of the recompute. Untraced (the server does not report its own
+    time), so only round trips are measured."""
+
+    content_type = "application/json"
 
     def __init__(self, base_url: str, model: str, tokenizer, max_concurrency: int = 256) -> None:
         super().__init__(base_url, tokenizer, max_concurrency)
         self.url = f"{base_url.rstrip('/')}/v1/completions"
         self.model = model
 
-    def _submit(self, session_id: str, tokens: list[int], sealed: bytes, cfg: EdgeConfig) -> Future:
-        # the gate checked this step as a StatelessRequest; the same prompt ids and generated ids go out
-        # in the completions API's JSON
-        body = {
-            "model": self.model,
-            "prompt": tokens,
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logprobs": cfg.top_k,
-            "return_tokens_as_token_ids": True,
-        }
-        return self.pool.submit(self._post_json, session_id, len(tokens), body, cfg.step_timeout_s)
+    def _seal(
+        self, session_id: str, tokens: list[int], prompt_text: str, gate: OutboundGate, cfg: EdgeConfig
+    ) -> Sealed:
+        body = CompletionsRequest(model=self.model, prompt=tokens, logprobs=cfg.top_k)
+        return gate.seal_json(body, prompt_text=prompt_text)
 
-    def _post_json(self, session_id: str, step: int, body: dict, timeout_s: float) -> tuple[StepReply, int]:
-        try:
-            resp = self.http.post(self.url, json=body, timeout=timeout_s)
-        except httpx.TimeoutException:
-            raise BusTimeout(f"no answer from {self.url} within {timeout_s:.0f} s") from None
-        except httpx.HTTPError as exc:
-            raise ClusterError(f"cannot reach the server at {self.url}: {exc}") from None
-        received = now_us()
+    def _reply(self, resp: httpx.Response, session_id: str, length: int) -> StepReply:
         if resp.status_code != 200:
             raise SessionError(f"{self.url} answered {resp.status_code}: {resp.text[:200]}")
         try:
@@ -344,8 +361,8 @@ class OpenAILink(StatelessLink):
             raise ProtocolError(f"unexpected completions reply from {self.url}: {exc!r}") from None
         return StepReply(
             session_id=session_id,
-            step=step,
+            step=length,
             replica="openai",
             ids=pack_ids([i for i, _ in pairs]),
             logprobs=pack_logprobs([lp for _, lp in pairs]),
-        ), received
+        )

@@ -6,7 +6,10 @@ replies awaited together); choose the token (fused or small-only), accepting the
 when the choice equals it, which keeps the next position covered without a round trip; then run
 the small model on every session's new token in one batched pass. When the schedule is known in
 advance, the request for the next position leaves before that pass, so the cloud computes while
-the device does. How requests reach the cloud is a ``CloudLink`` (``cogenesis.edge_sim.links``): the Redis
+the device does. Every token passes the session's stream gate (``cogenesis.edge_sim.gate.TokenStream``)
+before it may leave: a token that could begin a private span is held (the positions after it are written
+without fusion until it is decided), and a private span reaches the cloud only as a placeholder. How
+requests reach the cloud is a ``CloudLink`` (``cogenesis.edge_sim.links``): the Redis
 bus (CoGenesis) or, for the benchmark's baseline, stateless HTTP. The loop hands a link typed
 items (``Opening``, ``Step``, ``Closing``) and applies the ``Arrival``s it returns.
 
@@ -28,16 +31,17 @@ import torch
 from cogenesis.cluster.bus import EdgeBus
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
-from cogenesis.core.errors import ConfigError, SessionError
+from cogenesis.core.errors import ConfigError, PrivacyViolation, SessionError
 from cogenesis.core.fusion_net import Fuser
 from cogenesis.core.prompts import cloud_prompt_ids
-from cogenesis.core.protocol import StepReply
+from cogenesis.core.protocol import ErrorCode, StepReply, error_code
 from cogenesis.core.sampling import sample, sampling_probs
 from cogenesis.core.schedules import Schedule
 from cogenesis.core.speculative import accept_draft
 from cogenesis.edge_sim.client import EdgeClient, SessionResult
 from cogenesis.edge_sim.device import Device, PackedDevice
 from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.gate import TokenStream
 from cogenesis.edge_sim.links import Arrival, BusLink, Closing, CloudLink, Failure, Opening, Step
 
 log = logging.getLogger(__name__)
@@ -80,8 +84,9 @@ class _Trace:
         rtt = arrival.received_us - arrival.sent_us
         self.rtt_us.append(rtt)
         metrics.step_roundtrip_seconds.observe(rtt / 1e6)
-        if reply.posted_us:  # traced by the replica
-            self.overhead_us.append(reply.exchange_overhead_us(arrival.received_us, arrival.waited_from_us))
+        overhead = arrival.exchange_overhead_us()
+        if overhead is not None:  # traced by the replica
+            self.overhead_us.append(overhead)
 
     def gaps(self) -> list[float]:
         """Inter-token latencies (s)."""
@@ -104,21 +109,59 @@ class _Live:
     session_id: str
     gen: torch.Generator | None
     trace: _Trace
+    stream: TokenStream | None  # the outbound gate on its tokens (None: a simulated device, see ``start``)
     lp: torch.Tensor | None = None  # [V] small model's log-probs at the current position
     plain_lp: torch.Tensor | None = None  # [V] ... without the private context (contrast fusion only)
     plain_key: object = field(default_factory=object)  # this session's row on the no-context pass
-    out: list[int] = field(default_factory=list)
-    unsent: list[int] = field(default_factory=list)  # chosen tokens the cloud has not seen yet
+    out: list[int] = field(default_factory=list)  # what the device wrote
+    unsent: list[int] = field(default_factory=list)  # ids the stream gate released that the cloud has not seen yet
+    released: list[int] = field(default_factory=list)  # every id released: the cloud's view of ``out``
     error: str | None = None
+    error_code: ErrorCode | None = None  # what may leave the device of ``error``
     done: bool = False
     stopped: bool = False  # ended early by the caller's time budget
     cloud: _Exchange = field(default_factory=_Exchange)
     stats: _Stats = field(default_factory=_Stats)
 
     @classmethod
-    def start(cls, client: EdgeClient) -> _Live:
+    def start(cls, client: EdgeClient, engine: EdgeEngine, simulated: bool) -> _Live:
+        """A simulated device's tokens are drawn from the cloud's own top-k with nothing of the record
+        as input, so they carry nothing private (and it could not write a held position alone)."""
         gen = torch.Generator().manual_seed(client.seed) if client.seed is not None else None
-        return cls(client, uuid.uuid4().hex, gen, _Trace(time.perf_counter()))
+        stream = None if simulated else client.gate.stream(engine.tok)
+        return cls(client, uuid.uuid4().hex, gen, _Trace(time.perf_counter()), stream)
+
+    @property
+    def holding(self) -> bool:
+        """Tokens are held back: the cloud's view is stale, so positions are written without fusion."""
+        return self.stream is not None and self.stream.holding
+
+    def wrote(self, token: int) -> None:
+        """Pass the token just written through the stream gate; queue what it releases for the cloud."""
+        self.out.append(token)
+        if self.stream is None:
+            ids = [token]
+        else:
+            try:
+                ids = self.stream.push(token)
+            except PrivacyViolation as exc:  # span policy 'refuse'
+                self.error, self.error_code, self.done = exc.message, error_code(exc), True
+                log.warning("client %d logits session ended by its privacy gate", self.client.index)
+                return
+        self.unsent += ids
+        self.released += ids
+        if ids != [token]:  # held or replaced: the cloud's rows and drafts no longer follow the device's text
+            self.cloud.row = None
+
+    def admitted(self) -> bool:
+        """Whether the gate lets this session's instruction out; a refused session ends here, alone."""
+        try:
+            self.client.gate.check_text(self.client.record.public_instruction)
+        except PrivacyViolation as exc:
+            self.error, self.error_code, self.done = exc.message, error_code(exc), True
+            log.warning("client %d logits session refused by its privacy gate", self.client.index)
+            return False
+        return True
 
     def opening(self) -> Opening:
         return Opening(self.session_id, self.client.index, self.client.record.public_instruction, self.client.gate)
@@ -128,7 +171,7 @@ class _Live:
         self.cloud.step += 1
         tokens, self.unsent = self.unsent, []
         return Step(
-            self.session_id, self.cloud.step, tuple(tokens), tuple(self.out), self.cloud.replica, self.client.gate
+            self.session_id, self.cloud.step, tuple(tokens), tuple(self.released), self.cloud.replica, self.client.gate
         )
 
     def closing(self) -> Closing:
@@ -140,7 +183,7 @@ class _Live:
 
     def arrived(self, arrival: Arrival) -> None:
         if isinstance(arrival.reply, Failure):
-            self.error, self.done = arrival.reply.message, True
+            self.error, self.error_code, self.done = arrival.reply.message, arrival.reply.code, True
             log.warning("client %d logits session failed: %s", self.client.index, self.error)
             return
         reply = arrival.reply
@@ -181,7 +224,7 @@ def run_logits_sessions(
     small-model passes run (default: one packed batch of these sessions).
     """
     loop = _Loop.prepare(BusLink(link) if isinstance(link, EdgeBus) else link, engine, cfg, device)
-    lives = [_Live.start(c) for c in clients]
+    lives = [_Live.start(c, engine, loop.device.simulated) for c in clients]
     try:
         loop.open(lives)
         while live := [lv for lv in lives if not lv.done]:
@@ -227,7 +270,11 @@ class _Loop:
         return cls(link, engine, cfg, sched, device, fuser, plain, getattr(device, "network", lambda: None))
 
     def open(self, lives: list[_Live]) -> None:
-        """Open every session, prefill the private prompts while the cloud prefills, then take the first replies."""
+        """Open every session the gate admits, prefill the private prompts while the cloud prefills, then take the
+        first replies."""
+        lives = [lv for lv in lives if lv.admitted()]
+        if not lives:
+            return
         self.link.open([lv.opening() for lv in lives], self.cfg)
         for lv in lives:
             lv.sent()
@@ -243,7 +290,7 @@ class _Loop:
 
     def step_round(self, live: list[_Live]) -> None:
         """One position of every live session: cloud top-k where needed, a token each, one small-model pass."""
-        need = [lv for lv in live if self.sched.fuses(len(lv.out), lv.lp) and lv.cloud.row is None]
+        need = [lv for lv in live if _fuses(lv, self.sched) and lv.cloud.row is None]
         self.ask([lv for lv in need if not lv.cloud.in_flight])
         if need:
             self.collect(need)
@@ -254,7 +301,7 @@ class _Loop:
         if not live:
             return
         if self.sched.known_in_advance:  # ask early, so the cloud computes while the device does
-            self.ask([lv for lv in live if lv.cloud.row is None and self.sched.fuses(len(lv.out))])
+            self.ask([lv for lv in live if lv.cloud.row is None and _fuses(lv, self.sched)])
         self.advance(live)
 
     def ask(self, lives: list[_Live]) -> None:
@@ -299,10 +346,15 @@ def _check_device(device: Device, sched: Schedule, cfg: EdgeConfig) -> None:
 # ---- one token ---------------------------------------------------------------------------------------------
 
 
+def _fuses(lv: _Live, sched: Schedule) -> bool:
+    """Whether the session's current position is fused: the schedule says so and no token is held back."""
+    return not lv.holding and sched.fuses(len(lv.out), lv.lp)
+
+
 def _choose(lv: _Live, loop: _Loop) -> None:
     """Choose the session's token at its position, accepting the cloud's draft when the choice equals it."""
     samp = loop.cfg.sampling
-    target, space = _target(lv, loop.sched.fuses(len(lv.out), lv.lp), loop.fuser)
+    target, space = _target(lv, _fuses(lv, loop.sched), loop.fuser)
     row = lv.cloud.row
     draft = _draft(lv.cloud.drafts, row, space)
     if draft is not None and row is not None:  # a draft proposes this position's token
@@ -320,9 +372,8 @@ def _choose(lv: _Live, loop: _Loop) -> None:
     if token in loop.engine.stop_ids and not loop.cfg.ignore_eos:
         lv.done = True
         return
-    lv.out.append(token)
-    lv.unsent.append(token)
     lv.trace.wrote()
+    lv.wrote(token)
     if len(lv.out) >= loop.cfg.max_new_tokens:
         lv.done = True
 
@@ -371,6 +422,7 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
         "logits", "failed" if lv.error else "cut" if lv.stopped else "ok", 0 if lv.error else len(lv.out)
     )
     c = lv.client
+    gated = lv.stream.stats if lv.stream is not None else None
     text, tokens, ttft = "", 0, None
     if not lv.error:
         text, tokens, ttft = engine.tok.decode(lv.out, skip_special_tokens=True).strip(), len(lv.out), lv.trace.ttft
@@ -392,10 +444,14 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
         ttft_s=ttft,
         round_trips=lv.stats.round_trips,
         error=lv.error or None,
+        error_code=lv.error_code if lv.error else None,
         itl_s=lv.trace.gaps(),
         stopped=lv.stopped,
         fused_steps=lv.stats.fused,
         accepted_draft_tokens=lv.stats.accepted,
         rtt_us=lv.trace.rtt_us,
         overhead_us=lv.trace.overhead_us,
+        held_tokens=gated.held if gated else 0,
+        private_spans=gated.replaced if gated else 0,
+        span_policy=gated.policy if gated else None,
     )

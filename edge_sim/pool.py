@@ -18,6 +18,7 @@ from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.data import Record
 from cogenesis.core.errors import CoGenesisError
+from cogenesis.core.protocol import error_code
 from cogenesis.edge_sim.client import EdgeClient, SessionResult
 from cogenesis.edge_sim.engine import EdgeEngine
 from cogenesis.edge_sim.logits import run_logits_sessions
@@ -62,4 +63,6 @@ class EdgePool:
 def _failed(client: EdgeClient, exc: CoGenesisError) -> SessionResult:
     log.warning("client %d logits session failed: %s", client.index, exc.message)
     metrics.session_done("logits", "failed", 0)
-    return SessionResult(client.index, client.record.tid, "logits", "", 0, 0.0, error=exc.message)
+    return SessionResult(
+        client.index, client.record.tid, "logits", "", 0, 0.0, error=exc.message, error_code=error_code(exc)
+    )

@@ -16,6 +16,7 @@ from cogenesis.cluster.bus import EdgeBus
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.errors import CoGenesisError
+from cogenesis.core.protocol import error_code
 from cogenesis.edge_sim.client import EdgeClient, SessionResult
 from cogenesis.edge_sim.device import Device
 from cogenesis.edge_sim.engine import EdgeEngine
@@ -54,4 +55,7 @@ def run_session(
         raise ValueError(f"unknown mode {mode!r}: use sketch or logits")
     except CoGenesisError as exc:
         metrics.session_done(mode, "failed", 0)  # raised before the session could end normally
-        return SessionResult(client.index, client.record.tid, mode, "", 0, time.perf_counter() - t0, error=exc.message)
+        seconds = time.perf_counter() - t0
+        return SessionResult(
+            client.index, client.record.tid, mode, "", 0, seconds, error=exc.message, error_code=error_code(exc)
+        )

@@ -13,6 +13,7 @@ written one of two ways:
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,11 +25,11 @@ import httpx
 import msgspec
 import torch
 
-from cogenesis.cluster.bus import Sealed
+from cogenesis.cluster.bus import Sealed, wire_bytes
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.errors import BusTimeout, ClusterError, CoGenesisError, PrivacyViolation, SessionError
-from cogenesis.core.protocol import SketchReply, SketchRequest
+from cogenesis.core.protocol import SketchReply, SketchRequest, error_code
 from cogenesis.core.sampling import sample
 from cogenesis.edge_sim.client import EdgeClient, SessionResult
 from cogenesis.edge_sim.device import Device
@@ -43,7 +44,7 @@ MAX_PARALLEL_REQUESTS = 32  # outline requests a group sends at once over HTTP
 class OutlineRequest:
     """One client's outline request, as its gate checked and sealed it."""
 
-    client: int  # the asking client's index (attributes what the cloud received)
+    client: int  # the asking client's index (attributes what the cloud received, locally; never sent)
     request: SketchRequest
     sealed: Sealed
 
@@ -89,9 +90,11 @@ class HttpOutlines:
 
 
 def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) -> bytes:
-    """POST a gate-sealed body; errors become CoGenesisErrors that say what happened."""
+    """POST a gate-sealed body, exactly its bytes (anything but a genuine ``Sealed`` raises TypeError);
+    errors become CoGenesisErrors that say what happened."""
+    body = wire_bytes(sealed)
     try:
-        resp = http.post(url, content=sealed.payload, headers={"content-type": "application/json"}, timeout=timeout_s)
+        resp = http.post(url, content=body, headers={"content-type": "application/json"}, timeout=timeout_s)
     except httpx.TimeoutException:
         raise BusTimeout(
             f"no answer from {url} within {timeout_s:.0f} s",
@@ -111,7 +114,10 @@ def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) 
 
 
 def sketch_request(client: EdgeClient, cfg: EdgeConfig) -> SketchRequest:
-    """The outline request: the public instruction only, with the cloud's decoding settings."""
+    """The outline request: the public instruction only, with the cloud's decoding settings.
+
+    Nothing in it is the client's own: the id is random, and a sampled outline gets a fresh random seed
+    (the device's sampling seed, stable across its sessions, would link them; a greedy one needs none)."""
     return SketchRequest(
         request_id=uuid.uuid4().hex,
         instruction=client.record.public_instruction,
@@ -120,7 +126,7 @@ def sketch_request(client: EdgeClient, cfg: EdgeConfig) -> SketchRequest:
         temperature=cfg.sketch.temperature,
         top_p=cfg.sketch.top_p,
         repetition_penalty=cfg.sketch.repetition_penalty,
-        seed=client.seed,
+        seed=secrets.randbits(63) if cfg.sketch.temperature > 0 else None,
     )
 
 
@@ -236,4 +242,6 @@ def _failed(client: EdgeClient, exc: Exception, seconds: float) -> SessionResult
     message = exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}"
     log.warning("client %d sketch session failed: %s", client.index, message)
     metrics.session_done("sketch", "failed", 0)
-    return SessionResult(client.index, client.record.tid, "sketch", "", 0, seconds, error=message)
+    return SessionResult(
+        client.index, client.record.tid, "sketch", "", 0, seconds, error=message, error_code=error_code(exc)
+    )

@@ -13,7 +13,8 @@ it never leaves the user's process. Without ``--cg-redis-url``/``--cg-http-url``
 ``cogenesis up`` is used.
 
 Request events (``response_time`` in ms; ``response_length`` in tokens where it applies):
-- ``<mode> session``: a whole session (length: tokens written); a failed session is a failure.
+- ``<mode> session``: a whole session (length: tokens written); a failed session is a failure, reported
+  by its error code (``cogenesis.core.protocol.ErrorCode``): its message stays in this process's log.
 - ``logits step``: one cloud round trip of a logits session; ``sketch request``: the outline.
 - ``<mode> ttft``: time to the first token; ``<mode> itl``: every gap between two tokens.
 """
@@ -215,12 +216,13 @@ class EdgeUser(User):
         fire = self.environment.events.request.fire
         kind = self.mode
         if r.error:
+            log.warning("user %d: %s session failed: %s", self.index, kind, r.error)  # this process's log only
             fire(
                 request_type=kind,
                 name="session",
                 response_time=r.seconds * 1000,
                 response_length=0,
-                exception=RuntimeError(r.error),
+                exception=RuntimeError(f"session failed: {r.error_code}"),  # a code: no text leaves the device
                 context={"client": self.index},
             )
             return

@@ -1,9 +1,10 @@
 """Canaries planted in every private field never reach the cloud: not its model input (audit log),
 not Redis (a real MONITOR of every command), not the cloud's logs, not the edge's logs.
 
-Real embedded models, real Redis, real Ray Serve, both modes. The one way a canary may leave
-the device is the small model copying it into the text it writes in logits mode (generated
-tokens go to the cloud by design); the test measures and reports that separately.
+Real embedded models, real Redis, real Ray Serve, both modes. What the small model copies into
+the text it writes in logits mode stays on the device too: the stream gate holds a token that could
+begin a private span and sends a placeholder for the span (``cogenesis.edge_sim.gate``); the test
+reports how many canaries the small model copied, and requires that none reached the cloud.
 """
 
 import json
@@ -95,13 +96,15 @@ def test_private_context_never_reaches_the_cloud(tmp_path, caplog, redis_server,
     assert [r.error for r in sketch + logits] == [None] * 4
     assert monitor.lines, "MONITOR saw no traffic"
 
-    # 1. the cloud model's input: opens and sketches never; steps only what the small model wrote
+    # 1. the cloud model's input: opens, sketches and steps never (copied spans are replaced on the device)
     entries = [json.loads(x) for x in audit.read_text().splitlines()]
     assert {"open", "step", "sketch"} <= {e["kind"] for e in entries}
     assert not any(found(e["text"]) for e in entries if e["kind"] in ("open", "sketch"))
     copied = set().union(*(found(r.text) for r in logits))
     step_leaks = set().union(*(found(e["text"]) for e in entries if e["kind"] == "step"))
-    assert step_leaks <= copied, f"canaries in step inputs that the small model never wrote: {step_leaks - copied}"
+    assert not step_leaks, (
+        f"canaries reached the cloud in step inputs: {len(step_leaks)} (the stream gate must hold them)"
+    )
     record_property("canaries_copied_into_logits_output", len(copied))
     print(
         f"\nmeasured: {len(copied)} of {len(CANARIES)} canaries copied by the small model into "

@@ -11,6 +11,7 @@ import signal
 import sys
 
 from cogenesis.apps.commands import (
+    audit_privacy,
     bench,
     cluster,
     config,
@@ -26,7 +27,7 @@ from cogenesis.apps.commands import (
 from cogenesis.core.errors import CoGenesisError
 
 EPILOG = "Docs: README.md. Every command accepts -v for progress logs."
-COMMANDS = (demo, models, bench, cluster, edge, loadtest, top, dashboard, train_fusion, evaluate, config)
+COMMANDS = (demo, models, bench, cluster, edge, loadtest, top, dashboard, train_fusion, evaluate, audit_privacy, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.errors import SessionError
-from cogenesis.core.protocol import OpenSession, StepRequest, deadline_in, now_us, pack_ids
+from cogenesis.core.protocol import OpenSession, StepRequest, budget_of, now_us, pack_ids
 from cogenesis.deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
 from cogenesis.deployments.replies import TraceFields, step_reply
 from cogenesis.edge_sim.links import Arrival, Closing, Failure, Opening, Step
 
-_UNTRACED = TraceFields(bus_in_us=0, server_us=0, model_us=0, posted_us=0)  # no bus: nothing to trace
+_UNTRACED = TraceFields(server_us=0, model_us=0, queue_us=0)  # no bus: nothing to trace
 
 
 class EngineLink:
@@ -38,7 +38,7 @@ class EngineLink:
                     session_id=o.session_id,
                     instruction=o.instruction,
                     top_k=cfg.top_k,
-                    deadline_ms=deadline_in(cfg.step_timeout_s),
+                    budget_ms=budget_of(cfg.step_timeout_s),
                     lookahead=cfg.lookahead,
                 )
             )
@@ -54,7 +54,7 @@ class EngineLink:
                     session_id=s.session_id,
                     step=s.step,
                     tokens=pack_ids(s.tokens),
-                    deadline_ms=deadline_in(cfg.step_timeout_s),
+                    budget_ms=budget_of(cfg.step_timeout_s),
                 )
             )
         if steps:

@@ -16,6 +16,14 @@ COLUMNS = [  # (header, key, format)
     ("round trips/token", "round_trips_per_token", "{:.2f}"),
     ("failed", "failed", "{}"),
 ]
+PRICE = [  # the price of privacy (eval --span-policies): per span policy, per record or session
+    ("span policy", "span_policy", "{}"),
+    ("private spans written", "private_spans_written", "{:.2f}"),
+    ("private spans sent ↓", "private_spans_sent", "{:.2f}"),
+    ("spans replaced", "spans_replaced", "{:.2f}"),
+    ("held tokens", "held_tokens", "{:.1f}"),
+    ("refused", "refused", "{}"),
+]
 JUDGE = [
     ("judge overall", "overall"),
     ("judge personalization", "personalization"),
@@ -30,10 +38,11 @@ def _cell(value, fmt: str) -> str:
 def markdown_table(report: dict) -> str:
     rows = report["settings"]
     judged = any("judge" in r for r in rows)
-    head = [h for h, _, _ in COLUMNS] + ([h for h, _ in JUDGE] if judged else [])
+    columns = COLUMNS + (PRICE if any("span_policy" in r for r in rows) else [])
+    head = [h for h, _, _ in columns] + ([h for h, _ in JUDGE] if judged else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [_cell(r.get(key), fmt) for _, key, fmt in COLUMNS]
+        cells = [_cell(r.get(key), fmt) for _, key, fmt in columns]
         if judged:
             cells += [_cell(r.get("judge", {}).get(key), "{:.2f}") for _, key in JUDGE]
         lines.append("| " + " | ".join(cells) + " |")
@@ -54,6 +63,8 @@ def plot(report: dict, path: str | Path) -> Path:
         ("ROUGE-L F1 (higher is better)", "rouge_l"),
         ("privacy exposure (lower is better)", "exposure"),
     ]
+    if any("span_policy" in r for r in rows):
+        panels.append(("private spans sent per record (lower is better)", "private_spans_sent"))
     if any("judge" in r for r in rows):
         panels.append(("judge: overall (1-10)", "judge.overall"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(rows) + 1.8), sharey=True)

@@ -5,7 +5,8 @@ Settings (each writes an answer per record, and is scored on the gold answer):
 - ``large_without_context``: the large model given the public instruction only;
 - ``small_with_context``: the device's small model alone, with the private context;
 - ``sketch``: the cloud outlines the public instruction, the small model writes from outline + context;
-- ``logits_<method>``: logits-mode collaboration with fusion ``method`` (``cogenesis.core.fusion``).
+- ``logits_<method>``: logits-mode collaboration with fusion ``method`` (``cogenesis.core.fusion``);
+  with ``span_policies``, ``logits_<method>/<policy>`` for each span policy instead (the price of privacy).
 
 The cloud is the real ``TransformersCloudEngine`` called in-process (``cogenesis.apps.engine_link.EngineLink``):
 sketch and logits sessions run the same engine, session loop, fusion and outbound gates as the
@@ -19,6 +20,15 @@ Metrics per setting:
 - ROUGE-L F1 of the generated answer against the gold one; length in words;
 - exposure: share of the record's private word 4-grams found in what the cloud model received;
 - optionally the paper's three LLM-judge ratings (``--judge-url``).
+
+With ``span_policies`` (the price of privacy: what each policy of the device's stream gate,
+``cogenesis.edge_sim.gate.TokenStream``, costs in quality and saves in exposure, on the same records),
+each ``logits_<method>/<policy>`` row also counts the record's private spans (``PrivateSpans``) in what
+the small model wrote and in the token stream the cloud received (its steps in the audit log), the spans
+the cloud got the placeholder for, the tokens held back and the sessions refused. Its NLL runs the gold
+answer through the session's stream gate: positions written while tokens are held (and, under
+``refuse``, every position from the refusal on) take the small model's distribution, the others fuse
+with the large model conditioned on what the cloud received (placeholders in place of private spans).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
@@ -40,18 +50,20 @@ from cogenesis.apps.engine_link import EngineLink
 from cogenesis.apps.engine_outlines import EngineOutlines
 from cogenesis.apps.scoring import Judge, exposure, rouge_l
 from cogenesis.apps.teacher import gold_ids, nll, teacher_forced
-from cogenesis.core.config import EdgeConfig, validate
+from cogenesis.core.config import EdgeConfig, PrivacyConfig, validate
 from cogenesis.core.data import Record, load_records
-from cogenesis.core.errors import ConfigError, DataError
+from cogenesis.core.errors import ConfigError, DataError, PrivacyViolation
 from cogenesis.core.fusion import METHODS, candidate_mask
 from cogenesis.core.fusion_net import Fuser
 from cogenesis.core.models import check_same_tokenizer, load_causal_lm, resolve_model
+from cogenesis.core.privacy import PrivateSpans
 from cogenesis.core.prompts import cloud_prompt_ids
 from cogenesis.core.schedules import Schedule
 from cogenesis.deployments.audit import AuditLog
 from cogenesis.deployments.engine import TransformersCloudEngine
 from cogenesis.edge_sim.client import EdgeClient
 from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.gate import OutboundGate
 from cogenesis.edge_sim.logits import run_logits_sessions, schedule_of
 from cogenesis.edge_sim.sketch import write_sketches
 
@@ -61,6 +73,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BASE_SETTINGS = ("large_with_context", "large_without_context", "small_with_context", "sketch")
+SPAN_POLICIES: tuple[str, ...] = get_args(PrivacyConfig.model_fields["span_policy"].annotation)
 SEES_CONTEXT = {
     "large_with_context": "yes (reference)",
     "large_without_context": "no",
@@ -84,6 +97,8 @@ class EvalOptions:
     fusion_weight: float = 0.5
     contrast_alpha: float = 1.0
     schedule: dict = field(default_factory=lambda: {"kind": "every"})
+    privacy: dict = field(default_factory=dict)  # PrivacyConfig fields of the device's gate
+    span_policies: tuple[str, ...] = ()  # run each logits setting under each of these span policies
     top_k: int = 10
     max_new_tokens: int = 128
     max_gold_tokens: int = 384
@@ -123,6 +138,13 @@ class EvalOptions:
                 "--fusions includes 'learned' but no --fusion-checkpoint was given",
                 hint="train one with `cogenesis train-fusion --data PATH`, or drop 'learned'",
             )
+        bad_policies = [p for p in self.span_policies if p not in SPAN_POLICIES]
+        if bad_policies:
+            raise ConfigError(
+                f"unknown span policy(ies) {', '.join(bad_policies)}", hint=f"use some of {', '.join(SPAN_POLICIES)}"
+            )
+        if self.span_policies and not self.fusions:
+            raise ConfigError("--span-policies compares logits settings, but no fusion method was given")
         return validate(
             EdgeConfig,
             {
@@ -133,12 +155,19 @@ class EvalOptions:
                 "schedule": self.schedule,
                 "sampling": {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed},
                 "fusion": {"weight": self.fusion_weight, "alpha": self.contrast_alpha},
+                "privacy": self.privacy,
             },
             "flags",
         )
 
+    def logits_settings(self) -> dict[str, tuple[str, str | None]]:
+        """Each logits setting: its fusion method and span policy (None: the configured one)."""
+        if not self.span_policies:
+            return {f"logits_{m}": (m, None) for m in self.fusions}
+        return {f"logits_{m}/{p}": (m, p) for m in self.fusions for p in self.span_policies}
+
     def settings(self) -> tuple[str, ...]:
-        return tuple(b for b in BASE_SETTINGS if b in self.base) + tuple(f"logits_{m}" for m in self.fusions)
+        return tuple(b for b in BASE_SETTINGS if b in self.base) + tuple(self.logits_settings())
 
 
 @dataclass
@@ -155,14 +184,22 @@ class _Acc:
     failed: int = 0
     round_trips: int = 0  # logits: cloud exchanges (open + steps)
     generated: int = 0  # logits: tokens written
+    held_total: int = 0  # logits: tokens the stream gate held back (written without fusion, no round trip)
     judge: dict[str, list[float]] = field(default_factory=dict)
+    # a span policy's setting (the price of privacy)
+    refused: int = 0  # sessions the gate ended (span policy refuse)
+    held: list[int] = field(default_factory=list)  # per session: tokens not sent as written
+    replaced: list[int] = field(default_factory=list)  # per session: private spans sent as the placeholder
+    spans_written: list[int] = field(default_factory=list)  # per record: private spans in what the device wrote
+    spans_sent: list[int] = field(default_factory=list)  # per record: private spans in the token stream sent
 
 
-def _fusion_cfg(base: EdgeConfig, method: str, checkpoint: str | None) -> EdgeConfig:
+def _logits_cfg(base: EdgeConfig, method: str, policy: str | None, checkpoint: str | None) -> EdgeConfig:
     fusion = base.fusion.model_copy(
         update={"method": method, "checkpoint": checkpoint if method == "learned" else None}
     )
-    return base.model_copy(update={"fusion": fusion})
+    privacy = base.privacy if policy is None else base.privacy.model_copy(update={"span_policy": policy})
+    return base.model_copy(update={"fusion": fusion, "privacy": privacy})
 
 
 def run_eval(opts: EvalOptions, progress: Progress = _quiet) -> dict:
@@ -239,7 +276,8 @@ class _Eval:
     golds: list[str]
     models: _Models
     progress: Progress
-    cfgs: dict[str, EdgeConfig]  # per fusion method
+    logits: dict[str, tuple[str, str | None]]  # logits setting -> (fusion method, span policy or None)
+    cfgs: dict[str, EdgeConfig]  # per logits setting
     fusers: dict[str, Fuser]  # per fusion method
     sched: Schedule
     settings: tuple[str, ...]
@@ -248,13 +286,16 @@ class _Eval:
     sent_by: dict[str, tuple[str, int]] = field(default_factory=dict)  # cloud request/session id -> (setting, record)
     received: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # texts given to the large model directly
     sketches: dict[int, str] = field(default_factory=dict)
+    streams: dict[tuple[str, int], dict[int, str]] = field(default_factory=dict)  # (setting, record) -> step -> text
+    span_sets: dict[int, PrivateSpans] = field(default_factory=dict)  # record -> its private spans
     generated: int = 0  # (setting, batch) generations done
 
     @classmethod
     def start(
         cls, opts: EvalOptions, base: EdgeConfig, records: list[Record], models: _Models, progress: Progress
     ) -> _Eval:
-        cfgs = {m: _fusion_cfg(base, m, opts.fusion_checkpoint) for m in opts.fusions}
+        logits = opts.logits_settings()
+        cfgs = {s: _logits_cfg(base, m, p, opts.fusion_checkpoint) for s, (m, p) in logits.items()}
         vocab = models.small.config.vocab_size
         settings = opts.settings()
         return cls(
@@ -264,13 +305,24 @@ class _Eval:
             [r.gold for r in records if r.gold],
             models,
             progress,
+            logits,
             cfgs,
-            {m: Fuser(c.fusion, c.top_k, vocab) for m, c in cfgs.items()},
+            {m: Fuser(cfgs[s].fusion, cfgs[s].top_k, vocab) for s, (m, _) in logits.items()},
             schedule_of(base),
             settings,
             {s: _Acc() for s in settings},
             [{"tid": r.tid} for r in records],
         )
+
+    def policy(self, setting: str) -> str | None:
+        """The span policy a setting compares (None: not a span-policy setting)."""
+        return self.logits[setting][1] if setting in self.logits else None
+
+    def spans(self, i: int) -> PrivateSpans:
+        """Record ``i``'s private spans, as its device's gate knows them."""
+        if i not in self.span_sets:
+            self.span_sets[i] = OutboundGate.of_record(self.records[i], self.base.privacy).spans
+        return self.span_sets[i]
 
     def generation_done(self, batch: int) -> None:
         batches = math.ceil(len(self.records) / self.opts.batch)
@@ -288,8 +340,8 @@ def _generate_batch(ev: _Eval, idx: list[int], batch: int) -> None:
     if "sketch" in ev.settings:
         texts["sketch"] = _generate_sketch(ev, idx, recs)
         ev.generation_done(batch)
-    for method in ev.opts.fusions:
-        texts[f"logits_{method}"] = _generate_logits(ev, method, idx, recs)
+    for setting in ev.logits:
+        texts[setting] = _generate_logits(ev, setting, idx, recs)
         ev.generation_done(batch)
     for setting, outs in texts.items():
         for i, text in zip(idx, outs):
@@ -344,19 +396,27 @@ def _generate_sketch(ev: _Eval, idx: list[int], recs: list[Record]) -> list[str]
     return [res.text if res.error is None else "" for res in results]
 
 
-def _generate_logits(ev: _Eval, method: str, idx: list[int], recs: list[Record]) -> list[str]:
+def _generate_logits(ev: _Eval, setting: str, idx: list[int], recs: list[Record]) -> list[str]:
     """Logits sessions of the batch through the edge's session loop and the in-process cloud."""
-    setting, cfg, small_eng = f"logits_{method}", ev.cfgs[method], ev.models.small_eng
+    cfg, small_eng = ev.cfgs[setting], ev.models.small_eng
     clients = [EdgeClient(i, r, small_eng, cfg) for i, r in zip(idx, recs)]
     link = EngineLink(ev.models.cloud)
     results = run_logits_sessions(clients, small_eng, link, cfg)
     for sid, client in link.opened.items():
         ev.sent_by[sid] = (setting, client)
     acc = ev.acc[setting]
-    for res in results:
-        acc.failed += res.error is not None
+    policy = ev.policy(setting) is not None
+    for i, res in zip(idx, results):
+        refused = policy and res.error_code == "privacy"
+        acc.refused += refused
+        acc.failed += res.error is not None and not refused
         acc.round_trips += res.round_trips
         acc.generated += res.tokens
+        acc.held_total += res.held_tokens
+        if policy:
+            acc.held.append(res.held_tokens)
+            acc.replaced.append(res.private_spans)
+            acc.spans_written.append(len(ev.spans(i).find(res.text)))
     return [res.text if res.error is None else "" for res in results]
 
 
@@ -367,10 +427,16 @@ def _score_exposure(ev: _Eval) -> None:
     for line in ev.models.audit_path.read_text(encoding="utf-8").splitlines():
         entry = json.loads(line)
         if entry["id"] in ev.sent_by:
-            ev.received.setdefault(ev.sent_by[entry["id"]], []).append(entry["text"])
+            sender = ev.sent_by[entry["id"]]
+            ev.received.setdefault(sender, []).append(entry["text"])
+            if entry["kind"] == "step" and isinstance(entry.get("appended"), str):
+                ev.streams.setdefault(sender, {})[int(entry["step"])] = entry["appended"]
     for s in ev.settings:
         for i, r in enumerate(ev.records):
             ev.acc[s].exposure.append(exposure(r, ev.received.get((s, i), [])))
+            if ev.policy(s) is not None:  # the token stream the cloud received, step after step
+                steps = ev.streams.get((s, i), {})
+                ev.acc[s].spans_sent.append(len(ev.spans(i).find("".join(steps[k] for k in sorted(steps)))))
 
 
 # ---- 3. teacher-forced NLL of the gold answers ----------------------------------------------------------------
@@ -394,34 +460,65 @@ def _gold_logprobs(ev: _Eval, i: int, r: Record, target: list[int]) -> dict[str,
     m = ev.models
     s_ctx = teacher_forced(m.small, m.small_eng.prompt_ids(r), target)
     l_noctx = teacher_forced(m.large, cloud_prompt_ids(m.ltok, r.public_instruction), target)
-    own = {"large_without_context": l_noctx, "small_with_context": s_ctx}
+    own: dict[str, torch.Tensor] = {"large_without_context": l_noctx, "small_with_context": s_ctx}
     if "large_with_context" in ev.settings:
         own["large_with_context"] = teacher_forced(m.large, m.large_eng.prompt_ids(r), target)
     if "sketch" in ev.settings and i in ev.sketches:
         own["sketch"] = teacher_forced(m.small, m.small_eng.prompt_ids(r, sketch=ev.sketches[i]), target)
-    own.update(_fused_logprobs(ev, r, target, s_ctx, l_noctx))
+    need_plain = any(f.needs_plain for f in ev.fusers.values())
+    plain = teacher_forced(m.small, cloud_prompt_ids(m.stok, r.public_instruction), target) if need_plain else None
+    schedule = torch.tensor([ev.sched.fuses(t, s_ctx[t]) for t in range(len(target))])
+    for setting, (method, policy) in ev.logits.items():
+        if policy is None:  # the cloud sees the gold answer as it is, and fuses where the schedule says
+            large, fuse_rows = l_noctx, schedule
+        else:
+            large, fuse_rows = _gated_rows(ev, r, target, ev.cfgs[setting].privacy)
+            fuse_rows = fuse_rows & schedule
+        own[setting] = _fused_logprobs(ev, setting, ev.fusers[method], target, s_ctx, plain, large, fuse_rows)
     return own
 
 
 def _fused_logprobs(
-    ev: _Eval, r: Record, target: list[int], s_ctx: torch.Tensor, l_noctx: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Every fusion method's distribution where the schedule fuses (the small model's elsewhere); counts how
-    often the gold token was a candidate."""
-    m = ev.models
-    need_plain = any(f.needs_plain for f in ev.fusers.values())
-    plain = teacher_forced(m.small, cloud_prompt_ids(m.stok, r.public_instruction), target) if need_plain else None
-    top = l_noctx.topk(ev.opts.top_k, dim=-1)
-    fuse_rows = torch.tensor([ev.sched.fuses(t, s_ctx[t]) for t in range(len(target))])
+    ev: _Eval,
+    setting: str,
+    fuser: Fuser,
+    target: list[int],
+    s_ctx: torch.Tensor,
+    plain: torch.Tensor | None,
+    large: torch.Tensor,
+    fuse_rows: torch.Tensor,
+) -> torch.Tensor:
+    """The fused distribution where ``fuse_rows`` (the cloud's rows ``large`` [T, V]), the small model's
+    elsewhere; counts how often the gold token was a candidate where fused."""
+    top = large.topk(ev.opts.top_k, dim=-1)
     gold = torch.tensor(target)
     in_cands = candidate_mask(s_ctx, top.indices).gather(1, gold[:, None])[:, 0]
-    own = {}
-    for method, fuser in ev.fusers.items():
-        fused = fuser(s_ctx, top.indices, top.values, plain, restrict=False)
-        own[f"logits_{method}"] = torch.where(fuse_rows[:, None], fused, s_ctx)
-        ev.acc[f"logits_{method}"].covered += int((in_cands & fuse_rows).sum())
-        ev.acc[f"logits_{method}"].fused_tokens += int(fuse_rows.sum())
-    return own
+    fused = fuser(s_ctx, top.indices, top.values, plain, restrict=False)
+    ev.acc[setting].covered += int((in_cands & fuse_rows).sum())
+    ev.acc[setting].fused_tokens += int(fuse_rows.sum())
+    return torch.where(fuse_rows[:, None], fused, s_ctx)
+
+
+def _gated_rows(ev: _Eval, r: Record, target: list[int], privacy: PrivacyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gold answer through the session's stream gate under ``privacy``'s span policy: per position, the
+    large model's distribution after what the cloud had received by then [T, V], and whether the position
+    is fused [T] (not while tokens are held back, nor from a refusal on)."""
+    m = ev.models
+    stream = OutboundGate.of_record(r, privacy).stream(m.stok)
+    released: list[int] = []
+    seen: list[int | None] = []  # per position: how many released ids the cloud had (None: not fused)
+    ended = False
+    for token in target:
+        seen.append(None if ended or stream.holding else len(released))
+        if not ended:
+            try:
+                released += stream.push(token)
+            except PrivacyViolation:  # span policy refuse: the session ends here
+                ended = True
+    pad = m.ltok.eos_token_id if m.ltok.eos_token_id is not None else 0  # the row after it is never read
+    rows = teacher_forced(m.large, cloud_prompt_ids(m.ltok, r.public_instruction), [*released, pad])
+    at = torch.tensor([j if j is not None else 0 for j in seen])
+    return rows[at], torch.tensor([j is not None for j in seen])
 
 
 # ---- 4. optional LLM judge --------------------------------------------------------------------------------------
@@ -449,7 +546,20 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
+def _price_of_privacy(policy: str, a: _Acc) -> dict:
+    """A span policy's row: what the small model wrote and what the cloud received of the private spans."""
+    return {
+        "span_policy": policy,
+        "private_spans_written": _mean([float(x) for x in a.spans_written]),
+        "private_spans_sent": _mean([float(x) for x in a.spans_sent]),
+        "spans_replaced": _mean([float(x) for x in a.replaced]),
+        "held_tokens": _mean([float(x) for x in a.held]),
+        "refused": a.refused,
+    }
+
+
 def _report(opts: EvalOptions, base: EdgeConfig, settings, acc: dict[str, _Acc], n: int, seconds: float) -> dict:
+    policies = {s: p for s, (_, p) in opts.logits_settings().items() if p is not None}
     rows = []
     for s in settings:
         a = acc[s]
@@ -468,6 +578,9 @@ def _report(opts: EvalOptions, base: EdgeConfig, settings, acc: dict[str, _Acc],
         if s.startswith("logits_"):
             row["coverage"] = round(a.covered / a.fused_tokens, 4) if a.fused_tokens else None
             row["round_trips_per_token"] = round(a.round_trips / a.generated, 3) if a.generated else None
+            row["held_share"] = round(a.held_total / a.generated, 3) if a.generated else None
+        if s in policies:
+            row.update(_price_of_privacy(policies[s], a))
         if a.judge:
             row["judge"] = {name: _mean(v) for name, v in a.judge.items()}
         rows.append(row)
@@ -482,6 +595,7 @@ def _report(opts: EvalOptions, base: EdgeConfig, settings, acc: dict[str, _Acc],
             "sampling": base.sampling.model_dump(),
             "fusion": base.fusion.model_dump(),
             "sketch": base.sketch.model_dump(),
+            "privacy": base.privacy.model_dump(),
         },
         "settings": rows,
     }

@@ -46,6 +46,7 @@ NAMES = {
     "edge.fusion.alpha": "--contrast-alpha",
     "edge.schedule.kind": "--schedule",
     "edge.schedule.tau": "--tau",
+    "edge.privacy.span_policy": "--span-policy",
 }
 
 
@@ -62,6 +63,12 @@ SAMPLING = ("edge.sampling.temperature", "edge.sampling.top_p", "edge.sampling.s
 SKETCH = ("edge.sketch.temperature", "edge.sketch.top_p", "edge.sketch.repetition_penalty")
 FUSION = ("edge.fusion.method", "edge.fusion.weight", "edge.fusion.alpha", "edge.fusion.checkpoint")
 SCHEDULE = ("edge.schedule.kind", PKT, "edge.schedule.tau")
+PRIVACY = (
+    "edge.privacy.span_policy",
+    "edge.privacy.placeholder",
+    "edge.privacy.ngram",
+    "edge.privacy.max_hold_tokens",
+)
 GROUP = ("configuration", "config fields (all of them: `cogenesis config`) with this command's defaults")
 
 
@@ -160,6 +167,7 @@ DEMO = ConfigFlags(
         *SKETCH,
         "edge.sketch_max_tokens",
         "edge.step_timeout_s",
+        *PRIVACY,
     ),
 )
 BENCH_EXCHANGE = ConfigFlags(
@@ -202,6 +210,7 @@ EDGE = ConfigFlags(
         "edge.small_model",
         "edge.torch_threads",
         "edge.step_timeout_s",
+        *PRIVACY,
     ),
 )
 LOADTEST = ConfigFlags("loadtest", ("edge.max_new_tokens",))
@@ -215,6 +224,7 @@ LOCUST = ConfigFlags(
         "edge.step_timeout_s",
         "edge.torch_threads",
         "edge.small_model",
+        *PRIVACY,
     ),
     prefix="--cg-",
 )
@@ -240,6 +250,18 @@ EVAL = ConfigFlags(
         "edge.max_prompt_tokens",
         "cloud.large_model",
         "edge.small_model",
+        *PRIVACY,
     ),
 )
-COMMANDS = (DEMO, BENCH_EXCHANGE, UP, EDGE, LOADTEST, TRAIN_FUSION, EVAL)
+AUDIT_PRIVACY = ConfigFlags(
+    "audit-privacy",
+    (
+        "cloud.large_model",
+        "edge.small_model",
+        "edge.max_prompt_tokens",
+        "edge.top_k",
+        "edge.sampling.seed",
+        *PRIVACY,
+    ),
+)
+COMMANDS = (DEMO, BENCH_EXCHANGE, UP, EDGE, LOADTEST, TRAIN_FUSION, EVAL, AUDIT_PRIVACY)

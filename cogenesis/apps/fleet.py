@@ -3,7 +3,8 @@
 The launcher starts ``--pools`` pool processes (``python -m cogenesis.edge_sim.fleet``), or Ray tasks
 that run them, spread over the Ray cluster's nodes. It follows the pools' progress on Redis (one
 line, wherever the pools run) and merges their summaries into the report. What a pool does, and
-the typed messages it publishes, are in ``cogenesis.edge_sim.fleet``.
+the typed messages it publishes (numbers and error codes, never a pool's text), are in
+``cogenesis.edge_sim.fleet``.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def merge(
     peak_active: int,
     peak_connected: int,
 ) -> dict:
-    """The fleet's report from its pools' results (a pool that failed counts as one failed session)."""
+    """The fleet's report from its pools' results (a pool that failed counts as one failed session).
+    ``errors``: failed sessions by error code, and ``pool N failed: <code>`` for a pool that could not run."""
     from cogenesis.edge_sim.device import describe
 
     ok = [d for d in done if isinstance(d, PoolSummary)]
@@ -220,7 +222,7 @@ def merge(
         for k, v in d.errors.items():
             errors[k] = errors.get(k, 0) + v
     for f in fatal:
-        errors[f"pool {f.pool} failed: {f.fatal}"] = 1
+        errors[f"pool {f.pool} failed: {f.code}"] = 1
     samples = {k: [x for d in ok for x in getattr(d.samples, k)] for k in LatencySamples.__struct_fields__}
     tokens = sum(d.counts.tokens for d in ok)
     return {

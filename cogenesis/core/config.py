@@ -68,6 +68,31 @@ class FusionConfig(_Cfg):
         return self
 
 
+class PrivacyConfig(_Cfg):
+    """What the device's outbound gate refuses, and what it does when the small model writes private text
+    (``cogenesis.edge_sim.gate``)."""
+
+    span_policy: Literal["placeholder", "local", "refuse"] = Field(
+        "placeholder",
+        description="When the small model writes a private span: the cloud gets the placeholder in its place; "
+        "collaboration pauses until the span ends (local); or the session ends with an error (refuse).",
+    )
+    placeholder: str = Field(
+        "[private]",
+        min_length=1,
+        max_length=64,
+        description="Public text the cloud receives in place of a private span the small model wrote.",
+    )
+    ngram: int = Field(5, ge=2, le=64, description="Private phrases: runs of this many words of a private field.")
+    max_hold_tokens: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Tokens held back (written without fusion) while they may begin a private span; "
+        "beyond it the span is decided as private.",
+    )
+
+
 class CloudConfig(_Cfg):
     """The large-model side: one Ray Serve application."""
 
@@ -90,6 +115,9 @@ class CloudConfig(_Cfg):
     sketch_batch_wait_s: float = Field(0.05, ge=0, le=5, description="How long a sketch batch waits to fill.")
     audit_log: str | None = Field(
         None, description="Append one JSON line per model request (the text it conditions on)."
+    )
+    capture_http: str | None = Field(
+        None, description="Append one JSON line per HTTP request body a replica receives (privacy audits)."
     )
     max_ongoing_requests: int = Field(
         256,
@@ -133,6 +161,7 @@ class EdgeConfig(_Cfg):
     sketch: SketchDecodingConfig = SketchDecodingConfig()
     fusion: FusionConfig = FusionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 # ---- per-command defaults ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ class Record:
     profile: str = ""  # additional_profile (private)
     history: tuple[tuple[str, str], ...] = ()  # (title, text) past writings (private)
     gold: str | None = None
+    declared_public: bool = False  # the user split the public instruction off the task (see OutboundGate)
     _private: tuple[str, ...] = field(default=(), compare=False)
 
     def __repr__(self) -> str:  # never print private context by accident
@@ -94,6 +95,7 @@ def parse_context_aware(raw: dict, where: str) -> Record:
         profile=profile,
         history=tuple(history),
         gold=gold,
+        declared_public=": " in instruction,  # "<general task>: <personal details>": the user split it
         _private=private,
     )
 
@@ -122,6 +124,7 @@ def parse_paper(raw: dict, where: str, public_override: str | None = None) -> Re
         task=task,
         history=tuple(history),
         gold=gold,
+        declared_public=True,  # the paper's task names a public title; the author's past papers are the private part
         _private=private,
     )
 

@@ -318,8 +318,10 @@ def _names(text: str) -> Iterator[str]:
         if last > i or not initial and len(tokens[i][2]) > 1:
             yield text[tokens[i][0] : tokens[last][0]] + tokens[last][2]
         capitals = [j for j in range(i + 1, last + 1) if _capitalized(tokens[j][2])]
-        if initial and len(capitals) >= 2:  # "Contact Anna Smith": the first word is capitalized for the sentence
-            yield text[tokens[capitals[0]][0] : tokens[last][0]] + tokens[last][2]
+        # "Contact Anna Smith", "at Harbor View Anna Smith": a name may end a longer capitalized run, so every
+        # tail of two or more capitalized words is a span of its own
+        for j in capitals[:-1]:
+            yield text[tokens[j][0] : tokens[last][0]] + tokens[last][2]
         i = last + 1
 
 

@@ -15,26 +15,39 @@ Logits-mode exchange (one session, pinned to one cloud replica)::
     CloseSession                            ->  free the KV cache
 
 Steps are numbered; a replayed step is answered from the replica's last reply (idempotence),
-a gap is an error. Every request carries an absolute deadline (unix ms).
+a gap is an error.
 
-Tracing: requests carry ``sent_us`` (the edge's clock when it began sending) and replies carry how
-long the request travelled to the replica (``bus_in_us``), how long the replica held it
-(``server_us``), and how much of that was model time (``model_us``). On one host (one clock) the
-edge gets the exchange overhead of a step, the time on the bus and in serialization, as
-``bus_in_us + server_us - model_us + (received - posted_us)`` (see ``exchange_overhead_us``).
+Nothing in an edge's message identifies the device or reads its clock: session and request ids are
+random per session, and a request carries a time budget (``budget_ms``), not a deadline: the
+receiver counts it from the request's arrival on its own clock. Outline seeds are fresh per request.
+
+Tracing: the edge times each round trip on its own clock; a reply carries only durations the replica
+measured on its clock: how long it held the request (``server_us``), how much of that was in (or
+waiting for) the model (``model_us``), and how long the request had waited for the replica before it
+was read (``queue_us``). The exchange overhead of a step, the time on the bus and in serialization,
+is the round trip less the model and queue time (``StepReply.exchange_overhead_us``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal, TypeVar, Union
+from typing import Annotated, Literal, TypeVar, Union
 
 import msgspec
 import numpy as np
 
-from cogenesis.core.errors import ProtocolError
+from cogenesis.core.errors import (
+    BusTimeout,
+    ClusterError,
+    ConfigError,
+    DataError,
+    ModelError,
+    PrivacyViolation,
+    ProtocolError,
+    SessionError,
+)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: budgets instead of deadlines, no edge clock, replica-clock durations only
 MAX_TOP_K = 50
 
 
@@ -43,13 +56,21 @@ def now_ms() -> int:
 
 
 def now_us() -> int:
-    """Wall clock in microseconds (the tracing clock; comparable across processes on one host)."""
+    """Wall clock in microseconds (this process's tracing clock; it never goes on the wire)."""
     return time.time_ns() // 1000
 
 
 def deadline_in(seconds: float) -> int:
-    """Absolute deadline (unix ms) ``seconds`` from now."""
+    """Absolute deadline (unix ms) ``seconds`` from now, on this process's clock (a local wait's)."""
     return now_ms() + int(seconds * 1000)
+
+
+def budget_of(seconds: float) -> int:
+    """A request's time budget: ``seconds`` in whole ms, counted by the receiver from the request's arrival."""
+    return max(0, int(seconds * 1000))
+
+
+BudgetMs = Annotated[int, msgspec.Meta(ge=0)]
 
 
 def pack_ids(ids) -> bytes:
@@ -91,10 +112,9 @@ class OpenSession(_Msg, frozen=True, tag="open"):
     session_id: str
     instruction: str  # general instruction only; the edge's gate checks it carries nothing private
     top_k: int
-    deadline_ms: int
+    budget_ms: BudgetMs  # the edge waits this long for the reply; the replica counts it from arrival
     lookahead: int = 0  # draft tokens the replica proposes after every reply (0 = none)
-    sent_us: int = 0  # tracing: edge clock when sending began (0 = not traced)
-    reply_to: str = ""  # reply list key suffix shared by an edge pool's sessions ("" = the session id)
+    reply_to: str = ""  # reply list key suffix, random per edge link ("" = the session id)
 
 
 class StepRequest(_Msg, frozen=True, tag="step"):
@@ -103,8 +123,7 @@ class StepRequest(_Msg, frozen=True, tag="step"):
     session_id: str
     step: int  # 1, 2, ...; step 0 is the reply to OpenSession
     tokens: bytes  # int32 ids appended since the previous step
-    deadline_ms: int
-    sent_us: int = 0  # tracing: edge clock when sending began (0 = not traced)
+    budget_ms: BudgetMs  # the edge waits this long for the reply; the replica counts it from arrival
     reply_to: str = ""  # reply list key suffix ("" = the session id)
 
 
@@ -129,24 +148,29 @@ class StepReply(_Msg, frozen=True, tag="reply"):
     draft: bytes = b""  # int32 [positions - 1] draft tokens
     prompt_tokens: int = 0  # context length the replica conditioned on (after this step)
     compute_ms: float = 0.0  # time the replica spent in the model for this reply
-    bus_in_us: int = 0  # tracing: request sent -> read by the replica, less time the replica was busy
-    server_us: int = 0  # tracing: read by the replica -> reply posted
-    model_us: int = 0  # tracing: the part of server_us spent in (or waiting for) the model
-    posted_us: int = 0  # tracing: replica clock when the reply was posted
+    # tracing: durations on the replica's clock (0 = untraced)
+    server_us: int = 0  # read by the replica -> reply posted
+    model_us: int = 0  # the part of server_us spent in (or waiting for) the model
+    queue_us: int = 0  # the request's wait for the replica before it was read (while it served others)
 
-    def exchange_overhead_us(self, received_us: int, waited_from_us: int = 0) -> int:
-        """Time this step spent on the bus and in serialization, not in (or waiting for) a model.
+    @property
+    def traced(self) -> bool:
+        """The replica measured its durations (a reply from an untraced peer, such as vLLM, has none)."""
+        return self.server_us > 0
 
-        ``received_us``: when the edge had the reply decoded; ``waited_from_us``: when the edge
-        began waiting for it (a reply that sat in Redis while the edge was busy computing is not bus
-        time; one a background thread received before the edge began waiting counts in full).
-        Meaningful when edge and replica share a clock (one host); 0 when the reply is untraced."""
-        if not self.posted_us:
+    def exchange_overhead_us(self, rtt_us: int, fetch_us: int | None = None) -> int:
+        """Time this step spent on the bus and in serialization, not in (or waiting for) the model.
+
+        ``rtt_us``: the round trip on the edge's clock (sent -> reply received); the replica's model and
+        queue time are taken off it. ``fetch_us``: for a reply that was already waiting when the edge
+        looked for it (it arrived unobserved while the edge computed), how long fetching it took: the
+        exchange cost the edge no more than that. 0 when the reply is untraced."""
+        if not self.traced:
             return 0
-        # a reply taken in while the edge was busy (a receiving thread) travelled posted -> received
-        since = self.posted_us if received_us <= waited_from_us else max(self.posted_us, waited_from_us)
-        bus_out = received_us - since
-        return max(0, self.bus_in_us + self.server_us - self.model_us + bus_out)
+        overhead = rtt_us - self.model_us - self.queue_us
+        if fetch_us is not None:
+            overhead = min(overhead, fetch_us)
+        return max(0, overhead)
 
     def top_k(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, logprobs), each [positions, k]."""
@@ -176,8 +200,7 @@ class StatelessRequest(_Msg, frozen=True, tag="stateless"):
     session_id: str
     tokens: bytes  # int32 ids: the cloud prompt and every token generated so far
     top_k: int
-    deadline_ms: int
-    sent_us: int = 0
+    budget_ms: BudgetMs  # the edge waits this long for the reply; the server counts it from arrival
 
 
 class StepBatch(_Msg, frozen=True, tag="batch"):
@@ -192,6 +215,29 @@ class ReplyBatch(_Msg, frozen=True, tag="replies"):
     """Replica -> edge pool: every reply of one served batch that goes to the same reply list."""
 
     items: list[StepReply | ErrorReply]
+
+
+# ---- what an edge's failures leave it as ----------------------------------------------------
+
+# What a failure leaves an edge process as (a fleet pool's counts on Redis, a Locust report): a code from
+# this fixed set, never its message, which stays in the device's own log.
+ErrorCode = Literal["timeout", "privacy", "cloud_error", "unreachable", "bad_reply", "setup", "stuck", "internal"]
+
+
+def error_code(exc: BaseException) -> ErrorCode:
+    """The code of an error: ``timeout`` (no reply in time), ``privacy`` (the gate refused), ``cloud_error``
+    (the cloud refused or failed), ``unreachable`` (Redis or the cloud could not be reached), ``bad_reply``
+    (a malformed message), ``setup`` (config, data or model), ``internal`` (anything else); a fleet pool
+    adds ``stuck`` (a session still running past the duration, grace and step timeout)."""
+    codes: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], ErrorCode], ...] = (
+        (BusTimeout, "timeout"),
+        (PrivacyViolation, "privacy"),
+        (ProtocolError, "bad_reply"),
+        (SessionError, "cloud_error"),
+        (ClusterError, "unreachable"),
+        ((ConfigError, DataError, ModelError), "setup"),
+    )
+    return next((code for kind, code in codes if isinstance(exc, kind)), "internal")
 
 
 # ---- sketch mode (HTTP through the Serve ingress) ----------------------------------------
@@ -209,7 +255,7 @@ class SketchRequest(_Msg, frozen=True, tag="sketch"):
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.3
-    seed: int | None = None
+    seed: int | None = None  # fresh per request when the outline is sampled, never a device's own seed
 
 
 class SketchReply(_Msg, frozen=True, tag="sketch_reply"):
@@ -217,6 +263,19 @@ class SketchReply(_Msg, frozen=True, tag="sketch_reply"):
     sketch: str
     tokens: int
     compute_ms: float = 0.0
+
+
+class CompletionsRequest(msgspec.Struct, frozen=True):
+    """Edge -> an OpenAI-compatible completions server (vLLM, the benchmark's per-step peer): the next
+    token's top-k log-probabilities after ``prompt`` (the whole public sequence, as token ids). JSON in
+    the server's schema: no type tag, no version, no session id."""
+
+    model: str
+    prompt: list[int]
+    logprobs: int  # top-k
+    max_tokens: int = 1
+    temperature: float = 0.0
+    return_tokens_as_token_ids: bool = True
 
 
 EdgeToCloud = Union[OpenSession, StepRequest, CloseSession, StepBatch]  # noqa: UP007 (a runtime alias msgspec decodes)

@@ -73,7 +73,7 @@ def test_engine_errors_become_failures():
     link = EngineLink(_Engine(refuse={"b"}))
     link.open([Opening("a", 0, PUBLIC, GATE), Opening("b", 1, PUBLIC, GATE)], CFG)
     arrivals = {a.session_id: a.reply for a in link.collect(["a", "b"], CFG)}
-    assert arrivals["b"] == Failure("no room for b") and not isinstance(arrivals["a"], Failure)
+    assert arrivals["b"] == Failure("no room for b", "cloud_error") and not isinstance(arrivals["a"], Failure)
 
 
 def test_the_gate_refuses_before_the_engine_sees_anything():

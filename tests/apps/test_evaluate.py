@@ -2,11 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from cogenesis.apps.eval_report import markdown_table, plot
-from cogenesis.apps.evaluate import BASE_SETTINGS, EvalOptions, run_eval
+from cogenesis.apps.evaluate import BASE_SETTINGS, SPAN_POLICIES, EvalOptions, run_eval
 from cogenesis.core.data import sample_data_path
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.fusion_net import FusionNet, save
@@ -46,7 +47,9 @@ def test_every_setting_is_scored(report):
         assert 0.0 <= row["rouge_l"] <= 1.0 and row["failed"] == 0 and row["gold_tokens"] == 3 * 12
         if row["setting"].startswith("logits_"):
             assert 0.0 <= row["coverage"] <= 1.0
-            assert row["round_trips_per_token"] >= 1.0  # every step asks the cloud (schedule every)
+            # every step asks the cloud (schedule every), except positions the stream gate held back
+            assert 0.0 <= row["held_share"] < 0.5
+            assert row["round_trips_per_token"] >= 1.0 - row["held_share"] - 1e-3
     assert stages[-1][0].startswith("scoring") and stages[-1][1:] == (3, 3)
 
 
@@ -145,3 +148,99 @@ def test_paper_abstract_records(tiny_large, tiny_small, shared_data_dir):
     assert out["records"] == 2 and set(rows) == {*BASE_SETTINGS, "logits_constant"}
     assert rows["large_with_context"]["exposure"] > 0.0 == rows["large_without_context"]["exposure"]
     assert all(math.isfinite(r["nll_per_token"]) for r in rows.values())
+
+
+# ---- the price of privacy: --span-policies -----------------------------------------------------------------
+
+PUBLIC_GOLD = "thank you all for reading this short note today."
+
+
+def _one_record(tmp_path, name: str, index: int, gold: str | None = None) -> str:
+    raw = json.loads(sample_data_path().read_text())[index]
+    if gold is not None:
+        raw["conversations"][1]["value"] = gold
+    path = tmp_path / name
+    path.write_text(json.dumps([raw]))
+    return str(path)
+
+
+def _priced(data: str, tiny_large, tiny_small, policies=()) -> dict:
+    opts = EvalOptions(
+        data=data,
+        limit=1,
+        base=(),
+        fusions=("constant",),
+        top_k=5,
+        max_new_tokens=8,
+        max_gold_tokens=64,
+        edge_prompt_tokens=256,
+        large_model=str(tiny_large),
+        small_model=str(tiny_small),
+        span_policies=policies,
+    )
+    return {r["setting"]: r for r in run_eval(opts)["settings"]}
+
+
+def _gate_run(record_data: str, text: str, tokenizer_path) -> tuple[int, int]:
+    """(private spans in ``text``, tokens the record's stream gate held back writing it)."""
+    from transformers import AutoTokenizer
+
+    from cogenesis.core.data import load_records
+    from cogenesis.edge_sim.gate import OutboundGate
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    gate = OutboundGate.of_record(load_records(record_data)[0])
+    stream = gate.stream(tok)
+    for t in tok(text, add_special_tokens=False).input_ids[:64]:
+        stream.push(t)
+    return len(gate.spans.find(text)), stream.stats.held
+
+
+def test_span_policies_report_quality_and_exposure_per_policy(tiny_large, tiny_small, tmp_path):
+    data = _one_record(tmp_path, "private.json", 1)  # its gold answer names private people and places
+    spans, held = _gate_run(data, json.loads(Path(data).read_text())[0]["conversations"][1]["value"], tiny_small)
+    assert spans > 0 and held > 0
+    plain = _priced(data, tiny_large, tiny_small)
+    priced = _priced(data, tiny_large, tiny_small, SPAN_POLICIES)
+    assert list(priced) == [f"logits_constant/{p}" for p in SPAN_POLICIES] and list(plain) == ["logits_constant"]
+    assert "span_policy" not in plain["logits_constant"]
+    for policy in SPAN_POLICIES:
+        row = priced[f"logits_constant/{policy}"]
+        assert row["span_policy"] == policy and row["private_spans_sent"] == 0 and row["failed"] == 0
+        assert math.isfinite(row["nll_per_token"]) and 0.0 <= row["rouge_l"] <= 1.0
+        assert row["nll_per_token"] != plain["logits_constant"]["nll_per_token"]  # spans written without fusion
+        assert row["gold_tokens"] == plain["logits_constant"]["gold_tokens"]
+    table = markdown_table({"settings": list(priced.values())})
+    assert "span policy" in table and "private spans sent" in table and "| placeholder |" in table
+
+
+def test_outside_private_spans_every_policy_prices_nothing(tiny_large, tiny_small, tmp_path):
+    data = _one_record(tmp_path, "public.json", 0, gold=PUBLIC_GOLD)
+    assert _gate_run(data, PUBLIC_GOLD, tiny_small) == (0, 0)  # nothing private, nothing held back
+    plain = _priced(data, tiny_large, tiny_small)["logits_constant"]
+    for row in _priced(data, tiny_large, tiny_small, SPAN_POLICIES).values():
+        assert row["nll_per_token"] == pytest.approx(plain["nll_per_token"], abs=1e-4)
+        assert row["coverage"] == plain["coverage"]
+
+
+def test_the_plain_report_keeps_its_columns(report):
+    out = report[0]
+    assert not any("span_policy" in r for r in out["settings"])
+    assert "span policy" not in markdown_table(out)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"span_policies": ("never",)}, "unknown span policy"), ({"span_policies": ("local",), "fusions": ()}, "fusion")],
+)
+def test_bad_span_policies_fail_before_loading(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalOptions(data="x.json", **kwargs).validate()
+
+
+def test_the_span_policies_flag_is_checked_before_loading(capsys):
+    from cogenesis.apps.cli import main
+
+    assert main(["eval", "--data", str(sample_data_path()), "--span-policies", "placeholder, never"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown span policy(ies) never" in err and "placeholder, local, refuse" in err

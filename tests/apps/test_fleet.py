@@ -105,15 +105,15 @@ def test_merge_counts_a_pool_that_died_as_a_failure():
         clients=1,
         seconds=10.0,
         counts=PoolCounts(ok=3, failed=1, cut=0, tokens=30),
-        errors={"boom": 1},
+        errors={"timeout": 1},
         samples=LatencySamples(ttft=[0.1], itl=[0.01], session=[1.0]),
         rss_mb=RssMb(start=1, end=1, peak=1),
         device_passes=None,
         device_rows=None,
     )
-    report = merge([ok, PoolFailed(pool=1, fatal="no model")], opts, None, 10.0, 4, 8)
+    report = merge([ok, PoolFailed(pool=1, code="setup")], opts, None, 10.0, 4, 8)
     assert report["sessions"] == {"ok": 3, "failed": 2, "cut": 0}
-    assert report["errors"] == {"boom": 1, "pool 1 failed: no model": 1}
+    assert report["errors"] == {"timeout": 1, "pool 1 failed: setup": 1}
     assert report["tokens_per_s"] == 3.0
 
 

@@ -1,5 +1,9 @@
-"""Edge and cloud ends of the Redis bus, against a real Redis server."""
+"""Edge and cloud ends of the Redis bus, against a real Redis server; the sealed payloads it carries."""
 
+import copy
+import dataclasses
+import pickle
+import threading
 import time
 
 import pytest
@@ -10,10 +14,15 @@ from cogenesis.cluster.bus import (
     OPEN_STREAM,
     CloudBus,
     EdgeBus,
+    Received,
     Sealed,
+    SealKey,
+    claim_seal_key,
     connect,
+    entry_ms,
     in_stream,
     reply_key,
+    wire_bytes,
 )
 from cogenesis.core.errors import BusTimeout, ClusterError, SessionError
 from cogenesis.core.protocol import (
@@ -23,14 +32,17 @@ from cogenesis.core.protocol import (
     deadline_in,
     decode_request,
     encode,
+    now_ms,
     pack_ids,
     pack_logprobs,
 )
+from cogenesis.edge_sim.gate import OutboundGate
+
+GATE = OutboundGate("Write a poem", [])  # the one maker of Sealed payloads
 
 
 def _open(session_id="s1"):
-    msg = OpenSession(session_id=session_id, instruction="Write a poem", top_k=3, deadline_ms=deadline_in(5))
-    return Sealed(encode(msg), "OpenSession")
+    return GATE.seal(OpenSession(session_id=session_id, instruction="Write a poem", top_k=3, budget_ms=5_000))
 
 
 def _wait(edge, session_id, step, deadline_ms):
@@ -136,16 +148,110 @@ def test_edge_bus_only_sends_sealed_messages(redis_url):
         edge.send_many([("r1", "s", b"raw bytes")])
 
 
+# ---- only the gate can make a sealed payload ----------------------------------------------------------
+
+
+def _forgeries(genuine: Sealed) -> dict[str, object]:
+    """Every way the test knows to make something that looks sealed without the gate."""
+    bare = object.__new__(Sealed)  # no constructor: no fields at all
+
+    class Sub(Sealed):
+        __slots__ = ()
+
+    sub = object.__new__(Sub)  # a subclass carrying the genuine one's fields
+    for name in ("payload", "kind", "_tag"):
+        object.__setattr__(sub, name, getattr(genuine, name))
+    edited = _open("edited")  # sealed by the gate, then its bytes swapped behind the gate's back
+    unchecked = encode(OpenSession(session_id="edited", instruction="Martin Reynolds", top_k=3, budget_ms=5_000))
+    object.__setattr__(edited, "payload", unchecked)
+    return {
+        "bytes": genuine.payload,
+        "message": OpenSession(session_id="x", instruction="Write a poem", top_k=1, budget_ms=1),
+        "bare": bare,
+        "subclass": sub,
+        "edited": edited,
+    }
+
+
+def test_only_the_gate_can_seal():
+    msg = OpenSession(session_id="s", instruction="Write a poem", top_k=3, budget_ms=5_000)
+    with pytest.raises(TypeError, match="outbound gate"):
+        Sealed(SealKey(), encode(msg), "OpenSession")  # a key of the right type is not the key
+    with pytest.raises(TypeError):
+        Sealed(encode(msg), "OpenSession")  # type: ignore[call-arg]
+    with pytest.raises(RuntimeError, match="only cogenesis.edge_sim.gate"):
+        claim_seal_key()  # nobody else may claim it ...
+    with pytest.raises(RuntimeError, match="claims the key once"):
+        exec("claim_seal_key()", {"__name__": "cogenesis.edge_sim.gate", "claim_seal_key": claim_seal_key})  # ... twice
+
+
+def test_a_sealed_payload_cannot_be_changed_copied_or_pickled():
+    sealed = _open()
+    with pytest.raises(AttributeError):
+        sealed.payload = b"tampered"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        del sealed.payload
+    for forge in (copy.copy, copy.deepcopy, pickle.dumps, lambda s: dataclasses.replace(s, payload=b"x")):
+        with pytest.raises(TypeError):
+            forge(sealed)
+    with pytest.raises(TypeError):
+        copy.copy(claim_seal_key.__globals__["_SEAL_KEY"])
+    assert "Write a poem" not in repr(sealed)  # a repr names the kind and size, not the bytes
+    assert wire_bytes(sealed) == sealed.payload
+
+
+@pytest.mark.parametrize("name", ["bytes", "message", "bare", "subclass", "edited"])
+def test_transports_refuse_anything_but_a_genuine_seal(redis_url, name):
+    forged = _forgeries(_open())[name]
+    with pytest.raises(TypeError, match="sealed by the outbound gate"):
+        wire_bytes(forged)
+    edge = EdgeBus(redis_url)
+    with pytest.raises(TypeError, match="sealed by the outbound gate"):
+        edge.send_many([(None, "ok", _open("ok")), (None, "x", forged)])  # type: ignore[list-item]
+    assert not edge.r.exists(OPEN_STREAM)  # refused before anything was sent, the genuine one too
+
+
+def test_the_bytes_on_the_wire_are_the_sealed_bytes(redis_url):
+    edge = EdgeBus(redis_url)
+    opened, single, batch = _open("o"), _step("t", 1), [_step(f"s{i}", 1) for i in range(3)]
+    edge.send_many([(None, "o", opened), ("r2", "t", single)] + [("r1", f"s{i}", b) for i, b in enumerate(batch)])
+    ((_, fields),) = edge.r.xrange(OPEN_STREAM)
+    assert fields[b"m"] == opened.payload
+    ((_, fields),) = edge.r.xrange(in_stream("r2"))
+    assert fields[b"m"] == single.payload
+    ((_, fields),) = edge.r.xrange(in_stream("r1"))
+    assert decode_request(fields[b"m"]).items == [b.payload for b in batch]  # a StepBatch of them, verbatim
+
+
+def test_stream_entry_ids_tell_when_redis_took_the_entry(redis_url):
+    edge = EdgeBus(redis_url)
+    before = now_ms()
+    edge.send_many([(None, "s", _open("s"))])
+    ((entry_id, _),) = edge.r.xrange(OPEN_STREAM)
+    assert before - 1000 <= entry_ms(entry_id) <= now_ms() + 1000 and entry_ms(entry_id.decode()) == entry_ms(entry_id)
+
+
+def test_arrivals_say_whether_a_reply_was_already_waiting(redis_url):
+    edge = EdgeBus(redis_url)
+    early = encode(StepReply(session_id="a", step=1, replica="r", ids=pack_ids([1]), logprobs=pack_logprobs([0.0])))
+    late = encode(StepReply(session_id="b", step=1, replica="r", ids=pack_ids([1]), logprobs=pack_logprobs([0.0])))
+    edge.r.lpush(reply_key("a"), early)
+    timer = threading.Timer(0.3, lambda: redis.Redis.from_url(redis_url).lpush(reply_key("b"), late))
+    timer.start()
+    arrivals: dict[str, Received] = {}
+    before = time.time_ns() // 1000
+    got = edge.wait_many({"a": 1, "b": 1}, deadline_in(5), arrivals)
+    timer.join()
+    assert {s: r.step for s, r in got.items()} == {"a": 1, "b": 1}
+    assert arrivals["a"].looked_us is not None and before <= arrivals["a"].looked_us <= arrivals["a"].at_us
+    assert arrivals["b"].looked_us is None and arrivals["b"].at_us - arrivals["a"].at_us > 200_000
+
+
 def _step(session_id, step, reply_to="pool"):
     from cogenesis.core.protocol import StepRequest
 
-    return Sealed(
-        encode(
-            StepRequest(
-                session_id=session_id, step=step, tokens=pack_ids([7]), deadline_ms=deadline_in(5), reply_to=reply_to
-            )
-        ),
-        "StepRequest",
+    return GATE.seal(
+        StepRequest(session_id=session_id, step=step, tokens=pack_ids([7]), budget_ms=5_000, reply_to=reply_to)
     )
 
 

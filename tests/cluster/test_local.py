@@ -60,15 +60,15 @@ def test_http_errors_are_clear(cluster):
 
 
 def test_unknown_session_is_refused_by_the_replica(cluster):
-    from cogenesis.cluster.bus import Sealed
     from cogenesis.core.errors import SessionError
-    from cogenesis.core.protocol import StepRequest, deadline_in, encode, pack_ids
+    from cogenesis.core.protocol import StepRequest, deadline_in, pack_ids
+    from cogenesis.edge_sim.gate import OutboundGate
 
     _, info, _ = cluster
     replica = httpx.get(f"{info.http_url}/healthz", timeout=30).json()["replica"]
     bus = EdgeBus(info.redis_url)
-    msg = StepRequest(session_id="never-opened", step=1, tokens=pack_ids([1]), deadline_ms=deadline_in(30))
-    bus.send_many([(replica, msg.session_id, Sealed(encode(msg), "StepRequest"))])
+    msg = StepRequest(session_id="never-opened", step=1, tokens=pack_ids([1]), budget_ms=30_000)
+    bus.send_many([(replica, msg.session_id, OutboundGate(" ", []).seal(msg))])
     refused = bus.wait_many({"never-opened": 1}, deadline_in(30))["never-opened"]
     assert isinstance(refused, SessionError) and "unknown_session" in str(refused)
 
@@ -108,6 +108,6 @@ def test_stateless_baseline_writes_the_same_greedy_text_as_the_bus(cluster, pool
     # bad input gets a typed error, not a crash
     bad = httpx.post(f"{info.http_url}/v1/stateless", content=b"junk", timeout=30)
     assert bad.status_code == 400 and b"bad_request" in bad.content
-    huge = StatelessRequest(session_id="x", tokens=pack_ids([10**8]), top_k=3, deadline_ms=2**62)
+    huge = StatelessRequest(session_id="x", tokens=pack_ids([10**8]), top_k=3, budget_ms=60_000)
     refused = httpx.post(f"{info.http_url}/v1/stateless", content=encode(huge), timeout=30)
     assert refused.status_code == 422 and b"invalid token ids" in refused.content

@@ -16,11 +16,13 @@ from cogenesis.core.protocol import (
     SketchRequest,
     StepReply,
     StepRequest,
+    budget_of,
     deadline_in,
     decode_json,
     decode_reply,
     decode_request,
     encode,
+    error_code,
     now_ms,
     pack_ids,
     pack_logprobs,
@@ -28,8 +30,8 @@ from cogenesis.core.protocol import (
     unpack_logprobs,
 )
 
-OPEN = OpenSession(session_id="s-1", instruction="Write a poem about autumn", top_k=10, deadline_ms=1_700_000_000_123)
-STEP = StepRequest(session_id="s-1", step=3, tokens=pack_ids([17, 4, 99_999]), deadline_ms=1_700_000_001_000)
+OPEN = OpenSession(session_id="s-1", instruction="Write a poem about autumn", top_k=10, budget_ms=60_000)
+STEP = StepRequest(session_id="s-1", step=3, tokens=pack_ids([17, 4, 99_999]), budget_ms=30_000)
 CLOSE = CloseSession(session_id="s-1")
 REPLY = StepReply(
     session_id="s-1",
@@ -240,7 +242,14 @@ def test_decode_reply_malformed_raises_protocol_error(buf):
 
 @pytest.mark.parametrize(
     "changes",
-    [{"top_k": "ten"}, {"top_k": True}, {"session_id": 5}, {"deadline_ms": 1.5}, {"instruction": None}],
+    [
+        {"top_k": "ten"},
+        {"top_k": True},
+        {"session_id": 5},
+        {"budget_ms": 1.5},
+        {"budget_ms": -1},  # a budget is a duration
+        {"instruction": None},
+    ],
 )
 def test_wrong_field_types_raise_protocol_error(changes):
     with pytest.raises(ProtocolError):
@@ -286,7 +295,7 @@ def test_missing_version_defaults_to_current():
 
 def test_wrong_version_error_has_hint():
     with pytest.raises(ProtocolError) as info:
-        decode_request(_with(OPEN, v=2))
+        decode_request(_with(OPEN, v=PROTOCOL_VERSION + 1))
     assert info.value.hint
 
 
@@ -361,7 +370,7 @@ def test_decode_json_malformed_raises_protocol_error(body):
         decode_json(body, SketchRequest)
 
 
-# ---- deadlines ------------------------------------------------------------------------------------
+# ---- deadlines and budgets -------------------------------------------------------------------------
 
 
 def test_deadline_in_is_absolute_ms_in_the_future():
@@ -372,6 +381,104 @@ def test_deadline_in_is_absolute_ms_in_the_future():
     assert abs(now_ms() - __import__("time").time() * 1000) < 1000
 
 
+def test_budgets_are_relative_whole_milliseconds():
+    assert budget_of(2.5) == 2500 and budget_of(0.0004) == 0 and budget_of(-1) == 0
+
+
+# ---- no linkable metadata --------------------------------------------------------------------------
+
+
+EDGE_MESSAGES = {  # every edge -> cloud message type, and the fields it may carry
+    OpenSession: {"type", "v", "session_id", "instruction", "top_k", "budget_ms", "lookahead", "reply_to"},
+    StepRequest: {"type", "v", "session_id", "step", "tokens", "budget_ms", "reply_to"},
+    CloseSession: {"type", "v", "session_id"},
+    SketchRequest: {
+        "type",
+        "v",
+        "request_id",
+        "instruction",
+        "kind",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "repetition_penalty",
+        "seed",
+    },
+}
+
+
+@pytest.mark.parametrize("typ", list(EDGE_MESSAGES), ids=lambda t: t.__name__)
+def test_edge_messages_carry_no_clock_and_no_client(typ):
+    """What an edge sends names no device (no client index, pool or user id) and reads no clock of it
+    (no send time, no absolute deadline): a budget is relative, ids are random per session."""
+    assert set(typ.__struct_fields__) | {"type"} == EDGE_MESSAGES[typ]
+    fields = " ".join(typ.__struct_fields__)
+    for banned in ("sent", "deadline", "_us", "client", "user", "device", "pool", "time"):
+        assert banned not in fields, (typ.__name__, banned)
+
+
+def test_stateless_and_completions_requests_carry_no_clock_and_no_client():
+    from cogenesis.core.protocol import CompletionsRequest, StatelessRequest
+
+    assert set(StatelessRequest.__struct_fields__) == {"v", "session_id", "tokens", "top_k", "budget_ms"}
+    assert set(CompletionsRequest.__struct_fields__) == {
+        "model",
+        "prompt",
+        "logprobs",
+        "max_tokens",
+        "temperature",
+        "return_tokens_as_token_ids",
+    }
+    body = msgspec.json.decode(msgspec.json.encode(CompletionsRequest(model="m", prompt=[1, 2], logprobs=5)))
+    assert body == {  # the completions API's own JSON: no tag, no version, no session
+        "model": "m",
+        "prompt": [1, 2],
+        "logprobs": 5,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "return_tokens_as_token_ids": True,
+    }
+
+
+def test_replies_carry_only_durations_of_the_replica():
+    traced = {"server_us", "model_us", "queue_us"}
+    assert traced <= set(StepReply.__struct_fields__)
+    assert not {"bus_in_us", "posted_us", "sent_us"} & set(StepReply.__struct_fields__)
+
+
+# ---- error codes ---------------------------------------------------------------------------------------
+
+
+def test_errors_leave_the_device_as_codes_from_a_fixed_set():
+    from typing import get_args
+
+    from cogenesis.core.errors import (
+        BusTimeout,
+        ClusterError,
+        ConfigError,
+        ModelError,
+        PrivacyViolation,
+        SessionError,
+        UnknownSession,
+    )
+    from cogenesis.core.protocol import ErrorCode
+
+    cases = {
+        BusTimeout("no reply for step 3"): "timeout",
+        PrivacyViolation("carries 1 private span"): "privacy",
+        ProtocolError("malformed"): "bad_reply",
+        SessionError("cloud refused"): "cloud_error",
+        UnknownSession("gone"): "cloud_error",
+        ClusterError("cannot reach Redis"): "unreachable",
+        ConfigError("bad flag"): "setup",
+        ModelError("no model"): "setup",
+        ValueError("Martin Reynolds"): "internal",
+    }
+    assert {error_code(exc) for exc in cases} <= set(get_args(ErrorCode))
+    for exc, code in cases.items():
+        assert error_code(exc) == code
+
+
 # ---- batching and tracing ------------------------------------------------------------------
 
 
@@ -379,7 +486,7 @@ def test_step_batch_carries_sealed_messages_verbatim():
     from cogenesis.core.protocol import StepBatch
 
     items = [
-        encode(StepRequest(session_id=f"s{i}", step=2, tokens=pack_ids([i]), deadline_ms=1, reply_to="pool"))
+        encode(StepRequest(session_id=f"s{i}", step=2, tokens=pack_ids([i]), budget_ms=1, reply_to="pool"))
         for i in range(3)
     ]
     batch = decode_request(encode(StepBatch(items=items)))
@@ -400,29 +507,24 @@ def test_reply_batch_decodes_to_its_replies():
 def test_stateless_request_round_trips_msgpack():
     from cogenesis.core.protocol import StatelessRequest, decode_msgpack
 
-    msg = StatelessRequest(session_id="s", tokens=pack_ids([1, 2, 3]), top_k=5, deadline_ms=9, sent_us=7)
+    msg = StatelessRequest(session_id="s", tokens=pack_ids([1, 2, 3]), top_k=5, budget_ms=9)
     assert decode_msgpack(encode(msg), StatelessRequest) == msg
     with pytest.raises(ProtocolError, match="malformed StatelessRequest"):
         decode_msgpack(b"\x00junk", StatelessRequest)
 
 
-def test_exchange_overhead_excludes_model_and_busy_time():
+def test_exchange_overhead_excludes_model_queue_and_busy_time():
     reply = StepReply(
-        session_id="s",
-        step=1,
-        replica="r",
-        ids=b"",
-        logprobs=b"",
-        bus_in_us=300,
-        server_us=5_000,
-        model_us=4_800,
-        posted_us=1_000_000,
+        session_id="s", step=1, replica="r", ids=b"", logprobs=b"", server_us=5_000, model_us=4_800, queue_us=1_000
     )
-    # edge was already waiting: 300 in + 200 serving outside the model + 400 back
-    assert reply.exchange_overhead_us(1_000_400) == 900
-    # edge was busy until 1_050_000 and had the reply 250 us after it began waiting
-    assert reply.exchange_overhead_us(1_050_250, waited_from_us=1_050_000) == 750
-    # received by a background thread at 1_000_400, before the edge began waiting at 1_050_000
-    assert reply.exchange_overhead_us(1_000_400, waited_from_us=1_050_000) == 900
+    assert reply.traced
+    # the edge waited for it: a round trip of 6_900 = 1_000 queued + 4_800 in the model + 1_100 on the bus
+    # and in serialization (the replica's 200 outside the model among them)
+    assert reply.exchange_overhead_us(6_900) == 1_100
+    # it was already waiting when the edge, busy until then, looked: fetching it took 250, all it cost
+    assert reply.exchange_overhead_us(60_000, fetch_us=250) == 250
+    # ... but no more than the round trip less model and queue
+    assert reply.exchange_overhead_us(6_000, fetch_us=900) == 200
+    assert reply.exchange_overhead_us(5_000) == 0  # never negative
     untraced = StepReply(session_id="s", step=1, replica="r", ids=b"", logprobs=b"")
-    assert untraced.exchange_overhead_us(123) == 0
+    assert not untraced.traced and untraced.exchange_overhead_us(123) == 0

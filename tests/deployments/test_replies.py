@@ -6,7 +6,7 @@ from cogenesis.core.protocol import StepReply, decode_reply, encode, pack_ids, p
 from cogenesis.deployments.engine import TopK
 from cogenesis.deployments.replies import TraceFields, step_reply
 
-TRACE = TraceFields(bus_in_us=7, server_us=30, model_us=20, posted_us=1_000)
+TRACE = TraceFields(server_us=30, model_us=20, queue_us=7)
 
 
 def test_a_reply_carries_every_position_and_the_draft():
@@ -22,7 +22,7 @@ def test_a_reply_carries_every_position_and_the_draft():
     ids, logprobs = reply.top_k()
     assert ids.tolist() == [[4, 2], [9, 1]] and logprobs.tolist() == [[-0.5, -1.0], [-0.25, -2.0]]
     assert reply.drafts().tolist() == [4] and (reply.prompt_tokens, reply.compute_ms) == (12, 3.142)
-    assert (reply.bus_in_us, reply.server_us, reply.model_us, reply.posted_us) == (7, 30, 20, 1_000)
+    assert (reply.server_us, reply.model_us, reply.queue_us) == (30, 20, 7)
 
 
 def test_a_stateless_reply_has_the_bytes_the_server_built_before():

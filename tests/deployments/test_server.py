@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 
-from cogenesis.cluster.bus import EdgeBus, Sealed
+from cogenesis.cluster.bus import EdgeBus
 from cogenesis.cluster.local import LocalCluster
 from cogenesis.core.config import CloudConfig
 from cogenesis.core.errors import SessionError, UnknownSession
@@ -24,11 +24,10 @@ from cogenesis.core.protocol import (
     StepRequest,
     deadline_in,
     encode,
-    now_ms,
-    now_us,
     pack_ids,
 )
 from cogenesis.deployments.engine import TopK
+from cogenesis.edge_sim.gate import OutboundGate
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +118,7 @@ def cloud(redis_server):
 
 
 def _send(bus, replica, msg):
-    bus.send_many([(replica, msg.session_id, Sealed(encode(msg), type(msg).__name__))])
+    bus.send_many([(replica, msg.session_id, OutboundGate(" ", []).seal(msg))])
 
 
 def _reply(bus, session_id, step):
@@ -148,10 +147,7 @@ def test_sketch_serves_a_batch_and_refuses_only_its_bad_request(cloud):
 
 def test_stateless_returns_the_engines_top_k_traced(cloud):
     info, replica = cloud
-    sent = now_us()
-    req = StatelessRequest(
-        session_id="x", tokens=pack_ids([5, 6, 7]), top_k=3, deadline_ms=deadline_in(30), sent_us=sent
-    )
+    req = StatelessRequest(session_id="x", tokens=pack_ids([5, 6, 7]), top_k=3, budget_ms=30_000)
     answer = httpx.post(f"{info.http_url}/v1/stateless", content=encode(req), timeout=30)
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/msgpack"
     reply = msgspec.msgpack.decode(answer.content, type=StepReply)
@@ -159,7 +155,7 @@ def test_stateless_returns_the_engines_top_k_traced(cloud):
     assert (reply.session_id, reply.step, reply.replica, reply.prompt_tokens) == ("x", 3, replica, 3)
     assert ids.tolist() == [[3, 4, 5]] and logprobs.tolist() == [[0.0, -1.0, -2.0]] and reply.drafts().size == 0
     assert reply.compute_ms == 1.5
-    assert reply.posted_us >= sent and 0 <= reply.model_us <= reply.server_us and reply.bus_in_us >= 0
+    assert reply.traced and 0 <= reply.model_us <= reply.server_us and reply.queue_us == 0  # served on arrival
 
 
 def test_stateless_bad_requests_get_typed_errors(cloud):
@@ -172,10 +168,10 @@ def test_stateless_bad_requests_get_typed_errors(cloud):
 
     status, junk = post(b"junk")
     assert status == 400 and junk.code == "bad_request"
-    status, empty = post(encode(StatelessRequest(session_id="e", tokens=b"", top_k=3, deadline_ms=deadline_in(30))))
+    status, empty = post(encode(StatelessRequest(session_id="e", tokens=b"", top_k=3, budget_ms=30_000)))
     assert status == 422 and (empty.session_id, empty.code) == ("e", "bad_request")
     assert "invalid token ids" in empty.message
-    late = StatelessRequest(session_id="l", tokens=pack_ids([1, 2]), top_k=3, deadline_ms=now_ms() - 1)
+    late = StatelessRequest(session_id="l", tokens=pack_ids([1, 2]), top_k=3, budget_ms=0)  # spent on arrival
     status, refused = post(encode(late))
     assert status == 422 and (refused.session_id, refused.step, refused.code) == ("l", 2, "deadline")
 
@@ -184,21 +180,21 @@ def test_logits_session_over_the_bus(cloud):
     info, replica = cloud
     bus = EdgeBus(info.redis_url)
     try:
-        _send(bus, None, OpenSession(session_id="s", instruction="write a haiku", top_k=4, deadline_ms=deadline_in(30)))
+        _send(bus, None, OpenSession(session_id="s", instruction="write a haiku", top_k=4, budget_ms=30_000))
         first = _reply(bus, "s", 0)
         assert isinstance(first, StepReply) and (first.replica, first.prompt_tokens) == (replica, 3)
         assert first.top_k()[0].tolist() == [[3, 4, 5, 6]]
-        step = StepRequest(session_id="s", step=1, tokens=pack_ids([9, 9]), deadline_ms=deadline_in(30))
+        step = StepRequest(session_id="s", step=1, tokens=pack_ids([9, 9]), budget_ms=30_000)
         _send(bus, replica, step)
         second = _reply(bus, "s", 1)
         assert (
             isinstance(second, StepReply) and second.prompt_tokens == 5 and second.top_k()[0].tolist() == [[5, 6, 7, 8]]
         )
         _send(bus, replica, CloseSession(session_id="s"))
-        _send(bus, replica, StepRequest(session_id="s", step=2, tokens=pack_ids([1]), deadline_ms=deadline_in(30)))
+        _send(bus, replica, StepRequest(session_id="s", step=2, tokens=pack_ids([1]), budget_ms=30_000))
         gone = _reply(bus, "s", 2)
         assert isinstance(gone, SessionError) and "unknown_session: unknown session s" in str(gone)
-        _send(bus, None, OpenSession(session_id="e", instruction=" ", top_k=4, deadline_ms=deadline_in(30)))
+        _send(bus, None, OpenSession(session_id="e", instruction=" ", top_k=4, budget_ms=30_000))
         refused = _reply(bus, "e", 0)
         assert isinstance(refused, SessionError) and "bad_request: empty instruction" in str(refused)
     finally:
@@ -216,7 +212,7 @@ def test_stats_merge_the_engine_and_the_step_loop(cloud):
     assert before["yield_point"] is True  # the shim installed its lock's yield point through the protocol
     bus = EdgeBus(info.redis_url)
     try:
-        _send(bus, None, OpenSession(session_id="t", instruction="count me", top_k=2, deadline_ms=deadline_in(30)))
+        _send(bus, None, OpenSession(session_id="t", instruction="count me", top_k=2, budget_ms=30_000))
         assert isinstance(_reply(bus, "t", 0), StepReply)
     finally:
         bus.close()

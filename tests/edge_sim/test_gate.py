@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cogenesis.cluster.bus import Sealed
-from cogenesis.core.data import load_records, sample_data_path
+from cogenesis.core.config import PrivacyConfig
+from cogenesis.core.data import load_records, parse_context_aware, sample_data_path
 from cogenesis.core.errors import PrivacyViolation
 from cogenesis.core.privacy import words
 from cogenesis.core.protocol import (
@@ -16,6 +17,7 @@ from cogenesis.core.protocol import (
     OpenSession,
     SketchReply,
     SketchRequest,
+    StatelessRequest,
     StepReply,
     StepRequest,
     decode_json,
@@ -34,7 +36,7 @@ PRIVATE = [
 
 
 def _open(instruction: str) -> OpenSession:
-    return OpenSession(session_id="s1", instruction=instruction, top_k=10, deadline_ms=123)
+    return OpenSession(session_id="s1", instruction=instruction, top_k=10, budget_ms=123)
 
 
 def _sketch(instruction: str) -> SketchRequest:
@@ -43,7 +45,7 @@ def _sketch(instruction: str) -> SketchRequest:
 
 @pytest.fixture
 def gate() -> OutboundGate:
-    return OutboundGate(PUBLIC, PRIVATE)
+    return OutboundGate(PUBLIC, PRIVATE, declared_public=True)  # PUBLIC: the part before the user's ": "
 
 
 # ---- OpenSession --------------------------------------------------------------------------------
@@ -76,14 +78,31 @@ def test_refuses_open_session_with_private_phrase(gate, instruction):
 @pytest.mark.parametrize(
     "instruction",
     [
-        "moved to 42 Willow",  # only 4 consecutive private words
-        "she just moved to Portland",  # private words, but not consecutive in the field
+        "she just moved to",  # only 4 consecutive private words, none of them a private fact
+        "she just moved to a new town last spring",  # private words, but not 5 consecutive in the field
         "Write a poem about jazz music",
     ],
 )
 def test_allows_short_or_non_consecutive_overlap(gate, instruction):
     gate.seal(_open(instruction))
     assert gate.sealed == 1
+
+
+@pytest.mark.parametrize(
+    ("instruction", "kind"),
+    [
+        ("near 42 Willow Lane", "address"),  # 4 words, but a private address
+        ("she works at St. Mary now", "name"),  # a capitalized name in a private field
+        ("Say hi to Dana", "name"),  # a first name from a profile's "Name:" line
+        ("Write to Whitfield", "name"),
+    ],
+)
+def test_refuses_short_private_facts(gate, instruction, kind):
+    with pytest.raises(PrivacyViolation, match=rf"carries \d private spans? \({kind}: \d\)") as info:
+        gate.seal(_open(instruction))
+    for word in ("Mary", "Dana", "Whitfield", "42"):
+        assert word not in str(info.value)  # counts and kinds, never the text
+    assert gate.sealed == 0
 
 
 def test_ngrams_shared_with_public_instruction_are_allowed(gate):
@@ -100,14 +119,16 @@ def test_private_ngram_next_to_shared_one_is_refused(gate):
 
 
 def test_custom_ngram_size():
-    gate3 = OutboundGate(PUBLIC, PRIVATE, ngram=3)
+    gate3 = OutboundGate(PUBLIC, PRIVATE, declared_public=True, privacy=PrivacyConfig(ngram=3))
     with pytest.raises(PrivacyViolation, match="3-word phrase"):
-        gate3.seal(_open("near 42 Willow Lane"))
-    OutboundGate(PUBLIC, PRIVATE, ngram=5).seal(_open("near 42 Willow Lane"))
+        gate3.seal(_open("then she just moved away"))
+    OutboundGate(PUBLIC, PRIVATE, declared_public=True, privacy=PrivacyConfig(ngram=5)).seal(
+        _open("then she just moved away")
+    )
 
 
 def test_no_private_fields_allows_anything():
-    gate = OutboundGate(PUBLIC, [])
+    gate = OutboundGate(PUBLIC, [], declared_public=True)
     gate.seal(_open("she just moved to 42 Willow Lane in Portland"))
     assert gate.sealed == 1
 
@@ -140,7 +161,7 @@ def test_refuses_sketch_request_with_private_phrase(gate):
 
 
 def test_step_request_and_close_pass(gate):
-    step = StepRequest(session_id="s1", step=1, tokens=pack_ids([5, 6, 7]), deadline_ms=9)
+    step = StepRequest(session_id="s1", step=1, tokens=pack_ids([5, 6, 7]), budget_ms=9)
     close = CloseSession(session_id="s1")
     s1, s2 = gate.seal(step), gate.seal(close)
     assert (s1.kind, s2.kind) == ("StepRequest", "CloseSession")
@@ -200,7 +221,7 @@ def test_sealed_payload_is_compact_msgpack_not_json(gate):
 def test_real_records_public_passes_and_full_task_is_refused():
     refused = 0
     for rec in load_records(sample_data_path()):
-        gate = OutboundGate(rec.public_instruction, rec.private_fields())
+        gate = OutboundGate.of_record(rec)
         assert decode_request(gate.seal(_open(rec.public_instruction)).payload).instruction == rec.public_instruction
         details = rec.task[len(rec.public_instruction) :]
         if len(words(details)) >= 5:
@@ -214,3 +235,67 @@ def test_real_records_public_passes_and_full_task_is_refused():
         with pytest.raises(PrivacyViolation):
             gate.seal(_open("Please use this: " + " ".join(history_text.split()[:12])))
     assert refused >= 4
+
+
+# ---- look-alikes, and instructions the user did not split -----------------------------------------
+
+NEIGHBOUR = {
+    "tid": "t1",
+    "additional_profile": "Name: Martin Reynolds\nEmail: martin.reynolds@example.com\nPhone: (503) 555-0134",
+    "profile": [{"title": "A letter", "text": "Every Sunday morning I walk along the river with my old dog."}],
+}
+
+
+def _record(instruction: str):
+    return parse_context_aware({**NEIGHBOUR, "conversations": [{"value": instruction}]}, "test record")
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        "Write a note to \uff2d\uff41\uff52\uff54\uff49\uff4e \uff32\uff45\uff59\uff4e\uff4f\uff4c\uff44\uff53",  # full-width
+        "Write a note to Mar\u200btin Rey\u200dnolds",  # zero-width space and joiner inside the words
+        "Write a note to M\u0430rtin R\u0435ynolds",  # Cyrillic a and e
+        "Write a note to MARTIN REYNOLDS",  # case
+        "Mail m\u0430rtin.reynolds\uff20example.com",  # Cyrillic a, full-width @
+        "Call (503) 555\u20110134",  # a non-breaking hyphen
+        "Then I w\u0430lk \u0430long the river with my old dog",  # a private 5-gram with Cyrillic a's
+        "I walk along the\u00a0river",  # a no-break space
+    ],
+    ids=["fullwidth", "zero-width", "homoglyph", "case", "email", "phone", "ngram", "nbsp"],
+)
+def test_look_alikes_of_private_spans_are_refused(instruction):
+    gate = OutboundGate.of_record(_record("Write a note to a new neighbour: mention my golf club"))
+    with pytest.raises(PrivacyViolation) as info:
+        gate.seal(_open(instruction))
+    with pytest.raises(PrivacyViolation):
+        gate.seal_json(_sketch(instruction))
+    assert "artin" not in str(info.value) and "555" not in str(info.value)
+    assert gate.sealed == 0
+
+
+def test_an_instruction_without_a_split_is_checked_like_any_text():
+    """No ": " in the instruction: nothing in it is public by declaration, so a private name it holds is refused;
+    split, the general task is the user's choice to send (the name in it is public) and the details stay."""
+    whole = _record("Write a note to Martin Reynolds about the golf club")
+    assert whole.public_instruction == whole.task
+    with pytest.raises(PrivacyViolation, match="name"):
+        OutboundGate.of_record(whole).seal(_open(whole.public_instruction))
+    split = _record("Write a note to Martin Reynolds: about the golf club")
+    assert split.public_instruction == "Write a note to Martin Reynolds"
+    gate = OutboundGate.of_record(split)
+    gate.seal(_open(split.public_instruction))
+    with pytest.raises(PrivacyViolation, match="email"):
+        gate.seal(_open("Write a note to martin.reynolds@example.com"))
+    assert gate.sealed == 1
+
+
+def test_a_stateless_prompt_is_checked_with_the_text_it_carries():
+    gate = OutboundGate.of_record(_record("Write a note to a new neighbour: mention my golf club"))
+    step = StatelessRequest(session_id="s", tokens=pack_ids([1, 2]), top_k=2, budget_ms=9)
+    gate.seal(step, prompt_text="<|im_start|>user\nWrite a note to a new neighbour<|im_end|>")
+    with pytest.raises(PrivacyViolation, match="phone"):
+        gate.seal(step, prompt_text="<|im_start|>user\nCall 503-555-0134<|im_end|>")
+    with pytest.raises(TypeError):
+        gate.seal(step)
+    assert gate.sealed == 1

@@ -11,6 +11,7 @@ from cogenesis.apps.engine_link import EngineLink
 from cogenesis.cluster.bus import CloudBus, EdgeBus
 from cogenesis.core import prompts
 from cogenesis.core.config import EdgeConfig
+from cogenesis.core.data import parse_context_aware
 from cogenesis.core.fusion import fuse_constant
 from cogenesis.core.fusion_net import Fuser, FusionNet, save
 from cogenesis.core.models import load_causal_lm
@@ -23,6 +24,7 @@ from cogenesis.deployments.engine import TransformersCloudEngine
 from cogenesis.deployments.step_loop import StepLoop
 from cogenesis.edge_sim.client import EdgeClient
 from cogenesis.edge_sim.engine import EdgeEngine
+from cogenesis.edge_sim.gate import OutboundGate
 from cogenesis.edge_sim.links import Arrival, Failure, Opening
 from cogenesis.edge_sim.logits import run_logits_sessions
 
@@ -305,7 +307,7 @@ class _ScriptedLink:
         for sid in session_ids:
             step = self.asked.pop(sid)
             if step == self.fail_at:
-                out.append(Arrival(sid, Failure(f"cloud refused step {step}")))
+                out.append(Arrival(sid, Failure(f"cloud refused step {step}", "cloud_error")))
                 continue
             top = StepReply(
                 session_id=sid, step=step, replica="r9", ids=pack_ids([7, 8]), logprobs=pack_logprobs([-0.1, -2])
@@ -351,4 +353,223 @@ def test_the_loop_hands_links_typed_items_and_applies_their_arrivals(tokenizer_d
 def test_a_failed_arrival_ends_its_session_with_the_links_message(tokenizer_dir, sample_records):
     r, _ = _scripted(tokenizer_dir, sample_records[0], _ScriptedLink(fail_at=2))
     assert r.error == "cloud refused step 2" and r.text == "" and r.tokens == 0 and r.round_trips == 3
+    assert r.error_code == "cloud_error"  # what may leave the device of it
     assert r.to_json()["error"] == "cloud refused step 2" and "ttft_s" not in r.to_json()
+
+
+# ---- the stream gate: what the small model writes of the private context never reaches the cloud ----------
+
+NEIGHBOUR = parse_context_aware(
+    {
+        "tid": "neighbour",
+        "conversations": [{"value": "Write a note to a new neighbour: mention my golf club"}],
+        "additional_profile": "Name: Martin Reynolds\nEmail: martin.reynolds@example.com\nPhone: (503) 555-0134",
+        "profile": [
+            {"title": "A letter", "text": "Every Sunday morning I walk along the river with my old dog and think."}
+        ],
+    },
+    "test record",
+)
+SPANS = {  # what an adversarial device copies, and words of it the cloud must never see
+    "name": (" Martin Reynolds", ("martin", "reynolds")),
+    "email": (" martin.reynolds@example.com", ("martin", "reynolds", "example")),
+    "phone": (" 503-555-0134", ("503", "555", "0134")),
+    "passage": (" I walk along the river with my old dog and think", ("river", "old dog")),
+}
+
+
+class _Copying:
+    """An adversarial device: from position ``at`` on it writes ``span`` whatever its model prefers (all its
+    probability on the span's next token), like a small model copying its private context verbatim."""
+
+    simulated = False
+
+    def __init__(self, inner, span: list[int], at: int) -> None:
+        self.inner, self.span, self.at = inner, span, at
+        self.pos: dict[int, int] = {}
+
+    def prefill(self, keys, prompts):
+        self.pos = {id(k): 0 for k in keys}
+        return [self._force(k, lp) for k, lp in zip(keys, self.inner.prefill(keys, prompts))]
+
+    def step(self, keys, tokens):
+        out = self.inner.step(keys, tokens)
+        for k in keys:
+            self.pos[id(k)] += 1
+        return [self._force(k, lp) for k, lp in zip(keys, out)]
+
+    def release(self, keys):
+        self.inner.release(keys)
+
+    def _force(self, key, lp):
+        i = self.pos[id(key)] - self.at
+        if not 0 <= i < len(self.span):
+            return lp
+        forced = torch.full_like(lp, -1e4)
+        forced[self.span[i]] = 0.0
+        return forced
+
+
+def _audited(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def copy_session(models, tmp_path, span: str, link_kind="engine", redis_url=None, at=3, **kw):
+    """One NEIGHBOUR session whose device copies ``span`` from position ``at``; returns the result, what the
+    cloud conditioned on (its audit log) and the span's token ids."""
+    from cogenesis.edge_sim.device import PackedDevice
+
+    (large, tok), (small, _) = models
+    config = cfg(max_new_tokens=20, ignore_eos=True, **kw)
+    edge = EdgeEngine(small, tok, config.max_prompt_tokens)
+    ids = tok.encode(span, add_special_tokens=False)
+    device = _Copying(PackedDevice(small, edge.pad_id), ids, at)
+    client = EdgeClient(0, NEIGHBOUR, edge, config)
+    audit = AuditLog(str(tmp_path / f"audit-{link_kind}.jsonl"))
+    if link_kind == "engine":
+        r = run_logits_sessions(
+            [client], edge, EngineLink(TransformersCloudEngine(large, tok, audit=audit)), config, device=device
+        )[0]
+    else:
+        engine = TransformersCloudEngine(large, tok, audit=audit)
+        loop = StepLoop(engine, CloudBus(redis_url, "r1"), threading.Lock()).start()
+        bus = EdgeBus(redis_url)
+        try:
+            r = run_logits_sessions([client], edge, bus, config, device=device)[0]
+        finally:
+            bus.close()
+            loop.stop()
+    audit.close()
+    return r, _audited(tmp_path / f"audit-{link_kind}.jsonl"), ids
+
+
+def _assert_cloud_saw_nothing_private(entries, words):
+    spans = OutboundGate.of_record(NEIGHBOUR).spans
+    assert entries and entries[0]["kind"] == "open"
+    for e in entries:
+        assert not spans.find(e["text"]), "the cloud conditioned on a private span"
+        assert not any(w in e["text"].lower() for w in words)
+
+
+@pytest.mark.parametrize("what", sorted(SPANS))
+@pytest.mark.parametrize("policy", ["placeholder", "local"])
+def test_a_copied_private_span_reaches_the_cloud_only_as_a_placeholder(models, tmp_path, what, policy):
+    span, words = SPANS[what]
+    r, entries, ids = copy_session(models, tmp_path, span, privacy={"span_policy": policy})
+    assert r.error is None and r.tokens == 20
+    assert span.strip() in r.text  # the device's own output keeps what it wrote
+    _assert_cloud_saw_nothing_private(entries, words)
+    appended = "".join(e.get("appended", "") for e in entries)
+    assert "[private]" in appended  # the cloud got the placeholder in the span's place
+    assert r.span_policy == policy and r.private_spans >= 1 and r.held_tokens >= 1
+    assert r.to_json()["privacy"] == {
+        "held_tokens": r.held_tokens,
+        "private_spans": r.private_spans,
+        "span_policy": policy,
+    }
+    # a position after a held token is written without fusion, and needs no round trip
+    assert r.round_trips == r.fused_steps >= r.tokens - r.held_tokens
+    if policy == "local":  # collaboration pauses for the whole span: one placeholder, no fusion inside it
+        assert r.private_spans == 1 and appended.count("[private]") == 1
+        assert r.fused_steps == r.tokens - r.held_tokens and r.held_tokens >= len(ids) - 4
+
+
+@pytest.mark.parametrize("what", ["name", "passage"])
+def test_refuse_ends_a_session_that_copies_a_private_span(models, tmp_path, what):
+    span, words = SPANS[what]
+    r, entries, _ = copy_session(models, tmp_path, span, privacy={"span_policy": "refuse"})
+    assert r.error is not None and "span policy 'refuse'" in r.error and r.error_code == "privacy"
+    assert not any(w in r.error.lower() for w in words)  # counts and kinds only
+    assert r.span_policy == "refuse" and r.text == "" and r.tokens == 0
+    _assert_cloud_saw_nothing_private(entries, words)
+
+
+def test_a_short_name_never_leaves_over_the_bus_with_lookahead(models, tmp_path, redis_url):
+    """Over the real bus, with drafts and the pkt schedule: the cloud never sees any token of the name, its
+    session stays consistent (every step accepted in order), and the other positions keep their schedule."""
+    span, words = SPANS["name"]
+    config = {"lookahead": 2, "schedule": {"kind": "pkt", "p": 6, "k": 2, "t": 2}}
+    r, entries, ids = copy_session(models, tmp_path, span, link_kind="bus", redis_url=redis_url, **config)
+    assert r.error is None and r.tokens == 20 and "Martin Reynolds" in r.text
+    _assert_cloud_saw_nothing_private(entries, words)
+    tok = models[0][1]
+    first = tok.decode(ids[:1]).strip().lower()
+    assert not any(first in e.get("appended", "").lower() for e in entries)  # not even the first token
+    assert r.private_spans == 1 and r.span_policy == "placeholder"
+    for a, b in zip(entries, entries[1:]):  # the replica's context grows by exactly what the edge sent
+        assert b["kind"] == "step" and b["text"] == a["text"] + b["appended"]
+
+
+def _recording_fuser(monkeypatch):
+    """Record every distribution the session loop fuses (the fused rows)."""
+    import cogenesis.edge_sim.logits as logits_mod
+
+    rows: list[torch.Tensor] = []
+
+    class Recording(Fuser):
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            rows.append(out.clone())
+            return out
+
+    monkeypatch.setattr(logits_mod, "Fuser", Recording)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"lookahead": 3, "schedule": {"kind": "pkt", "p": 3, "k": 2, "t": 2}}, {"schedule": {"kind": "uncertainty"}}],
+    ids=["every", "lookahead-pkt", "uncertainty"],
+)
+def test_outside_private_spans_the_gate_changes_no_token_and_no_fused_row(models, sample_records, monkeypatch, config):
+    """Sessions whose text opens no private span: the same tokens and fused rows as with no private context
+    known to the gate (the gate disabled), bit for bit."""
+    (large, tok), (small, _) = models
+    conf = cfg(max_new_tokens=16, **config)
+    records = sample_records[:3]
+
+    def session(gated: bool):
+        rows = _recording_fuser(monkeypatch)
+        edge = EdgeEngine(small, tok, conf.max_prompt_tokens)
+        clients = [EdgeClient(i, rec, edge, conf) for i, rec in enumerate(records)]
+        if not gated:
+            for c in clients:
+                c.gate = OutboundGate(c.record.public_instruction, [], declared_public=True)
+        results = run_logits_sessions(clients, edge, EngineLink(TransformersCloudEngine(large, tok)), conf)
+        return results, rows
+
+    gated, gated_rows = session(True)
+    plain, plain_rows = session(False)
+    assert all(r.error is None and r.held_tokens == 0 and r.span_policy is None for r in gated)
+    assert [r.text for r in gated] == [r.text for r in plain] and all(r.tokens for r in gated)
+    assert [r.fused_steps for r in gated] == [r.fused_steps for r in plain]
+    assert [r.round_trips for r in gated] == [r.round_trips for r in plain]
+    assert len(gated_rows) == len(plain_rows) > 0
+    assert all(torch.equal(a, b) for a, b in zip(gated_rows, plain_rows))
+
+
+UNSPLIT = parse_context_aware(  # no ": " split: the whole instruction is checked, and it names the profile's person
+    {
+        "tid": "unsplit",
+        "conversations": [{"value": "Write a note to Martin Reynolds about the golf club"}],
+        "additional_profile": "Name: Martin Reynolds",
+        "profile": [{"title": "A letter", "text": "Every Sunday morning I walk along the river with my old dog."}],
+    },
+    "test record",
+)
+
+
+def test_a_refused_instruction_ends_only_its_own_session(models, tmp_path):
+    (large, tok), (small, _) = models
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    edge = EdgeEngine(small, tok, 512)
+    config = cfg()
+    clients = [EdgeClient(0, UNSPLIT, edge, config), EdgeClient(1, NEIGHBOUR, edge, config)]
+    link = EngineLink(TransformersCloudEngine(large, tok, audit=audit))
+    refused, served = run_logits_sessions(clients, edge, link, config)
+    audit.close()
+    assert refused.error_code == "privacy" and refused.tokens == 0 and refused.round_trips == 0
+    assert "martin" not in (refused.error or "").lower()  # the message names counts and kinds, not the text
+    assert served.error is None and served.tokens > 0
+    assert list(link.opened.values()) == [1]  # only the admitted session was opened on the cloud
+    assert not any("martin" in e["text"].lower() for e in _audited(tmp_path / "audit.jsonl"))

@@ -50,7 +50,8 @@ def test_a_group_sends_sealed_public_requests_and_writes_in_one_batched_generati
     assert [r.client for r in sent] == [0, 1, 2]
     for r, c in zip(sent, group):
         assert msgspec.json.decode(r.sealed.payload, type=SketchRequest) == r.request  # exactly what was sealed
-        assert r.request.instruction == c.record.public_instruction and r.request.seed == c.seed
+        assert r.request.instruction == c.record.public_instruction
+        assert r.request.seed is None  # a greedy outline needs no seed; the device's own (c.seed) never leaves
         assert r.request.max_tokens == config.sketch_max_tokens and r.request.kind == c.record.kind
     outlines = [f"1. {c.record.public_instruction}" for c in group]
     ids = engine.generate(
@@ -140,9 +141,9 @@ def test_http_outlines_post_the_sealed_body_and_report_errors(engine, sample_rec
         assert request.url.path == "/v1/sketch"
         req = msgspec.json.decode(request.content, type=SketchRequest)
         bodies.append(request.content)
-        if req.seed == group[1].seed:
+        if req.instruction == group[1].record.public_instruction:
             return httpx.Response(503, json={"error": "replica busy", "hint": "add replicas"})
-        if req.seed == group[2].seed:
+        if req.instruction == group[2].record.public_instruction:
             raise httpx.ConnectError("refused")
         reply = SketchReply(request_id=req.request_id, sketch="1. intro", tokens=4)
         return httpx.Response(200, content=msgspec.json.encode(reply))
@@ -156,3 +157,30 @@ def test_http_outlines_post_the_sealed_body_and_report_errors(engine, sample_rec
     device = ProfileDevice(DeviceProfile(name="t", decode_tokens_per_s=50, prefill_tokens_per_s=1000, rtt_ms=0))
     with httpx.Client(transport=httpx.MockTransport(cloud)) as http, pytest.raises(ClusterError):
         write_sketch(group[2], HttpOutlines(http, "http://cloud", 5.0), engine, device, config)  # the caller reports it
+
+
+def test_outline_requests_of_one_device_share_nothing_but_the_public_instruction(engine, sample_records):
+    """Two sessions of one client (and one of another) as the cloud receives them: the device's own seed
+    never leaves it; what one device's requests share, another's share too, but for the instruction."""
+    from cogenesis.edge_sim.sketch import sketch_request
+
+    sampled = cfg(sketch={"temperature": 0.7})
+    first, again = (EdgeClient(0, sample_records[0], engine, sampled) for _ in range(2))  # one device, two sessions
+    other = EdgeClient(1, sample_records[1], engine, sampled)
+    a1, a2, b = (msgspec.to_builtins(sketch_request(c, sampled)) for c in (first, again, other))
+    assert a1["seed"] != a2["seed"] and first.seed not in (a1["seed"], a2["seed"])
+    common = {k for k in a1 if a1[k] == a2[k]}
+    assert common - {k for k in a1 if a1[k] == b[k]} <= {"instruction", "kind"}  # the record's public task
+    greedy = sketch_request(first, cfg())  # a greedy outline needs no seed: none is sent
+    assert greedy.seed is None
+
+
+def test_outlines_post_nothing_but_sealed_payloads():
+    from cogenesis.edge_sim.sketch import post_sealed
+
+    posted = []
+    with httpx.Client(transport=httpx.MockTransport(lambda r: posted.append(r) or httpx.Response(200))) as http:
+        for forged in (b'{"instruction": "x"}', SketchRequest(request_id="r", instruction="x")):
+            with pytest.raises(TypeError, match="sealed by the outbound gate"):
+                post_sealed(http, "http://cloud/v1/sketch", forged, 5.0)
+    assert posted == []

@@ -97,7 +97,14 @@ def test_locust_options_come_from_the_config_with_the_loadtest_defaults():
         "cg_data": "",
         "cg_state_dir": "",
     }
-    assert parsed["options"] == before
+    # the stream gate's options (issue 14), new: the config's defaults
+    privacy = {
+        "cg_span_policy": "placeholder",
+        "cg_privacy_placeholder": "[private]",
+        "cg_privacy_ngram": 5,
+        "cg_privacy_max_hold_tokens": 16,
+    }
+    assert parsed["options"] == before | privacy
     edge = parsed["edge"]
     assert (edge["max_new_tokens"], edge["sketch_max_tokens"], edge["top_k"]) == (32, 64, 10)
     assert (edge["max_prompt_tokens"], edge["step_timeout_s"], edge["torch_threads"]) == (512, 120.0, 1)

@@ -23,6 +23,11 @@ trimmed to ``edge_prompt_tokens``) steps all N sessions in one batch and fuses g
 cloud's top-k. ``ignore_eos`` makes every session write exactly ``max_new_tokens``, so the work is
 identical across variants. A time budget per (variant, N) stops slow baselines; a stopped
 variant is marked truncated and its throughput is over the time it ran.
+
+The exchange overhead per step (bus + serialization) needs no clock shared by edge and replica: it
+is the round trip the edge timed, less the model and queue time the replica measured on its own clock
+(``StepReply.exchange_overhead_us``); a reply already waiting when the edge looked counts at most
+the time it took to fetch.
 """
 
 from __future__ import annotations

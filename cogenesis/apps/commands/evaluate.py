@@ -21,7 +21,9 @@ def register(sub) -> None:
             "the record's private 4-grams in what the cloud model received). Writes --json, a markdown table "
             "(.md) and a bar chart (.png) beside it. With --judge-url, also the paper's three GPT-4-judge "
             "ratings from any OpenAI-compatible endpoint (the judge sees the profile and history, as in the "
-            "paper: use an endpoint you trust with them)."
+            "paper: use an endpoint you trust with them). With --span-policies, each logits setting runs under "
+            "each span policy of the device's stream gate on the same records: the price of privacy, as quality "
+            "(NLL, ROUGE-L) beside the private spans the small model wrote and the token stream sent."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -36,6 +38,13 @@ def register(sub) -> None:
         "--fusions",
         default="constant,entropy,contrast",
         help="comma-separated logits fusion methods (add 'learned' with --fusion-checkpoint)",
+    )
+    p.add_argument(
+        "--span-policies",
+        default=None,
+        help="the price of privacy: run each logits setting under each of these comma-separated span policies "
+        "(placeholder,local,refuse) on the same records, and report the private spans the small model wrote "
+        "and the token stream sent, with NLL and ROUGE-L per policy (default: only --span-policy)",
     )
     p.add_argument("--batch", type=int, default=8, help="records generated together")
     add_gold_tokens_flag(p)
@@ -62,6 +71,7 @@ def run(args) -> int:
 
     edge, cloud = EVAL.config(args, EdgeConfig), EVAL.config(args, CloudConfig)
     fusions = tuple(m.strip() for m in args.fusions.split(",") if m.strip())
+    policies = tuple(p.strip() for p in (args.span_policies or "").split(",") if p.strip())
     base = () if args.settings.strip() == "none" else tuple(x.strip() for x in args.settings.split(",") if x.strip())
     opts = EvalOptions(
         data=args.data,
@@ -72,6 +82,8 @@ def run(args) -> int:
         fusion_weight=edge.fusion.weight,
         contrast_alpha=edge.fusion.alpha,
         schedule=edge.schedule.model_dump(),
+        privacy=edge.privacy.model_dump(),
+        span_policies=policies,
         top_k=edge.top_k,
         max_new_tokens=edge.max_new_tokens,
         max_gold_tokens=args.max_gold_tokens,
