@@ -314,3 +314,12 @@ def test_real_records_are_sane_and_fast():
             s.open_prefix(gold[:end])
         s.find(gold)
         assert time.perf_counter() - start < 2.0
+
+
+def test_a_name_at_the_end_of_a_longer_capitalized_run_is_a_span_of_its_own():
+    # found by `cogenesis audit-privacy`: mid-sentence, "Contact" joined the name's run, and the bare name passed
+    spans = PrivateSpans.of(
+        "Write a note", ["We host events Contact Irene Brioxbaszath for tickets"], declared_public=True
+    )
+    assert [m.kind for m in spans.find("please ask Irene Brioxbaszath today")] == ["name"]
+    assert spans.open_prefix("please ask Irene Briox") is not None
