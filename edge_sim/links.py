@@ -125,6 +125,18 @@ class Arrival:
         return reply.exchange_overhead_us(self.received_us - self.sent_us, fetch)
 
 
+def open_request(opening: Opening, cfg: EdgeConfig, reply_to: str = "") -> OpenSession:
+    """The message that opens ``opening``'s session on the cloud (sealed by its gate before it leaves)."""
+    return OpenSession(
+        session_id=opening.session_id,
+        instruction=opening.instruction,
+        top_k=cfg.top_k,
+        budget_ms=budget_of(cfg.step_timeout_s),
+        lookahead=cfg.lookahead,
+        reply_to=reply_to,
+    )
+
+
 class CloudLink(Protocol):
     def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
         """Start every session; their first replies are collected by ``collect``."""
@@ -157,21 +169,7 @@ class BusLink:
     def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
         sent = now_us()
         items: list[tuple[str | None, str, Sealed]] = [
-            (
-                None,
-                o.session_id,
-                o.gate.seal(
-                    OpenSession(
-                        session_id=o.session_id,
-                        instruction=o.instruction,
-                        top_k=cfg.top_k,
-                        budget_ms=budget_of(cfg.step_timeout_s),
-                        lookahead=cfg.lookahead,
-                        reply_to=self.reply_to,
-                    )
-                ),
-            )
-            for o in sessions
+            (None, o.session_id, o.gate.seal(open_request(o, cfg, self.reply_to))) for o in sessions
         ]
         self.bus.send_many(items)
         self._in_flight.update((o.session_id, (0, sent)) for o in sessions)

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.errors import SessionError
-from cogenesis.core.protocol import OpenSession, StepRequest, budget_of, now_us, pack_ids
+from cogenesis.core.protocol import StepRequest, budget_of, now_us, pack_ids
 from cogenesis.deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
 from cogenesis.deployments.replies import TraceFields, step_reply
-from cogenesis.edge_sim.links import Arrival, Closing, Failure, Opening, Step
+from cogenesis.edge_sim.links import Arrival, Closing, Failure, Opening, Step, open_request
 
 _UNTRACED = TraceFields(server_us=0, model_us=0, queue_us=0)  # no bus: nothing to trace
 
@@ -33,15 +33,7 @@ class EngineLink:
     def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
         for o in sessions:  # the gate checks what would leave the device
             self.opened[o.session_id] = o.client
-            o.gate.seal(
-                OpenSession(
-                    session_id=o.session_id,
-                    instruction=o.instruction,
-                    top_k=cfg.top_k,
-                    budget_ms=budget_of(cfg.step_timeout_s),
-                    lookahead=cfg.lookahead,
-                )
-            )
+            o.gate.seal(open_request(o, cfg))
         results = self.engine.open_many(
             [OpenArgs(o.session_id, o.instruction, cfg.top_k, cfg.lookahead) for o in sessions]
         )
