@@ -137,6 +137,17 @@ def open_request(opening: Opening, cfg: EdgeConfig, reply_to: str = "") -> OpenS
     )
 
 
+def step_request(step: Step, cfg: EdgeConfig, reply_to: str = "") -> StepRequest:
+    """The message that sends ``step``'s tokens and asks for the next top-k (sealed by its gate before it leaves)."""
+    return StepRequest(
+        session_id=step.session_id,
+        step=step.step,
+        tokens=pack_ids(step.tokens),
+        budget_ms=budget_of(cfg.step_timeout_s),
+        reply_to=reply_to,
+    )
+
+
 class CloudLink(Protocol):
     def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
         """Start every session; their first replies are collected by ``collect``."""
@@ -179,20 +190,7 @@ class BusLink:
             return
         sent = now_us()
         items: list[tuple[str | None, str, Sealed]] = [
-            (
-                s.replica,
-                s.session_id,
-                s.gate.seal(
-                    StepRequest(
-                        session_id=s.session_id,
-                        step=s.step,
-                        tokens=pack_ids(s.tokens),
-                        budget_ms=budget_of(cfg.step_timeout_s),
-                        reply_to=self.reply_to,
-                    )
-                ),
-            )
-            for s in steps
+            (s.replica, s.session_id, s.gate.seal(step_request(s, cfg, self.reply_to))) for s in steps
         ]
         self.bus.send_many(items)
         self._in_flight.update((s.session_id, (s.step, sent)) for s in steps)

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.errors import SessionError
-from cogenesis.core.protocol import StepRequest, budget_of, now_us, pack_ids
+from cogenesis.core.protocol import now_us
 from cogenesis.deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
 from cogenesis.deployments.replies import TraceFields, step_reply
-from cogenesis.edge_sim.links import Arrival, Closing, Failure, Opening, Step, open_request
+from cogenesis.edge_sim.links import Arrival, Closing, Failure, Opening, Step, open_request, step_request
 
 _UNTRACED = TraceFields(server_us=0, model_us=0, queue_us=0)  # no bus: nothing to trace
 
@@ -41,14 +41,7 @@ class EngineLink:
 
     def request(self, steps: Sequence[Step], cfg: EdgeConfig) -> None:
         for s in steps:
-            s.gate.seal(
-                StepRequest(
-                    session_id=s.session_id,
-                    step=s.step,
-                    tokens=pack_ids(s.tokens),
-                    budget_ms=budget_of(cfg.step_timeout_s),
-                )
-            )
+            s.gate.seal(step_request(s, cfg))
         if steps:
             results = self.engine.step_many([StepArgs(s.session_id, s.step, s.tokens) for s in steps])
             self._answer([(s.session_id, s.step) for s in steps], results)
