@@ -105,14 +105,46 @@ class CloudConfig(_Cfg):
         2048, gt=0, description="KV-cache budget per replica (MiB); LRU sessions beyond it are evicted and recomputed."
     )
     max_sessions: int = Field(
-        1024, ge=1, description="Open logits sessions a replica keeps; beyond it, oldest idle closes."
+        1024,
+        ge=1,
+        description="Open logits sessions a replica keeps; beyond it, opens are refused busy (an active session is "
+        "never evicted to make room).",
     )
-    session_idle_s: float = Field(300.0, gt=0, description="A session idle this long is closed and its KV cache freed.")
+    session_idle_s: float = Field(
+        300.0, gt=0, description="A session idle this long is closed and its KV cache freed (its edge vanished)."
+    )
+    sweep_interval_s: float = Field(5.0, gt=0, le=600, description="How often a replica sweeps idle sessions.")
+    max_queue_age_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Opens that waited on the bus longer than this are refused busy: the replica is behind.",
+    )
+    heartbeat_s: float = Field(
+        1.0, gt=0, le=60, description="How often a replica announces it is alive on the bus (a thread of its own)."
+    )
+    heartbeat_ttl_s: float = Field(
+        4.0,
+        gt=0,
+        le=600,
+        description="A replica silent this long is dead: edges resume its sessions elsewhere, survivors claim its "
+        "pending entries.",
+    )
+    redis_grace_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A replica that cannot reach Redis this long reports itself unhealthy (Ray replaces it).",
+    )
     sketch_style: Literal["zero-shot", "paper"] = Field(
         "zero-shot", description="Sketch prompt: the paper's instructions alone, or with its two few-shot examples."
     )
-    sketch_max_batch: int = Field(16, ge=1, le=256, description="Sketch requests batched into one generate call.")
-    sketch_batch_wait_s: float = Field(0.05, ge=0, le=5, description="How long a sketch batch waits to fill.")
+    sketch_max_batch: int = Field(
+        16, ge=1, le=256, description="Outlines decoded at once in the step loop's batch (more wait in its queue)."
+    )
+    sketch_max_queue: int = Field(
+        256, ge=0, le=100_000, description="Outlines waiting for a batch slot; beyond it, 429 with Retry-After."
+    )
     audit_log: str | None = Field(
         None, description="Append one JSON line per model request (the text it conditions on)."
     )
@@ -123,7 +155,7 @@ class CloudConfig(_Cfg):
         256,
         ge=1,
         le=100_000,
-        description="HTTP requests a replica takes at once (Serve queues the rest); >= sketch_max_batch.",
+        description="HTTP requests a replica takes at once (Serve queues the rest).",
     )
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP ingress port.")
     route_prefix: str = Field("/", description="Serve route prefix of the app.")
@@ -155,7 +187,26 @@ class EdgeConfig(_Cfg):
         "where edge and cloud share a machine, the cloud is idle while the edge prefills.",
     )
     step_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Deadline for one cloud reply (logits step or sketch)."
+        30.0, gt=0, le=3600, description="Deadline for one cloud reply (a logits step, or an outline's first token)."
+    )
+    sketch_token_s: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="Seconds an outline may take per token it may write: its budget is step_timeout_s + "
+        "sketch_max_tokens x this.",
+    )
+    admission_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        le=3600,
+        description="How long a session keeps retrying an open the cloud refused busy (jittered backoff).",
+    )
+    max_resumes: int = Field(
+        3, ge=0, le=100, description="Times a session is re-opened elsewhere after its replica died or Redis restarted."
+    )
+    redis_retry_s: float = Field(
+        30.0, ge=0, le=3600, description="How long the edge reconnects to a Redis that went away (with backoff)."
     )
     sampling: SamplingConfig = SamplingConfig()
     sketch: SketchDecodingConfig = SketchDecodingConfig()

@@ -39,6 +39,21 @@ class UnknownSession(SessionError):
     """The cloud has no such session (never opened, closed, or idle too long)."""
 
 
+class Busy(SessionError):
+    """The cloud refused a request it could not serve in time (sessions, KV budget, queue age);
+    ``retry_after_s``: when it suggests trying again. The edge retries opens with jittered backoff,
+    within ``EdgeConfig.admission_timeout_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, hint: str | None = None) -> None:
+        super().__init__(message, hint or "the cloud is at capacity: retry later, or add replicas")
+        self.retry_after_s = retry_after_s
+
+
+class ReplicaLost(SessionError):
+    """The replica holding a session stopped (no heartbeat) or lost it; the edge re-opens the session
+    elsewhere and replays its tokens (``EdgeConfig.max_resumes`` times at most)."""
+
+
 class BusTimeout(CoGenesisError):
     """A reply did not arrive before its deadline."""
 

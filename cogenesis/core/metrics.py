@@ -49,6 +49,28 @@ bus_queue_depth = Gauge(
     "Entries waiting on the replica's input stream and the shared open stream after its last read.",
     registry=CLOUD,
 )
+refusals = Counter(
+    "cogenesis_cloud_refusals",
+    "Requests a replica answered with an error instead of serving them, by reason "
+    "(busy, bad_request, deadline, unknown_session, internal).",
+    ["reason"],
+    registry=CLOUD,
+)
+claimed_entries = Counter(
+    "cogenesis_cloud_claimed_entries",
+    "Pending bus entries a replica took over from a dead replica (XAUTOCLAIM).",
+    registry=CLOUD,
+)
+swept_sessions = Counter(
+    "cogenesis_cloud_swept_sessions",
+    "Idle sessions a replica closed on its sweeper's timer (their edge vanished).",
+    registry=CLOUD,
+)
+outlines_active = Gauge(
+    "cogenesis_cloud_outlines",
+    "Outlines being written in the step loop's batch, or waiting for a slot.",
+    registry=CLOUD,
+)
 
 # ---- edge (a pool or a Locust process) ---------------------------------------------------------
 edge_tokens = Counter("cogenesis_edge_tokens", "Tokens the devices wrote.", ["mode"], registry=EDGE)
@@ -67,10 +89,23 @@ lookahead_accepted_tokens = Histogram(
     buckets=ACCEPTED_BUCKETS,
     registry=EDGE,
 )
+resumes = Counter(
+    "cogenesis_edge_resumes",
+    "Sessions the edge re-opened and replayed elsewhere, by cause (replica_lost, unknown_session, redis).",
+    ["cause"],
+    registry=EDGE,
+)
+busy_retries = Counter(
+    "cogenesis_edge_busy_retries", "Opens and outlines the edge retried after a busy refusal.", registry=EDGE
+)
 sessions = Counter(
     "cogenesis_sessions", "Sessions ended, by mode and outcome (ok, failed, cut).", ["mode", "outcome"], registry=EDGE
 )
 
+for _reason in ("busy", "bad_request", "deadline", "unknown_session", "internal"):
+    refusals.labels(_reason)
+for _cause in ("replica_lost", "unknown_session", "redis"):
+    resumes.labels(_cause)
 for _mode in ("sketch", "logits"):  # every series exists from the start (rate() needs two samples)
     cloud_tokens.labels(_mode)
     edge_tokens.labels(_mode)

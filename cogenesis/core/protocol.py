@@ -38,16 +38,19 @@ import numpy as np
 
 from cogenesis.core.errors import (
     BusTimeout,
+    Busy,
     ClusterError,
     ConfigError,
     DataError,
     ModelError,
     PrivacyViolation,
     ProtocolError,
+    ReplicaLost,
     SessionError,
 )
 
-PROTOCOL_VERSION = 2  # 2: budgets instead of deadlines, no edge clock, replica-clock durations only
+PROTOCOL_VERSION = 3  # 3: resumable opens, busy refusals with retry-after, outline budgets and progress
+# 2: budgets instead of deadlines, no edge clock, replica-clock durations only
 MAX_TOP_K = 50
 
 
@@ -115,6 +118,11 @@ class OpenSession(_Msg, frozen=True, tag="open"):
     budget_ms: BudgetMs  # the edge waits this long for the reply; the replica counts it from arrival
     lookahead: int = 0  # draft tokens the replica proposes after every reply (0 = none)
     reply_to: str = ""  # reply list key suffix, random per edge link ("" = the session id)
+    # resuming a session another replica held (it died, or Redis lost the exchange): the ids the session had
+    # released so far (int32, every one already passed the edge's gate); the replica prefills instruction +
+    # these and answers as step ``resume_step`` (the step the edge is waiting for), then steps go on from there
+    resume: bytes = b""
+    resume_step: int = 0
 
 
 class StepRequest(_Msg, frozen=True, tag="step"):
@@ -189,8 +197,9 @@ class ErrorReply(_Msg, frozen=True, tag="error"):
 
     session_id: str
     step: int
-    code: str  # unknown_session | bad_request | deadline | internal
+    code: str  # unknown_session | bad_request | deadline | busy | internal
     message: str
+    retry_after_ms: int = 0  # busy: when the replica suggests trying again
 
 
 class StatelessRequest(_Msg, frozen=True, tag="stateless"):
@@ -221,18 +230,33 @@ class ReplyBatch(_Msg, frozen=True, tag="replies"):
 
 # What a failure leaves an edge process as (a fleet pool's counts on Redis, a Locust report): a code from
 # this fixed set, never its message, which stays in the device's own log.
-ErrorCode = Literal["timeout", "privacy", "cloud_error", "unreachable", "bad_reply", "setup", "stuck", "internal"]
+ErrorCode = Literal[
+    "timeout",
+    "privacy",
+    "cloud_error",
+    "busy",
+    "replica_lost",
+    "unreachable",
+    "bad_reply",
+    "setup",
+    "stuck",
+    "internal",
+]
 
 
 def error_code(exc: BaseException) -> ErrorCode:
-    """The code of an error: ``timeout`` (no reply in time), ``privacy`` (the gate refused), ``cloud_error``
-    (the cloud refused or failed), ``unreachable`` (Redis or the cloud could not be reached), ``bad_reply``
+    """The code of an error: ``timeout`` (no reply in time), ``privacy`` (the gate refused), ``busy`` (the cloud
+    refused admission until the edge's admission timeout), ``replica_lost`` (its replica died more often than the
+    edge resumes a session), ``cloud_error`` (the cloud refused or failed), ``unreachable`` (Redis or the cloud
+    could not be reached), ``bad_reply``
     (a malformed message), ``setup`` (config, data or model), ``internal`` (anything else); a fleet pool
     adds ``stuck`` (a session still running past the duration, grace and step timeout)."""
     codes: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], ErrorCode], ...] = (
         (BusTimeout, "timeout"),
         (PrivacyViolation, "privacy"),
         (ProtocolError, "bad_reply"),
+        (Busy, "busy"),
+        (ReplicaLost, "replica_lost"),
         (SessionError, "cloud_error"),
         (ClusterError, "unreachable"),
         ((ConfigError, DataError, ModelError), "setup"),
@@ -256,6 +280,17 @@ class SketchRequest(_Msg, frozen=True, tag="sketch"):
     top_p: float = 1.0
     repetition_penalty: float = 1.3
     seed: int | None = None  # fresh per request when the outline is sampled, never a device's own seed
+    # how long the edge waits for the whole outline, counted by the replica from the request's arrival; it
+    # scales with max_tokens (``EdgeConfig.sketch_budget_s``); None: no budget of its own
+    budget_ms: BudgetMs | None = None
+
+
+class SketchProgress(_Msg, frozen=True, tag="sketch_progress"):
+    """Cloud -> edge, streamed (server-sent events) while an outline is written: the outline so far."""
+
+    request_id: str
+    tokens: int
+    text: str
 
 
 class SketchReply(_Msg, frozen=True, tag="sketch_reply"):
