@@ -1,11 +1,14 @@
-"""Cloud engines: the large model's open/step/close/sketch, independent of Serve and Redis.
+"""Cloud engines: the large model's open/step/close/outlines, independent of Serve and Redis.
 
 ``TransformersCloudEngine`` keeps one KV cache per logits session and serves every pending step
 of every session in one batched forward pass (``cogenesis.core.kvbatch``): continuous batching, with
-sessions joining and leaving between steps. Caches live under a byte budget; the least recently
-used are evicted and recomputed from the session's token ids on their next step, so results never
-depend on the cache. With lookahead n, each reply also carries the replica's own greedy draft of
-n tokens with the top-k at every draft position. Not thread-safe: its owner serialises calls.
+sessions joining and leaving between steps. Outlines (sketch mode) ride in the same passes: an
+outline is a session the engine decodes itself, one token per pass, so outlines and logits steps
+share the batch and neither waits for the other. Caches live under a byte budget; caches of
+sessions idle for a while are evicted and recomputed from the session's token ids on their next
+step, so results never depend on the cache; an active session's cache is never dropped (opens are
+refused ``Busy`` instead). With lookahead n, each reply also carries the replica's own greedy draft
+of n tokens with the top-k at every draft position. Not thread-safe: its owner serialises calls.
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from cogenesis.core import prompts
 from cogenesis.core.config import CloudConfig
-from cogenesis.core.errors import ConfigError, SessionError, UnknownSession
+from cogenesis.core.errors import Busy, ConfigError, SessionError, UnknownSession
 from cogenesis.core.kvbatch import KV, batched_forward, kv_bytes, kv_crop
 from cogenesis.core.protocol import MAX_TOP_K, SketchReply, SketchRequest
 from cogenesis.deployments.audit import AuditLog
@@ -32,6 +34,9 @@ from cogenesis.deployments.audit import AuditLog
 log = logging.getLogger(__name__)
 
 MAX_LOOKAHEAD = 16
+MAX_OUTLINE_TOKENS = 4096
+# bounds of a Busy refusal's retry-after: soon enough to not idle, late enough to not hammer
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,19 @@ class TopK:
 
 @dataclass(frozen=True)
 class OpenArgs:
+    """An open. ``resume`` (the ids the session had released so far) and ``resume_step`` rebuild a
+    session another replica held (or this one lost): the reply is the top-k after all those tokens."""
+
     session_id: str
     instruction: str
     top_k: int
     lookahead: int = 0
+    resume: tuple[int, ...] = ()
+    resume_step: int = 0
+
+    @property
+    def is_resume(self) -> bool:
+        return bool(self.resume) or self.resume_step > 0
 
 
 @dataclass(frozen=True)
@@ -60,19 +74,52 @@ class StepArgs:
     tokens: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class OutlineEvent:
+    """What happened to an outline since the last ``outline_events()``: progress (``reply`` and ``error``
+    None; ``text`` is the outline so far, cleaned like the final one), done (``reply`` set) or failed
+    (``error`` set)."""
+
+    request_id: str
+    tokens: int
+    text: str
+    reply: SketchReply | None = None
+    error: SessionError | None = None
+
+
 class CloudEngine(Protocol):
     """Everything a replica calls on its model. Not thread-safe: the replica serialises calls."""
 
-    def open_many(self, requests: Sequence[OpenArgs]) -> list[TopK | SessionError]: ...
-    def step_many(self, requests: Sequence[StepArgs]) -> list[TopK | SessionError]: ...
-    def close(self, session_id: str) -> bool: ...
-    def sketch(self, requests: Sequence[SketchRequest]) -> list[SketchReply]: ...
-    def stateless_top_k(self, token_ids: Sequence[int], top_k: int) -> TopK: ...
-    def stats(self) -> dict: ...
-    def set_yield_point(self, yield_point: Callable[[], None]) -> None:
-        """Install what long calls (outlines) run every few tokens, so waiting steps can go first."""
+    def open_many(self, requests: Sequence[OpenArgs]) -> list[TopK | SessionError]:
+        """Prefill new (or resumed) sessions; an element is ``Busy`` when the replica cannot take it."""
         ...
 
+    def step_many(self, requests: Sequence[StepArgs]) -> list[TopK | SessionError]:
+        """Serve steps in one batched pass; every active outline advances one token in it (also when
+        ``requests`` is empty)."""
+        ...
+
+    def close(self, session_id: str) -> bool: ...
+    def submit_outlines(self, requests: Sequence[SketchRequest]) -> list[SessionError | None]:
+        """Validate and queue outlines: None = accepted, ``Busy`` = queue full, else invalid."""
+        ...
+
+    def outline_events(self) -> list[OutlineEvent]:
+        """What happened to outlines since the last call (at most one event per outline)."""
+        ...
+
+    def outlines_pending(self) -> int: ...
+    def cancel_outline(self, request_id: str) -> None: ...
+    def sweep_idle(self) -> list[str]:
+        """Close sessions idle longer than ``session_idle_s``; returns their ids."""
+        ...
+
+    def sketch(self, requests: Sequence[SketchRequest]) -> list[SketchReply]:
+        """Blocking convenience: outlines for ``requests``, in order (eval, tests)."""
+        ...
+
+    def stateless_top_k(self, token_ids: Sequence[int], top_k: int) -> TopK: ...
+    def stats(self) -> dict: ...
     def shutdown(self) -> None:
         """Release what the engine holds outside the process (files); the replica is going away."""
         ...
@@ -109,21 +156,97 @@ class _Session:
 
 
 @dataclass
+class _Outline:
+    """An outline the engine decodes itself, one token per pass."""
+
+    request: SketchRequest
+    prompt: list[int]  # the sketch prompt, primed with SKETCH_PREFIX
+    generator: torch.Generator | None  # None: greedy
+    ids: list[int] = field(default_factory=list)  # what ``kv`` covers
+    kv: KV | None = None
+    feed: list[int] = field(
+        default_factory=list
+    )  # next pass's tokens: the prompt (after a cached head), then the last one written
+    out: list[int] = field(default_factory=list)  # tokens written
+    started: float = 0.0  # perf_counter when it joined the batch
+    result: OutlineEvent | None = None  # done or failed
+
+
+@dataclass
 class EngineStats:
     tokens_served: int = 0  # tokens fed to the model for logits sessions (incl. recompute)
     steps: int = 0
     batches: int = 0
-    batch_sizes: int = 0
+    batch_sizes: int = 0  # rows of every batch: logits sessions and outlines
     evictions: int = 0
     recomputes: int = 0
     draft_tokens: int = 0
     sketch_tokens: int = 0
-    prefix_hits: int = 0  # opens (and recomputes) that started from the cached prompt head
+    outlines_done: int = 0
+    prefix_hits: int = 0  # opens, recomputes and outlines that started from a cached prompt head
     prefix_tokens_saved: int = 0
+    busy_opens: int = 0  # opens refused Busy (sessions or KV budget)
+
+
+class _KeepLogits:
+    """The model, keeping its last call's raw last-position logits: an outline's repetition penalty acts
+    on logits (as in transformers), which the log-probs ``batched_forward`` returns cannot give back."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.logits: torch.Tensor | None = None  # [B, V] float32
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        self.logits = out.logits[:, -1].float()
+        return out
+
+
+def next_token(
+    logits: torch.Tensor,
+    seen: Sequence[int],
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> int:
+    """One decoding step on raw logits [V], as ``model.generate`` does it: repetition penalty over every
+    id the model conditions on (transformers' RepetitionPenaltyLogitsProcessor), then greedy when
+    ``temperature`` is 0, else temperature, top-k (0: off), top-p and a draw from ``generator``."""
+    scores = logits.float().clone()
+    if repetition_penalty != 1.0 and len(seen):
+        idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+        s = scores[idx]
+        scores[idx] = torch.where(s < 0, s * repetition_penalty, s / repetition_penalty)
+    if temperature <= 0:
+        return int(scores.argmax())
+    if temperature != 1.0:
+        scores = scores / temperature
+    if 0 < top_k < scores.numel():
+        scores = scores.masked_fill(scores < scores.topk(top_k).values[-1], -float("inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort()
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[-1] = False  # keep at least the best token
+        scores = scores.masked_fill(drop.scatter(0, order, drop), -float("inf"))
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+def _clamp_retry(seconds: float) -> float:
+    return round(min(RETRY_MAX_S, max(RETRY_MIN_S, seconds)), 2)
 
 
 class TransformersCloudEngine:
-    """Large model on transformers (CPU by default) with per-session KV caches and batched steps."""
+    """Large model on transformers (CPU by default) with per-session KV caches and batched steps.
+
+    Admission: a session counts as *active* while it was used (opened, stepped, replayed) within the
+    last ``active_window_s`` seconds. An open is refused ``Busy`` when ``max_sessions`` are open after
+    idle ones were swept, or when its prompt's KV does not fit the budget next to what active sessions
+    and outlines hold (when nothing active holds KV it is admitted, so an oversize prompt is not refused
+    forever). Caches of sessions that are not active may be evicted (and recomputed on their next step);
+    outlines' caches count in the budget and are never evicted.
+    """
 
     def __init__(
         self,
@@ -134,6 +257,9 @@ class TransformersCloudEngine:
         session_idle_s: float = 300.0,
         sketch_style: str = "zero-shot",
         kv_budget_bytes: int = 2 << 30,
+        max_outlines: int = 16,
+        max_outline_queue: int = 256,
+        active_window_s: float = 10.0,
     ) -> None:
         self.model = model.eval()
         self.tok = tokenizer
@@ -141,81 +267,179 @@ class TransformersCloudEngine:
         self.max_sessions = max_sessions
         self.session_idle_s = session_idle_s
         self.kv_budget_bytes = kv_budget_bytes
+        self.max_outlines = max_outlines
+        self.max_outline_queue = max_outline_queue
+        self.active_window_s = active_window_s
         self.vocab = model.config.vocab_size
         self.sketch_style = sketch_style
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._stop_ids = {tokenizer.eos_token_id, self.pad_id}
+        gen_top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+        self._sample_top_k = 50 if gen_top_k is None else int(gen_top_k)  # what generate() samples with
         self._sketch_prefix = tokenizer(prompts.SKETCH_PREFIX, add_special_tokens=False).input_ids
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+        self._queued: OrderedDict[str, _Outline] = OrderedDict()
+        self._active: OrderedDict[str, _Outline] = OrderedDict()
+        self._dirty: dict[str, None] = {}  # active outlines with tokens not yet reported (ordered set)
+        self._finished: dict[str, OutlineEvent] = {}  # done/failed, not yet reported
+        self._pass_s = 0.0  # moving average of a pass's seconds (for an outline Busy's retry-after)
         self.counters = EngineStats()
-        self._yield_point: Callable[[], None] = lambda: None  # called every few outline tokens
-        self._head: tuple[list[int], KV | None] | None = None  # the cloud prompt's fixed head and its KV
+        self._heads: dict[str, tuple[list[int], KV | None]] = {}  # prompt kind -> its fixed head and KV
+        self._token_bytes: int | None = None  # KV bytes per token
 
     # ---- logits mode: batched ------------------------------------------------------------------
 
     def open_many(self, requests: Sequence[OpenArgs]) -> list[TopK | SessionError]:
-        """Prefill every new session in one batched pass; errors are returned per request."""
+        """Prefill every new (or resumed) session in one batched pass; errors are returned per request.
+
+        Idle sessions are swept first; beyond ``max_sessions`` or the KV budget an open is answered
+        ``Busy`` (no active session is evicted to make room)."""
+        if not requests:
+            return []
+        self.sweep_idle()
         results: list[TopK | SessionError | None] = [None] * len(requests)
         fresh: list[tuple[int, _Session, list[int]]] = []
+        now = time.monotonic()
+        protected = self._protected_kv(now)  # KV that admission must leave in place
         for i, r in enumerate(requests):
             try:
-                existing = self._check_open(r)
+                outcome = self._check_open(r)
             except SessionError as exc:
                 results[i] = exc
                 continue
-            if existing is not None:
-                results[i] = existing  # replayed open
+            if isinstance(outcome, TopK):
+                results[i] = outcome  # replayed open, or a resume this replica already holds
                 continue
-            self._evict_idle()
-            ids = prompts.cloud_prompt_ids(self.tok, r.instruction)
+            ids = outcome
+            old = self._sessions.get(r.session_id)
+            freed = kv_bytes(old.kv) if old is not None and self._is_active(old, now) else 0
+            try:
+                needed = self._admit(r, old is not None, len(ids), protected - freed, now)
+            except Busy as exc:
+                self.counters.busy_opens += 1
+                results[i] = exc
+                continue
+            protected += needed - freed
+            if old is not None:
+                del self._sessions[r.session_id]  # a resume that does not match: rebuilt from its ids
             if self.audit:
                 self.audit.write("open", r.session_id, self.tok.decode(ids))
-            session = _Session(ids=[], top_k=r.top_k, lookahead=r.lookahead)
+            session = _Session(ids=[], top_k=r.top_k, lookahead=r.lookahead, step=r.resume_step)
             self._sessions[r.session_id] = session
-            fresh.append((i, session, self._resume(session, ids)))
+            fresh.append((i, session, self._start(session, ids)))
         for (i, _, _), top in zip(fresh, self._advance([(s, ids) for _, s, ids in fresh])):
             results[i] = top
         return results  # type: ignore[return-value]
 
-    def _resume(self, session: _Session, ids: list[int]) -> list[int]:
-        """Start ``session`` from the cached prompt head when ``ids`` begin with it (prefix caching:
-        every session's prompt opens with the same system prompt, computed once); returns the tokens
-        still to feed."""
-        head, kv = self._prompt_head()
-        if kv is not None and len(ids) > len(head) and ids[: len(head)] == head:
-            session.ids, session.kv = list(head), kv  # shared, never written in place: steps build new tensors
-            self.counters.prefix_hits += 1
-            self.counters.prefix_tokens_saved += len(head)
-            return ids[len(head) :]
-        session.ids, session.kv = [], None
-        return ids
-
-    def _prompt_head(self) -> tuple[list[int], KV | None]:
-        if self._head is None:
-            a, b = (prompts.cloud_prompt_ids(self.tok, x) for x in ("Write a poem.", "Summarize this."))
-            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            if n >= 2:
-                _, caches = batched_forward(self.model, [None], [a[:n]], pad_id=self.pad_id)
-                self._head = (a[:n], caches[0])
-            else:
-                self._head = ([], None)
-        return self._head
-
-    def _check_open(self, r: OpenArgs) -> TopK | None:
+    def _check_open(self, r: OpenArgs) -> TopK | list[int]:
+        """Validate an open; returns the reply it replays, or the ids to prefill (prompt + resume)."""
         if not r.instruction.strip():
             raise SessionError("empty instruction", hint="send the general instruction the cloud should follow")
         if not 1 <= r.top_k <= MAX_TOP_K:
             raise SessionError(f"top_k={r.top_k} is outside 1..{MAX_TOP_K}")
         if not 0 <= r.lookahead <= MAX_LOOKAHEAD:
             raise SessionError(f"lookahead={r.lookahead} is outside 0..{MAX_LOOKAHEAD}")
+        if r.resume_step < 0:
+            raise SessionError(f"session {r.session_id}: resume_step={r.resume_step} is negative")
+        if r.resume and (min(r.resume) < 0 or max(r.resume) >= self.vocab):
+            raise SessionError(
+                f"session {r.session_id}: the resume carries invalid token ids",
+                hint=f"send the ids the session released, each in 0..{self.vocab - 1}",
+            )
         session = self._sessions.get(r.session_id)
-        if session is None:
-            return None
-        if session.step == 0 and session.last is not None:
-            return session.last
-        raise SessionError(f"session {r.session_id} is already open")
+        held = session is not None and session.last is not None  # else new, or never answered: start over
+        if held and not r.is_resume:
+            assert session is not None
+            if session.step == 0:
+                return self._touch(r.session_id, session)  # a replayed open
+            raise SessionError(f"session {r.session_id} is already open")
+        ids = prompts.cloud_prompt_ids(self.tok, r.instruction) + list(r.resume)
+        if (
+            held
+            and session is not None
+            and session.ids == ids
+            and session.step == r.resume_step
+            and (session.top_k, session.lookahead) == (r.top_k, r.lookahead)
+        ):
+            return self._touch(r.session_id, session)  # a repeated resume: same answer, no recompute
+        return ids  # a new session, or a resume that replaces what this replica holds
+
+    def _touch(self, session_id: str, session: _Session) -> TopK:
+        self._sessions.move_to_end(session_id)
+        session.last_used = time.monotonic()
+        assert session.last is not None
+        return session.last
+
+    def _admit(self, r: OpenArgs, replaces: bool, n_ids: int, protected: int, now: float) -> int:
+        """Raise ``Busy`` when the replica cannot take this open; returns the KV bytes it will need."""
+        if not replaces and len(self._sessions) >= self.max_sessions:
+            lru = next(iter(self._sessions.values()))
+            raise Busy(
+                f"session {r.session_id}: {len(self._sessions)} sessions are open (max_sessions={self.max_sessions})",
+                retry_after_s=_clamp_retry(self.session_idle_s - (now - lru.last_used)),
+            )
+        needed = (n_ids + r.lookahead) * self._kv_token_bytes()
+        if protected > 0 and protected + needed > self.kv_budget_bytes:
+            ages = [now - s.last_used for s in self._sessions.values() if s.kv is not None and self._is_active(s, now)]
+            raise Busy(
+                f"session {r.session_id}: the KV budget ({self.kv_budget_bytes >> 20} MiB) is held by active sessions",
+                retry_after_s=_clamp_retry(self.active_window_s - max(ages) if ages else 1.0),
+            )
+        return needed
+
+    def _is_active(self, session: _Session, now: float) -> bool:
+        return now - session.last_used <= self.active_window_s
+
+    def _protected_kv(self, now: float) -> int:
+        """KV bytes that stay whatever comes: active sessions' and outlines'."""
+        return sum(kv_bytes(s.kv) for s in self._sessions.values() if self._is_active(s, now)) + sum(
+            kv_bytes(o.kv) for o in self._active.values()
+        )
+
+    def _kv_token_bytes(self) -> int:
+        if self._token_bytes is None:  # measured once: exact for any architecture and dtype
+            _, caches = batched_forward(self.model, [None], [[self.pad_id]], pad_id=self.pad_id)
+            self._token_bytes = kv_bytes(caches[0])
+        return self._token_bytes
+
+    def _start(self, session: _Session, ids: list[int]) -> list[int]:
+        """Start ``session`` from the cached prompt head when ``ids`` begin with it; returns the tokens
+        still to feed."""
+        session.ids, session.kv, feed = self._from_head(ids, "cloud")
+        return feed
+
+    def _from_head(self, ids: list[int], kind: str) -> tuple[list[int], KV | None, list[int]]:
+        """Prefix caching: every prompt of a kind opens with the same fixed text (the system prompt, the
+        sketch instructions), computed once. Returns (ids covered, their KV, ids still to feed)."""
+        head, kv = self._prompt_head(kind)
+        if kv is not None and len(ids) > len(head) and ids[: len(head)] == head:
+            self.counters.prefix_hits += 1
+            self.counters.prefix_tokens_saved += len(head)
+            return list(head), kv, ids[len(head) :]  # shared, never written in place: passes build new tensors
+        return [], None, ids
+
+    def _prompt_head(self, kind: str = "cloud") -> tuple[list[int], KV | None]:
+        """The fixed head of a prompt kind ("cloud", or "sketch:<SketchRequest.kind>") and its KV."""
+        if kind not in self._heads:
+            a, b = (self._prompt_ids(x, kind) for x in ("Write a poem.", "Summarize this."))
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            if n >= 2:
+                _, caches = batched_forward(self.model, [None], [a[:n]], pad_id=self.pad_id)
+                self._heads[kind] = (a[:n], caches[0])
+            else:
+                self._heads[kind] = ([], None)
+        return self._heads[kind]
+
+    def _prompt_ids(self, instruction: str, kind: str) -> list[int]:
+        if kind == "cloud":
+            return prompts.cloud_prompt_ids(self.tok, instruction)
+        sketch_kind = kind.partition(":")[2]
+        messages = prompts.sketch_messages(instruction, sketch_kind, self.sketch_style)
+        return prompts.render(self.tok, messages) + self._sketch_prefix
 
     def step_many(self, requests: Sequence[StepArgs]) -> list[TopK | SessionError]:
-        """Serve every step in one batched pass (a session appearing twice is served in order)."""
+        """Serve every step in one batched pass (a session appearing twice is served in order); every
+        active outline advances by one token in the first pass, also when ``requests`` is empty."""
         results: list[TopK | SessionError | None] = [None] * len(requests)
         waves: list[list[int]] = []
         for i, r in enumerate(requests):  # each wave holds a session at most once
@@ -225,7 +449,11 @@ class TransformersCloudEngine:
                     break
             else:
                 waves.append([i])
-        for wave in waves:
+        self._activate_outlines()
+        outlines = list(self._active.values())
+        if outlines and not waves:
+            waves = [[]]
+        for n, wave in enumerate(waves):
             work: list[tuple[int, _Session, list[int]]] = []
             for i in wave:
                 try:
@@ -237,7 +465,13 @@ class TransformersCloudEngine:
                     results[i] = outcome
                 else:
                     work.append((i, *outcome))
-            for (i, session, _), top in zip(work, self._advance([(s, feed) for _, s, feed in work])):
+            riding = outlines if n == 0 else []
+            try:
+                tops = self._advance([(s, feed) for _, s, feed in work], riding)
+            except Exception as exc:
+                self._fail_outlines(riding, exc)  # each outline gets an answer, and a failing one cannot repeat
+                raise
+            for (i, session, _), top in zip(work, tops):
                 session.step = requests[i].step
                 results[i] = top
         return results  # type: ignore[return-value]
@@ -270,7 +504,7 @@ class TransformersCloudEngine:
         if session.kv is None:  # evicted (or never cached): recompute from the confirmed prefix
             self.counters.recomputes += 1
             session.draft = []
-            return session, self._resume(session, session.ids + toks)
+            return session, self._start(session, session.ids + toks)
         agree = 0
         while agree < min(len(toks), len(session.draft)) and toks[agree] == session.draft[agree]:
             agree += 1
@@ -280,30 +514,45 @@ class TransformersCloudEngine:
         session.draft = []
         return session, toks[agree:]
 
-    def _advance(self, work: Sequence[tuple[_Session, list[int]]]) -> list[TopK]:
-        """Feed each session its tokens (one batched pass per feed length class), then draft."""
-        if not work:
+    def _advance(self, work: Sequence[tuple[_Session, list[int]]], outlines: Sequence[_Outline] = ()) -> list[TopK]:
+        """Feed each session its tokens and each outline its pending tokens (one batched pass per feed
+        length class: single tokens together, prefills together), write each outline's next token,
+        then draft."""
+        if not work and not outlines:
             return []
         t0 = time.perf_counter()
+        feeds: list[tuple[KV | None, list[int]]] = [(s.kv, f) for s, f in work] + [(o.kv, o.feed) for o in outlines]
+        n_work = len(work)
         tops: dict[int, torch.Tensor] = {}
-        # single-token steps and multi-token prefills are batched separately (no padding waste)
+        written: dict[int, torch.Tensor] = {}  # outline index -> raw logits after its feed
+        # single-token feeds and multi-token prefills are batched separately (no padding waste)
         for group in (
-            [j for j, (_, f) in enumerate(work) if len(f) == 1],
-            [j for j, (_, f) in enumerate(work) if len(f) > 1],
+            [j for j, (_, f) in enumerate(feeds) if len(f) == 1],
+            [j for j, (_, f) in enumerate(feeds) if len(f) > 1],
         ):
             if not group:
                 continue
+            keep = _KeepLogits(self.model) if any(j >= n_work for j in group) else None
             lp, caches = batched_forward(
-                self.model, [work[j][0].kv for j in group], [work[j][1] for j in group], pad_id=self.pad_id
+                keep or self.model, [feeds[j][0] for j in group], [feeds[j][1] for j in group], pad_id=self.pad_id
             )
             self.counters.batches += 1
             self.counters.batch_sizes += len(group)
             for row, j in enumerate(group):
-                session, feed = work[j]
-                session.kv = caches[row]
-                session.ids.extend(feed)
-                self.counters.tokens_served += len(feed)
-                tops[j] = lp[row, -1]
+                if j < n_work:
+                    session, feed = work[j]
+                    session.kv = caches[row]
+                    session.ids.extend(feed)
+                    self.counters.tokens_served += len(feed)
+                    tops[j] = lp[row, -1]
+                else:
+                    assert keep is not None and keep.logits is not None
+                    outline = outlines[j - n_work]
+                    outline.kv = caches[row]
+                    outline.ids.extend(outline.feed)
+                    written[j - n_work] = keep.logits[row]
+        for k, outline in enumerate(outlines):
+            self._write_token(outline, written[k])
         rows = {j: [tops[j]] for j in tops}
         drafting = [j for j, (s, _) in enumerate(work) if s.lookahead > 0]
         for _ in range(max((work[j][0].lookahead for j in drafting), default=0)):
@@ -321,7 +570,8 @@ class TransformersCloudEngine:
                 work[j][0].kv = caches[row]
                 work[j][0].draft.append(tok)
                 rows[j].append(lp[row, -1])
-        ms = (time.perf_counter() - t0) * 1000
+        seconds = time.perf_counter() - t0
+        self._pass_s = seconds if not self._pass_s else 0.8 * self._pass_s + 0.2 * seconds
         out = []
         for j, (session, _) in enumerate(work):
             top = torch.stack(rows[j]).topk(session.top_k, dim=-1)  # [P, K]
@@ -330,39 +580,56 @@ class TransformersCloudEngine:
                 top.values.numpy(),
                 np.asarray(session.draft, dtype=np.int32),
                 len(session.ids),
-                ms,
+                seconds * 1000,
             )
             out.append(session.last)
         self._enforce_budget()
         return out
 
     def _enforce_budget(self) -> None:
-        total = sum(kv_bytes(s.kv) for s in self._sessions.values())
+        """Evict caches of sessions that are not active (least recently used first) while over budget;
+        active sessions and outlines keep theirs (admission keeps them within the budget)."""
+        total = self._kv_total()
+        if total <= self.kv_budget_bytes:
+            return
+        now = time.monotonic()
         for sid, session in self._sessions.items():  # least recently used first
             if total <= self.kv_budget_bytes:
                 break
-            if session.kv is not None:
+            if session.kv is not None and not self._is_active(session, now):
                 total -= kv_bytes(session.kv)
                 session.kv, session.draft = None, []
                 self.counters.evictions += 1
-                log.info("KV budget: evicted session %s (recomputed on its next step)", sid)
+                log.info("KV budget: evicted the cache of idle session %s (recomputed on its next step)", sid)
+
+    def _kv_total(self) -> int:
+        return sum(kv_bytes(s.kv) for s in self._sessions.values()) + sum(kv_bytes(o.kv) for o in self._active.values())
 
     def close(self, session_id: str) -> bool:
         return self._sessions.pop(session_id, None) is not None
 
-    def _evict_idle(self) -> None:
+    def sweep_idle(self) -> list[str]:
+        """Close sessions idle longer than ``session_idle_s`` (their edge vanished): frees their KV."""
         now = time.monotonic()
-        for sid in [s for s, v in self._sessions.items() if now - v.last_used > self.session_idle_s]:
+        gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.session_idle_s]
+        for sid in gone:
             log.info("closing idle session %s", sid)
             del self._sessions[sid]
-        while len(self._sessions) >= self.max_sessions:
-            sid, _ = self._sessions.popitem(last=False)
-            log.warning("session limit %d reached: closed least recently used session %s", self.max_sessions, sid)
+        return gone
 
     # ---- single-request conveniences -------------------------------------------------------------
 
-    def open(self, session_id: str, instruction: str, top_k: int, lookahead: int = 0) -> TopK:
-        return _raise_or(self.open_many([OpenArgs(session_id, instruction, top_k, lookahead)])[0])
+    def open(
+        self,
+        session_id: str,
+        instruction: str,
+        top_k: int,
+        lookahead: int = 0,
+        resume: Sequence[int] = (),
+        resume_step: int = 0,
+    ) -> TopK:
+        args = OpenArgs(session_id, instruction, top_k, lookahead, tuple(int(t) for t in resume), resume_step)
+        return _raise_or(self.open_many([args])[0])
 
     def step(self, session_id: str, step: int, tokens: Sequence[int]) -> TopK:
         return _raise_or(self.step_many([StepArgs(session_id, step, tuple(int(t) for t in tokens))])[0])
@@ -387,75 +654,176 @@ class TransformersCloudEngine:
             (time.perf_counter() - t0) * 1000,
         )
 
-    # ---- sketch mode -----------------------------------------------------------------------------
+    # ---- sketch mode: outlines in the batch ----------------------------------------------------------
+
+    def submit_outlines(self, requests: Sequence[SketchRequest]) -> list[SessionError | None]:
+        """Validate and queue outlines (None = accepted). Beyond ``max_outlines`` active plus
+        ``max_outline_queue`` waiting, an outline is refused ``Busy``."""
+        results: list[SessionError | None] = []
+        for r in requests:
+            try:
+                self._check_outline(r)
+                if self.outlines_pending() >= self.max_outlines + self.max_outline_queue:
+                    raise Busy(
+                        f"outline {r.request_id}: {self.outlines_pending()} outlines are pending",
+                        retry_after_s=self._outline_retry_s(),
+                    )
+            except SessionError as exc:
+                results.append(exc)
+                continue
+            self._enqueue(r)
+            results.append(None)
+        return results
+
+    def _check_outline(self, r: SketchRequest) -> None:
+        if not r.instruction.strip():
+            raise SessionError(
+                f"sketch {r.request_id}: empty instruction", hint="send the general instruction to outline"
+            )
+        if not (
+            1 <= r.max_tokens <= MAX_OUTLINE_TOKENS
+            and r.temperature >= 0
+            and 0 < r.top_p <= 1
+            and 0 < r.repetition_penalty <= 10
+        ):
+            raise SessionError(
+                f"sketch {r.request_id}: invalid decoding settings",
+                hint=f"max_tokens 1..{MAX_OUTLINE_TOKENS}, temperature >= 0, top_p in (0, 1], "
+                "repetition_penalty in (0, 10]",
+            )
+        if r.request_id in self._queued or r.request_id in self._active:
+            raise SessionError(
+                f"sketch {r.request_id} is already pending", hint="give every outline its own request id"
+            )
+
+    def _enqueue(self, r: SketchRequest) -> _Outline:
+        generator = None
+        if r.temperature > 0:
+            generator = torch.Generator()
+            if r.seed is not None:
+                generator.manual_seed(r.seed)
+            else:
+                generator.seed()  # fresh per outline
+        outline = _Outline(r, self._prompt_ids(r.instruction, f"sketch:{r.kind}"), generator)
+        self._queued[r.request_id] = outline
+        return outline
+
+    def _outline_retry_s(self) -> float:
+        """About when a queue slot frees: the active outline closest to done finishes."""
+        left = min((o.request.max_tokens - len(o.out) for o in self._active.values()), default=1)
+        return _clamp_retry(left * (self._pass_s or 0.1))
+
+    def _activate_outlines(self) -> None:
+        while self._queued and len(self._active) < self.max_outlines:
+            rid, outline = self._queued.popitem(last=False)
+            self._active[rid] = outline
+            try:
+                if self.audit:
+                    self.audit.write("sketch", rid, self.tok.decode(outline.prompt))
+                outline.ids, outline.kv, outline.feed = self._from_head(
+                    outline.prompt, f"sketch:{outline.request.kind}"
+                )
+            except Exception as exc:  # its prompt head's pass failed: answer it, as a failed pass does
+                self._fail_outlines([outline], exc)
+                raise
+            outline.started = time.perf_counter()
+
+    def _write_token(self, outline: _Outline, logits: torch.Tensor) -> None:
+        r = outline.request
+        token = next_token(
+            logits, outline.ids, r.temperature, r.top_p, r.repetition_penalty, self._sample_top_k, outline.generator
+        )
+        if token not in self._stop_ids:
+            outline.out.append(token)
+            self.counters.sketch_tokens += 1
+        if token in self._stop_ids or len(outline.out) >= r.max_tokens:
+            text = self._outline_text(outline)
+            reply = SketchReply(
+                request_id=r.request_id,
+                sketch=text,
+                tokens=len(outline.out),
+                compute_ms=(time.perf_counter() - outline.started) * 1000,
+            )
+            self._finish(outline, OutlineEvent(r.request_id, len(outline.out), text, reply=reply))
+            self.counters.outlines_done += 1
+        else:
+            outline.feed = [token]
+            self._dirty[r.request_id] = None
+
+    def _outline_text(self, outline: _Outline) -> str:
+        return prompts.clean_sketch(prompts.SKETCH_PREFIX + self.tok.decode(outline.out, skip_special_tokens=True))
+
+    def _finish(self, outline: _Outline, event: OutlineEvent, publish: bool = True) -> None:
+        rid = outline.request.request_id
+        self._active.pop(rid, None)
+        self._queued.pop(rid, None)
+        self._dirty.pop(rid, None)
+        outline.kv, outline.result = None, event
+        if publish:
+            self._finished[rid] = event
+
+    def _fail_outlines(self, outlines: Sequence[_Outline], exc: Exception) -> None:
+        for outline in outlines:
+            rid = outline.request.request_id
+            log.warning("outline %s failed in a batched pass: %s", rid, type(exc).__name__)
+            error = SessionError(
+                f"sketch {rid}: the model failed ({type(exc).__name__})",
+                hint="retry the request; if it persists, check the replica's log",
+            )
+            self._finish(outline, OutlineEvent(rid, len(outline.out), "", error=error))
+
+    def outline_events(self) -> list[OutlineEvent]:
+        """Progress of active outlines (one per outline, the latest) and outlines done or failed, since the
+        last call. Texts are decoded here, so unread progress costs nothing."""
+        events = [
+            OutlineEvent(rid, len(o.out), self._outline_text(o))
+            for rid in self._dirty
+            if (o := self._active.get(rid)) is not None
+        ]
+        events.extend(self._finished.values())
+        self._dirty.clear()
+        self._finished.clear()
+        return events
+
+    def outlines_pending(self) -> int:
+        return len(self._active) + len(self._queued)
+
+    def cancel_outline(self, request_id: str) -> None:
+        """Forget an outline (its client left or its budget ran out): frees its KV and its batch slot."""
+        outline = self._active.get(request_id) or self._queued.get(request_id)
+        if outline is not None:
+            error = SessionError(f"sketch {request_id} was cancelled")
+            self._finish(outline, OutlineEvent(request_id, len(outline.out), "", error=error), publish=False)
+        self._finished.pop(request_id, None)
 
     def sketch(self, requests: Sequence[SketchRequest]) -> list[SketchReply]:
-        """Write outlines for a batch of public instructions; one generate call per decoding setting."""
-        replies: dict[str, SketchReply] = {}
-        groups: dict[tuple, list[SketchRequest]] = {}
-        for r in requests:
-            if not r.instruction.strip():
+        """Outlines for ``requests``, in order: queue them all (the queue cap guards the HTTP path, not
+        this in-process caller), then run passes until they are done. Raises the first invalid request's
+        ``SessionError`` before any work."""
+        for i, r in enumerate(requests):
+            self._check_outline(r)
+            if any(q.request_id == r.request_id for q in requests[:i]):
                 raise SessionError(
-                    f"sketch {r.request_id}: empty instruction", hint="send the general instruction to outline"
+                    f"sketch {r.request_id} is already pending", hint="give every outline its own request id"
                 )
-            if not (
-                1 <= r.max_tokens <= 4096 and r.temperature >= 0 and 0 < r.top_p <= 1 and 0 < r.repetition_penalty <= 10
-            ):
-                raise SessionError(
-                    f"sketch {r.request_id}: invalid decoding settings",
-                    hint=("max_tokens 1..4096, temperature >= 0, top_p in (0, 1], repetition_penalty in (0, 10]"),
-                )
-            groups.setdefault((r.max_tokens, r.temperature, r.top_p, r.repetition_penalty), []).append(r)
-        for (max_tokens, temperature, top_p, penalty), group in groups.items():
-            for r, text, n, ms in zip(group, *self._generate(group, max_tokens, temperature, top_p, penalty)):
-                replies[r.request_id] = SketchReply(request_id=r.request_id, sketch=text, tokens=n, compute_ms=ms)
-        return [replies[r.request_id] for r in requests]
-
-    def _generate(
-        self, group: list[SketchRequest], max_tokens: int, temperature: float, top_p: float, repetition_penalty: float
-    ):
-        t0 = time.perf_counter()
-        prompts_ids = [
-            prompts.render(self.tok, prompts.sketch_messages(r.instruction, r.kind, self.sketch_style))
-            + self._sketch_prefix
-            for r in group
-        ]
-        if self.audit:
-            for r, ids in zip(group, prompts_ids):
-                self.audit.write("sketch", r.request_id, self.tok.decode(ids))
-        width = max(map(len, prompts_ids))
-        pad = self.pad_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
-        if group[0].seed is not None:
-            torch.manual_seed(group[0].seed)
-        sampling: dict[str, bool | float] = (
-            dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        )
-        sampling["repetition_penalty"] = repetition_penalty
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_tokens,
-                pad_token_id=pad,
-                eos_token_id=self.tok.eos_token_id,
-                logits_processor=LogitsProcessorList([_YieldEachToken(self._yield_point)]),
-                **sampling,
-            )
-        new = out[:, width:]
-        texts, counts = [], []
-        for row in new.tolist():
-            n = next((i for i, t in enumerate(row) if t in (self.tok.eos_token_id, pad)), len(row))
-            raw = prompts.SKETCH_PREFIX + self.tok.decode(row[:n], skip_special_tokens=True)
-            texts.append(prompts.clean_sketch(raw))
-            counts.append(n)
-        self.counters.sketch_tokens += sum(counts)
-        ms = (time.perf_counter() - t0) * 1000
-        return texts, counts, [ms] * len(group)
-
-    def set_yield_point(self, yield_point: Callable[[], None]) -> None:
-        self._yield_point = yield_point
+        mine = [self._enqueue(r) for r in requests]
+        try:
+            while any(o.result is None for o in mine):
+                self.step_many([])
+        finally:
+            for o in mine:
+                self._dirty.pop(o.request.request_id, None)
+                self._finished.pop(o.request.request_id, None)
+                if o.result is None:
+                    self.cancel_outline(o.request.request_id)
+        replies = []
+        for o in mine:
+            assert o.result is not None
+            if o.result.error is not None:
+                raise o.result.error
+            assert o.result.reply is not None
+            replies.append(o.result.reply)
+        return replies
 
     def shutdown(self) -> None:
         if self.audit:
@@ -470,29 +838,17 @@ class TransformersCloudEngine:
             "batches": c.batches,
             "batch_rows": c.batch_sizes,
             "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
-            "kv_bytes": sum(kv_bytes(s.kv) for s in self._sessions.values()),
+            "kv_bytes": self._kv_total(),
             "evictions": c.evictions,
             "recomputes": c.recomputes,
             "draft_tokens": c.draft_tokens,
             "prefix_hits": c.prefix_hits,
             "prefix_tokens_saved": c.prefix_tokens_saved,
+            "outlines_active": len(self._active),
+            "outlines_queued": len(self._queued),
+            "outlines_done": c.outlines_done,
+            "busy_opens": c.busy_opens,
         }
-
-
-class _YieldEachToken(LogitsProcessor):
-    """Calls ``yield_point`` every ``every`` generated tokens (changes no scores): waiting steps run
-    between them. Every token would make an outline wait one step pass per token under load."""
-
-    def __init__(self, yield_point, every: int = 4) -> None:
-        self.yield_point = yield_point
-        self.every = every
-        self.n = 0
-
-    def __call__(self, input_ids, scores):
-        self.n += 1
-        if self.n % self.every == 0:
-            self.yield_point()
-        return scores
 
 
 def _raise_or(result: TopK | SessionError) -> TopK:
@@ -516,4 +872,6 @@ def build_engine(cfg: CloudConfig) -> TransformersCloudEngine:
         session_idle_s=cfg.session_idle_s,
         sketch_style=cfg.sketch_style,
         kv_budget_bytes=int(cfg.kv_budget_mb * (1 << 20)),
+        max_outlines=cfg.sketch_max_batch,
+        max_outline_queue=cfg.sketch_max_queue,
     )

@@ -1,7 +1,25 @@
-"""The replica's logits-mode loop: read requests from the bus, drive the engine, post replies.
+"""The replica's loop: read requests from the bus, drive the engine, post replies; write outlines.
 
-Runs in one thread per replica. Errors never kill the loop: each bad request gets an
-ErrorReply naming the problem (or, if it cannot even be decoded, a warning in the log).
+Runs in one thread per replica, the only one that drives the engine besides the HTTP stateless baseline
+(both under one lock: the engine is not thread-safe). What it promises:
+
+- **Every request gets an answer.** Each item of a read (each message of a ``StepBatch``) is decoded and
+  validated on its own: a bad one gets ``bad_request`` on its own reply list (or, when not even its session
+  is known, a warning in the log, without its bytes), the rest are served, and every entry read is
+  acknowledged and deleted whatever happens in the pass (``finally``).
+- **Admission.** An open that waited on the bus longer than ``max_queue_age_s`` (the replica is behind), or
+  that the engine cannot admit (``Busy``), is answered ``busy`` with a retry-after; the edge retries.
+- **Outlines share the batch.** ``/v1/sketch`` hands its request here (``submit_outline``, thread-safe);
+  while outlines are pending every pass advances them by one token beside the logits steps, and their
+  events go back to the waiting handler through the callback it gave.
+- **Dead replicas' work is taken over.** A heartbeat thread of its own keeps ``cg:alive:{replica}`` (a
+  long forward pass does not silence it); every few seconds the loop looks for replicas of the open
+  stream's group without heartbeat, claims their pending opens and serves them, and answers what is left
+  on their input streams ``unknown_session`` (their edges resume elsewhere at once).
+- **Timers.** Idle sessions are swept every ``sweep_interval_s`` (their edges vanished).
+- **Redis outages** are survived: capped exponential backoff, one log line per outage, groups and streams
+  recreated after a restart, replies of a pass that could not be posted posted once Redis is back;
+  ``health`` reports a dead or hung loop and an outage past ``redis_grace_s`` (Serve's health check).
 
 Time is this replica's own: a request's budget counts from its arrival on the cloud (its stream
 entry's id, Redis's clock), and a reply's tracing fields are durations measured here.
@@ -9,23 +27,30 @@ entry's id, Redis's clock), and a reply's tracing fields are durations measured 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-from cogenesis.cluster.bus import OPEN_STREAM, CloudBus, entry_ms
+import msgspec
+
+from cogenesis.cluster.bus import OPEN_STREAM, REDIS_DOWN, CloudBus, entry_ms
 from cogenesis.core import metrics
-from cogenesis.core.errors import CoGenesisError, ProtocolError, SessionError, UnknownSession
+from cogenesis.core.config import CloudConfig
+from cogenesis.core.errors import Busy, ClusterError, CoGenesisError, ProtocolError, UnknownSession
 from cogenesis.core.protocol import (
     CloseSession,
-    EdgeToCloud,
     ErrorReply,
     OpenSession,
     ReplyBatch,
+    SketchProgress,
+    SketchReply,
+    SketchRequest,
     StepBatch,
     StepReply,
     StepRequest,
@@ -41,7 +66,14 @@ from cogenesis.deployments.replies import TraceFields, step_reply
 log = logging.getLogger(__name__)
 
 Outcome = TopK | Exception  # what the engine made of one request
-_A = TypeVar("_A")
+Reply = StepReply | ErrorReply
+
+BUSY_RETRY_MS = 1000  # what a replica that is behind suggests to an open it refuses
+BACKOFF_BASE_S = 0.1  # Redis outages: first retry, doubled per failure ...
+BACKOFF_CAP_S = 5.0  # ... up to this
+ORPHAN_SCAN_S = 30.0  # a full keyspace scan for streams of dead replicas written to after their takeover
+HANG_S = 300.0  # a loop that made no iteration this long is hung (a pass that never ends): unhealthy
+MAX_UNFINISHED = 1000  # passes whose replies and acks wait for Redis to come back
 
 
 @dataclass(frozen=True)
@@ -67,29 +99,106 @@ class Trace:
         )
 
 
-def _error(session_id: str, step: int, code: str, message: str) -> ErrorReply:
-    return ErrorReply(session_id=session_id, step=step, code=code, message=message)
+@dataclass(frozen=True)
+class OutlineUpdate:
+    """What the loop tells an outline's waiting handler: ``accepted`` (queued in the engine), ``progress``
+    (the outline so far), ``done`` (the reply), ``failed`` (the error: ``Busy`` when the engine's queue is
+    full, ``SessionError`` for invalid settings, ``ClusterError`` when the replica stops)."""
+
+    kind: Literal["accepted", "progress", "done", "failed"]
+    progress: SketchProgress | None = None
+    reply: SketchReply | None = None
+    error: CoGenesisError | None = None
 
 
-def _decode(payload: bytes) -> EdgeToCloud | ProtocolError:
+Deliver = Callable[[OutlineUpdate], None]
+
+
+@dataclass(frozen=True)
+class _Outline:
+    ticket: str  # the engine's request id for it: unique on this replica, whatever ids edges choose
+    request: SketchRequest
+    deliver: Deliver
+    progress: bool
+
+
+@dataclass
+class _Item:
+    """One request to serve (an open or a step), decoded and checked."""
+
+    msg: OpenSession | StepRequest
+    arrived_ms: int  # its stream entry's arrival (Redis's clock)
+    ids: tuple[int, ...]  # a step's tokens; an open's resume ids
+    answered: bool = False
+
+    @property
+    def step(self) -> int:
+        return self.msg.step if isinstance(self.msg, StepRequest) else self.msg.resume_step
+
+    @property
+    def reply_to(self) -> str:
+        return self.msg.reply_to or self.msg.session_id
+
+
+@dataclass
+class _Parsed:
+    items: list[_Item] = field(default_factory=list)
+    closes: list[CloseSession] = field(default_factory=list)
+    replies: list[tuple[str, Reply]] = field(default_factory=list)
+
+
+class _RedisState:
+    """When this replica last reached Redis, and since when it cannot (either thread reports)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last_ok = time.monotonic()
+        self.down_since: float | None = None
+
+    def ok(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self.down_since is not None:
+                log.warning("Redis is reachable again after %.1f s", now - self.down_since)
+                self.down_since = None
+            self.last_ok = now
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.down_since is None:  # one line per outage, not one per retry
+                self.down_since = time.monotonic()
+                log.warning("Redis unreachable (%s): retrying with backoff", type(exc).__name__)
+
+    def down_for(self) -> float:
+        with self._lock:
+            return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+
+
+def _error(session_id: str, step: int, code: str, message: str, retry_after_ms: int = 0) -> ErrorReply:
+    return ErrorReply(session_id=session_id, step=step, code=code, message=message, retry_after_ms=retry_after_ms)
+
+
+def _identify(payload: bytes) -> tuple[str, str, int] | None:
+    """(session, reply list, step) of a message that did not decode as a request (wrong version, a malformed
+    field), read leniently so that its sender still gets an answer; None when it names no session (or is
+    a close, which is never answered)."""
     try:
-        return decode_request(payload)
-    except ProtocolError as exc:
-        return exc
+        raw = msgspec.msgpack.decode(payload)
+    except (msgspec.DecodeError, ValueError, TypeError):
+        return None
+    if not isinstance(raw, dict) or raw.get("type") == "close":
+        return None
+    session_id, reply_to = raw.get("session_id"), raw.get("reply_to")
+    if not isinstance(session_id, str) or not session_id:
+        return None
+    step = raw.get("step", raw.get("resume_step", 0))
+    step = step if isinstance(step, int) and not isinstance(step, bool) else 0
+    return session_id, reply_to if isinstance(reply_to, str) and reply_to else session_id, step
 
 
-def _reply_to(msg: OpenSession | StepRequest) -> str:
-    return msg.reply_to or msg.session_id
-
-
-def _spent(arrived_ms: int, msg: OpenSession | StepRequest) -> bool:
-    """The request's budget, counted from its arrival, is used up (a budget of 0 always is)."""
-    return arrived_ms + msg.budget_ms <= now_ms()
-
-
-def _pack(replies: list[tuple[str, StepReply | ErrorReply]]) -> list[tuple[str, bytes]]:
+def _pack(replies: list[tuple[str, Reply]]) -> list[tuple[str, bytes]]:
     """One payload per reply list: the reply itself, or a ReplyBatch when a pool gets several."""
-    groups: dict[str, list[StepReply | ErrorReply]] = {}
+    groups: dict[str, list[Reply]] = {}
     for key, msg in replies:
         groups.setdefault(key, []).append(msg)
     return [
@@ -98,152 +207,579 @@ def _pack(replies: list[tuple[str, StepReply | ErrorReply]]) -> list[tuple[str, 
 
 
 class StepLoop:
+    """One replica's loop over its engine and the bus (see the module docstring).
+
+    ``config`` supplies the timers and limits (``max_queue_age_s``, ``sweep_interval_s``, ``heartbeat_s``,
+    ``heartbeat_ttl_s``, ``redis_grace_s``); defaults: ``CloudConfig()``'s."""
+
     def __init__(
         self,
         engine: CloudEngine,
         bus: CloudBus,
         engine_lock: AbstractContextManager[object],
         metrics_address: str | None = None,
+        config: CloudConfig | None = None,
+        hang_s: float = HANG_S,
     ) -> None:
         self.engine = engine
         self.metrics_address = metrics_address  # announced on the bus with every heartbeat
         self.bus = bus
         self.lock = engine_lock
+        self.cfg = config or CloudConfig()
+        self.bus.heartbeat_ttl_s = self.cfg.heartbeat_ttl_s  # who counts as dead: the same rule everywhere
+        self.hang_s = hang_s
         self._stop = threading.Event()
+        self._stopped = False
+        self._wake = threading.Event()  # an outline was submitted or cancelled: stop waiting
         self._thread = threading.Thread(target=self._run, name="cogenesis-step-loop", daemon=True)
+        self._beat_stop = threading.Event()
+        self._beater = threading.Thread(target=self._beat, name="cogenesis-heartbeat", daemon=True)
+        self.redis = _RedisState()
+        self.iterated = time.monotonic()  # the loop's last iteration began
+        # bus work
+        self._claimed: list[tuple[str, bytes, bytes]] = []  # dead replicas' opens, served with the next read
+        self._unfinished: list[tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]] = []  # (acks, replies)
+        self._failures = 0  # consecutive Redis failures (backoff)
+        self._retry_at = 0.0  # no bus call before this (monotonic)
+        now = time.monotonic()
+        self._next_sweep = now + self.cfg.sweep_interval_s
+        self._claim_every = max(0.5, min(5.0, self.cfg.heartbeat_ttl_s / 2))
+        self._next_claim = now + self._claim_every
+        self._next_orphans = now + ORPHAN_SCAN_S
+        # outlines
+        self._commands: queue.SimpleQueue[_Outline | str] = queue.SimpleQueue()  # submissions, cancelled tickets
+        self._outlines: dict[str, _Outline] = {}  # ticket -> outline the engine holds
+        self._tickets = itertools.count(1)
+        # counters (``/v1/stats``)
         self.requests = self.errors = 0
+        self.refusals: dict[str, int] = {}
+        self.claimed = self.swept = 0
+        self.outlines_done = self.outlines_failed = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> StepLoop:
         self._thread.start()
+        self._beater.start()
         return self
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop and the heartbeat (each joined within ``timeout_s``), fail waiting outlines, hand
+        back what is left on this replica's input stream (answered ``unknown_session``: its edges resume
+        elsewhere) and close the bus. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
-        self._thread.join(timeout_s)
-        self.bus.close()
+        self._wake.set()
+        self._beat_stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        if self._beater.is_alive():
+            self._beater.join(timeout_s)
+        gone = ClusterError("the replica is shutting down", hint="retry: another replica will serve it")
+        for outline in list(self._outlines.values()) + self._queued_outlines():
+            self._deliver(outline, OutlineUpdate("failed", error=gone))
+        self._outlines.clear()
+        try:
+            left = self.bus.retire()
+            if left:
+                replies = self._answer_lost(self.bus.replica, left, "the replica stopped")
+                self.bus.finish([], _pack(replies))
+        except Exception as exc:  # Redis away: survivors will answer the stream once our heartbeat expires
+            log.info("could not hand back this replica's stream at shutdown (%s)", type(exc).__name__)
+        finally:
+            with suppress(Exception):
+                self.bus.close()
+
+    def health(self) -> str | None:
+        """Why this replica should be replaced, or None: the loop thread died, made no iteration for
+        ``hang_s`` (a pass that never ends), or Redis has been unreachable longer than ``redis_grace_s``."""
+        if not self._thread.is_alive():
+            return "the step loop thread is not running"
+        stalled = time.monotonic() - self.iterated
+        if stalled > self.hang_s:
+            return f"the step loop made no progress for {stalled:.0f} s"
+        down = self.redis.down_for()
+        if down > self.cfg.redis_grace_s:
+            return f"Redis unreachable for {down:.0f} s (grace {self.cfg.redis_grace_s:.0f} s)"
+        return None
+
+    def stats(self) -> dict:
+        return {
+            "bus_requests": self.requests,
+            "bus_errors": self.errors,
+            "refusals": dict(self.refusals),
+            "claimed_entries": self.claimed,
+            "swept_sessions": self.swept,
+            "outlines": {"active": len(self._outlines), "done": self.outlines_done, "failed": self.outlines_failed},
+        }
+
+    # ---- outlines (called from HTTP handlers: thread-safe) ----------------------------------------------
+
+    def submit_outline(self, request: SketchRequest, deliver: Deliver, progress: bool = False) -> str:
+        """Queue an outline for the loop's batch; ``deliver`` is called from the loop thread with every
+        ``OutlineUpdate`` (``progress`` ones only when asked). Returns the ticket ``cancel_outline`` takes."""
+        ticket = f"{request.request_id}#{next(self._tickets)}"
+        self._commands.put(_Outline(ticket, request, deliver, progress))
+        self._wake.set()
+        return ticket
+
+    def cancel_outline(self, ticket: str) -> None:
+        """Stop writing an outline (its client left or its budget ran out); nothing more is delivered."""
+        self._commands.put(ticket)
+        self._wake.set()
+
+    def _queued_outlines(self) -> list[_Outline]:
+        out: list[_Outline] = []
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return out
+            if isinstance(cmd, _Outline):
+                out.append(cmd)
+
+    # ---- the loop ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        last_beat = 0.0
         while not self._stop.is_set():
+            self.iterated = time.monotonic()
             try:
-                if time.monotonic() - last_beat > 2.0:
-                    self.bus.heartbeat()
-                    if self.metrics_address:
-                        metrics.announce(self.bus.r, "cloud", self.bus.replica, self.metrics_address)
-                    last_beat = time.monotonic()
-                called = now_us()
-                batch = self.bus.read(block_ms=100)
-                if batch:
-                    self._serve(batch, Trace(called, now_us()))
-            except Exception:  # the loop must survive Redis hiccups; they are logged, then retried
+                self._iterate()
+            except REDIS_DOWN as exc:
+                self._redis_failed(exc)
+            except Exception:  # a bug: logged, and the loop goes on
                 log.exception("step loop error; retrying in 0.5 s")
                 self._stop.wait(0.5)
 
-    def _serve(self, batch: list[tuple[str, bytes, bytes]], trace: Trace) -> None:
-        """One bus read = one batch: all opens in one forward pass, all steps in another."""
-        done: list[tuple[str, bytes]] = []
-        replies: list[tuple[str, StepReply | ErrorReply]] = []
-        opens: list[tuple[OpenSession, int]] = []  # (request, when its entry arrived: ms, Redis's clock)
-        steps: list[tuple[StepRequest, int]] = []
-        closes: list[CloseSession] = []
-        for stream, entry_id, msg in self._expand(batch, done):
-            self.requests += 1
-            if isinstance(msg, ProtocolError):
-                self.errors += 1
-                log.warning("dropped undecodable message %s on %s: %s", entry_id, stream, msg.message)
-                continue
-            if isinstance(msg, StepBatch):
-                self.errors += 1
-                log.warning("dropped a StepBatch where single messages belong (%s on %s)", entry_id, stream)
-                continue
-            if stream == OPEN_STREAM and not isinstance(msg, OpenSession):
-                self.errors += 1
-                log.warning("dropped %s on the open stream", type(msg).__name__)
-                continue
-            if isinstance(msg, CloseSession):
-                closes.append(msg)
-                continue
-            arrived = entry_ms(entry_id)
-            if _spent(arrived, msg):
-                self.errors += 1
-                step = msg.step if isinstance(msg, StepRequest) else 0
-                replies.append(
-                    (
-                        _reply_to(msg),
-                        _error(
-                            msg.session_id, step, "deadline", "the request's time budget ran out before it was served"
-                        ),
-                    )
+    def _iterate(self) -> None:
+        self._wake.clear()
+        self._apply_commands()
+        self._sweep()
+        batch: list[tuple[str, bytes, bytes]] = []
+        called = now_us()
+        if time.monotonic() >= self._retry_at:
+            try:
+                self._flush_unfinished()
+                self._take_over()
+                waiting = bool(self._outlines) or not self._commands.empty()
+                batch = self._claimed + self.bus.read(block_ms=None if waiting else 100)
+                self._claimed = []
+                self._redis_ok()
+            except REDIS_DOWN as exc:
+                self._redis_failed(exc)
+        elif not self._outlines:  # nothing to do but wait for Redis (or a new outline)
+            self._wake.wait(max(0.0, min(self._retry_at - time.monotonic(), 1.0)))
+        if batch or self._outlines:
+            self._serve(batch, Trace(called, now_us()))
+
+    def _redis_ok(self) -> None:
+        self._failures = 0
+        self._retry_at = 0.0
+        self.redis.ok()
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self.redis.failed(exc)
+        self._retry_at = time.monotonic() + min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**self._failures)
+        self._failures = min(self._failures + 1, 30)
+
+    def _beat(self) -> None:
+        """The heartbeat thread: ``cg:alive:{replica}`` every ``heartbeat_s``, whatever the loop is doing
+        (a long pass), but not for a loop that died or hung: then edges must look elsewhere."""
+        while not self._beat_stop.is_set():
+            if self._thread.is_alive() and time.monotonic() - self.iterated <= self.hang_s:
+                try:
+                    self.bus.heartbeat(self.cfg.heartbeat_ttl_s)
+                    if self.metrics_address:
+                        metrics.announce(self.bus.r, "cloud", self.bus.replica, self.metrics_address)
+                    self.redis.ok()
+                except REDIS_DOWN as exc:
+                    self.redis.failed(exc)
+                except Exception:
+                    log.exception("heartbeat failed")
+            self._beat_stop.wait(self.cfg.heartbeat_s)
+
+    # ---- timers --------------------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.cfg.sweep_interval_s
+        try:
+            with self.lock:
+                swept = self.engine.sweep_idle()
+        except Exception:
+            log.exception("sweeping idle sessions failed")
+            return
+        if swept:
+            self.swept += len(swept)
+            metrics.swept_sessions.inc(len(swept))
+            log.info("closed %d idle session(s)", len(swept))
+
+    def _take_over(self) -> None:
+        """Claim dead replicas' pending opens (served with the next read) and answer their input streams; and
+        serve again what was delivered to this replica but never came (a reply lost with its connection:
+        between passes nothing else is pending here but what ``_claimed`` holds)."""
+        now = time.monotonic()
+        if now < self._next_claim:
+            return
+        self._next_claim = now + self._claim_every
+        held = {entry_id for _, entry_id, _ in self._claimed}
+        lost = [e for e in self.bus.own_pending() if e[1] not in held]
+        if lost:
+            log.warning("serving %d entries again: delivered to this replica, never received", len(lost))
+            self._claimed.extend(lost)
+        dead = self.bus.dead_consumers()
+        if now >= self._next_orphans:
+            self._next_orphans = now + ORPHAN_SCAN_S
+            dead += [name for name in self.bus.orphan_streams() if name not in dead]
+        for name in dead:
+            claimed, clean = self.bus.claim(name)
+            self._claimed.extend(claimed)  # pending for this replica now: served with the next read
+            left = self.bus.take_stream(name)
+            replies = self._answer_lost(name, left, "its replica is gone")
+            self.claimed += len(claimed) + len(left)
+            metrics.claimed_entries.inc(len(claimed) + len(left))
+            self._finish([], replies)
+            if clean:
+                self.bus.remove_consumer(name)
+            if claimed or left:
+                log.warning(
+                    "took over dead replica %s: %d open(s) claimed, %d entries answered", name, len(claimed), len(left)
                 )
-            elif isinstance(msg, OpenSession):
-                opens.append((msg, arrived))
-            else:
-                steps.append((msg, arrived))
-        t_model = now_us()
+
+    def _answer_lost(self, replica: str, entries: list[tuple[bytes, bytes]], why: str) -> list[tuple[str, Reply]]:
+        """``unknown_session`` for every request left on a lost replica's input stream: its edge re-opens the
+        session elsewhere and replays its tokens, at once rather than after its step timeout."""
+        replies: list[tuple[str, Reply]] = []
+        for entry_id, payload in entries:
+            try:
+                msg = decode_request(payload)
+                msgs = [decode_request(item) for item in msg.items] if isinstance(msg, StepBatch) else [msg]
+            except ProtocolError:
+                log.warning("dropped an undecodable entry %r of replica %s (%d bytes)", entry_id, replica, len(payload))
+                continue
+            for m in msgs:
+                if isinstance(m, StepRequest | OpenSession):
+                    step = m.step if isinstance(m, StepRequest) else m.resume_step
+                    message = f"session {m.session_id}: {why} (replica {replica}); resume it elsewhere"
+                    replies.append((m.reply_to or m.session_id, _error(m.session_id, step, "unknown_session", message)))
+        return replies
+
+    # ---- outlines ------------------------------------------------------------------------------------
+
+    def _apply_commands(self) -> None:
+        """Submit new outlines to the engine and cancel those their clients gave up on, in order."""
+        submits: dict[str, _Outline] = {}
+        cancels: list[str] = []
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Outline):
+                submits[cmd.ticket] = cmd
+            elif submits.pop(cmd, None) is None:  # one not submitted yet is just dropped
+                cancels.append(cmd)
+        if not submits and not cancels:
+            return
+        fresh = list(submits.values())
         with self.lock:
-            t_locked = now_us()  # the model's own time starts here (before: waiting for an outline to yield)
-            for msg in closes:
-                self.engine.close(msg.session_id)
+            for ticket in cancels:
+                if self._outlines.pop(ticket, None) is not None:
+                    self._engine_call(self.engine.cancel_outline, ticket)
+            results: Sequence[Any] = []
+            if fresh:
+                requests = [msgspec.structs.replace(o.request, request_id=o.ticket) for o in fresh]
+                results = self._call(self.engine.submit_outlines, requests)
+        for outline, result in zip(fresh, results):
+            if result is None:
+                self._outlines[outline.ticket] = outline
+                self._deliver(outline, OutlineUpdate("accepted"))
+            else:
+                self._fail_outline(outline, result)
+
+    def _deliver(self, outline: _Outline, update: OutlineUpdate) -> bool:
+        try:
+            outline.deliver(update)
+            return True
+        except Exception:  # its handler is gone (event loop closed): stop writing it
+            if outline.ticket in self._outlines:
+                self.cancel_outline(outline.ticket)
+            return False
+
+    def _fail_outline(self, outline: _Outline, error: BaseException) -> None:
+        self.outlines_failed += 1
+        if isinstance(error, Busy):
+            self.refusals["busy"] = self.refusals.get("busy", 0) + 1
+            metrics.refusals.labels("busy").inc()
+        if not isinstance(error, CoGenesisError):
+            log.error("outline %s failed on the replica: %s", outline.ticket, type(error).__name__)
+            error = CoGenesisError(f"the outline failed on the replica ({type(error).__name__})", hint="retry")
+        self._deliver(outline, OutlineUpdate("failed", error=error))
+
+    def _route_events(self, events: Sequence[Any]) -> None:
+        """Hand each engine event to its outline's handler, under the request id its client chose."""
+        for ev in events:
+            outline = self._outlines.get(ev.request_id)
+            if outline is None:  # cancelled meanwhile
+                continue
+            rid = outline.request.request_id
+            if ev.error is not None:
+                del self._outlines[ev.request_id]
+                self._fail_outline(outline, ev.error)
+            elif ev.reply is not None:
+                del self._outlines[ev.request_id]
+                self.outlines_done += 1
+                reply = msgspec.structs.replace(ev.reply, request_id=rid)
+                self._deliver(outline, OutlineUpdate("done", reply=reply))
+            elif outline.progress:
+                self._deliver(
+                    outline,
+                    OutlineUpdate("progress", progress=SketchProgress(request_id=rid, tokens=ev.tokens, text=ev.text)),
+                )
+
+    # ---- one pass --------------------------------------------------------------------------------------
+
+    def _serve(self, batch: list[tuple[str, bytes, bytes]], trace: Trace) -> None:
+        """One bus read = one pass: all opens in one forward pass, all steps (and one token of every outline)
+        in another. Every entry read is acknowledged and deleted, whatever happens."""
+        done = [(stream, entry_id) for stream, entry_id, _ in batch]
+        parsed = _Parsed()
+        try:
+            self._parse_batch(batch, parsed)
+            self._run_engine(parsed, trace)
+        except Exception:
+            log.exception("a pass failed; its requests are answered `internal`")
+            for item in parsed.items:
+                if not item.answered:
+                    item.answered = True
+                    parsed.replies.append(
+                        (item.reply_to, _error(item.msg.session_id, item.step, "internal", "the replica failed"))
+                    )
+        finally:
+            self._finish(done, parsed.replies)
+
+    def _parse_batch(self, batch: list[tuple[str, bytes, bytes]], out: _Parsed) -> None:
+        for stream, entry_id, payload in batch:
+            arrived = entry_ms(entry_id)
+            try:
+                msg = decode_request(payload)
+            except ProtocolError as exc:
+                self._refuse_raw(stream, entry_id, payload, exc, out)
+                continue
+            if not isinstance(msg, StepBatch):
+                self._parse_one(stream, entry_id, msg, arrived, out)
+            elif stream == OPEN_STREAM:
+                self.errors += 1
+                log.warning("dropped a StepBatch on the open stream (%r)", entry_id)
+            else:
+                for item in msg.items:
+                    try:
+                        inner = decode_request(item)
+                    except ProtocolError as exc:
+                        self._refuse_raw(stream, entry_id, item, exc, out)
+                        continue
+                    if isinstance(inner, StepBatch):
+                        self.errors += 1
+                        log.warning("dropped a StepBatch inside a StepBatch (%r on %s)", entry_id, stream)
+                    else:
+                        self._parse_one(stream, entry_id, inner, arrived, out)
+
+    def _refuse_raw(self, stream: str, entry_id: bytes, payload: bytes, exc: ProtocolError, out: _Parsed) -> None:
+        """A payload that is not a valid request: ``bad_request`` to its sender when it names its session,
+        else a warning (never its bytes: they may be anything)."""
+        self.requests += 1
+        who = _identify(payload)
+        if who is None:
+            self.errors += 1
+            log.warning("dropped an undecodable entry %r on %s (%d bytes)", entry_id, stream, len(payload))
+            return
+        session_id, reply_to, step = who
+        out.replies.append((reply_to, _error(session_id, step, "bad_request", exc.message)))
+
+    def _parse_one(
+        self, stream: str, entry_id: bytes, msg: OpenSession | StepRequest | CloseSession, arrived: int, out: _Parsed
+    ) -> None:
+        self.requests += 1
+        if isinstance(msg, CloseSession):
+            if stream == OPEN_STREAM:
+                self.errors += 1
+                log.warning("dropped a CloseSession on the open stream (%r)", entry_id)
+            else:
+                out.closes.append(msg)
+            return
+        reply_to = msg.reply_to or msg.session_id
+        if isinstance(msg, StepRequest):
+            if stream == OPEN_STREAM:
+                message = "a StepRequest on the open stream: send steps to the replica that owns the session"
+                out.replies.append((reply_to, _error(msg.session_id, msg.step, "bad_request", message)))
+                return
+            try:
+                ids = tuple(unpack_ids(msg.tokens).tolist())
+            except ProtocolError as exc:
+                out.replies.append((reply_to, _error(msg.session_id, msg.step, "bad_request", exc.message)))
+                return
+        else:
+            try:
+                ids = tuple(unpack_ids(msg.resume).tolist())
+                if msg.resume_step < 0:
+                    raise ProtocolError(f"resume_step={msg.resume_step} is negative")
+            except ProtocolError as exc:
+                out.replies.append((reply_to, _error(msg.session_id, msg.resume_step, "bad_request", exc.message)))
+                return
+        out.items.append(_Item(msg, arrived, ids))
+
+    def _admit(self, items: list[_Item], out: _Parsed) -> tuple[list[_Item], list[_Item]]:
+        """Requests whose budget ran out get ``deadline``; opens that waited longer than ``max_queue_age_s``
+        get ``busy`` without touching the engine. Returns the (opens, steps) to serve."""
+        now = now_ms()
+        max_age = int(self.cfg.max_queue_age_s * 1000)
+        opens: list[_Item] = []
+        steps: list[_Item] = []
+        for item in items:
+            msg = item.msg
+            if item.arrived_ms + msg.budget_ms <= now:  # the budget counts from arrival (a budget of 0 always is spent)
+                message = "the request's time budget ran out before it was served"
+                self._answer(out, item, _error(msg.session_id, item.step, "deadline", message))
+            elif isinstance(msg, OpenSession) and now - item.arrived_ms > max_age:
+                message = f"the open waited {(now - item.arrived_ms) / 1000:.1f} s on the bus: the replicas are behind"
+                self._answer(out, item, _error(msg.session_id, item.step, "busy", message, BUSY_RETRY_MS))
+            elif isinstance(msg, OpenSession):
+                opens.append(item)
+            else:
+                steps.append(item)
+        return opens, steps
+
+    def _run_engine(self, parsed: _Parsed, trace: Trace) -> None:
+        opens, steps = self._admit(parsed.items, parsed)
+        t_model = now_us()
+        events: Sequence[Any] = []
+        with self.lock:
+            t_locked = now_us()  # the model's own time starts here (before: waiting for a stateless request)
+            for msg in parsed.closes:
+                self._engine_call(self.engine.close, msg.session_id)
             open_out = self._call(
-                self.engine.open_many, [OpenArgs(m.session_id, m.instruction, m.top_k, m.lookahead) for m, _ in opens]
+                self.engine.open_many,
+                [
+                    OpenArgs(
+                        m.msg.session_id,
+                        m.msg.instruction,
+                        m.msg.top_k,
+                        m.msg.lookahead,
+                        resume=m.ids,
+                        resume_step=m.msg.resume_step,
+                    )
+                    for m in opens
+                    if isinstance(m.msg, OpenSession)
+                ],
             )
-            step_out = self._call(
-                self.engine.step_many,
-                [StepArgs(m.session_id, m.step, tuple(unpack_ids(m.tokens).tolist())) for m, _ in steps],
-            )
+            outlines = self._engine_call(self.engine.outlines_pending) or 0
+            step_out: Sequence[Outcome] = []
+            if steps or outlines:  # a pass with outlines alone advances them by one token
+                step_out = self._call(
+                    self.engine.step_many,
+                    [StepArgs(m.msg.session_id, m.step, m.ids) for m in steps],
+                    allow_empty=True,
+                )
+            if outlines or self._outlines:
+                events = self._engine_call(self.engine.outline_events) or []
+                outlines = self._engine_call(self.engine.outlines_pending) or 0
         posted = now_us()
         trace = replace(trace, model_us=posted - t_model, posted_us=posted)
-        self._observe(len(opens) + len(steps), [m for m, _ in steps], (posted - t_locked) / 1e6)
-        for (msg, arrived), out in zip(opens, open_out):
-            replies.append((_reply_to(msg), self._encode(msg, 0, out, trace.fields(arrived))))
-        for (msg, arrived), out in zip(steps, step_out):
-            replies.append((_reply_to(msg), self._encode(msg, msg.step, out, trace.fields(arrived))))
-        self.bus.finish(done, _pack(replies))
+        self._route_events(events)
+        if not outlines and self._outlines:  # the engine holds none of them any more: never leave a client waiting
+            lost = CoGenesisError("the replica lost the outline", hint="retry")
+            for ticket in list(self._outlines):
+                self._fail_outline(self._outlines.pop(ticket), lost)
+        metrics.outlines_active.set(outlines)
+        self._observe(len(opens) + len(steps), steps, (posted - t_locked) / 1e6)
+        for item, out in zip(opens, open_out):
+            self._answer(parsed, item, self._encode(item, out, trace.fields(item.arrived_ms)))
+        for item, out in zip(steps, step_out):
+            self._answer(parsed, item, self._encode(item, out, trace.fields(item.arrived_ms)))
 
-    def _observe(self, served: int, steps: list[StepRequest], model_s: float) -> None:
+    @staticmethod
+    def _answer(out: _Parsed, item: _Item, reply: Reply) -> None:
+        item.answered = True
+        out.replies.append((item.reply_to, reply))
+
+    def _finish(self, done: list[tuple[str, bytes]], replies: list[tuple[str, Reply]]) -> None:
+        """Post replies and acknowledge entries; while Redis is away they wait for it (``_flush_unfinished``)."""
+        for _, reply in replies:
+            if isinstance(reply, ErrorReply):
+                self.errors += 1
+                self.refusals[reply.code] = self.refusals.get(reply.code, 0) + 1
+                metrics.refusals.labels(reply.code).inc()
+        payloads = _pack(replies)
+        if not done and not payloads:
+            return
+        try:
+            self.bus.finish(done, payloads)
+        except Exception as exc:
+            self._unfinished.append((done, payloads))
+            if len(self._unfinished) > MAX_UNFINISHED:
+                self._unfinished.pop(0)
+                log.warning("dropped the replies of a pass that waited too long for Redis")
+            if isinstance(exc, REDIS_DOWN):
+                self._redis_failed(exc)
+            else:
+                log.exception("posting a pass's replies failed; retrying")
+                self._retry_at = time.monotonic() + BACKOFF_BASE_S
+
+    def _flush_unfinished(self) -> None:
+        while self._unfinished:
+            done, payloads = self._unfinished[0]
+            self.bus.finish(done, payloads)
+            self._unfinished.pop(0)
+
+    def _observe(self, served: int, steps: list[_Item], model_s: float) -> None:
         if served:
             metrics.step_batch_size.observe(served)
             metrics.step_seconds.observe(model_s)
-            metrics.cloud_tokens.labels("logits").inc(sum(len(unpack_ids(m.tokens)) for m in steps))
-        stats = self.engine.stats()
+            metrics.cloud_tokens.labels("logits").inc(sum(len(m.ids) for m in steps))
+        try:
+            stats = self.engine.stats()
+        except Exception:
+            return
         metrics.active_sessions.set(stats.get("active_sessions", 0))
         metrics.kv_cache_bytes.set(stats.get("kv_bytes", 0))
-        metrics.bus_queue_depth.set(self.bus.backlog())
 
-    def _expand(
-        self, batch: list[tuple[str, bytes, bytes]], done: list[tuple[str, bytes]]
-    ) -> list[tuple[str, bytes, EdgeToCloud | ProtocolError]]:
-        """Decoded messages, one per request: a StepBatch entry yields its items (acked once, as one
-        entry). A payload that does not decode yields its ProtocolError, reported by the caller."""
-        out: list[tuple[str, bytes, EdgeToCloud | ProtocolError]] = []
-        for stream, entry_id, payload in batch:
-            done.append((stream, entry_id))
-            msg = _decode(payload)
-            if isinstance(msg, StepBatch) and stream != OPEN_STREAM:
-                out.extend((stream, entry_id, _decode(item)) for item in msg.items)
-            else:
-                out.append((stream, entry_id, msg))
-        return out
+    def _engine_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A single engine call whose failure must not fail the pass (logged; None)."""
+        try:
+            return fn(*args)
+        except Exception:
+            log.exception("engine call %s failed", getattr(fn, "__name__", fn))
+            return None
 
-    def _call(self, fn: Callable[[Sequence[_A]], list[TopK | SessionError]], args: list[_A]) -> Sequence[Outcome]:
-        if not args:
+    def _call(
+        self, fn: Callable[[Sequence[Any]], Sequence[Any]], args: list[Any], allow_empty: bool = False
+    ) -> Sequence[Any]:
+        """A batched engine call: one outcome per request; a failure of the call (a bug in the engine) is
+        every request's outcome."""
+        if not args and not allow_empty:
             return []
         try:
-            return fn(args)
-        except Exception as exc:  # a bug in the engine: every request of the batch gets an error reply
+            out = list(fn(args))
+        except Exception as exc:
             log.exception("engine failed on a batch of %d", len(args))
             return [exc] * len(args)
+        if len(out) != len(args):
+            log.error("engine answered %d of %d requests", len(out), len(args))
+            return [RuntimeError("the engine lost a request")] * len(args)
+        return out
 
-    def _encode(
-        self, msg: OpenSession | StepRequest, step: int, out: Outcome, trace: TraceFields
-    ) -> StepReply | ErrorReply:
-        session_id = msg.session_id
+    def _encode(self, item: _Item, out: Outcome, trace: TraceFields) -> Reply:
+        session_id, step = item.msg.session_id, item.step
         if isinstance(out, TopK):
             return step_reply(session_id, step, self.bus.replica, out, trace)
-        self.errors += 1
+        if isinstance(out, Busy):
+            return _error(session_id, step, "busy", out.message, max(1, int(out.retry_after_s * 1000)))
         if isinstance(out, UnknownSession):
             return _error(session_id, step, "unknown_session", out.message)
         if isinstance(out, CoGenesisError):

@@ -260,7 +260,9 @@ def _load_models(opts: EvalOptions) -> _Models:
         stok,
         EdgeEngine(small, stok, opts.edge_prompt_tokens),
         EdgeEngine(large, ltok, opts.edge_prompt_tokens),  # the large model given the device's prompt
-        TransformersCloudEngine(large, ltok, audit=audit),
+        TransformersCloudEngine(
+            large, ltok, audit=audit, active_window_s=0
+        ),  # lockstep: evict + recompute, never refuse
         audit,
         audit_path,
     )

@@ -1,20 +1,638 @@
-"""The replica's step loop over a real Redis with a tiny real model."""
+"""The replica's step loop over a real Redis: with a deterministic fake engine of the ``CloudEngine`` contract
+(every reply checkable exactly, faults on demand) and with the tiny real model."""
 
 import threading
 import time
 
+import numpy as np
 import pytest
 import redis
 
-from cogenesis.cluster.bus import CloudBus, EdgeBus, in_stream
-from cogenesis.core.errors import SessionError
+import cogenesis.deployments.step_loop as step_loop_module
+from cogenesis.cluster.bus import GROUP, OPEN_STREAM, CloudBus, EdgeBus, alive_key, in_stream, read_alive, reply_key
+from cogenesis.cluster.redis_server import RedisServer
+from cogenesis.core import metrics
+from cogenesis.core.config import CloudConfig
+from cogenesis.core.errors import Busy, SessionError, UnknownSession
 from cogenesis.core.models import load_causal_lm
-from cogenesis.core.protocol import CloseSession, OpenSession, StepRequest, deadline_in, pack_ids
-from cogenesis.deployments.engine import TransformersCloudEngine
+from cogenesis.core.protocol import (
+    CloseSession,
+    ErrorReply,
+    OpenSession,
+    SketchReply,
+    SketchRequest,
+    StepBatch,
+    StepReply,
+    StepRequest,
+    deadline_in,
+    decode_replies,
+    encode,
+    now_ms,
+    pack_ids,
+)
+from cogenesis.deployments.engine import OutlineEvent, TopK, TransformersCloudEngine
 from cogenesis.deployments.step_loop import StepLoop, Trace
 from cogenesis.edge_sim.gate import OutboundGate
 
 GATE = OutboundGate("Write a haiku", [])
+
+
+class FakeEngine:
+    """A deterministic CloudEngine: after n context tokens the top-k are the ids n, n+1, ... (log-probs 0, -1,
+    ...); an open's context is its instruction's word count plus its resume ids. Validates like the real one
+    (top_k 1..50, token ids in 0..vocab-1, steps in order), refuses ``Busy`` beyond ``max_sessions``; an
+    outline writes one token per ``step_many`` (``max_tokens`` of them) while ``outlines_run`` is set."""
+
+    vocab = 1000
+
+    def __init__(self, max_sessions: int = 100, session_idle_s: float = 300.0, max_outlines: int = 2) -> None:
+        self.max_sessions = max_sessions
+        self.session_idle_s = session_idle_s
+        self.max_outlines = max_outlines
+        self.sessions: dict[str, dict] = {}
+        self.opened: list = []  # every OpenArgs the engine saw
+        self.step_calls = 0
+        self.explode = False  # step_many raises (a bug in the engine)
+        self.hold = threading.Event()  # what a blocked open_many waits for
+        self.block = False  # open_many blocks until ``hold`` is set (a hung pass) ...
+        self.entered = threading.Event()  # ... and tells it began
+        self.outlines: dict[str, list] = {}  # request id -> [request, tokens written]
+        self.events: dict[str, OutlineEvent] = {}
+        self.cancelled: list[str] = []
+        self.outlines_run = threading.Event()
+        self.outlines_run.set()
+
+    @staticmethod
+    def top(context: int, top_k: int) -> TopK:
+        ids = np.arange(context, context + top_k, dtype=np.int32)[None]
+        return TopK(ids, -np.arange(top_k, dtype=np.float32)[None], np.zeros(0, np.int32), context, 1.0)
+
+    def open_many(self, requests):
+        if self.block:
+            self.entered.set()
+            self.hold.wait(30)
+        out = []
+        for r in requests:
+            self.opened.append(r)
+            if not r.instruction.strip():
+                out.append(SessionError("empty instruction"))
+            elif not 1 <= r.top_k <= 50:
+                out.append(SessionError(f"top_k={r.top_k} is outside 1..50"))
+            elif r.session_id in self.sessions and not r.is_resume:
+                s = self.sessions[r.session_id]
+                out.append(self.top(s["context"], s["top_k"]) if s["step"] == 0 else SessionError("already open"))
+            elif r.session_id not in self.sessions and len(self.sessions) >= self.max_sessions:
+                out.append(Busy(f"{self.max_sessions} sessions are open", retry_after_s=2.0))
+            else:
+                context = len(r.instruction.split()) + len(r.resume)
+                self.sessions[r.session_id] = dict(
+                    context=context, top_k=r.top_k, step=r.resume_step, used=time.monotonic()
+                )
+                out.append(self.top(context, r.top_k))
+        return out
+
+    def step_many(self, requests):
+        self.step_calls += 1
+        if self.explode:
+            raise RuntimeError("a bug in the engine")
+        self._advance_outlines()
+        out = []
+        for r in requests:
+            s = self.sessions.get(r.session_id)
+            if s is None:
+                out.append(UnknownSession(f"unknown session {r.session_id}"))
+            elif r.step != s["step"] + 1:
+                out.append(SessionError(f"session {r.session_id}: step {r.step} out of order"))
+            elif not r.tokens or min(r.tokens) < 0 or max(r.tokens) >= self.vocab:
+                out.append(SessionError(f"session {r.session_id}: step {r.step} carries invalid token ids"))
+            else:
+                s.update(context=s["context"] + len(r.tokens), step=r.step, used=time.monotonic())
+                out.append(self.top(s["context"], s["top_k"]))
+        return out
+
+    def close(self, session_id):
+        return self.sessions.pop(session_id, None) is not None
+
+    def sweep_idle(self):
+        now = time.monotonic()
+        idle = [sid for sid, s in self.sessions.items() if now - s["used"] > self.session_idle_s]
+        for sid in idle:
+            del self.sessions[sid]
+        return idle
+
+    # outlines
+    def submit_outlines(self, requests):
+        out = []
+        for r in requests:
+            if not r.instruction.strip():
+                out.append(SessionError("empty instruction", hint="send the general instruction to outline"))
+            elif len(self.outlines) >= self.max_outlines:
+                out.append(Busy("the outline queue is full", retry_after_s=2.5))
+            else:
+                self.outlines[r.request_id] = [r, 0]
+                out.append(None)
+        return out
+
+    def _advance_outlines(self):
+        if not self.outlines:
+            return
+        time.sleep(0.005)  # a pass takes time (and the loop does not spin)
+        if not self.outlines_run.is_set():
+            return
+        for rid, entry in list(self.outlines.items()):
+            req, n = entry[0], entry[1] + 1
+            entry[1] = n
+            if n >= req.max_tokens:
+                reply = SketchReply(request_id=rid, sketch=f"outline of {req.instruction}", tokens=n)
+                self.events[rid] = OutlineEvent(rid, n, reply.sketch, reply=reply)
+                del self.outlines[rid]
+            else:
+                self.events[rid] = OutlineEvent(rid, n, " ".join(f"w{i}" for i in range(1, n + 1)))
+
+    def outline_events(self):
+        events, self.events = list(self.events.values()), {}
+        return events
+
+    def outlines_pending(self):
+        return len(self.outlines)
+
+    def cancel_outline(self, request_id):
+        if self.outlines.pop(request_id, None) is not None:
+            self.cancelled.append(request_id)
+
+    def sketch(self, requests):
+        raise NotImplementedError
+
+    def stateless_top_k(self, token_ids, top_k):
+        return self.top(len(token_ids), top_k)
+
+    def stats(self):
+        return {"active_sessions": len(self.sessions)}
+
+    def set_yield_point(self, yield_point):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def tiny_engine(tiny_large):
+    if not hasattr(TransformersCloudEngine, "submit_outlines"):
+        pytest.skip("the engine does not implement outlines in the batch yet")
+    model, tok = load_causal_lm(str(tiny_large))
+    return TransformersCloudEngine(model, tok)
+
+
+@pytest.fixture
+def make_loop(redis_url):
+    """Start loops (stopped at the end): ``make_loop(engine, replica="r1", url=None, **CloudConfig fields)``."""
+    started = []
+
+    def make(engine, replica="r1", url=None, hang_s=300.0, **cfg):
+        config = CloudConfig(**cfg)
+        bus = CloudBus(url or redis_url, replica, heartbeat_ttl_s=config.heartbeat_ttl_s)
+        loop = StepLoop(engine, bus, threading.Lock(), config=config, hang_s=hang_s).start()
+        started.append(loop)
+        return loop
+
+    yield make
+    for loop in started:
+        loop.stop(timeout_s=10)
+
+
+@pytest.fixture
+def r(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def post(r, stream, msg, entry_id="*"):
+    """Put a message (or raw bytes) on a stream, as an edge would (or would not)."""
+    r.xadd(stream, {b"m": msg if isinstance(msg, bytes) else encode(msg)}, id=entry_id)
+
+
+def collect(r, reply_to, sessions, timeout_s=20.0):
+    """The replies on a reply list until every session in ``sessions`` has one (the newest kept)."""
+    got: dict[str, StepReply | ErrorReply] = {}
+    deadline = time.monotonic() + timeout_s
+    while not set(sessions) <= set(got):
+        left = deadline - time.monotonic()
+        assert left > 0, f"no reply for {sorted(set(sessions) - set(got))}; got {got}"
+        item = r.brpop([reply_key(reply_to)], timeout=min(left, 1.0))
+        if item is not None:
+            for reply in decode_replies(item[1]):
+                got[reply.session_id] = reply
+    return got
+
+
+def eventually(check, timeout_s=20.0, what="the condition"):
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.02)
+
+
+def nothing_pending(r, replica="r1"):
+    for stream in (OPEN_STREAM, in_stream(replica)):
+        if r.exists(stream):
+            assert r.xpending(stream, GROUP)["pending"] == 0, stream
+            assert r.xlen(stream) == 0, stream  # acknowledged entries are deleted
+
+
+def opened(r, sessions, reply_to="pool", top_k=3):
+    """Open ``sessions`` through the loop; their step-0 replies."""
+    for sid in sessions:
+        post(
+            r,
+            OPEN_STREAM,
+            OpenSession(session_id=sid, instruction="a b", top_k=top_k, budget_ms=60_000, reply_to=reply_to),
+        )
+    got = collect(r, reply_to, sessions)
+    assert all(isinstance(got[s], StepReply) and got[s].step == 0 for s in sessions), got
+    return got
+
+
+# ---- every request gets an answer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fake", "tiny"])
+def test_poison_pills_get_their_answer_and_the_rest_is_served(kind, make_loop, r, request):
+    engine = FakeEngine() if kind == "fake" else tiny_engine(request.getfixturevalue("tiny_large"))
+    loop = make_loop(engine)
+    first = opened(r, ["a", "b"])
+
+    def step(sid, n, tokens, **kw):
+        return encode(StepRequest(session_id=sid, step=n, tokens=tokens, budget_ms=60_000, reply_to="pool", **kw))
+
+    batch = StepBatch(
+        items=[
+            step("a", 1, pack_ids([5])),  # good
+            b"\x00garbage",  # names no session: a warning, no reply
+            step("c", 1, b"\x01\x02\x03"),  # tokens not a multiple of 4 bytes
+            step("b", 1, pack_ids([10**8])),  # a token id outside the vocabulary
+            step("nobody", 1, pack_ids([5])),  # never opened
+            step("old", 1, pack_ids([5]), v=2),  # another protocol version
+            encode(StepBatch(items=[step("a", 2, pack_ids([5]))])),  # a batch in a batch: dropped, logged
+        ]
+    )
+    post(r, in_stream("r1"), batch)
+    post(r, in_stream("r1"), b"\x93\x01\x02")  # msgpack, but not a request
+    r.xadd(in_stream("r1"), {b"other": b"field"})  # no payload at all
+    post(r, OPEN_STREAM, OpenSession(session_id="k0", instruction="a b", top_k=0, budget_ms=60_000, reply_to="pool"))
+    post(
+        r,
+        OPEN_STREAM,
+        OpenSession(
+            session_id="res",
+            instruction="a b",
+            top_k=3,
+            budget_ms=60_000,
+            reply_to="pool",
+            resume=b"\x01\x02",
+            resume_step=3,
+        ),
+    )
+    post(
+        r,
+        OPEN_STREAM,
+        StepRequest(session_id="misrouted", step=1, tokens=pack_ids([5]), budget_ms=60_000, reply_to="pool"),
+    )
+    post(r, OPEN_STREAM, b"\xff\xfe")
+    got = collect(r, "pool", ["a", "c", "b", "nobody", "old", "k0", "res", "misrouted"])
+
+    assert isinstance(got["a"], StepReply) and got["a"].step == 1
+    assert got["a"].prompt_tokens == first["a"].prompt_tokens + 1
+    codes = {sid: (reply.code, reply.step) for sid, reply in got.items() if isinstance(reply, ErrorReply)}
+    assert codes == {
+        "c": ("bad_request", 1),
+        "b": ("bad_request", 1),
+        "nobody": ("unknown_session", 1),
+        "old": ("bad_request", 1),
+        "k0": ("bad_request", 0),
+        "res": ("bad_request", 3),  # a resume open's answer carries the step its edge waits for
+        "misrouted": ("bad_request", 1),
+    }
+    assert "not a multiple of 4" in got["c"].message and "not a multiple of 4" in got["res"].message
+    assert "invalid token ids" in got["b"].message and "version 2" in got["old"].message
+    assert "top_k=0" in got["k0"].message and "open stream" in got["misrouted"].message
+    # the loop goes on: the good sessions keep stepping
+    post(
+        r, in_stream("r1"), StepRequest(session_id="a", step=2, tokens=pack_ids([7]), budget_ms=60_000, reply_to="pool")
+    )
+    again = collect(r, "pool", ["a"])["a"]
+    assert isinstance(again, StepReply) and again.step == 2
+    nothing_pending(r)
+    assert loop.refusals["bad_request"] == 6 and loop.refusals["unknown_session"] == 1
+    assert loop.errors >= 6 + 1 + 5  # the refusals and the five entries that named no session
+
+
+def test_every_refusal_is_counted_by_reason(make_loop, r):
+    before = metrics.refusals.labels("unknown_session")._value.get()
+    make_loop(FakeEngine())
+    post(r, in_stream("r1"), StepRequest(session_id="x", step=1, tokens=pack_ids([1]), budget_ms=60_000))
+    assert collect(r, "x", ["x"])["x"].code == "unknown_session"
+    assert metrics.refusals.labels("unknown_session")._value.get() == before + 1
+
+
+def test_an_engine_failure_answers_internal_and_acks_everything(make_loop, r):
+    engine = FakeEngine()
+    make_loop(engine)
+    opened(r, ["a", "b"])
+    engine.explode = True
+    batch = StepBatch(
+        items=[
+            encode(StepRequest(session_id=s, step=1, tokens=pack_ids([1]), budget_ms=60_000, reply_to="pool"))
+            for s in ("a", "b")
+        ]
+    )
+    post(r, in_stream("r1"), batch)
+    got = collect(r, "pool", ["a", "b"])
+    assert {s: (g.code, g.step) for s, g in got.items()} == {"a": ("internal", 1), "b": ("internal", 1)}
+    nothing_pending(r)
+    engine.explode = False
+    post(
+        r, in_stream("r1"), StepRequest(session_id="a", step=1, tokens=pack_ids([1]), budget_ms=60_000, reply_to="pool")
+    )
+    assert isinstance(collect(r, "pool", ["a"])["a"], StepReply)
+
+
+# ---- admission ---------------------------------------------------------------------------------------
+
+
+def test_an_open_that_waited_too_long_is_refused_busy_without_the_engine(make_loop, r, redis_url):
+    engine = FakeEngine()
+    CloudBus(redis_url, "r1").close()  # create the groups before anything is queued
+    old = f"{now_ms() - 60_000}-0"  # it came a minute ago (the replicas were behind); its budget is left
+    post(r, OPEN_STREAM, OpenSession(session_id="late", instruction="a b", top_k=3, budget_ms=600_000), entry_id=old)
+    make_loop(engine, max_queue_age_s=10)
+    reply = collect(r, "late", ["late"])["late"]
+    assert isinstance(reply, ErrorReply) and (reply.code, reply.step, reply.retry_after_ms) == ("busy", 0, 1000)
+    assert engine.opened == []
+    nothing_pending(r)
+
+
+def test_the_engines_busy_becomes_a_busy_reply(make_loop, r):
+    make_loop(FakeEngine(max_sessions=1))
+    opened(r, ["a"])
+    post(r, OPEN_STREAM, OpenSession(session_id="b", instruction="a b", top_k=3, budget_ms=60_000, reply_to="pool"))
+    reply = collect(r, "pool", ["b"])["b"]
+    assert isinstance(reply, ErrorReply) and (reply.code, reply.retry_after_ms) == ("busy", 2000)
+
+
+@pytest.mark.parametrize("kind", ["fake", "tiny"])
+def test_a_resume_open_is_answered_as_the_step_its_edge_waits_for(kind, make_loop, r, request):
+    engine = FakeEngine() if kind == "fake" else tiny_engine(request.getfixturevalue("tiny_large"))
+    make_loop(engine)
+    plain = opened(r, ["plain"])["plain"]
+    resume = OpenSession(
+        session_id="back",
+        instruction="a b",
+        top_k=3,
+        budget_ms=60_000,
+        reply_to="pool",
+        resume=pack_ids([5, 6, 7]),
+        resume_step=3,
+    )
+    post(r, OPEN_STREAM, resume)
+    reply = collect(r, "pool", ["back"])["back"]
+    assert isinstance(reply, StepReply) and reply.step == 3
+    assert reply.prompt_tokens == plain.prompt_tokens + 3  # rebuilt from instruction + the ids it had released
+    post(
+        r,
+        in_stream("r1"),
+        StepRequest(session_id="back", step=4, tokens=pack_ids([8]), budget_ms=60_000, reply_to="pool"),
+    )
+    nxt = collect(r, "pool", ["back"])["back"]
+    assert isinstance(nxt, StepReply) and nxt.step == 4 and nxt.prompt_tokens == reply.prompt_tokens + 1
+    if kind == "fake":
+        assert engine.opened[-1].resume == (5, 6, 7) and engine.opened[-1].resume_step == 3
+
+
+# ---- dead replicas -----------------------------------------------------------------------------------
+
+
+def test_a_dead_replicas_pending_open_is_claimed_and_served(make_loop, r, redis_url):
+    dead = CloudBus(redis_url, "dead", heartbeat_ttl_s=0.3)
+    post(r, OPEN_STREAM, OpenSession(session_id="s", instruction="a b", top_k=3, budget_ms=60_000))
+    assert [e[0] for e in dead.read(block_ms=1000)] == [OPEN_STREAM]  # read, never acknowledged: it "crashed"
+    dead.close()  # its heartbeat is gone
+    claimed_before = metrics.claimed_entries._value.get()
+    loop = make_loop(FakeEngine(), replica="live", heartbeat_ttl_s=0.3)
+    reply = collect(r, "s", ["s"])["s"]
+    assert isinstance(reply, StepReply) and (reply.step, reply.replica) == (0, "live")
+    assert loop.claimed == 1 and metrics.claimed_entries._value.get() == claimed_before + 1
+    eventually(
+        lambda: "dead" not in {c["name"].decode() for c in r.xinfo_consumers(OPEN_STREAM, GROUP)}, what="cleanup"
+    )
+    nothing_pending(r, "live")
+
+
+def test_entries_delivered_to_this_replica_but_never_received_are_served_again(make_loop, r, redis_url):
+    lost = CloudBus(redis_url, "r1")
+    post(r, OPEN_STREAM, OpenSession(session_id="s", instruction="a b", top_k=3, budget_ms=60_000))
+    assert len(lost.read(block_ms=1000)) == 1  # delivered; say the reply to XREADGROUP was lost with its connection
+    make_loop(FakeEngine(), replica="r1", heartbeat_ttl_s=0.5)
+    reply = collect(r, "s", ["s"])["s"]
+    assert isinstance(reply, StepReply) and reply.step == 0
+    nothing_pending(r)
+
+
+def test_a_dead_replicas_input_stream_is_answered_unknown_session(make_loop, r, redis_url):
+    dead = CloudBus(redis_url, "dead", heartbeat_ttl_s=0.3)
+    dead.read(block_ms=10)  # it joined the group, then died with work left on its stream
+    steps = [StepRequest(session_id=s, step=4, tokens=pack_ids([1]), budget_ms=60_000, reply_to="pool") for s in "xy"]
+    post(r, in_stream("dead"), StepBatch(items=[encode(s) for s in steps] + [encode(CloseSession(session_id="z"))]))
+    post(
+        r,
+        in_stream("dead"),
+        StepRequest(session_id="w", step=2, tokens=pack_ids([1]), budget_ms=60_000, reply_to="pool"),
+    )
+    dead.close()
+    loop = make_loop(FakeEngine(), replica="live", heartbeat_ttl_s=0.3)
+    got = collect(r, "pool", ["x", "y", "w"])
+    assert {s: (g.code, g.step) for s, g in got.items()} == {
+        "x": ("unknown_session", 4),
+        "y": ("unknown_session", 4),
+        "w": ("unknown_session", 2),
+    }
+    assert "resume it elsewhere" in got["x"].message
+    eventually(lambda: not r.exists(in_stream("dead")), what="the dead stream's deletion")
+    assert loop.claimed == 2
+
+
+def test_a_stream_written_after_its_replica_died_is_answered(make_loop, r, monkeypatch):
+    monkeypatch.setattr(step_loop_module, "ORPHAN_SCAN_S", 0.0)
+    old = f"{now_ms() - 60_000}-0"
+    post(
+        r, in_stream("ghost"), StepRequest(session_id="g", step=1, tokens=pack_ids([1]), budget_ms=60_000), entry_id=old
+    )
+    make_loop(FakeEngine(), replica="live", heartbeat_ttl_s=0.3)
+    assert collect(r, "g", ["g"])["g"].code == "unknown_session"
+    eventually(lambda: not r.exists(in_stream("ghost")), what="the orphan stream's deletion")
+
+
+def test_the_heartbeat_is_json_with_a_ttl_and_stops_with_the_loop(make_loop, r):
+    loop = make_loop(FakeEngine(), heartbeat_s=0.05, heartbeat_ttl_s=2.0)
+    beat = read_alive(r, ["r1", "nobody"])
+    assert beat["nobody"] is None and set(beat["r1"]) == {"pid", "at"}
+    assert 0 < r.pttl(alive_key("r1")) <= 2000
+    loop.stop()
+    assert not r.exists(alive_key("r1"))  # a stopped replica is dead at once: its edges resume elsewhere
+
+
+def test_a_stopping_replica_answers_what_is_left_on_its_stream(make_loop, r, redis_url):
+    engine = FakeEngine()
+    engine.block = True  # the loop is stuck in a pass: what comes meanwhile is never read
+    loop = make_loop(engine)
+    post(r, OPEN_STREAM, OpenSession(session_id="o", instruction="a b", top_k=3, budget_ms=60_000))
+    assert engine.entered.wait(20)
+    post(r, in_stream("r1"), StepRequest(session_id="q", step=3, tokens=pack_ids([1]), budget_ms=60_000))
+    # the pass ends only once the loop was told to stop: it never reads the step
+    threading.Thread(target=lambda: (loop._stop.wait(10), engine.hold.set()), daemon=True).start()
+    loop.stop()
+    reply = collect(r, "q", ["q"])["q"]
+    assert (reply.code, reply.step) == ("unknown_session", 3) and "the replica stopped" in reply.message
+    assert isinstance(collect(r, "o", ["o"])["o"], StepReply)  # the pass it was in finished and was posted
+    assert not r.exists(in_stream("r1"))
+
+
+# ---- timers and health -----------------------------------------------------------------------------
+
+
+def test_idle_sessions_are_swept_on_a_timer(make_loop, r):
+    engine = FakeEngine(session_idle_s=0.2)
+    before = metrics.swept_sessions._value.get()
+    loop = make_loop(engine, sweep_interval_s=0.1)
+    opened(r, ["idle"])
+    eventually(lambda: loop.swept == 1, what="the sweep")  # no new traffic needed
+    assert "idle" not in engine.sessions and metrics.swept_sessions._value.get() == before + 1
+
+
+def test_a_hung_pass_makes_the_replica_unhealthy_and_silent(make_loop, r):
+    engine = FakeEngine()
+    engine.block = True
+    loop = make_loop(engine, hang_s=0.3, heartbeat_s=0.05, heartbeat_ttl_s=0.3)
+    assert loop.health() is None
+    post(r, OPEN_STREAM, OpenSession(session_id="o", instruction="a b", top_k=3, budget_ms=60_000))
+    eventually(lambda: (loop.health() or "").startswith("the step loop made no progress"), what="unhealthy")
+    eventually(lambda: not r.exists(alive_key("r1")), what="the heartbeat stopping")  # edges look elsewhere
+    engine.hold.set()
+    eventually(lambda: loop.health() is None, what="recovery")
+    loop.stop()
+    assert loop.health() == "the step loop thread is not running"
+
+
+def _redis_on(port):
+    return RedisServer(port=port).start()
+
+
+def test_the_loop_survives_a_redis_restart():
+    server = RedisServer().start()
+    loop = None
+    try:
+        loop = StepLoop(FakeEngine(), CloudBus(server.url, "r1"), threading.Lock(), config=CloudConfig()).start()
+        r = redis.Redis.from_url(server.url)
+        opened(r, ["before"])
+        server.stop()
+        eventually(lambda: loop.redis.down_for() > 0, what="the outage being noticed")
+        server = _redis_on(server.port)  # empty: no streams, no groups
+        r = redis.Redis.from_url(server.url)
+        post(
+            r,
+            OPEN_STREAM,
+            OpenSession(session_id="after", instruction="a b", top_k=3, budget_ms=60_000, reply_to="pool"),
+        )
+        got = collect(r, "pool", ["after"], timeout_s=30)
+        assert isinstance(got["after"], StepReply)
+        assert loop.redis.down_for() == 0 and loop.health() is None and loop.is_alive()
+        eventually(lambda: r.exists(alive_key("r1")), what="the heartbeat after the restart")
+    finally:
+        if loop is not None:
+            loop.stop()
+        server.stop()
+
+
+def test_redis_gone_past_its_grace_makes_the_replica_unhealthy():
+    server = RedisServer().start()
+    loop = StepLoop(
+        FakeEngine(), CloudBus(server.url, "r1"), threading.Lock(), config=CloudConfig(redis_grace_s=0.3)
+    ).start()
+    try:
+        assert loop.health() is None
+        server.stop()
+        eventually(lambda: "Redis unreachable" in (loop.health() or ""), what="unhealthy")
+        server = _redis_on(server.port)
+        eventually(lambda: loop.health() is None, timeout_s=30, what="healthy again")
+    finally:
+        loop.stop()
+        server.stop()
+
+
+# ---- outlines in the loop's batch ------------------------------------------------------------------
+
+
+def test_outlines_are_written_in_the_loops_passes(make_loop):
+    engine = FakeEngine()
+    loop = make_loop(engine)
+    updates: list = []
+    done = threading.Event()
+
+    def deliver(update):
+        updates.append(update)
+        if update.kind in ("done", "failed"):
+            done.set()
+
+    loop.submit_outline(SketchRequest(request_id="o", instruction="write", max_tokens=3), deliver, progress=True)
+    assert done.wait(20)
+    assert [u.kind for u in updates] == ["accepted", "progress", "progress", "done"]
+    assert [u.progress.tokens for u in updates[1:3]] == [1, 2] and updates[2].progress.text == "w1 w2"
+    assert updates[-1].reply.request_id == "o" and updates[-1].reply.sketch == "outline of write"
+    assert loop.stats()["outlines"] == {"active": 0, "done": 1, "failed": 0}
+
+
+def test_a_full_outline_queue_and_bad_settings_fail_their_outline(make_loop):
+    engine = FakeEngine(max_outlines=1)
+    engine.outlines_run.clear()
+    loop = make_loop(engine)
+    updates: dict[str, list] = {"a": [], "b": [], "e": []}
+    tickets = {
+        k: loop.submit_outline(SketchRequest(request_id=k, instruction="x" if k != "e" else " "), updates[k].append)
+        for k in updates
+    }
+    eventually(lambda: all(updates.values()), what="the loop answering each")
+    assert updates["a"][0].kind == "accepted"
+    assert updates["b"][0].kind == "failed" and isinstance(updates["b"][0].error, Busy)
+    assert updates["e"][0].kind == "failed" and "empty instruction" in updates["e"][0].error.message
+    loop.cancel_outline(tickets["a"])
+    eventually(lambda: engine.cancelled == [tickets["a"]], what="the cancel")
+
+
+def test_an_outline_written_in_the_loop_is_the_engines_own_outline(make_loop, r, tiny_large):
+    """On the tiny model: the outline the loop writes pass by pass (beside a logits session) is the one the
+    engine's blocking ``sketch`` writes."""
+    request = SketchRequest(request_id="o", instruction="Write a poem about the sea", max_tokens=12)
+    reference = tiny_engine(tiny_large).sketch([request])[0]
+    loop = make_loop(tiny_engine(tiny_large))
+    updates: list = []
+    done = threading.Event()
+
+    def deliver(update):
+        updates.append(update)
+        if update.kind in ("done", "failed"):
+            done.set()
+
+    loop.submit_outline(request, deliver, progress=True)
+    assert isinstance(opened(r, ["a"])["a"], StepReply)
+    assert done.wait(120)
+    final = updates[-1]
+    assert final.kind == "done", final
+    assert (final.reply.request_id, final.reply.sketch, final.reply.tokens) == ("o", reference.sketch, reference.tokens)
+    counts = [u.progress.tokens for u in updates if u.kind == "progress"]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+# ---- unchanged behaviour ----------------------------------------------------------------------------
 
 
 @pytest.fixture
