@@ -5,9 +5,12 @@ Keys (every one has a TTL; nothing private is ever written):
 - ``cg:in:{replica}``       stream, StepRequest / CloseSession (or a ``StepBatch`` of an edge pool's round)
                             for the replica that owns the sessions
 - ``cg:reply:{reply_to}``   list, replies (one or a ``ReplyBatch``) for an edge link's sessions
-- ``cg:alive:{replica}``    string, replica heartbeat
-Stream entries are deleted once acknowledged, and streams are capped with MAXLEN, so memory
-stays flat however long the cluster runs.
+- ``cg:alive:{replica}``    string, replica heartbeat: JSON ``{"pid", "at"}``, written every ``heartbeat_s`` by a
+                            thread of its own with a TTL of ``heartbeat_ttl_s``; a missing key means a dead replica
+Stream entries are deleted once acknowledged, and admission bounds the sessions, so memory stays
+flat however long the cluster runs; streams are never trimmed (MAXLEN would drop unread requests
+silently). A dead replica's work is taken over by the survivors: its pending opens are claimed
+(``CloudBus.claim``), its input stream answered and deleted (``CloudBus.take_stream``).
 
 What an edge writes is only what its outbound gate sealed (``Sealed``): the edge bus sends a genuine
 ``Sealed``'s bytes and refuses anything else. ``reply_to`` is random per edge link (a fleet client's or
@@ -18,25 +21,40 @@ Redis's (its clock, the cloud's): a replica counts a request's budget from its e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import json
 import logging
+import os
 import secrets
 import sys
 import time
-from typing import NamedTuple, NoReturn
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from cogenesis.core.errors import BusTimeout, ClusterError, SessionError
+from cogenesis.core.errors import (
+    BusTimeout,
+    Busy,
+    ClusterError,
+    ProtocolError,
+    ReplicaLost,
+    SessionError,
+    UnknownSession,
+)
 from cogenesis.core.protocol import ErrorReply, StepBatch, StepReply, decode_replies, encode, now_us
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 OPEN_STREAM = "cg:open"
 GROUP = "cloud"
 FIELD = b"m"
-STREAM_MAXLEN = 100_000
 KEY_TTL_S = 600
 REPLY_TTL_S = 600  # a reply may wait while its edge finishes a long prefill; the edge's deadline still bounds it
 
@@ -53,9 +71,36 @@ def alive_key(replica: str) -> str:
     return f"cg:alive:{replica}"
 
 
+IN_PREFIX = "cg:in:"
+
+
+def read_alive(r: redis.Redis, replicas: Iterable[str]) -> dict[str, dict | None]:
+    """Each replica's heartbeat (``{"pid", "at"}``), or None where its key is missing: the replica is dead
+    (or never started). One round trip."""
+    names = list(dict.fromkeys(replicas))
+    if not names:
+        return {}
+    out: dict[str, dict | None] = {}
+    for name, raw in zip(names, r.mget([alive_key(n) for n in names])):
+        if raw is None:
+            out[name] = None
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        # an older replica wrote the bare time: alive all the same
+        out[name] = value if isinstance(value, dict) else {"pid": None, "at": value}
+    return out
+
+
 SOCKET_TIMEOUT_S = 10.0  # no command waits longer on the socket; blocking pops wait in shorter slices
-BLOCK_SLICE_S = 5.0
+BLOCK_SLICE_S = 1.0  # an edge's blocking pop: it checks heartbeats between slices
 DRAIN_COUNT = 1024  # replies a drain takes off one reply list at once
+
+
+# what a bus call raises while Redis is away (down, restarting, unreachable): callers back off and retry
+REDIS_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
 def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
@@ -192,44 +237,148 @@ class Received(NamedTuple):
     # while the edge was busy elsewhere); None: it arrived while the edge waited, so ``at_us`` is its arrival
 
 
+class ExchangeLost(ReplicaLost):
+    """Redis lost, or may have lost, a session's request or reply: it restarted empty, or the connection broke
+    in the middle of an exchange. The session is resumed (cause ``redis``), like one whose replica died."""
+
+
+ALIVE_CHECK_S = 1.0  # how often a wait checks the heartbeats of the replicas it waits on (and Redis's marker)
+ALIVE_GRACE_S = 5.0  # after Redis came back empty, replicas need a beat to write their heartbeat again
+RECONNECT_FIRST_S = 0.05  # reconnect backoff: the first wait, doubled up to RECONNECT_CAP_S
+RECONNECT_CAP_S = 2.0
+STASH_MAX = 10_000  # replies kept for sessions nobody waits on yet; beyond, the oldest is dropped (logged)
+FORGOTTEN_MAX = 10_000  # ended sessions remembered, so their late replies are dropped instead of kept
+DEAD_MAX = 1_000  # replicas remembered as dead (their late replies to a re-opened session are ignored)
+
+
 class EdgeBus:
-    """Edge side: send sealed requests, wait for replies with deadlines.
+    """Edge side: send sealed requests, wait for replies with deadlines, notice what was lost.
 
     A round's steps for one replica travel as one stream entry (``StepBatch``) and the replica
     answers a pool with one reply message per served batch (``ReplyBatch``) on the pool's reply
     list (``reply_to``), so a round costs a few Redis commands whatever the number of sessions.
-    Replies for sessions nobody is waiting on yet are kept until asked for.
+    Replies for sessions nobody is waiting on yet are kept until asked for (a bounded number).
+
+    The edge holds every token it sent, so what Redis or a replica loses is not lost: the bus only has to
+    *say* which sessions lost their exchange, and the session loop re-opens them by replay:
+
+    - a replica whose heartbeat is gone (``cg:alive:{replica}`` missing) fails the sessions waiting on it
+      with ``ReplicaLost`` within about ``ALIVE_CHECK_S`` of the key expiring, not at the step timeout;
+    - a broken connection is retried with capped exponential backoff for ``redis_retry_s``: the sessions
+      of the interrupted wait, and every session sent before Redis came back empty (its marker key is
+      gone: it restarted), fail with ``ExchangeLost``; a send is simply sent again (a replica answers a
+      repeated request from its cache). If Redis stays away, they fail with ``ClusterError`` (unreachable).
+
+    No redis exception leaves the bus: a command fails fast (no silent retry by the client, which could
+    pop a reply and lose it), and the bus decides what the failure means.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, redis_retry_s: float = 30.0) -> None:
+        self.url = url
+        self.redis_retry_s = redis_retry_s
         self.r = connect(url)
+        self.r.set_retry(Retry(NoBackoff(), 0))
         # session -> newest reply not yet asked for, and when it came
         self._stash: dict[str, tuple[StepReply | ErrorReply, Received]] = {}
+        self._forgotten: OrderedDict[str, None] = OrderedDict()
+        self._dead: OrderedDict[str, None] = OrderedDict()  # replicas whose heartbeat was found missing
+        # Redis's data epoch: bumped when Redis came back without this bus's marker (it restarted empty);
+        # a session sent in an older epoch lost its request or reply
+        self._marker = f"cg:edge:{secrets.token_hex(12)}"
+        self._epoch = 0
+        self._sent_epoch: dict[str, int] = {}
+        self._checked_at = 0.0  # monotonic: the last heartbeat check
+        self._grace_until = 0.0
+        self._gave_up = False  # Redis stayed away for redis_retry_s: later calls try once, not for as long again
+        self._call(lambda: self.r.set(self._marker, b"1", ex=KEY_TTL_S))
+
+    # ---- connection -------------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` (Redis commands); on a connection error reconnect and run it again, for up to
+        ``redis_retry_s``; then ClusterError (unreachable)."""
+        deadline = time.monotonic() + self.redis_retry_s
+        while True:
+            try:
+                return fn()
+            except REDIS_DOWN as exc:
+                log.warning("Redis at %s: %s; reconnecting", self.url, type(exc).__name__)
+                if not self._reconnect(deadline):
+                    raise self._unreachable() from None
+
+    def _reconnect(self, deadline: float) -> bool:
+        """Reconnect with capped exponential backoff until ``deadline``; True once Redis answers. Notices a
+        restart (the marker is gone): sessions sent before it lost their exchange."""
+        delay = RECONNECT_FIRST_S
+        while True:
+            try:
+                self.r.ping()
+                self._check_marker(self.r.exists(self._marker))
+                self._gave_up = False
+                return True
+            except REDIS_DOWN:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or self._gave_up:
+                self._gave_up = True
+                return False
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, RECONNECT_CAP_S)
+
+    def _check_marker(self, present: object) -> None:
+        """Redis answered without this bus's marker: it restarted empty, and what it held is gone."""
+        if present:
+            return
+        self._epoch += 1
+        self._grace_until = time.monotonic() + ALIVE_GRACE_S
+        self.r.set(self._marker, b"1", ex=KEY_TTL_S)
+        log.warning("Redis at %s came back empty (restarted?): sessions in flight will be resumed", self.url)
+
+    def _unreachable(self) -> ClusterError:
+        return ClusterError(
+            f"Redis at {self.url} is unreachable (retried for {self.redis_retry_s:.0f} s)",
+            hint="is Redis (the cluster) running? raise --redis-retry or edge.redis_retry_s to wait longer",
+        )
+
+    # ---- sending ----------------------------------------------------------------------------------------
 
     def send_many(self, items: list[tuple[str | None, str, Sealed]]) -> None:
         """Send in one round trip: (replica or None for a new session, session_id, msg).
 
         Each ``msg`` must be a genuine ``Sealed`` (TypeError otherwise, before anything is sent); its
         bytes go out exactly as sealed. New sessions go one entry each to the shared open stream (so
-        replicas share them out); everything for one replica goes as one ``StepBatch`` entry on its stream."""
+        replicas share them out); everything for one replica goes as one ``StepBatch`` entry on its stream.
+        Streams are never trimmed (a trimmed stream drops unread requests silently): replicas delete what
+        they acknowledged, and admission bounds the sessions. A lost connection is retried (the whole
+        round again: a replica answers a repeated request from its cache); ClusterError if Redis stays away."""
         payloads = [(replica, session_id, wire_bytes(msg)) for replica, session_id, msg in items]
-        pipe = self.r.pipeline(transaction=False)
-        per_replica: dict[str, list[bytes]] = {}
-        opened = False
-        for replica, session_id, payload in payloads:
-            if replica is None:
-                pipe.delete(reply_key(session_id))
-                pipe.xadd(OPEN_STREAM, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)
-                opened = True
-            else:
-                per_replica.setdefault(replica, []).append(payload)
-        for replica, batch in per_replica.items():
-            entry = batch[0] if len(batch) == 1 else encode(StepBatch(items=batch))
-            pipe.xadd(in_stream(replica), {FIELD: entry}, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.expire(in_stream(replica), KEY_TTL_S)
-        if opened:
-            pipe.expire(OPEN_STREAM, KEY_TTL_S)
-        pipe.execute()
+        if not payloads:
+            return
+
+        def send() -> None:
+            pipe = self.r.pipeline(transaction=False)
+            per_replica: dict[str, list[bytes]] = {}
+            opened = False
+            for replica, session_id, payload in payloads:
+                if replica is None:
+                    pipe.delete(reply_key(session_id))
+                    pipe.xadd(OPEN_STREAM, {FIELD: payload})
+                    opened = True
+                else:
+                    per_replica.setdefault(replica, []).append(payload)
+            for replica, batch in per_replica.items():
+                entry = batch[0] if len(batch) == 1 else encode(StepBatch(items=batch))
+                pipe.xadd(in_stream(replica), {FIELD: entry})
+                pipe.expire(in_stream(replica), KEY_TTL_S)
+            if opened:
+                pipe.expire(OPEN_STREAM, KEY_TTL_S)
+            pipe.execute()
+
+        self._call(send)
+        for _, session_id, _ in payloads:
+            self._sent_epoch[session_id] = self._epoch
+
+    # ---- waiting ----------------------------------------------------------------------------------------
 
     def wait_many(
         self,
@@ -237,47 +386,124 @@ class EdgeBus:
         deadline_ms: int,
         arrivals: dict[str, Received] | None = None,
         reply_to: dict[str, str] | None = None,
+        replicas: dict[str, str] | None = None,
     ) -> dict[str, StepReply | Exception]:
         """Replies for many sessions ({session: step}); a failed session maps to its exception.
 
         ``deadline_ms``: this edge's own deadline (``deadline_in``, its clock; it never leaves the edge).
-        ``reply_to`` maps a session to its reply list (default: its own). Whatever is already posted
-        is fetched in one pipelined round trip; otherwise one blocking pop waits for the next.
+        ``reply_to`` maps a session to its reply list (default: its own). ``replicas`` maps a session to the
+        replica holding it; a session not in it is opening (its open goes to whichever replica claims it,
+        and no answer but a reply from a live replica, or a refusal, is its answer). Whatever is already
+        posted is fetched in one pipelined round trip; otherwise blocking pops wait in slices of
+        ``BLOCK_SLICE_S``, and about every ``ALIVE_CHECK_S`` the same round trip checks the heartbeats of
+        the replicas waited on: the sessions of a dead one fail at once with ``ReplicaLost``.
+        ``ExchangeLost`` (Redis lost the exchange) and ``ClusterError`` (Redis unreachable) as the class says.
         ``arrivals`` (if given) receives when each session's reply came (``Received``), for tracing.
         """
         out: dict[str, StepReply | Exception] = {}
         routes = reply_to or {}
+        held = replicas or {}
+        opening = set(wanted) - set(held) if replicas is not None else set()
         for sid in wanted:
             if sid in self._stash:
-                self._accept(*self._stash.pop(sid), wanted, out, arrivals)
+                self._accept(*self._stash.pop(sid), wanted, out, arrivals, opening)
+        self._lost_in_restart(wanted, out)
         started, drain, first = now_us(), True, True
         while len(out) < len(wanted):
-            keys = sorted({reply_key(routes.get(sid, sid)) for sid in wanted if sid not in out})
-            if drain:
-                pipe = self.r.pipeline(transaction=False)
-                for k in keys:
-                    pipe.rpop(k, DRAIN_COUNT)
-                payloads = [p for popped in pipe.execute() if popped for p in popped]
-            else:
+            pending = [sid for sid in wanted if sid not in out]
+            keys = sorted({reply_key(routes.get(sid, sid)) for sid in pending})
+            watched = sorted({held[sid] for sid in pending if sid in held})
+            check = time.monotonic() - self._checked_at >= ALIVE_CHECK_S
+            timeout = 0.0
+            if not drain:
                 remaining = deadline_ms / 1000 - time.time()
                 if remaining <= 0:
-                    for sid, step in wanted.items():
-                        out.setdefault(
-                            sid,
-                            BusTimeout(
-                                f"session {sid}: no reply for step {step} before its deadline",
-                                hint="is the cloud running and reading the bus?",
-                            ),
+                    for sid in pending:
+                        out[sid] = BusTimeout(
+                            f"session {sid}: no reply for step {wanted[sid]} before its deadline",
+                            hint="is the cloud running and reading the bus?",
                         )
                     break
-                item = self.r.brpop(keys, timeout=min(max(remaining, 0.01), BLOCK_SLICE_S))
-                payloads = [item[1]] if item is not None else []
+                timeout = min(max(remaining, 0.01), BLOCK_SLICE_S)
+            try:
+                payloads, beats = self._poll(keys, timeout, watched if check else None)
+            except REDIS_DOWN as exc:
+                log.warning("Redis at %s: %s while waiting; reconnecting", self.url, type(exc).__name__)
+                if self._reconnect(time.monotonic() + self.redis_retry_s):
+                    for sid in pending:  # a reply may have been popped and lost with the connection
+                        out[sid] = ExchangeLost(
+                            f"session {sid}: the connection to Redis broke while waiting for step {wanted[sid]}"
+                        )
+                else:
+                    for sid in pending:
+                        out[sid] = self._unreachable()
+                break
             got = Received(now_us(), started if first else None)  # the first drain finds what was already there
             drain, first = bool(payloads), False  # after a hit, more may be ready
             for payload in payloads:
-                for reply in decode_replies(payload):
-                    self._accept(reply, got, wanted, out, arrivals)
+                try:
+                    replies = decode_replies(payload)
+                except ProtocolError:  # its content is not logged: only that it was dropped
+                    log.warning("dropped a malformed reply of %d bytes", len(payload))
+                    continue
+                for reply in replies:
+                    self._accept(reply, got, wanted, out, arrivals, opening)
+            if beats is not None:
+                self._heartbeats(beats, pending, held, out)
+            self._lost_in_restart(wanted, out)
         return out
+
+    def _poll(
+        self, keys: list[str], timeout: float, watched: list[str] | None
+    ) -> tuple[list[bytes], dict[str, bool] | None]:
+        """One round trip: (if ``watched`` is given) the marker and these replicas' heartbeats, then the
+        replies: everything posted (``timeout`` 0), or the next one within ``timeout`` seconds. Returns the
+        replies' payloads and, when checked, which replicas still beat."""
+        pipe = self.r.pipeline(transaction=False)
+        if watched is not None:
+            pipe.mget([self._marker] + [alive_key(name) for name in watched])
+            pipe.expire(self._marker, KEY_TTL_S)
+        if timeout > 0:
+            pipe.brpop(keys, timeout=timeout)
+        else:
+            for k in keys:
+                pipe.rpop(k, DRAIN_COUNT)
+        results = pipe.execute()
+        beats = None
+        if watched is not None:
+            (marker, *alive), _ = results[:2]
+            results = results[2:]
+            self._checked_at = time.monotonic()
+            self._check_marker(marker)
+            beats = {name: value is not None for name, value in zip(watched, alive)}
+        if timeout > 0:
+            return ([results[0][1]] if results[0] is not None else []), beats
+        return [p for popped in results if popped for p in popped], beats
+
+    def _heartbeats(
+        self, beats: dict[str, bool], pending: list[str], held: dict[str, str], out: dict[str, StepReply | Exception]
+    ) -> None:
+        """Fail the sessions still waiting on a replica whose heartbeat is gone (not right after Redis came
+        back empty: every heartbeat is gone then, until the replicas beat again)."""
+        for name, beating in beats.items():
+            if beating:
+                self._dead.pop(name, None)
+            elif time.monotonic() >= self._grace_until:
+                self._dead[name] = None
+                while len(self._dead) > DEAD_MAX:
+                    self._dead.popitem(last=False)
+        for sid in pending:
+            replica = held.get(sid)
+            if sid not in out and replica is not None and replica in self._dead:
+                out[sid] = ReplicaLost(
+                    f"session {sid}: replica {replica} stopped (no heartbeat)",
+                    hint="the session is re-opened on another replica; are replicas crashing?",
+                )
+
+    def _lost_in_restart(self, wanted: dict[str, int], out: dict[str, StepReply | Exception]) -> None:
+        for sid in wanted:
+            if sid not in out and self._sent_epoch.get(sid, self._epoch) < self._epoch:
+                out[sid] = ExchangeLost(f"session {sid}: Redis restarted while step {wanted[sid]} was in flight")
 
     def _accept(
         self,
@@ -286,42 +512,84 @@ class EdgeBus:
         wanted: dict[str, int],
         out: dict,
         arrivals: dict[str, Received] | None,
+        opening: set[str],
     ) -> None:
         sid = reply.session_id
         if sid not in wanted or sid in out:  # for a session not asked about now: keep the newest
-            kept = self._stash.get(sid)
-            if kept is None or kept[0].step <= reply.step:
-                self._stash[sid] = (reply, got)
+            self._keep(reply, got)
             return
         if reply.step < wanted[sid]:
             return  # late duplicate of an earlier step
-        if isinstance(reply, ErrorReply):
-            out[sid] = SessionError(f"cloud refused session {sid} step {reply.step}: {reply.code}: {reply.message}")
-        else:
-            out[sid] = reply
+        if sid in opening and (
+            (isinstance(reply, ErrorReply) and reply.code == "unknown_session")
+            or (isinstance(reply, StepReply) and reply.replica in self._dead)
+        ):
+            return  # the old replica's (or a survivor's answer to its) request, not the answer to this open
+        out[sid] = _result(reply)
+        self._sent_epoch.pop(sid, None)
         if arrivals is not None:
             arrivals[sid] = got
 
+    def _keep(self, reply: StepReply | ErrorReply, got: Received) -> None:
+        sid = reply.session_id
+        if sid in self._forgotten:
+            return  # its session ended: a late reply (or a duplicate of a resumed step) goes nowhere
+        kept = self._stash.get(sid)
+        if kept is not None and kept[0].step > reply.step:
+            return
+        self._stash.pop(sid, None)  # re-inserted as the newest
+        self._stash[sid] = (reply, got)
+        if len(self._stash) > STASH_MAX:
+            del self._stash[next(iter(self._stash))]
+            log.warning("dropped the oldest kept reply: more than %d replies for sessions nobody waits on", STASH_MAX)
+
     def forget(self, session_ids) -> None:
-        """Drop kept replies of sessions that ended."""
+        """Drop kept replies of sessions that ended (and any that come for them later)."""
         for sid in session_ids:
             self._stash.pop(sid, None)
+            self._sent_epoch.pop(sid, None)
+            self._forgotten[sid] = None
+        while len(self._forgotten) > FORGOTTEN_MAX:
+            self._forgotten.popitem(last=False)
 
     def close(self) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            self.r.delete(self._marker)
         self.r.close()
 
 
-class CloudBus:
-    """Cloud side: read this replica's requests (and a share of new sessions), post replies."""
+def _result(reply: StepReply | ErrorReply) -> StepReply | SessionError:
+    """A reply as the waiting session takes it: the reply, or the refusal as its error."""
+    if isinstance(reply, StepReply):
+        return reply
+    what = f"cloud refused session {reply.session_id} step {reply.step}: {reply.code}: {reply.message}"
+    if reply.code == "unknown_session":
+        return UnknownSession(what)
+    if reply.code == "busy":
+        return Busy(what, retry_after_s=max(0, reply.retry_after_ms) / 1000)
+    return SessionError(what)
 
-    def __init__(self, url: str, replica: str) -> None:
+
+class CloudBus:
+    """Cloud side: read this replica's requests (and a share of new sessions), post replies, heartbeat,
+    and take over the work of dead replicas.
+
+    Every method may raise redis' ``ConnectionError``/``TimeoutError`` while Redis is away; the step loop
+    backs off and retries. Groups and streams lost with a restarted (empty) Redis are recreated on the
+    next read (NOGROUP)."""
+
+    def __init__(self, url: str, replica: str, heartbeat_ttl_s: float = 4.0) -> None:
         self.r = connect(url)
         self.replica = replica
+        self.heartbeat_ttl_s = heartbeat_ttl_s
         self.streams = {OPEN_STREAM: ">", in_stream(replica): ">"}
         self._ensure_groups()
         self.heartbeat()
 
     def _ensure_groups(self) -> None:
+        """The consumer groups (and streams) this replica reads, and this replica a consumer of the open
+        stream's group from the start: survivors find a dead replica among those consumers (Redis 6 adds a
+        consumer only when an entry is delivered to it)."""
         for stream in self.streams:
             try:
                 self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -329,16 +597,21 @@ class CloudBus:
                 if "BUSYGROUP" not in str(exc):
                     raise
             self.r.expire(stream, KEY_TTL_S)
+        self.r.xgroup_createconsumer(OPEN_STREAM, GROUP, self.replica)
 
-    def heartbeat(self, ttl_s: int = 10) -> None:
+    def heartbeat(self, ttl_s: float | None = None) -> None:
+        """Say this replica is alive for ``ttl_s`` more seconds (``{"pid", "at"}``); keep its streams alive."""
+        ttl_ms = max(1, int((ttl_s if ttl_s is not None else self.heartbeat_ttl_s) * 1000))
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(alive_key(self.replica), str(time.time()), ex=ttl_s)
+        pipe.set(alive_key(self.replica), json.dumps({"pid": os.getpid(), "at": round(time.time(), 3)}), px=ttl_ms)
         for stream in self.streams:
             pipe.expire(stream, KEY_TTL_S)
         pipe.execute()
 
-    def read(self, block_ms: int = 100, count: int = 1024, max_opens: int = 64) -> list[tuple[str, bytes, bytes]]:
-        """Pending (stream, entry id, payload) triples, waiting at most ``block_ms``.
+    def read(
+        self, block_ms: int | None = 100, count: int = 1024, max_opens: int = 64
+    ) -> list[tuple[str, bytes, bytes]]:
+        """Pending (stream, entry id, payload) triples, waiting at most ``block_ms`` (None: not at all).
 
         A blocking read wakes on the first entry of a burst (an edge pool pipelines a whole round),
         so non-blocking reads of this replica's stream follow until nothing more is pending: the
@@ -359,7 +632,7 @@ class CloudBus:
         try:
             resp = self.r.xreadgroup(GROUP, self.replica, streams, count=count, block=block_ms)
         except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):  # stream expired while idle: recreate and carry on
+            if "NOGROUP" in str(exc):  # stream expired while idle, or Redis restarted empty: recreate, carry on
                 self._ensure_groups()
                 return []
             raise
@@ -369,7 +642,7 @@ class CloudBus:
         for stream, entries in resp:
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, fields in entries:
-                out.append((name, entry_id, fields.get(FIELD, b"")))
+                out.append((name, entry_id, (fields or {}).get(FIELD, b"")))
         return out
 
     def backlog(self) -> int:
@@ -382,6 +655,8 @@ class CloudBus:
 
     def finish(self, done: list[tuple[str, bytes]], replies: list[tuple[str, bytes]]) -> None:
         """One pipeline: post replies (with TTL) to their reply lists, ack and delete consumed entries."""
+        if not done and not replies:
+            return
         pipe = self.r.pipeline(transaction=False)
         for reply_to, payload in replies:
             pipe.lpush(reply_key(reply_to), payload)
@@ -390,6 +665,124 @@ class CloudBus:
             pipe.xack(stream, GROUP, entry_id)
             pipe.xdel(stream, entry_id)
         pipe.execute()
+
+    # ---- dead replicas ------------------------------------------------------------------------------
+
+    def dead_consumers(self) -> list[str]:
+        """Other replicas of the open stream's group that are dead: no heartbeat, and silent on the bus for
+        ``heartbeat_ttl_s`` at least (a live replica reads every 100 ms, even inside a long pass its
+        heartbeat thread keeps its key)."""
+        try:
+            consumers = self.r.xinfo_consumers(OPEN_STREAM, GROUP)
+        except redis.ResponseError:  # no stream or no group (Redis restarted): nobody to take over
+            return []
+        ttl_ms = int(self.heartbeat_ttl_s * 1000)
+        names = {}
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if name != self.replica and int(c.get("idle", 0)) >= ttl_ms:
+                names[name] = c
+        alive = read_alive(self.r, names)
+        return [name for name in names if alive.get(name) is None]
+
+    def claim(self, consumer: str, batch: int = 1000) -> tuple[list[tuple[str, bytes, bytes]], bool]:
+        """Take over ``consumer``'s pending entries on the open stream (read, never acknowledged: it died
+        mid-pass); returns them as a read would, now pending for this replica, and whether none is left
+        pending for ``consumer`` (only then may it be removed). Only entries idle for ``heartbeat_ttl_s``
+        move, so two survivors never both take one."""
+        min_idle = int(self.heartbeat_ttl_s * 1000)
+        out: list[tuple[str, bytes, bytes]] = []
+        previous: list[bytes] = []
+        while True:
+            pending: Any = self.r.xpending_range(OPEN_STREAM, GROUP, "-", "+", batch, consumername=consumer)
+            ids: list[Any] = [p["message_id"] for p in pending]
+            if not ids:
+                return out, True
+            if ids == previous:  # nothing moved: too recent, or another survivor holds them now
+                return out, False
+            previous = ids
+            gone: list[bytes] = []
+            claimed: Any = self.r.xclaim(OPEN_STREAM, GROUP, self.replica, min_idle, ids)
+            for entry_id, fields in claimed:
+                if fields:
+                    out.append((OPEN_STREAM, entry_id, fields.get(FIELD, b"")))
+                else:  # deleted after it was read: nothing left to serve
+                    gone.append(entry_id)
+            if gone:
+                self.r.xack(OPEN_STREAM, GROUP, *gone)
+
+    def own_pending(self) -> list[tuple[str, bytes, bytes]]:
+        """Entries delivered to this replica and never acknowledged, as a read returns them (a reply lost with
+        its connection); entries deleted meanwhile are acknowledged here. Only the loop that reads calls it,
+        between passes, when none of them can be in hand."""
+        out: list[tuple[str, bytes, bytes]] = []
+        gone: dict[str, list[bytes]] = {}
+        try:
+            resp: Any = self.r.xreadgroup(GROUP, self.replica, {s: "0" for s in self.streams}, count=1000)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis restarted empty: nothing was kept for anyone
+                return []
+            raise
+        for stream, entries in resp or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in entries:
+                if fields:
+                    out.append((name, entry_id, fields.get(FIELD, b"")))
+                else:
+                    gone.setdefault(name, []).append(entry_id)
+        for name, ids in gone.items():
+            self.r.xack(name, GROUP, *ids)
+        return out
+
+    def remove_consumer(self, consumer: str) -> None:
+        """Forget a dead replica in the open stream's group (after its pending entries were claimed)."""
+        with contextlib.suppress(redis.ResponseError):
+            self.r.xgroup_delconsumer(OPEN_STREAM, GROUP, consumer)
+
+    def take_stream(self, replica: str) -> list[tuple[bytes, bytes]]:
+        """Every entry left on ``replica``'s input stream (pending or never read), and the stream deleted,
+        atomically: two survivors never answer one entry twice, and nothing added meanwhile is lost."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xrange(in_stream(replica), "-", "+")
+        pipe.delete(in_stream(replica))
+        entries, _ = pipe.execute()
+        return [(entry_id, (fields or {}).get(FIELD, b"")) for entry_id, fields in entries or []]
+
+    def orphan_streams(self) -> list[str]:
+        """Replicas whose input stream holds entries older than ``heartbeat_ttl_s`` while their heartbeat is
+        missing: written to after the replica died (and after a survivor took its stream). A full scan of
+        the keyspace: call it rarely."""
+        prefix = IN_PREFIX.encode()
+        found = []
+        for key in self.r.scan_iter(match=f"{IN_PREFIX}*", count=1000, _type="STREAM"):
+            name = (key[len(prefix) :] if isinstance(key, bytes) else key[len(IN_PREFIX) :]).decode()
+            if name != self.replica:
+                found.append(name)
+        if not found:
+            return []
+        alive = read_alive(self.r, found)
+        now_s, _ = self.r.time()
+        out = []
+        for name in found:
+            if alive.get(name) is not None:
+                continue
+            first: Any = self.r.xrange(in_stream(name), "-", "+", count=1)
+            if first and entry_ms(first[0][0]) <= now_s * 1000 - self.heartbeat_ttl_s * 1000:
+                out.append(name)
+        return out
+
+    def retire(self) -> list[tuple[bytes, bytes]]:
+        """Leave the bus for good (the replica stops): its heartbeat deleted, so edges resume its sessions at
+        once; every entry left on its input stream taken (``take_stream``) for the caller to answer; and it is
+        removed from the open stream's group when nothing is pending for it there."""
+        self.r.delete(alive_key(self.replica))
+        left = self.take_stream(self.replica)
+        try:
+            if not self.r.xpending_range(OPEN_STREAM, GROUP, "-", "+", 1, consumername=self.replica):
+                self.remove_consumer(self.replica)
+        except redis.ResponseError:  # no open stream (Redis restarted): nothing to leave
+            pass
+        return left
 
     def close(self) -> None:
         try:

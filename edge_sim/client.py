@@ -11,6 +11,7 @@ the device process (a fleet pool's counts on Redis, a Locust report) is its ``Er
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 
 from cogenesis.core.config import EdgeConfig
@@ -49,6 +50,9 @@ class SessionResult:
     sketch_seconds: float | None = None  # the outline request to the cloud
     edge_seconds: float | None = None  # the local generation from the outline (a pool's batched decode)
     simulated: bool = False  # written by a device profile (no small model ran; no text)
+    # faults survived
+    resumes: int = 0  # times the session was re-opened by replay (its replica died, or Redis lost the exchange)
+    busy_retries: int = 0  # opens (or outline requests) retried after the cloud refused them busy
 
     def __post_init__(self) -> None:
         if (self.error is None) != (self.error_code is None):
@@ -70,6 +74,10 @@ class SessionResult:
             out["sketch"] = self.sketch
         if self.error is not None:
             out["error"] = self.error
+        if self.resumes:
+            out["resumes"] = self.resumes
+        if self.busy_retries:
+            out["busy_retries"] = self.busy_retries
         if self.held_tokens or self.span_policy:  # numbers and the policy's name only, never text
             out["privacy"] = {
                 "held_tokens": self.held_tokens,
@@ -77,6 +85,20 @@ class SessionResult:
                 "span_policy": self.span_policy,
             }
         return out
+
+
+BACKOFF_FIRST_S = 0.5  # the first retry after a busy refusal waits at least this long ...
+BACKOFF_CAP_S = 15.0  # ... doubled on each refusal, up to this
+
+
+def busy_delay(retry_after_s: float | None, tries: int, rng: random.Random) -> float:
+    """How long to wait before asking again after the cloud refused busy for the ``tries``-th time (0 first).
+
+    At least what the cloud asked (``retry_after_s``), else an exponential backoff (``BACKOFF_FIRST_S``
+    doubled per refusal, capped at ``BACKOFF_CAP_S``), whichever is longer; times a random 1 to 1.5, so
+    the sessions it refused together do not all come back at once."""
+    backoff = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(tries, 32))
+    return max(retry_after_s or 0.0, backoff) * rng.uniform(1.0, 1.5)
 
 
 class EdgeClient:

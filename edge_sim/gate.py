@@ -8,7 +8,9 @@ normalized text) and checks every outbound text against them:
   whole when they carry a private span (``PrivacyViolation``, naming counts and kinds only);
 - in logits mode every token the small model writes passes the session's ``TokenStream`` before
   it may leave (see there): a token that could begin a private span is held back until the span is
-  decided, and a private span is never sent: the ``span_policy`` decides what the cloud gets instead.
+  decided, and a private span is never sent: the ``span_policy`` decides what the cloud gets instead;
+- a *resume* open (the session re-opened on another replica by replay) may carry only ids its session's
+  stream released, from the first on: the gate refuses any other.
 
 What is public by declaration: the part of an instruction before its first ``": "``, when the user
 split it so (``declared_public``); an instruction without that split is checked like any other text.
@@ -16,9 +18,10 @@ split it so (``declared_public``); an instruction without that split is checked 
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -35,6 +38,7 @@ from cogenesis.core.protocol import (
     StatelessRequest,
     StepRequest,
     encode,
+    unpack_ids,
 )
 
 _SEAL_KEY = claim_seal_key()  # only this module can make a Sealed (cogenesis.cluster.bus)
@@ -70,6 +74,7 @@ class OutboundGate:
             public_instruction, tuple(private_fields), declared_public=declared_public, ngram=self.privacy.ngram
         )
         self.sealed = 0
+        self._streams: weakref.WeakValueDictionary[str, TokenStream | PublicStream] = weakref.WeakValueDictionary()
 
     @classmethod
     def of_record(cls, record: Record, privacy: PrivacyConfig | None = None) -> OutboundGate:
@@ -93,9 +98,32 @@ class OutboundGate:
                 "(e.g. 'Write a birthday message: for my colleague ...'), which stay on the device",
             )
 
-    def stream(self, tokenizer) -> TokenStream:
-        """A new logits session's outbound token stream (``tokenizer``: the edge engine's)."""
-        return TokenStream(self.spans, tokenizer, self.privacy)
+    def stream(self, tokenizer, session_id: str | None = None) -> TokenStream:
+        """A new logits session's outbound token stream (``tokenizer``: the edge engine's). With its
+        ``session_id``, a resume of that session may carry what the stream released."""
+        stream = TokenStream(self.spans, tokenizer, self.privacy)
+        if session_id is not None:
+            self._streams[session_id] = stream
+        return stream
+
+    def public_stream(self, session_id: str) -> PublicStream:
+        """The stream of a simulated device's session: its tokens are drawn from the cloud's own top-k, with
+        nothing of the record as input, so each one is released as written (and may be resumed)."""
+        stream = PublicStream()
+        self._streams[session_id] = stream
+        return stream
+
+    def _check_resume(self, msg: OpenSession) -> None:
+        """A resume carries exactly a prefix of what its session's stream released: ids that passed the gate."""
+        ids = unpack_ids(msg.resume).tolist()
+        stream = self._streams.get(msg.session_id)
+        released = stream.released if stream is not None else []
+        if ids != released[: len(ids)]:
+            raise PrivacyViolation(
+                f"a resume of session {msg.session_id} carries {len(ids)} ids that are not what its stream "
+                f"released ({len(released)} ids); nothing was sent",
+                hint="a resume replays only the ids the session's TokenStream released (a bug in the session loop)",
+            )
 
     def seal(
         self, msg: OpenSession | StepRequest | CloseSession | StatelessRequest, prompt_text: str | None = None
@@ -108,6 +136,8 @@ class OutboundGate:
         """
         if isinstance(msg, OpenSession):
             self.check_text(msg.instruction, "the session's instruction")
+            if msg.resume or msg.resume_step:
+                self._check_resume(msg)
         elif isinstance(msg, StatelessRequest):
             if prompt_text is None:
                 raise TypeError("a StatelessRequest is sealed with the decoded text of the prompt it carries")
@@ -180,6 +210,7 @@ class TokenStream:
         self._private = 0  # the first held tokens found private (replaced once the span has ended)
         self._out: list[int] = []  # ids the cloud may receive, gathered during one push
         self._drained = False  # the last push's token went out as written
+        self.released: list[int] = []  # every id this stream let out (what a resume may replay)
 
     @property
     def holding(self) -> bool:
@@ -193,6 +224,7 @@ class TokenStream:
         self._settle()
         if not self._drained:
             self.stats.held += 1
+        self.released += self._out
         return self._out
 
     def _settle(self) -> None:
@@ -280,6 +312,19 @@ class TokenStream:
             f"the small model wrote {what} (span policy 'refuse'); none of it was sent and the session ends",
             hint="use --span-policy placeholder (the cloud gets a placeholder in its place) or local",
         )
+
+
+@dataclass
+class PublicStream:
+    """A simulated device's outbound stream (``OutboundGate.public_stream``): every token leaves as written."""
+
+    released: list[int] = field(default_factory=list)
+    stats: StreamStats = field(default_factory=StreamStats)
+    holding: bool = False
+
+    def push(self, token: int) -> list[int]:
+        self.released.append(token)
+        return [token]
 
 
 def _shared_prefix(a: str, b: str) -> int:

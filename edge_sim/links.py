@@ -23,13 +23,23 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import httpx
 
-from cogenesis.cluster.bus import EdgeBus, Received, Sealed, wire_bytes
+from cogenesis.cluster.bus import EdgeBus, ExchangeLost, Received, Sealed, wire_bytes
 from cogenesis.core import prompts
-from cogenesis.core.errors import BusTimeout, ClusterError, CoGenesisError, ProtocolError, SessionError
+from cogenesis.core.errors import (
+    BusTimeout,
+    Busy,
+    ClusterError,
+    CoGenesisError,
+    PrivacyViolation,
+    ProtocolError,
+    ReplicaLost,
+    SessionError,
+    UnknownSession,
+)
 from cogenesis.core.protocol import (
     CloseSession,
     CompletionsRequest,
@@ -61,12 +71,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Opening:
-    """Start a session: its public instruction is the only text that leaves the device."""
+    """Start a session: its public instruction is the only text that leaves the device. A *resume* (re-opening
+    a session whose replica died, or whose exchange Redis lost) also carries every id the session had released
+    up to its in-flight step, and that step's number: the replica rebuilds the session and answers that step."""
 
     session_id: str
     client: int  # the client's index (attributes what the cloud received, locally; never sent)
     instruction: str
     gate: OutboundGate  # seals the message before it leaves
+    resume: tuple[int, ...] = ()  # ids the session's stream released, through its in-flight step
+    resume_step: int = 0  # the step it waits for (0: a plain open)
 
 
 @dataclass(frozen=True)
@@ -90,18 +104,37 @@ class Closing:
     gate: OutboundGate
 
 
+ResumeCause = Literal["replica_lost", "unknown_session", "redis"]
+
+
 @dataclass(frozen=True)
 class Failure:
     """Why a session's request was not answered: a message for the user (it stays on the device) and
-    the code that may leave it (``cogenesis.edge_sim.client.ErrorCode``)."""
+    the code that may leave it (``cogenesis.edge_sim.client.ErrorCode``). ``resume``: the session can go on
+    by re-opening it with its tokens (why: its replica died, the replica no longer knows it, or Redis lost
+    the exchange); ``retry_after_s``: the cloud refused it busy and asks to retry after this long."""
 
     message: str
     code: ErrorCode
+    resume: ResumeCause | None = None
+    retry_after_s: float | None = None
 
     @classmethod
     def of(cls, exc: Exception) -> Failure:
         message = exc.message if isinstance(exc, CoGenesisError) else f"{type(exc).__name__}: {exc}"
-        return cls(message, error_code(exc))
+        retry = exc.retry_after_s if isinstance(exc, Busy) else None
+        return cls(message, error_code(exc), resume_cause(exc), retry)
+
+
+def resume_cause(exc: Exception) -> ResumeCause | None:
+    """Why a failed request can be resumed by replay (None: it cannot)."""
+    if isinstance(exc, ExchangeLost):
+        return "redis"
+    if isinstance(exc, ReplicaLost):
+        return "replica_lost"
+    if isinstance(exc, UnknownSession):
+        return "unknown_session"
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,7 +159,8 @@ class Arrival:
 
 
 def open_request(opening: Opening, cfg: EdgeConfig, reply_to: str = "") -> OpenSession:
-    """The message that opens ``opening``'s session on the cloud (sealed by its gate before it leaves)."""
+    """The message that opens (or resumes) ``opening``'s session on the cloud (sealed by its gate before it
+    leaves, which checks that a resume carries only ids the session's stream released)."""
     return OpenSession(
         session_id=opening.session_id,
         instruction=opening.instruction,
@@ -134,6 +168,8 @@ def open_request(opening: Opening, cfg: EdgeConfig, reply_to: str = "") -> OpenS
         budget_ms=budget_of(cfg.step_timeout_s),
         lookahead=cfg.lookahead,
         reply_to=reply_to,
+        resume=pack_ids(opening.resume) if opening.resume else b"",
+        resume_step=opening.resume_step,
     )
 
 
@@ -170,44 +206,61 @@ class BusLink:
 
     Its sessions share one reply list, named at random per link: a fleet client's or a Locust user's
     session has a link of its own, a demo or benchmark pool one for its batch of sessions (of different
-    clients); no link is reused, so the name links no device's sessions to each other."""
+    clients); no link is reused, so the name links no device's sessions to each other.
+
+    A request that cannot be sealed (the gate refused it) or sent (Redis unreachable) fails only its own
+    sessions: ``collect`` returns their ``Failure``; nothing is raised to the session loop."""
 
     def __init__(self, bus: EdgeBus) -> None:
         self.bus = bus
         self.reply_to = f"pool-{uuid.uuid4().hex}"  # one reply list for all of this link's sessions
-        self._in_flight: dict[str, tuple[int, int]] = {}  # session -> (step awaited, sent_us: the edge's clock)
+        # session -> (step awaited, sent_us: the edge's clock, replica holding it: None while it opens)
+        self._in_flight: dict[str, tuple[int, int, str | None]] = {}
+        self._failed: dict[str, Failure] = {}  # sessions whose request never left
 
     def open(self, sessions: Sequence[Opening], cfg: EdgeConfig) -> None:
-        sent = now_us()
-        items: list[tuple[str | None, str, Sealed]] = [
-            (None, o.session_id, o.gate.seal(open_request(o, cfg, self.reply_to))) for o in sessions
-        ]
-        self.bus.send_many(items)
-        self._in_flight.update((o.session_id, (0, sent)) for o in sessions)
+        self._send([(o.session_id, o.resume_step, None, o.gate, open_request(o, cfg, self.reply_to)) for o in sessions])
 
     def request(self, steps: Sequence[Step], cfg: EdgeConfig) -> None:
-        if not steps:
+        self._send([(s.session_id, s.step, s.replica, s.gate, step_request(s, cfg, self.reply_to)) for s in steps])
+
+    def _send(self, requests: Sequence[tuple[str, int, str | None, OutboundGate, OpenSession | StepRequest]]) -> None:
+        """Seal each (session, step awaited, replica or None, gate, message) and send them in one round trip."""
+        items: list[tuple[str | None, str, Sealed]] = []
+        flights: list[tuple[str, int, str | None]] = []
+        for sid, step, replica, gate, msg in requests:
+            try:
+                items.append((replica, sid, gate.seal(msg)))
+            except PrivacyViolation as exc:  # nothing of it left; the session ends alone
+                self._failed[sid] = Failure.of(exc)
+                continue
+            flights.append((sid, step, replica))
+        if not items:
             return
         sent = now_us()
-        items: list[tuple[str | None, str, Sealed]] = [
-            (s.replica, s.session_id, s.gate.seal(step_request(s, cfg, self.reply_to))) for s in steps
-        ]
-        self.bus.send_many(items)
-        self._in_flight.update((s.session_id, (s.step, sent)) for s in steps)
+        try:
+            self.bus.send_many(items)
+        except ClusterError as exc:  # Redis unreachable: these sessions end with a clear error
+            for sid, _, _ in flights:
+                self._failed[sid] = Failure.of(exc)
+            return
+        self._in_flight.update((sid, (step, sent, replica)) for sid, step, replica in flights)
 
     def collect(self, session_ids: Sequence[str], cfg: EdgeConfig) -> list[Arrival]:
-        if not session_ids:
-            return []
+        out = [Arrival(sid, self._failed.pop(sid)) for sid in session_ids if sid in self._failed]
+        waiting = [sid for sid in session_ids if sid in self._in_flight]
+        if not waiting:
+            return out
         arrivals: dict[str, Received] = {}
         got = self.bus.wait_many(
-            {sid: self._in_flight[sid][0] for sid in session_ids},
+            {sid: self._in_flight[sid][0] for sid in waiting},
             deadline_in(cfg.step_timeout_s),
             arrivals,
-            reply_to=dict.fromkeys(session_ids, self.reply_to),
+            reply_to=dict.fromkeys(waiting, self.reply_to),
+            replicas={sid: r for sid in waiting if (r := self._in_flight[sid][2]) is not None},
         )
-        out = []
         for sid, reply in got.items():
-            _, sent = self._in_flight.pop(sid)
+            _, sent, _ = self._in_flight.pop(sid)
             if isinstance(reply, Exception):
                 out.append(Arrival(sid, Failure.of(reply)))
             else:
@@ -222,10 +275,11 @@ class BusLink:
         if closes:
             try:
                 self.bus.send_many(closes)
-            except Exception as exc:  # the sessions time out on the replica anyway
-                log.warning("could not close %d session(s): %s", len(closes), exc)
+            except ClusterError as exc:  # the sessions are swept on the replica anyway
+                log.warning("could not close %d session(s): %s", len(closes), exc.message)
         for c in sessions:
             self._in_flight.pop(c.session_id, None)
+            self._failed.pop(c.session_id, None)
         self.bus.forget(c.session_id for c in sessions)
 
 

@@ -15,11 +15,23 @@ items (``Opening``, ``Step``, ``Closing``) and applies the ``Arrival``s it retur
 
 A session's state is split by concern: what it wrote (``_Live``), its exchange with the cloud
 (``_Exchange``), when things happened (``_Trace``) and its counts (``_Stats``).
+
+Faults. The device is the source of truth of a session: it holds every id it released to the cloud, so a
+session whose request was lost (its replica died: ``ReplicaLost``; the replica no longer knows it:
+``unknown_session``; Redis lost the exchange) is re-opened at once by a *resume* open carrying every id it
+had released through its in-flight step, and that step's number; the replica that takes it rebuilds the
+session and answers that step, and the session goes on where it was: greedy output is the same as if
+nothing happened, no token lost or repeated. At most ``EdgeConfig.max_resumes`` times; then it fails
+(``replica_lost``). A request refused ``busy`` parks its session (it keeps its device state) until the
+retry time (``busy_delay``: the cloud's retry-after, exponential backoff, jitter), while the pool's other
+sessions keep stepping; after ``admission_timeout_s`` from the first refused open it fails (``busy``). A reply
+whose top-k rows are malformed ends only its own session (``bad_reply``).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -31,17 +43,17 @@ import torch
 from cogenesis.cluster.bus import EdgeBus
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
-from cogenesis.core.errors import ConfigError, PrivacyViolation, SessionError
+from cogenesis.core.errors import ConfigError, PrivacyViolation, ProtocolError, SessionError
 from cogenesis.core.fusion_net import Fuser
 from cogenesis.core.prompts import cloud_prompt_ids
 from cogenesis.core.protocol import ErrorCode, StepReply, error_code
 from cogenesis.core.sampling import sample, sampling_probs
 from cogenesis.core.schedules import Schedule
 from cogenesis.core.speculative import accept_draft
-from cogenesis.edge_sim.client import EdgeClient, SessionResult
+from cogenesis.edge_sim.client import EdgeClient, SessionResult, busy_delay
 from cogenesis.edge_sim.device import Device, PackedDevice
 from cogenesis.edge_sim.engine import EdgeEngine
-from cogenesis.edge_sim.gate import TokenStream
+from cogenesis.edge_sim.gate import PublicStream, TokenStream
 from cogenesis.edge_sim.links import Arrival, BusLink, Closing, CloudLink, Failure, Opening, Step
 
 log = logging.getLogger(__name__)
@@ -56,7 +68,9 @@ class _Exchange:
 
     replica: str = ""
     step: int = 0  # last step number sent
+    sent: int = 0  # how many of the released ids the cloud was sent (through the in-flight step)
     in_flight: bool = False
+    opening: bool = False  # the request in flight is an open (plain or resume): its reply admits the session
     rows: tuple[np.ndarray, np.ndarray] | None = None  # cloud top-k rows [P, K] of the last reply
     drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     row: int | None = None  # which row covers the current position (None: not covered)
@@ -96,6 +110,9 @@ class _Trace:
 @dataclass
 class _Stats:
     round_trips: int = 0
+    resumes: int = 0  # re-opened by replay
+    busy_retries: int = 0  # requests retried after a busy refusal
+    busy_now: int = 0  # ... in the current admission (the backoff's exponent)
     fused: int = 0
     accepted: int = 0  # draft tokens accepted
     accepted_now: int = 0  # ... of the current reply's drafts
@@ -109,7 +126,7 @@ class _Live:
     session_id: str
     gen: torch.Generator | None
     trace: _Trace
-    stream: TokenStream | None  # the outbound gate on its tokens (None: a simulated device, see ``start``)
+    stream: TokenStream | PublicStream  # the outbound gate on its tokens (public: a simulated device, see ``start``)
     lp: torch.Tensor | None = None  # [V] small model's log-probs at the current position
     plain_lp: torch.Tensor | None = None  # [V] ... without the private context (contrast fusion only)
     plain_key: object = field(default_factory=object)  # this session's row on the no-context pass
@@ -120,6 +137,8 @@ class _Live:
     error_code: ErrorCode | None = None  # what may leave the device of ``error``
     done: bool = False
     stopped: bool = False  # ended early by the caller's time budget
+    parked_until: float | None = None  # refused busy: its open is sent again at this ``time.monotonic()``
+    admit_from: float | None = None  # when the open now being admitted was first sent (``time.monotonic()``)
     cloud: _Exchange = field(default_factory=_Exchange)
     stats: _Stats = field(default_factory=_Stats)
 
@@ -128,26 +147,29 @@ class _Live:
         """A simulated device's tokens are drawn from the cloud's own top-k with nothing of the record
         as input, so they carry nothing private (and it could not write a held position alone)."""
         gen = torch.Generator().manual_seed(client.seed) if client.seed is not None else None
-        stream = None if simulated else client.gate.stream(engine.tok)
-        return cls(client, uuid.uuid4().hex, gen, _Trace(time.perf_counter()), stream)
+        session_id = uuid.uuid4().hex
+        gate = client.gate
+        stream = gate.public_stream(session_id) if simulated else gate.stream(engine.tok, session_id)
+        return cls(client, session_id, gen, _Trace(time.perf_counter()), stream)
 
     @property
     def holding(self) -> bool:
         """Tokens are held back: the cloud's view is stale, so positions are written without fusion."""
-        return self.stream is not None and self.stream.holding
+        return self.stream.holding
+
+    @property
+    def parked(self) -> bool:
+        return self.parked_until is not None
 
     def wrote(self, token: int) -> None:
         """Pass the token just written through the stream gate; queue what it releases for the cloud."""
         self.out.append(token)
-        if self.stream is None:
-            ids = [token]
-        else:
-            try:
-                ids = self.stream.push(token)
-            except PrivacyViolation as exc:  # span policy 'refuse'
-                self.error, self.error_code, self.done = exc.message, error_code(exc), True
-                log.warning("client %d logits session ended by its privacy gate", self.client.index)
-                return
+        try:
+            ids = self.stream.push(token)
+        except PrivacyViolation as exc:  # span policy 'refuse'
+            self.error, self.error_code, self.done = exc.message, error_code(exc), True
+            log.warning("client %d logits session ended by its privacy gate", self.client.index)
+            return
         self.unsent += ids
         self.released += ids
         if ids != [token]:  # held or replaced: the cloud's rows and drafts no longer follow the device's text
@@ -164,12 +186,19 @@ class _Live:
         return True
 
     def opening(self) -> Opening:
-        return Opening(self.session_id, self.client.index, self.client.record.public_instruction, self.client.gate)
+        """Open the session, or re-open it where it is: a resume carries every id released through its in-flight
+        step (not those released since) and that step's number (a first open: none, and step 0)."""
+        c = self.cloud
+        resume = tuple(self.released[: c.sent])
+        return Opening(
+            self.session_id, self.client.index, self.client.record.public_instruction, self.client.gate, resume, c.step
+        )
 
     def next_step(self) -> Step:
         """Number the next request and hand over the tokens the cloud has not seen."""
         self.cloud.step += 1
         tokens, self.unsent = self.unsent, []
+        self.cloud.sent = len(self.released)
         return Step(
             self.session_id, self.cloud.step, tuple(tokens), tuple(self.released), self.cloud.replica, self.client.gate
         )
@@ -177,21 +206,77 @@ class _Live:
     def closing(self) -> Closing:
         return Closing(self.session_id, self.cloud.replica, self.client.gate)
 
-    def sent(self) -> None:
+    def sent(self, opening: bool = False) -> None:
         self.cloud.in_flight = True
         self.stats.round_trips += 1
+        if opening:
+            self.cloud.opening, self.parked_until = True, None
+            self.admit_from = self.admit_from if self.admit_from is not None else time.monotonic()
 
-    def arrived(self, arrival: Arrival) -> None:
+    def arrived(self, arrival: Arrival, cfg: EdgeConfig, rng: random.Random) -> bool:
+        """Apply the answer to the request in flight; True: the session is to be re-opened (resumed) now."""
+        self.cloud.in_flight = False
         if isinstance(arrival.reply, Failure):
-            self.error, self.error_code, self.done = arrival.reply.message, arrival.reply.code, True
-            log.warning("client %d logits session failed: %s", self.client.index, self.error)
-            return
+            return self.failed(arrival.reply, cfg, rng)
         reply = arrival.reply
+        try:
+            rows, drafts = reply.top_k(), reply.drafts()
+        except ProtocolError as exc:  # a malformed reply ends its own session only
+            self.fail(f"malformed reply from replica {reply.replica}: {exc.message}", "bad_reply")
+            return False
         self.reply_done()
         cloud = self.cloud
-        cloud.rows, cloud.drafts, cloud.row = reply.top_k(), reply.drafts(), 0
-        cloud.replica, cloud.in_flight = reply.replica, False
+        cloud.rows, cloud.drafts, cloud.row = rows, drafts, 0
+        cloud.replica, cloud.opening = reply.replica, False
+        self.admit_from, self.stats.busy_now = None, 0
         self.trace.replied(arrival, reply)
+        return False
+
+    def failed(self, failure: Failure, cfg: EdgeConfig, rng: random.Random) -> bool:
+        """A request was not answered: resume the session (True), park it until the cloud has room, or end it."""
+        if failure.resume is not None:
+            if self.stats.resumes >= cfg.max_resumes:
+                self.fail(
+                    f"{failure.message} (the session was already resumed {self.stats.resumes} times, "
+                    f"max_resumes {cfg.max_resumes})",
+                    "replica_lost",
+                )
+                return False
+            self.stats.resumes += 1
+            metrics.resumes.labels(failure.resume).inc()
+            log.warning(
+                "client %d logits session %s: %s; resuming at step %d (resume %d of %d)",
+                self.client.index,
+                self.session_id[:8],
+                failure.resume,
+                self.cloud.step,
+                self.stats.resumes,
+                cfg.max_resumes,
+            )
+            self.admit_from = None  # a new admission: its own admission timeout
+            return True
+        if failure.code == "busy":
+            now = time.monotonic()
+            start = self.admit_from if self.admit_from is not None else now
+            deadline = start + cfg.admission_timeout_s
+            if now >= deadline:
+                self.fail(
+                    f"the cloud refused the session busy for {now - start:.0f} s (admission_timeout_s "
+                    f"{cfg.admission_timeout_s:g}): {failure.message}",
+                    "busy",
+                )
+                return False
+            self.parked_until = min(deadline, now + busy_delay(failure.retry_after_s, self.stats.busy_now, rng))
+            self.stats.busy_now += 1
+            self.stats.busy_retries += 1
+            metrics.busy_retries.inc()
+            return False
+        self.fail(failure.message, failure.code)
+        return False
+
+    def fail(self, message: str, code: ErrorCode) -> None:
+        self.error, self.error_code, self.done = message, code, True
+        log.warning("client %d logits session failed: %s", self.client.index, message)
 
     def reply_done(self) -> None:
         """The current reply is used up: count how many of its drafts were accepted."""
@@ -232,6 +317,10 @@ def run_logits_sessions(
                 for lv in live:
                     lv.stopped = lv.done = True
                 break
+            if all(lv.parked for lv in live):  # nothing to step: sleep until the first retry is due
+                _sleep_until(min(lv.parked_until or 0.0 for lv in live), stop_at)
+                if stop_at is not None and time.perf_counter() >= stop_at:
+                    continue
             loop.step_round(live)
     finally:
         loop.release(lives)
@@ -239,6 +328,15 @@ def run_logits_sessions(
     for r in results:
         on_result(r)
     return results
+
+
+def _sleep_until(when: float, stop_at: float | None) -> None:
+    """Sleep until ``when`` (``time.monotonic()``), or the caller's ``stop_at`` (``time.perf_counter()``)."""
+    wait = when - time.monotonic()
+    if stop_at is not None:
+        wait = min(wait, stop_at - time.perf_counter())
+    if wait > 0:
+        time.sleep(wait)
 
 
 @dataclass
@@ -253,6 +351,7 @@ class _Loop:
     fuser: Fuser | None  # None: a simulated device (tokens sampled from the cloud's top-k)
     plain: Device | None  # contrast fusion: the small model without the context, stepped beside the real one
     network: Callable[[], None]  # a profile's round trip per exchange
+    rng: random.Random = field(default_factory=random.Random)  # busy retries' jitter (not the device's seed)
 
     @classmethod
     def prepare(cls, link: CloudLink, engine: EdgeEngine, cfg: EdgeConfig, device: Device | None) -> _Loop:
@@ -275,9 +374,7 @@ class _Loop:
         lives = [lv for lv in lives if lv.admitted()]
         if not lives:
             return
-        self.link.open([lv.opening() for lv in lives], self.cfg)
-        for lv in lives:
-            lv.sent()
+        self.send_opens(lives)
         private_prompts = [self.engine.prompt_ids(lv.client.record) for lv in lives]
         for lv, lp in zip(lives, self.device.prefill(lives, private_prompts)):
             lv.lp = lp  # computed while the cloud prefills
@@ -289,15 +386,23 @@ class _Loop:
         self.network()
 
     def step_round(self, live: list[_Live]) -> None:
-        """One position of every live session: cloud top-k where needed, a token each, one small-model pass."""
-        need = [lv for lv in live if _fuses(lv, self.sched) and lv.cloud.row is None]
+        """One position of every live session that is not parked: cloud top-k where needed (and the answer of
+        every open in flight), a token each, one small-model pass. A parked session whose retry is due is
+        opened again first; one refused busy now is parked, and neither writes nor steps this round."""
+        now = time.monotonic()
+        due = [lv for lv in live if lv.parked_until is not None and lv.parked_until <= now]
+        if due:
+            self.send_opens(due)
+        live = [lv for lv in live if not lv.parked]
+        opening = [lv for lv in live if lv.cloud.opening]
+        need = [lv for lv in live if not lv.cloud.opening and _fuses(lv, self.sched) and lv.cloud.row is None]
         self.ask([lv for lv in need if not lv.cloud.in_flight])
-        if need:
-            self.collect(need)
+        if need or opening:
+            self.collect(opening + need)
             self.network()
-        for lv in [lv for lv in live if not lv.done]:
+        for lv in [lv for lv in live if not lv.done and not lv.parked]:
             _choose(lv, self)
-        live = [lv for lv in live if not lv.done]
+        live = [lv for lv in live if not lv.done and not lv.parked]
         if not live:
             return
         if self.sched.known_in_advance:  # ask early, so the cloud computes while the device does
@@ -309,10 +414,25 @@ class _Loop:
         for lv in lives:
             lv.sent()
 
+    def send_opens(self, lives: list[_Live]) -> None:
+        """Open (or re-open where they are) these sessions; their answers are collected with the next replies."""
+        self.link.open([lv.opening() for lv in lives], self.cfg)
+        for lv in lives:
+            lv.sent(opening=True)
+
     def collect(self, lives: list[_Live]) -> None:
+        """Every answer of these sessions' requests in flight; a session to resume is re-opened at once and
+        its answer awaited in the same call, so each ends answered, parked (busy) or done."""
         waiting = {lv.session_id: lv for lv in lives if lv.cloud.in_flight and not lv.done}
-        for arrival in self.link.collect(list(waiting), self.cfg):
-            waiting[arrival.session_id].arrived(arrival)
+        while waiting:
+            resume = [
+                waiting[a.session_id]
+                for a in self.link.collect(list(waiting), self.cfg)
+                if waiting[a.session_id].arrived(a, self.cfg, self.rng)
+            ]
+            if resume:
+                self.send_opens(resume)
+            waiting = {lv.session_id: lv for lv in resume if lv.cloud.in_flight and not lv.done}
 
     def advance(self, live: list[_Live]) -> None:
         """Run the small model on every session's new token (and the no-context pass beside it)."""
@@ -422,7 +542,7 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
         "logits", "failed" if lv.error else "cut" if lv.stopped else "ok", 0 if lv.error else len(lv.out)
     )
     c = lv.client
-    gated = lv.stream.stats if lv.stream is not None else None
+    gated = lv.stream.stats
     text, tokens, ttft = "", 0, None
     if not lv.error:
         text, tokens, ttft = engine.tok.decode(lv.out, skip_special_tokens=True).strip(), len(lv.out), lv.trace.ttft
@@ -443,6 +563,8 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
         seconds,
         ttft_s=ttft,
         round_trips=lv.stats.round_trips,
+        resumes=lv.stats.resumes,
+        busy_retries=lv.stats.busy_retries,
         error=lv.error or None,
         error_code=lv.error_code if lv.error else None,
         itl_s=lv.trace.gaps(),
@@ -451,7 +573,7 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
         accepted_draft_tokens=lv.stats.accepted,
         rtt_us=lv.trace.rtt_us,
         overhead_us=lv.trace.overhead_us,
-        held_tokens=gated.held if gated else 0,
-        private_spans=gated.replaced if gated else 0,
-        span_policy=gated.policy if gated else None,
+        held_tokens=gated.held,
+        private_spans=gated.replaced,
+        span_policy=gated.policy,
     )

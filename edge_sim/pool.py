@@ -38,9 +38,8 @@ class EdgePool:
     def run_sketch(self, http_url: str, on_result: OnResult = lambda r: None) -> list[SessionResult]:
         """All clients ask the cloud for outlines at once (Serve batches them), then write locally."""
         with httpx.Client() as http:
-            results = write_sketches(
-                self.clients, HttpOutlines(http, http_url, self.cfg.step_timeout_s), self.engine, self.cfg
-            )
+            outlines = HttpOutlines(http, http_url, self.cfg.step_timeout_s, self.cfg.admission_timeout_s)
+            results = write_sketches(self.clients, outlines, self.engine, self.cfg)
         for r in results:
             on_result(r)
         return results
@@ -48,16 +47,18 @@ class EdgePool:
     def run_logits(self, redis_url: str, on_result: OnResult = lambda r: None) -> list[SessionResult]:
         """Every client runs one logits session; the pool steps them together (one batched small-model
         pass per round, all cloud requests of a round pipelined on one bus connection)."""
-        bus = EdgeBus(redis_url)
+        bus = None
         try:
+            bus = EdgeBus(redis_url, self.cfg.redis_retry_s)
             return run_logits_sessions(self.clients, self.engine, bus, self.cfg, on_result)
-        except CoGenesisError as exc:
+        except CoGenesisError as exc:  # Redis unreachable from the start, a setup error: every session says so
             results = [_failed(c, exc) for c in self.clients]
             for r in results:
                 on_result(r)
             return results
         finally:
-            bus.close()
+            if bus is not None:
+                bus.close()
 
 
 def _failed(client: EdgeClient, exc: CoGenesisError) -> SessionResult:

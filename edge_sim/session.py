@@ -7,6 +7,7 @@ the HTTP ingress). Results are ``SessionResult``s with TTFT and inter-token gaps
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from cogenesis.edge_sim.device import Device
 from cogenesis.edge_sim.engine import EdgeEngine
 from cogenesis.edge_sim.logits import run_logits_sessions
 from cogenesis.edge_sim.sketch import HttpOutlines, write_sketch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,22 +43,26 @@ def run_session(
     cfg: EdgeConfig,
     stop_at: float | None = None,
 ) -> SessionResult:
-    """Run one ``mode`` session for ``client``; failures come back as a result with ``error``."""
+    """Run one ``mode`` session for ``client``; failures come back as a result with ``error`` (never raised:
+    an unexpected exception is logged here and reported as ``internal``)."""
     t0 = time.perf_counter()
     try:
         if mode == "logits":
-            bus = EdgeBus(cloud.redis_url)
+            bus = EdgeBus(cloud.redis_url, cfg.redis_retry_s)
             try:
                 return run_logits_sessions([client], engine, bus, cfg, stop_at=stop_at, device=device)[0]
             finally:
                 bus.close()
         if mode == "sketch":
-            outlines = HttpOutlines(cloud.http, cloud.http_url, cfg.step_timeout_s)
+            outlines = HttpOutlines(cloud.http, cloud.http_url, cfg.step_timeout_s, cfg.admission_timeout_s)
             return write_sketch(client, outlines, engine, device, cfg)
         raise ValueError(f"unknown mode {mode!r}: use sketch or logits")
-    except CoGenesisError as exc:
+    except Exception as exc:
+        if not isinstance(exc, CoGenesisError):  # a bug: its traceback goes to this process's log only
+            log.exception("client %d %s session crashed", client.index, mode)
+        message = exc.message if isinstance(exc, CoGenesisError) else type(exc).__name__
         metrics.session_done(mode, "failed", 0)  # raised before the session could end normally
         seconds = time.perf_counter() - t0
         return SessionResult(
-            client.index, client.record.tid, mode, "", 0, seconds, error=exc.message, error_code=error_code(exc)
+            client.index, client.record.tid, mode, "", 0, seconds, error=message, error_code=error_code(exc)
         )

@@ -8,15 +8,24 @@ written one of two ways:
 - ``write_sketches``: a group of clients together (the demo's pool, eval): one batched generation;
 - ``write_sketch``: one client on a shared ``Device`` (a fleet client, a Locust user), token by token,
   with time to first token and the gaps between tokens measured.
+
+An outline request carries a time budget that scales with the tokens it may write (``sketch_budget_s``:
+``step_timeout_s + sketch_max_tokens x sketch_token_s``); the replica counts it from the request's arrival,
+and the edge's HTTP wait follows it. The cloud may refuse an outline it cannot serve in time (429, or 503 with
+``Retry-After``): the request is sent again after the retry-after, with exponential backoff and jitter
+(``busy_delay``), until ``admission_timeout_s`` from the first try; then the session fails ``busy``. The
+endpoint may stream the outline as server-sent events (``progress`` while it is written, then ``done`` or
+``error``); a plain JSON answer is read as well.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,16 +37,26 @@ import torch
 from cogenesis.cluster.bus import Sealed, wire_bytes
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
-from cogenesis.core.errors import BusTimeout, ClusterError, CoGenesisError, PrivacyViolation, SessionError
-from cogenesis.core.protocol import SketchReply, SketchRequest, error_code
+from cogenesis.core.errors import (
+    BusTimeout,
+    Busy,
+    ClusterError,
+    CoGenesisError,
+    PrivacyViolation,
+    ProtocolError,
+    SessionError,
+)
+from cogenesis.core.protocol import SketchProgress, SketchReply, SketchRequest, budget_of, decode_json, error_code
 from cogenesis.core.sampling import sample
-from cogenesis.edge_sim.client import EdgeClient, SessionResult
+from cogenesis.edge_sim.client import EdgeClient, SessionResult, busy_delay
 from cogenesis.edge_sim.device import Device
 from cogenesis.edge_sim.engine import EdgeEngine
 
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL_REQUESTS = 32  # outline requests a group sends at once over HTTP
+HTTP_MARGIN_S = 5.0  # the edge waits for an outline its budget and this much more (the way there and back)
+DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without a (numeric) Retry-After
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,7 @@ class Outline:
     sketch: str
     tokens: int  # what the cloud spent on it
     seconds: float  # from sending the request to having the outline
+    busy_retries: int = 0  # times the cloud refused it busy before it was written
 
 
 class OutlineSource(Protocol):
@@ -62,14 +82,34 @@ class OutlineSource(Protocol):
         ...
 
 
+OnProgress = Callable[[OutlineRequest, SketchProgress], None]
+
+
 class HttpOutlines:
     """Outlines from the cloud's HTTP ingress (``POST /v1/sketch`` with the sealed JSON body). A group's
-    requests are all in flight at once (up to ``MAX_PARALLEL_REQUESTS``), so Serve batches them."""
+    requests are all in flight at once (up to ``MAX_PARALLEL_REQUESTS``), so the replica decodes them together.
 
-    def __init__(self, http: httpx.Client, http_url: str, timeout_s: float) -> None:
+    ``timeout_s``: the wait for a request without a budget (one with a budget waits the budget and
+    ``HTTP_MARGIN_S``). ``stream``: ask for server-sent events (the outline's progress, ``on_progress``); a
+    server that answers JSON is read all the same. A busy refusal (429, or 503 with ``Retry-After``) is
+    retried until ``admission_timeout_s`` from the first try."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        http_url: str,
+        timeout_s: float,
+        admission_timeout_s: float = 120.0,
+        stream: bool = True,
+        on_progress: OnProgress | None = None,
+    ) -> None:
         self.http = http
         self.url = f"{http_url}/v1/sketch"
         self.timeout_s = timeout_s
+        self.admission_timeout_s = admission_timeout_s
+        self.stream = stream
+        self.on_progress = on_progress
+        self._rng = random.Random()  # retry jitter (never a device's seed)
 
     def outlines(self, requests: Sequence[OutlineRequest]) -> list[Outline | Exception]:
         if len(requests) <= 1:  # one session (a fleet client, a Locust user): on the caller's own thread
@@ -84,33 +124,172 @@ class HttpOutlines:
             return exc
 
     def outline(self, req: OutlineRequest) -> Outline:
-        t0 = time.perf_counter()
-        reply = msgspec.json.decode(post_sealed(self.http, self.url, req.sealed, self.timeout_s), type=SketchReply)
-        return Outline(reply.sketch, reply.tokens, time.perf_counter() - t0)
+        """One outline, asked again while the cloud refuses it busy (within the admission timeout)."""
+        t0, first = time.perf_counter(), time.monotonic()
+        tries = 0
+        while True:
+            try:
+                reply = self._ask(req)
+                return Outline(reply.sketch, reply.tokens, time.perf_counter() - t0, tries)
+            except Busy as exc:
+                now = time.monotonic()
+                left = first + self.admission_timeout_s - now
+                if left <= 0:
+                    raise Busy(
+                        f"the cloud refused the outline busy for {now - first:.0f} s "
+                        f"(admission_timeout_s {self.admission_timeout_s:g}): {exc.message}",
+                        retry_after_s=exc.retry_after_s,
+                    ) from None
+                time.sleep(min(left, busy_delay(exc.retry_after_s, tries, self._rng)))
+                tries += 1
+                metrics.busy_retries.inc()
+
+    def _ask(self, req: OutlineRequest) -> SketchReply:
+        """Post the sealed request once and read the outline: streamed events or a JSON body."""
+        wait_s = self.timeout_s if req.request.budget_ms is None else req.request.budget_ms / 1000 + HTTP_MARGIN_S
+        accept = "text/event-stream, application/json" if self.stream else "application/json"
+        body = wire_bytes(req.sealed)
+        deadline = time.monotonic() + wait_s
+        try:
+            with self.http.stream(
+                "POST",
+                self.url,
+                content=body,
+                headers={"content-type": "application/json", "accept": accept},
+                timeout=wait_s,
+            ) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise refusal(resp, self.url)
+                if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    return self._events(resp.iter_lines(), req, deadline, wait_s)
+                return decode_json(resp.read(), SketchReply)
+        except httpx.TimeoutException:
+            raise _no_answer(self.url, wait_s) from None
+        except httpx.HTTPError as exc:
+            raise ClusterError(f"cannot reach the cloud at {self.url}: {exc}", hint="is the cluster running?") from None
+
+    def _events(self, lines: Iterable[str], req: OutlineRequest, deadline: float, wait_s: float) -> SketchReply:
+        """Read a streamed outline: ``progress`` events (to ``on_progress``), then ``done`` or ``error``."""
+        for event, data in sse_events(lines):
+            if time.monotonic() > deadline:
+                raise _no_answer(self.url, wait_s)
+            kind = event if event != "message" else _tagged(data)
+            if kind in ("progress", "sketch_progress"):
+                progress = decode_json(data.encode(), SketchProgress)
+                if self.on_progress is not None:
+                    self.on_progress(req, progress)
+            elif kind in ("done", "sketch_reply"):
+                return decode_json(data.encode(), SketchReply)
+            elif kind == "error":
+                raise _error_event(data)
+            # anything else (a future event): skipped
+        raise ProtocolError(f"the outline stream from {self.url} ended without an outline")
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Server-sent events as (event name, data): ``event:``/``data:`` fields up to a blank line (several
+    data lines joined by newlines); comments (``:`` keep-alives) skipped; unnamed events are ``message``."""
+    event = "message"
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    if data:
+        yield event, "\n".join(data)
+
+
+def _tagged(data: str) -> str:
+    """The message type (its ``type`` tag) of an unnamed event's JSON data ("" if it has none)."""
+    try:
+        tag = msgspec.json.decode(data.encode()).get("type", "")
+    except (msgspec.DecodeError, AttributeError):
+        return ""
+    return tag if isinstance(tag, str) else ""
+
+
+def _no_answer(url: str, wait_s: float) -> BusTimeout:
+    return BusTimeout(
+        f"no outline from {url} within {wait_s:.0f} s",
+        hint="the cloud may be overloaded; add replicas, or raise --step-timeout / edge.sketch_token_s",
+    )
+
+
+def _error_body(raw: bytes | str) -> dict:
+    try:
+        body = msgspec.json.decode(raw.encode() if isinstance(raw, str) else raw)
+    except msgspec.DecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _error_event(data: str) -> CoGenesisError:
+    """An ``error`` event as the error it is: busy (retried), deadline (timeout), or a refusal."""
+    body = _error_body(data)
+    code = str(body.get("code") or "")
+    message = str(body.get("error") or body.get("message") or body.get("detail") or data[:200])
+    if code == "busy":
+        return Busy(f"cloud refused the outline: {message}", retry_after_s=_retry_ms(body) or DEFAULT_RETRY_AFTER_S)
+    if code in ("deadline", "timeout"):
+        return BusTimeout(f"the cloud gave up on the outline: {message}", hint="raise edge.sketch_token_s")
+    return SessionError(f"cloud failed the outline: {code or 'error'}: {message}")
+
+
+def _retry_ms(body: dict) -> float | None:
+    value = body.get("retry_after_ms")
+    return value / 1000 if isinstance(value, (int, float)) and value >= 0 else None
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    """The ``Retry-After`` header in seconds (None: none, or an HTTP date, which is not read)."""
+    try:
+        return max(0.0, float(resp.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def refusal(resp: httpx.Response, url: str) -> CoGenesisError:
+    """A non-200 answer as an error: 429 (or 503 with ``Retry-After``) is ``Busy`` (retried); else the status
+    and the body's error and hint."""
+    body = _error_body(resp.content)
+    detail = body.get("error") or body.get("detail") or resp.text[:200]
+    detail = f"{detail} ({body['hint']})" if body.get("hint") else detail
+    retry = _retry_after(resp)
+    if resp.status_code == 429 or (resp.status_code == 503 and retry is not None):
+        retry = retry if retry is not None else _retry_ms(body)
+        return Busy(f"cloud answered {resp.status_code}: {detail}", retry_after_s=retry or DEFAULT_RETRY_AFTER_S)
+    return SessionError(f"cloud answered {resp.status_code}: {detail}")
 
 
 def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) -> bytes:
     """POST a gate-sealed body, exactly its bytes (anything but a genuine ``Sealed`` raises TypeError);
-    errors become CoGenesisErrors that say what happened."""
+    errors become CoGenesisErrors that say what happened (``refusal``)."""
     body = wire_bytes(sealed)
     try:
         resp = http.post(url, content=body, headers={"content-type": "application/json"}, timeout=timeout_s)
     except httpx.TimeoutException:
-        raise BusTimeout(
-            f"no answer from {url} within {timeout_s:.0f} s",
-            hint="the cloud may be overloaded; raise --step-timeout or add replicas",
-        ) from None
+        raise _no_answer(url, timeout_s) from None
     except httpx.HTTPError as exc:
         raise ClusterError(f"cannot reach the cloud at {url}: {exc}", hint="is the cluster running?") from None
     if resp.status_code != 200:
-        try:
-            body = resp.json()
-            detail = body.get("error") or body.get("detail") or resp.text[:200]
-            detail = f"{detail} ({body['hint']})" if body.get("hint") else detail
-        except ValueError:
-            detail = resp.text[:200]
-        raise SessionError(f"cloud answered {resp.status_code}: {detail}")
+        raise refusal(resp, url)
     return resp.content
+
+
+def sketch_budget_s(cfg: EdgeConfig) -> float:
+    """How long an outline may take: one reply's wait plus ``sketch_token_s`` per token it may write."""
+    return cfg.step_timeout_s + cfg.sketch_max_tokens * cfg.sketch_token_s
 
 
 def sketch_request(client: EdgeClient, cfg: EdgeConfig) -> SketchRequest:
@@ -127,6 +306,7 @@ def sketch_request(client: EdgeClient, cfg: EdgeConfig) -> SketchRequest:
         top_p=cfg.sketch.top_p,
         repetition_penalty=cfg.sketch.repetition_penalty,
         seed=secrets.randbits(63) if cfg.sketch.temperature > 0 else None,
+        budget_ms=budget_of(sketch_budget_s(cfg)),
     )
 
 
@@ -186,6 +366,7 @@ def write_sketch(
         itl_s=[b - a for a, b in zip(times, times[1:])],
         sketch_seconds=outline.seconds,
         simulated=device.simulated,
+        busy_retries=outline.busy_retries,
     )
 
 
@@ -235,6 +416,7 @@ def _written(client: EdgeClient, outline: Outline, engine: EdgeEngine, ids: list
         sketch=outline.sketch,
         sketch_seconds=outline.seconds,
         edge_seconds=gen_s,
+        busy_retries=outline.busy_retries,
     )
 
 

@@ -35,9 +35,9 @@ class EngineLink:
             self.opened[o.session_id] = o.client
             o.gate.seal(open_request(o, cfg))
         results = self.engine.open_many(
-            [OpenArgs(o.session_id, o.instruction, cfg.top_k, cfg.lookahead) for o in sessions]
+            [OpenArgs(o.session_id, o.instruction, cfg.top_k, cfg.lookahead, o.resume, o.resume_step) for o in sessions]
         )
-        self._answer([(o.session_id, 0) for o in sessions], results)
+        self._answer([(o.session_id, o.resume_step) for o in sessions], results)
 
     def request(self, steps: Sequence[Step], cfg: EdgeConfig) -> None:
         for s in steps:

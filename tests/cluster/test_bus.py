@@ -306,3 +306,249 @@ def test_replica_drains_a_burst_into_one_read(redis_url):
     for i in range(4):
         edge.send_many([(None, f"s{i}", _open(f"s{i}"))])
     assert len(cloud.read(block_ms=1000)) == 4
+
+
+# ---- CloudBus: heartbeats and dead replicas -------------------------------------------------------------
+
+
+def test_the_heartbeat_is_json_with_a_millisecond_ttl(redis_url):
+    import json
+    import os
+
+    from cogenesis.cluster.bus import alive_key, read_alive
+
+    cloud = CloudBus(redis_url, "r1", heartbeat_ttl_s=1.5)
+    beat = json.loads(cloud.r.get(alive_key("r1")))
+    assert beat["pid"] == os.getpid() and abs(beat["at"] - time.time()) < 60
+    assert 0 < cloud.r.pttl(alive_key("r1")) <= 1500
+    cloud.r.set(alive_key("old"), "1700000000.5")  # an older replica's bare time: alive all the same
+    assert read_alive(cloud.r, ["r1", "old", "gone"]) == {
+        "r1": beat,
+        "old": {"pid": None, "at": 1700000000.5},
+        "gone": None,
+    }
+    assert read_alive(cloud.r, []) == {}
+
+
+def test_a_replica_without_heartbeat_is_dead_only_once_silent_for_the_ttl(redis_url):
+    from cogenesis.cluster.bus import alive_key
+
+    live = CloudBus(redis_url, "live", heartbeat_ttl_s=0.3)
+    CloudBus(redis_url, "new", heartbeat_ttl_s=0.3).r.delete(alive_key("new"))  # no heartbeat, but just joined
+    assert live.dead_consumers() == []
+    time.sleep(0.4)  # silent for longer than the ttl
+    assert live.dead_consumers() == ["new"]
+    live.heartbeat()
+    assert "live" not in CloudBus(redis_url, "other", heartbeat_ttl_s=0.3).dead_consumers()
+
+
+def test_a_dead_replicas_pending_opens_are_claimed_once(redis_url):
+    dead = CloudBus(redis_url, "dead", heartbeat_ttl_s=0.2)
+    edge = EdgeBus(redis_url)
+    for i in range(3):
+        edge.send_many([(None, f"s{i}", _open(f"s{i}"))])
+    taken = dead.read(block_ms=1000)
+    assert len(taken) == 3
+    dead.finish([taken[0][:2]], [])  # it served one, then crashed with two pending
+    dead.close()
+    a, b = CloudBus(redis_url, "a", heartbeat_ttl_s=0.2), CloudBus(redis_url, "b", heartbeat_ttl_s=0.2)
+    assert a.claim("dead") == ([], False)  # not idle for the ttl yet: not taken
+    time.sleep(0.3)
+    claimed, clean = a.claim("dead")
+    assert clean and [decode_request(p).session_id for _, _, p in claimed] == ["s1", "s2"]
+    assert b.claim("dead") == ([], True)  # nothing left for a second survivor
+    assert a.r.xpending(OPEN_STREAM, GROUP)["pending"] == 2  # pending for "a" now, until it serves them
+    a.finish([(s, i) for s, i, _ in claimed], [])
+    a.remove_consumer("dead")
+    assert "dead" not in {c["name"].decode() for c in a.r.xinfo_consumers(OPEN_STREAM, GROUP)}
+    assert a.r.xpending(OPEN_STREAM, GROUP)["pending"] == 0
+
+
+def test_a_dead_replicas_stream_is_taken_whole_and_once(redis_url):
+    edge, survivor = EdgeBus(redis_url), CloudBus(redis_url, "live")
+    edge.send_many([("dead", "s", _step("s", 3))])
+    edge.send_many([("dead", f"t{i}", _step(f"t{i}", 2)) for i in range(2)])
+    entries = survivor.take_stream("dead")
+    assert [type(decode_request(p)).__name__ for _, p in entries] == ["StepRequest", "StepBatch"]
+    assert not survivor.r.exists(in_stream("dead")) and survivor.take_stream("dead") == []
+
+
+def test_streams_written_after_their_replica_died_are_found(redis_url):
+    survivor = CloudBus(redis_url, "live", heartbeat_ttl_s=0.2)
+    old = f"{now_ms() - 60_000}-0"
+    survivor.r.xadd(in_stream("ghost"), {b"m": b"x"}, id=old)
+    survivor.r.xadd(in_stream("fresh"), {b"m": b"x"})  # written just now: its replica may be starting
+    CloudBus(redis_url, "alive", heartbeat_ttl_s=60).r.xadd(in_stream("alive"), {b"m": b"x"}, id=old)
+    assert survivor.orphan_streams() == ["ghost"]
+
+
+def test_a_retiring_replica_hands_back_its_stream_and_leaves_the_group(redis_url):
+    from cogenesis.cluster.bus import alive_key
+
+    edge, cloud = EdgeBus(redis_url), CloudBus(redis_url, "r1")
+    edge.send_many([("r1", "s", _step("s", 1))])
+    left = cloud.retire()
+    assert [decode_request(p).session_id for _, p in left] == ["s"]
+    assert not cloud.r.exists(alive_key("r1")) and not cloud.r.exists(in_stream("r1"))
+    assert "r1" not in {c["name"].decode() for c in cloud.r.xinfo_consumers(OPEN_STREAM, GROUP)}
+
+
+def test_a_restarted_empty_redis_gets_its_groups_back_on_the_next_read(redis_url):
+    cloud = CloudBus(redis_url, "r1")
+    cloud.r.flushall()  # what a restarted Redis without persistence looks like
+    assert cloud.read(block_ms=10) == []  # NOGROUP: recreated
+    EdgeBus(redis_url).send_many([(None, "s", _open("s"))])
+    assert [decode_request(p).session_id for _, _, p in cloud.read(block_ms=1000)] == ["s"]
+
+
+# ---- the edge bus under faults: dead replicas, busy, malformed replies, Redis restarts ------------------------
+
+
+def _reply(session_id, step, replica="r1"):
+    return StepReply(
+        session_id=session_id, step=step, replica=replica, ids=pack_ids([1]), logprobs=pack_logprobs([0.0])
+    )
+
+
+def test_a_replica_without_heartbeat_fails_its_sessions_long_before_the_deadline(redis_url):
+    from cogenesis.cluster.bus import ReplicaLost, alive_key
+
+    edge = EdgeBus(redis_url)
+    edge.r.set(alive_key("live"), '{"pid": 1, "at": 0}', px=60_000)
+    late = encode(_reply("b", 2, "live"))
+    timer = threading.Timer(1.5, lambda: redis.Redis.from_url(redis_url).lpush(reply_key("pool"), late))
+    timer.start()
+    got = edge.wait_many(
+        {"a": 2, "b": 2}, deadline_in(60), reply_to={"a": "pool", "b": "pool"}, replicas={"a": "gone", "b": "live"}
+    )
+    timer.join()
+    assert isinstance(got["a"], ReplicaLost) and "replica gone stopped" in got["a"].message
+    assert isinstance(got["b"], StepReply)  # a live replica's session waits on (past a heartbeat check)
+
+
+def test_an_opening_session_takes_no_stale_answer(redis_url):
+    """A session being (re-)opened waits for its open's answer: an ``unknown_session`` for its old step (a
+    survivor answering a dead replica's stream) or a reply of a replica found dead is not it."""
+    from cogenesis.cluster.bus import alive_key
+
+    edge = EdgeBus(redis_url)
+    edge.r.set(alive_key("live"), "{}", px=60_000)
+    edge.wait_many({"x": 1}, deadline_in(0.1), replicas={"x": "dead"})  # finds "dead" dead
+    for msg in (
+        ErrorReply(session_id="s", step=3, code="unknown_session", message="no such session"),
+        _reply("s", 3, "dead"),
+        _reply("s", 3, "live"),
+    ):
+        edge.r.lpush(reply_key("s"), encode(msg))
+    got = edge.wait_many({"s": 3}, deadline_in(2), replicas={})
+    assert isinstance(got["s"], StepReply) and got["s"].replica == "live"
+
+
+def test_refusals_become_typed_errors(redis_url):
+    from cogenesis.core.errors import Busy, UnknownSession
+
+    edge = EdgeBus(redis_url)
+    edge.r.lpush(
+        reply_key("a"), encode(ErrorReply(session_id="a", step=0, code="busy", message="full", retry_after_ms=750))
+    )
+    edge.r.lpush(reply_key("b"), encode(ErrorReply(session_id="b", step=4, code="unknown_session", message="gone")))
+    got = edge.wait_many({"a": 0, "b": 4}, deadline_in(2))
+    assert isinstance(got["a"], Busy) and got["a"].retry_after_s == 0.75
+    assert isinstance(got["b"], UnknownSession)
+
+
+def test_a_malformed_reply_is_dropped_unread(redis_url, caplog):
+    edge = EdgeBus(redis_url)
+    garbage = b"\xc1 private-looking bytes"
+    edge.r.lpush(reply_key("s"), garbage, encode(_reply("s", 1)))
+    assert edge.wait_many({"s": 1}, deadline_in(2))["s"].step == 1
+    logged = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert logged == [f"dropped a malformed reply of {len(garbage)} bytes"]  # its size, never its content
+
+
+def test_the_edge_never_trims_a_stream(redis_url, monkeypatch):
+    """A trimmed stream drops unread requests silently: no XADD of the edge carries MAXLEN or MINID."""
+    calls = []
+    original = redis.client.Pipeline.xadd
+
+    def spy(self, name, fields, *args, **kwargs):
+        calls.append((args, kwargs))
+        return original(self, name, fields, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "xadd", spy)
+    edge = EdgeBus(redis_url)
+    edge.send_many([(None, "o", _open("o")), ("r1", "s", _step("s", 1)), ("r1", "t", _step("t", 1))])
+    assert len(calls) == 2
+    assert all(not args and kwargs.get("maxlen") is None and kwargs.get("minid") is None for args, kwargs in calls)
+
+
+def test_kept_replies_are_bounded_and_ended_sessions_keep_none(redis_url, monkeypatch, caplog):
+    import cogenesis.cluster.bus as bus
+
+    monkeypatch.setattr(bus, "STASH_MAX", 3)
+    edge = EdgeBus(redis_url)
+    edge.forget(["ended"])
+    from cogenesis.core.protocol import ReplyBatch
+
+    strays = [_reply(s, 1) for s in ("ended", "k1", "k2", "k3", "k4")]
+    edge.r.lpush(reply_key("pool"), encode(ReplyBatch(items=[*strays, _reply("me", 1)])))
+    assert edge.wait_many({"me": 1}, deadline_in(2), reply_to={"me": "pool"})["me"].step == 1
+    assert list(edge._stash) == ["k2", "k3", "k4"]  # the oldest dropped (and said so), the ended one never kept
+    assert any("dropped the oldest kept reply" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def own_redis():
+    from cogenesis.cluster.redis_server import RedisServer, free_port
+
+    box = {"port": free_port()}
+    box["server"] = RedisServer(port=box["port"]).start()
+    yield box
+    box["server"].stop()
+
+
+def test_a_redis_restart_between_send_and_wait_loses_the_exchange(own_redis):
+    """Redis restarts (empty) while no command is running; the client reconnects unnoticed, but the bus's
+    marker is gone: what was sent before is reported lost (to be resumed), what comes after is not."""
+    from cogenesis.cluster.bus import ExchangeLost
+    from cogenesis.cluster.redis_server import RedisServer
+
+    edge = EdgeBus(own_redis["server"].url)
+    edge.send_many([("r1", "before", _step("before", 1))])
+    own_redis["server"].stop()
+    own_redis["server"] = RedisServer(port=own_redis["port"]).start()
+    got = edge.wait_many({"before": 1}, deadline_in(30))
+    assert isinstance(got["before"], ExchangeLost) and got["before"].message.endswith("step 1 was in flight")
+    edge.send_many([("r1", "after", _step("after", 1))])
+    edge.r.lpush(reply_key("after"), encode(_reply("after", 1)))
+    assert isinstance(edge.wait_many({"after": 1}, deadline_in(5))["after"], StepReply)
+
+
+def test_a_connection_lost_mid_wait_is_retried_then_reported(own_redis):
+    """Redis goes away during a blocking wait: the bus retries with backoff; if Redis comes back the waiting
+    sessions are reported lost (their replies may have gone with it), if not, unreachable; sends alike."""
+    from cogenesis.cluster.bus import ExchangeLost
+    from cogenesis.cluster.redis_server import RedisServer
+
+    edge = EdgeBus(own_redis["server"].url, redis_retry_s=30)
+    edge.send_many([("r1", "s", _step("s", 1))])
+
+    def bounce():
+        own_redis["server"].stop()
+        time.sleep(0.5)
+        own_redis["server"] = RedisServer(port=own_redis["port"]).start()
+
+    timer = threading.Timer(0.3, bounce)
+    timer.start()
+    got = edge.wait_many({"s": 1}, deadline_in(60))
+    timer.join()
+    assert isinstance(got["s"], ExchangeLost)
+
+    edge.redis_retry_s = 0.5
+    edge.send_many([("r1", "t", _step("t", 1))])
+    own_redis["server"].stop()
+    got = edge.wait_many({"t": 1}, deadline_in(60))
+    assert isinstance(got["t"], ClusterError) and "unreachable" in got["t"].message
+    with pytest.raises(ClusterError, match="unreachable"):
+        edge.send_many([("r1", "s", _step("s", 2))])
+    edge.close()  # no raw exception here either

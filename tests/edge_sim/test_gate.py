@@ -299,3 +299,50 @@ def test_a_stateless_prompt_is_checked_with_the_text_it_carries():
     with pytest.raises(TypeError):
         gate.seal(step)
     assert gate.sealed == 1
+
+
+# ---- resume opens: only what the session's stream released ------------------------------------------------
+
+
+class _Tok:
+    """Ids decode to themselves as words: nothing in them is private."""
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return [len(text)]
+
+
+def _resume(session_id: str, ids, step: int) -> OpenSession:
+    return OpenSession(
+        session_id=session_id, instruction=PUBLIC, top_k=10, budget_ms=123, resume=pack_ids(ids), resume_step=step
+    )
+
+
+def test_a_resume_carries_only_a_prefix_of_what_its_stream_released():
+    gate = OutboundGate(PUBLIC, PRIVATE, declared_public=True)
+    stream = gate.stream(_Tok(), "s1")
+    for token in (5, 6, 7):
+        assert stream.push(token) == [token]
+    assert stream.released == [5, 6, 7]
+    for ids in ([], [5], [5, 6, 7]):  # what the stream released, through any in-flight step
+        sealed = gate.seal(_resume("s1", ids, 3))
+        assert decode_request(sealed.payload).resume == pack_ids(ids)
+    for ids in ([5, 6, 7, 8], [6, 7], [5, 9]):  # more, other or reordered ids: refused, nothing sealed
+        with pytest.raises(PrivacyViolation, match="not what its stream released"):
+            gate.seal(_resume("s1", ids, 3))
+    with pytest.raises(PrivacyViolation):
+        gate.seal(_resume("other-session", [5], 1))  # another session's stream released nothing
+    assert gate.seal(_resume("other-session", [], 1))  # an empty resume carries nothing: only the instruction
+    with pytest.raises(PrivacyViolation):  # the instruction is checked as in any open
+        gate.seal(OpenSession(session_id="s1", instruction=PRIVATE[1], top_k=1, budget_ms=1, resume_step=2))
+
+
+def test_a_simulated_devices_stream_releases_every_token_and_may_be_resumed():
+    gate = OutboundGate(PUBLIC, PRIVATE, declared_public=True)
+    stream = gate.public_stream("sim")
+    assert [stream.push(t) for t in (1, 2)] == [[1], [2]] and not stream.holding and stream.stats.held == 0
+    assert gate.seal(_resume("sim", [1, 2], 2))
+    with pytest.raises(PrivacyViolation):
+        gate.seal(_resume("sim", [1, 2, 3], 3))

@@ -573,3 +573,85 @@ def test_a_refused_instruction_ends_only_its_own_session(models, tmp_path):
     assert served.error is None and served.tokens > 0
     assert list(link.opened.values()) == [1]  # only the admitted session was opened on the cloud
     assert not any("martin" in e["text"].lower() for e in _audited(tmp_path / "audit.jsonl"))
+
+
+# ---- faults on the real replica: the session resumes by replay, its text unchanged ------------------------
+
+
+class _AtStep:
+    """A device that calls ``hook(sessions)`` once, after its ``at``-th batched step (the edge's own thread)."""
+
+    def __init__(self, inner, at: int, hook) -> None:
+        self.inner, self.at, self.hook, self.steps = inner, at, hook, 0
+        self.simulated = inner.simulated
+
+    def prefill(self, keys, prompts):
+        return self.inner.prefill(keys, prompts)
+
+    def step(self, keys, tokens):
+        self.steps += 1
+        if self.steps == self.at:
+            self.hook(keys)
+        return self.inner.step(keys, tokens)
+
+    def release(self, keys):
+        self.inner.release(keys)
+
+
+def _run_on(models, redis_url, records, config, device_hook=None, at=4):
+    from cogenesis.edge_sim.device import PackedDevice
+
+    (_, tok), (small, _) = models
+    engine = EdgeEngine(small, tok, config.max_prompt_tokens)
+    device = PackedDevice(small, engine.pad_id)
+    if device_hook is not None:
+        device = _AtStep(device, at, device_hook)
+    clients = [EdgeClient(i, rec, engine, config) for i, rec in enumerate(records)]
+    bus = EdgeBus(redis_url)
+    try:
+        return run_logits_sessions(clients, engine, bus, config, device=device)
+    finally:
+        bus.close()
+
+
+def test_sessions_the_replica_forgot_resume_with_identical_text(models, cloud, redis_url, sample_records):
+    """The replica loses every session mid-run (its cache gone): each next step is answered
+    ``unknown_session``, the edge re-opens the session by replay, and writes what an undisturbed run writes."""
+    config = cfg(max_new_tokens=12, ignore_eos=True, lookahead=2)
+    records = sample_records[:3]
+    undisturbed, _ = run(models, redis_url, records, config)
+
+    def forget(lives):
+        with cloud.lock:
+            for lv in lives:
+                cloud.engine.close(lv.session_id)
+
+    results = _run_on(models, redis_url, records, config, forget)
+    assert [r.text for r in results] == [r.text for r in undisturbed]
+    assert all(r.error is None and r.tokens == 12 for r in results)
+    assert [r.resumes for r in results] == [1, 1, 1]
+
+
+def test_a_stopped_replicas_sessions_resume_on_another_with_identical_text(models, redis_url, sample_records, tmp_path):
+    """Two replicas; the one holding the sessions stops mid-run: the edge resumes them on the other."""
+    (large, tok), _ = models
+    config = cfg(max_new_tokens=12, ignore_eos=True)
+    records = sample_records[:2]
+    first = StepLoop(TransformersCloudEngine(large, tok), CloudBus(redis_url, "r1"), threading.Lock()).start()
+    try:
+        undisturbed = _run_on(models, redis_url, records, config)
+        second: list[StepLoop] = []
+
+        def stop_first(lives):
+            second.append(StepLoop(TransformersCloudEngine(large, tok), CloudBus(redis_url, "r2"), threading.Lock()))
+            second[0].start()
+            first.stop()
+
+        results = _run_on(models, redis_url, records, config, stop_first)
+    finally:
+        first.stop()
+        for loop in second:
+            loop.stop()
+    assert [r.text for r in results] == [r.text for r in undisturbed]
+    assert all(r.error is None and r.tokens == 12 for r in results)
+    assert all(r.resumes == 1 for r in results)

@@ -184,3 +184,157 @@ def test_outlines_post_nothing_but_sealed_payloads():
             with pytest.raises(TypeError, match="sealed by the outbound gate"):
                 post_sealed(http, "http://cloud/v1/sketch", forged, 5.0)
     assert posted == []
+
+
+# ---- budgets, busy refusals and streamed outlines ------------------------------------------------------------
+
+
+def _one(engine, record, config):
+    from cogenesis.edge_sim.sketch import OutlineRequest, sketch_request
+
+    client = EdgeClient(0, record, engine, config)
+    req = sketch_request(client, config)
+    return OutlineRequest(0, req, client.gate.seal_json(req))
+
+
+def _reply_json(request: httpx.Request, sketch="1. intro") -> bytes:
+    req = msgspec.json.decode(request.content, type=SketchRequest)
+    return msgspec.json.encode(SketchReply(request_id=req.request_id, sketch=sketch, tokens=4))
+
+
+def test_an_outline_carries_a_budget_that_scales_with_its_tokens_and_the_wait_follows_it(engine, sample_records):
+    config = cfg(step_timeout_s=10, sketch_max_tokens=40, sketch_token_s=0.25)
+    timeouts = []
+
+    def cloud(request):
+        timeouts.append(request.extensions["timeout"]["read"])
+        return httpx.Response(200, content=_reply_json(request))
+
+    one = _one(engine, sample_records[0], config)
+    assert one.request.budget_ms == (10 + 40 * 0.25) * 1000  # counted by the replica from the request's arrival
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http:
+        outline = HttpOutlines(http, "http://cloud", 5.0).outline(one)
+    from cogenesis.edge_sim.sketch import HTTP_MARGIN_S
+
+    assert outline.sketch == "1. intro" and timeouts == [20 + HTTP_MARGIN_S]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_busy_answer_is_retried_after_its_retry_after(engine, sample_records, status):
+    from cogenesis.core import metrics
+
+    config = cfg()
+    bodies = []
+
+    def cloud(request):
+        bodies.append(request.content)
+        if len(bodies) <= 2:
+            return httpx.Response(status, headers={"Retry-After": "0.05"}, json={"error": "queue full"})
+        return httpx.Response(200, content=_reply_json(request))
+
+    before = metrics.busy_retries._value.get()
+    one = _one(engine, sample_records[0], config)
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http:
+        outline = HttpOutlines(http, "http://cloud", 5.0, admission_timeout_s=30).outline(one)
+    assert outline.sketch == "1. intro" and outline.busy_retries == 2
+    assert metrics.busy_retries._value.get() - before == 2
+    assert bodies == [one.sealed.payload] * 3  # the sealed bytes, exactly, each time
+
+
+def test_busy_past_the_admission_timeout_fails_the_session_busy(engine, sample_records):
+    config = cfg(admission_timeout_s=0.3)
+    calls = []
+
+    def cloud(request):
+        calls.append(1)
+        return httpx.Response(429, headers={"Retry-After": "0.05"}, json={"error": "queue full"})
+
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http:
+        group = clients(engine, sample_records[:1], config)
+        (r,) = write_sketches(
+            group, HttpOutlines(http, "http://cloud", 5.0, config.admission_timeout_s), engine, config
+        )
+    assert r.error_code == "busy" and "admission_timeout_s" in r.error and len(calls) >= 2
+
+
+def _sse(*events: tuple[str | None, object]) -> bytes:
+    out = [": keep-alive\n\n"]
+    for name, data in events:
+        payload = data if isinstance(data, str) else msgspec.json.encode(data).decode()
+        out.append((f"event: {name}\n" if name else "") + f"data: {payload}\n\n")
+    return "".join(out).encode()
+
+
+def test_a_streamed_outline_reports_its_progress(engine, sample_records):
+    from cogenesis.core.protocol import SketchProgress
+
+    config = cfg()
+    accepts, seen = [], []
+
+    def cloud(request):
+        accepts.append(request.headers["accept"])
+        rid = msgspec.json.decode(request.content, type=SketchRequest).request_id
+        body = _sse(
+            ("progress", SketchProgress(request_id=rid, tokens=2, text="1. in")),
+            (None, SketchProgress(request_id=rid, tokens=3, text="1. intro")),  # unnamed: read by its type tag
+            ("done", SketchReply(request_id=rid, sketch="1. intro\n2. body", tokens=6)),
+        )
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    one = _one(engine, sample_records[0], config)
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http:
+        outlines = HttpOutlines(
+            http, "http://cloud", 5.0, on_progress=lambda req, p: seen.append((req.client, p.tokens))
+        )
+        outline = outlines.outline(one)
+    assert outline.sketch == "1. intro\n2. body" and outline.tokens == 6
+    assert seen == [(0, 2), (0, 3)] and "text/event-stream" in accepts[0]
+
+
+@pytest.mark.parametrize(
+    "events, error, code",
+    [
+        ([("error", {"code": "deadline", "error": "budget spent"})], "gave up on the outline", "timeout"),
+        ([("error", {"code": "internal", "error": "boom"})], "internal: boom", "cloud_error"),
+        ([("progress", {"request_id": "r", "tokens": 1, "text": "1."})], "ended without an outline", "bad_reply"),
+        ([("done", "{not json")], "malformed SketchReply", "bad_reply"),
+    ],
+    ids=["deadline", "error", "cut-short", "garbled"],
+)
+def test_a_streamed_outline_that_fails_says_why(engine, sample_records, events, error, code):
+    from cogenesis.core.protocol import error_code
+
+    config = cfg()
+
+    def cloud(request):
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(*events))
+
+    one = _one(engine, sample_records[0], config)
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http:
+        (got,) = HttpOutlines(http, "http://cloud", 5.0).outlines([one])
+    assert isinstance(got, Exception) and error in str(got) and error_code(got) == code
+
+
+def test_a_busy_error_event_is_retried_and_json_is_read_when_not_streaming(engine, sample_records):
+    config = cfg()
+    calls = []
+
+    def cloud(request):
+        calls.append(request.headers["accept"])
+        if len(calls) == 1:
+            body = _sse(("error", {"code": "busy", "error": "outline queue full", "retry_after_ms": 20}))
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=_reply_json(request))
+
+    one = _one(engine, sample_records[0], config)
+    with httpx.Client(transport=httpx.MockTransport(cloud)) as http:
+        assert HttpOutlines(http, "http://cloud", 5.0).outline(one).busy_retries == 1
+        assert HttpOutlines(http, "http://cloud", 5.0, stream=False).outline(one).sketch == "1. intro"
+    assert calls[-1] == "application/json"
+
+
+def test_server_sent_events_are_parsed_per_the_format():
+    from cogenesis.edge_sim.sketch import sse_events
+
+    lines = [": comment", "event: progress", "data: a", "data: b", "", "", "data:c", "id: 7", "", "event: done"]
+    assert list(sse_events(lines)) == [("progress", "a\nb"), ("message", "c")]
