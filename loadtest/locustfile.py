@@ -17,6 +17,10 @@ Request events (``response_time`` in ms; ``response_length`` in tokens where it 
   by its error code (``cogenesis.core.protocol.ErrorCode``): its message stays in this process's log.
 - ``logits step``: one cloud round trip of a logits session; ``sketch request``: the outline.
 - ``<mode> ttft``: time to the first token; ``<mode> itl``: every gap between two tokens.
+
+A Locust process (and each ``--processes`` worker) ends by itself when its run is over: slow work goes
+through ``cogenesis.loadtest.native.offload``, which leaves no thread for interpreter exit to wait on,
+and the quit event closes the device and the HTTP client (``cogenesis loadtest`` fails if it must kill it).
 """
 
 from __future__ import annotations
@@ -65,8 +69,6 @@ class Runtime:
         import gevent
         import httpx
 
-        offload = gevent.get_hub().threadpool.apply  # slow work in a native thread: heartbeats go on meanwhile
-
         from cogenesis.apps.flags import LOCUST
         from cogenesis.core.config import EdgeConfig
         from cogenesis.core.data import load_records, sample_data_path
@@ -74,6 +76,7 @@ class Runtime:
         from cogenesis.edge_sim.device import default_max_active, describe, open_device, resolve_device
         from cogenesis.edge_sim.fleet import parse_think
         from cogenesis.edge_sim.session import Cloud
+        from cogenesis.loadtest.native import offload  # slow work in a native thread: heartbeats go on meanwhile
 
         redis_url, http_url = opts.cg_redis_url, opts.cg_http_url
         if not (redis_url and http_url):
@@ -132,36 +135,26 @@ def runtime(environment) -> Runtime:
     return _runtime
 
 
-_is_worker = False
-
-
-@events.init.add_listener
-def _remember_role(environment, **_) -> None:
-    global _is_worker
-    from locust.runners import WorkerRunner
-
-    _is_worker = isinstance(environment.runner, WorkerRunner)
-
-
 @events.quit.add_listener
 def _shutdown(**_) -> None:
-    """Let a small-model pass in flight finish before the interpreter exits (else C++ aborts)."""
+    """End what this process started, so its interpreter exits by itself: the small model's worker (a pass in
+    flight finishes first, else C++ aborts) and the HTTP client. Threads that interpreter exit would still
+    wait on are named in the log (``loadtest/native.py`` says why there should be none)."""
     import gevent
 
-    if _runtime is not None and hasattr(_runtime.device, "close"):
-        _runtime.device.close()
+    from cogenesis.loadtest.native import threads_blocking_exit
+
+    if _runtime is not None:
+        if hasattr(_runtime.device, "close"):
+            _runtime.device.close()
+        _runtime.cloud.http.close()
     pool, deadline = gevent.get_hub().threadpool, time.monotonic() + 10
     while pool.task_queue.unfinished_tasks > 0 and time.monotonic() < deadline:  # bounded: never hang the exit
         gevent.sleep(0.05)
-    log.info("quit: %d small-model task(s) still running", pool.task_queue.unfinished_tasks)
-    if _is_worker:  # a --processes/--worker child whose interpreter exit can hang on gevent's thread bookkeeping
-        from gevent.monkey import get_original
-
-        def _exit_soon() -> None:
-            get_original("time", "sleep")(5.0)
-            os._exit(0)
-
-        get_original("_thread", "start_new_thread")(_exit_soon, ())
+    if pool.task_queue.unfinished_tasks:
+        log.warning("quit: %d small-model task(s) still running", pool.task_queue.unfinished_tasks)
+    if waiting := threads_blocking_exit():
+        log.warning("quit: interpreter exit will wait for: %s", ", ".join(waiting))
 
 
 @events.test_start.add_listener

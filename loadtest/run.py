@@ -3,14 +3,20 @@
 Locust runs as a subprocess (it monkey-patches with gevent; this process never imports it). Its
 CSV and HTML reports land in ``--out``; the summary JSON (users reached, sessions ok/failed,
 tokens/s, TTFT and ITL percentiles, the device) is built from its CSVs.
+
+Locust's process must end by itself once it logs "Shutting down": ``locust_ended`` is ``exited`` then,
+or ``killed`` when it was still alive ``exit_grace_s`` later and had to be stopped (its reports are
+read all the same, and ``cogenesis loadtest`` fails: a process that does not exit is a defect).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +56,7 @@ class LoadtestOptions:
     max_new_tokens: int = command_default("loadtest", "edge.max_new_tokens")
     max_active: int = 0
     stop_timeout_s: float = 30.0
+    exit_grace_s: float = 60.0  # after Locust says it is shutting down, its process must exit within this
     small_model: str = command_default("loadtest", "edge.small_model")
     data: str | None = None
     out_dir: str = "out/loadtest"
@@ -215,18 +222,29 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
     run_s = load_shape(opts.shape).run_time_s if opts.shape else parse_duration(opts.run_time)
     limit = run_s + opts.stop_timeout_s + 300  # + startup (model load) and reports
     t0 = time.perf_counter()
+    finished_at: float | None = None  # when Locust logged "Shutting down": its work is done, its exit due
+    ended = "exited"
     with open(logfile, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        proc = subprocess.Popen(  # its own process group: its --processes workers are stopped with it
+            cmd,
+            cwd=str(ROOT),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             while proc.poll() is None:
-                if time.perf_counter() - t0 > limit:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                now = time.perf_counter()
+                if finished_at is None and locust_finished(logfile):
+                    finished_at = now
+                if finished_at is not None and now - finished_at > opts.exit_grace_s:
+                    _stop(proc)  # reports are written; its process hangs in exit
+                    ended = "killed"
+                    break
+                if finished_at is None and now - t0 > limit:
+                    _stop(proc)
                     raise ClusterError(
                         f"Locust did not finish within {limit:.0f} s (stopped it)", hint=f"see {logfile}"
                     )
@@ -241,10 +259,11 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
                 )
                 time.sleep(1.0)
         except BaseException:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
+            _stop(proc)
             raise
+    if finished_at is None and locust_finished(logfile):  # it logged its last line and exited between two polls
+        finished_at = time.perf_counter()
+    exit_s = round(time.perf_counter() - finished_at, 1) if finished_at is not None else None
     seconds = time.perf_counter() - t0
     if not Path(f"{prefix}_stats.csv").is_file():
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-5:])
@@ -253,6 +272,8 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
         )
     span = _history(prefix)["span_s"] or seconds  # from the first user to the end, as Locust recorded it
     summary = summarize(opts, prefix, span, proc.returncode, device_line)
+    summary["locust_ended"] = ended
+    summary["locust_exit_s"] = exit_s  # from its "Shutting down" line to its process's end (as polled)
     plot = plot_history(prefix, out / "loadtest.png")
     summary["reports"]["png"] = str(plot) if plot else None
     json_path = Path(opts.json_path or out / "summary.json")
@@ -260,6 +281,32 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
     json_path.write_text(json.dumps(summary, indent=1))
     summary["json"] = str(json_path)
     return summary
+
+
+SHUTDOWN_LINE = b"Shutting down (exit code"  # what Locust logs once its run is over and its reports are due
+
+
+def locust_finished(logfile: Path, tail_bytes: int = 65536) -> bool:
+    """Has Locust logged that it is shutting down? (its log's tail, so a long log costs nothing)"""
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            return SHUTDOWN_LINE in f.read()
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM Locust's process group (it and its workers); SIGKILL the group once it has had ``timeout_s``
+    (its leader may be gone while a worker hangs on)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def plot_history(prefix: Path, out: Path) -> Path | None:

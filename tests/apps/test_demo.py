@@ -52,6 +52,35 @@ def test_demo_writes_both_modes(tmp_path):
     assert "CoGenesis demo" in proc.stdout  # the summary table
 
 
+def test_demo_with_its_defaults_runs_every_session_ok(tmp_path):
+    """`make demo` runs `cogenesis demo` with no flags, on the embedded models: the first command a user runs.
+    Issue 13: it failed on a fresh 2-core machine (every sketch session timed out) and nothing caught it.
+    Only --json is added (it changes nothing but writes the report)."""
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [*CLI, "demo", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,  # ~2 minutes on a 2-core machine; generous for a loaded CI runner
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail
+    report = json.loads(out.read_text())
+    sessions = report["sessions"]
+    assert sorted((s["client"], s["mode"]) for s in sessions) == [
+        (c, m) for c in range(4) for m in ("logits", "sketch")
+    ], tail  # the defaults: 4 clients, both modes
+    failed = [(s["client"], s["mode"], s["error"]) for s in sessions if "error" in s]
+    assert not failed, failed
+    assert all(s["tokens"] > 0 for s in sessions), sessions
+    modes = report["summary"]["modes"]
+    assert set(modes) == {"sketch", "logits"}
+    assert all(m["failed"] == 0 and m["sessions"] == 4 and m["tokens"] > 0 for m in modes.values()), modes
+    assert report["summary"]["models"]["large"].endswith("smollm2-135m-instruct")  # the embedded pair
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_shuts_everything_down(tmp_path, sig):
     """Ctrl-C and `kill` both stop Serve, Ray and Redis (Ray's own SIGTERM handler would abort)."""

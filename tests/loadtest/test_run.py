@@ -116,6 +116,122 @@ def test_loadtest_options_default_to_the_loadtest_config():
     assert (opts.max_new_tokens, opts.small_model) == (32, "embedded:small")
 
 
+# A stand-in for Locust: writes a (empty) stats CSV, starts a "worker" child, logs Locust's last line, and
+# then exits, or hangs in its exit as Locust did (issue 13).
+FAKE_LOCUST = """
+import subprocess, sys, time
+prefix, how, pidfile = sys.argv[1:]
+open(prefix + "_stats.csv", "w").write("Type,Name,Request Count,Failure Count\\n")
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(pidfile, "w").write(str(child.pid))
+print("[x] vm/INFO/locust.main: Shutting down (exit code 0)", flush=True)
+if how == "exit":
+    child.terminate()
+    child.wait()
+    sys.exit(0)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def fake_locust(monkeypatch, tmp_path):
+    """Replace Locust's command line with FAKE_LOCUST; returns a setter for how it ends, and its child's pid file."""
+    import cogenesis.loadtest.run as run
+
+    how = {"value": "exit"}
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setattr(
+        run,
+        "locust_command",
+        lambda opts, r, h, prefix, html: [sys.executable, "-c", FAKE_LOCUST, str(prefix), how["value"], str(pidfile)],
+    )
+    return how, pidfile
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_locust_finished_reads_its_shutdown_line(tmp_path):
+    from cogenesis.loadtest.run import locust_finished
+
+    log = tmp_path / "locust.log"
+    assert not locust_finished(log)  # no log yet
+    log.write_bytes(b"x" * 200_000 + b"\n[t] vm/INFO/locust.main: --run-time limit reached, shutting down\n")
+    assert not locust_finished(log)
+    with open(log, "ab") as f:
+        f.write(b"[t] vm/INFO/locust.main: Shutting down (exit code 0)\n" + b"Type Name ...\n" * 100)
+    assert locust_finished(log)
+
+
+def test_a_locust_that_exits_by_itself_is_reported_so(fake_locust, tmp_path):
+    opts = LoadtestOptions(run_time="1s", device="phone", out_dir=str(tmp_path / "out"), exit_grace_s=60)
+    summary = run_loadtest(opts, "redis://unused", "http://unused")
+    assert summary["locust_ended"] == "exited" and summary["locust_exit_code"] == 0
+    assert summary["locust_exit_s"] is not None
+
+
+def test_a_locust_that_hangs_in_its_exit_is_killed_with_its_workers_and_reported(fake_locust, tmp_path):
+    how, pidfile = fake_locust
+    how["value"] = "hang"
+    opts = LoadtestOptions(run_time="1s", device="phone", out_dir=str(tmp_path / "out"), exit_grace_s=1)
+    summary = run_loadtest(opts, "redis://unused", "http://unused")
+    assert summary["locust_ended"] == "killed" and summary["locust_exit_code"] != 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["locust_ended"] == "killed"
+    assert _gone(int(pidfile.read_text()))  # its process group went with it
+
+
+def test_cogenesis_loadtest_fails_and_says_so_when_it_had_to_kill_locust(fake_locust, tmp_path, capsys, monkeypatch):
+    """Through the command: a clean run returns 0; a Locust killed after its run returns 1 with a clear line."""
+    import functools
+    import os
+
+    import cogenesis.loadtest.run as run
+    from cogenesis.apps.cli import main
+    from cogenesis.cluster.daemon import ClusterState
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    ClusterState(os.getpid(), "redis://unused", "http://unused", "", 0.0, {}).write(state_dir)  # "a running cluster"
+    argv = ["loadtest", "--state-dir", str(state_dir), "--run-time", "1s", "--device", "phone", "--out"]
+    assert main([*argv, str(tmp_path / "ok")]) == 0
+    assert "did not exit" not in capsys.readouterr().out
+    how, _ = fake_locust
+    how["value"] = "hang"
+    monkeypatch.setattr(run, "LoadtestOptions", functools.partial(run.LoadtestOptions, exit_grace_s=1.0))
+    assert main([*argv, str(tmp_path / "hung")]) == 1
+    out = capsys.readouterr().out
+    assert "Locust finished its run but its process did not exit within 1 s: killed it" in out, out
+
+
+@pytest.mark.slow
+def test_cogenesis_loadtest_on_the_real_small_model_ends_with_locust_exiting_by_itself(background_cluster, tmp_path):
+    """Issue 13: Locust said "Shutting down (exit code 0)" and then hung in interpreter exit (a stopped
+    transformers executor's thread, parked on a native thread's hub) until `cogenesis loadtest` killed it.
+    Through the command, on the real small model (one Locust process, as the README's command runs)."""
+    _, state_dir, _ = background_cluster
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cogenesis.apps.cli", "loadtest", "--state-dir", str(state_dir), "--users", "4"]
+        + ["--spawn-rate", "4", "--run-time", "20s", "--think-time", "0..1", "--max-new-tokens", "4"]
+        + ["--stop-timeout", "120", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = (out / "locust.log").read_text()[-3000:] if (out / "locust.log").is_file() else ""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"].startswith("real") and summary["sessions"]["failed"] == 0
+    assert summary["locust_ended"] == "exited" and summary["locust_exit_code"] == 0, log
+    assert "interpreter exit will wait for" not in log
+
+
 @pytest.mark.slow
 def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, tiny_small, sample_records, tmp_path):
     state, state_dir, audit = background_cluster
@@ -135,6 +251,8 @@ def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, ti
     log = (tmp_path / "locust.log").read_text()[-4000:]
     assert summary["sessions"]["failed"] == 0 and not summary["failures"] and not summary["exceptions"], log
     assert summary["users_reached"] == 8 and summary["locust_exit_code"] == 0
+    assert summary["locust_ended"] == "exited", log  # the master and its --processes workers ended by themselves
+    assert "interpreter exit will wait for" not in log
     assert set(summary["modes"]) == {"logits", "sketch"}, log
     logits = summary["modes"]["logits"]
     assert logits["sessions_ok"] > 0 and logits["tokens"] > 0

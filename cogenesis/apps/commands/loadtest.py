@@ -95,6 +95,12 @@ def run(args) -> int:
             daemon.down(args.state_dir)
     print_summary(summary)
     bad = summary["sessions"]["failed"] or summary["exceptions"] or summary["locust_exit_code"] not in (0, None)
+    if summary.get("locust_ended") == "killed":  # its run was fine, but its process would not exit
+        print(
+            f"Locust finished its run but its process did not exit within {opts.exit_grace_s:g} s: killed it "
+            f"(exit code {summary['locust_exit_code']}); see {summary['reports']['log']}"
+        )
+        bad = True
     return 1 if bad else 0
 
 
