@@ -137,6 +137,26 @@ class LocalCluster:
             time.sleep(0.5)
         raise ClusterError(f"the cloud app was not healthy within {self.start_timeout_s:.0f} s", hint=LOG_HINT)
 
+    def replica_pids(self) -> dict[str, int | None]:
+        """The live replicas (a heartbeat on the bus, ``cg:alive:{replica}``) and their process ids, so a chaos
+        run can kill one. A heartbeat without a pid (an older replica) is looked up in Ray's actor table."""
+        from cogenesis.cluster.bus import alive_key, connect, read_alive
+
+        if self.info is None:
+            raise ClusterError("the cluster is not started", hint="call start() first")
+        r = connect(self.info.redis_url)
+        try:
+            prefix = alive_key("")
+            names = sorted(k.decode()[len(prefix) :] for k in r.scan_iter(match=prefix + "*", count=1000))
+            alive = read_alive(r, names)
+        finally:
+            r.close()
+        pids = {name: beat.get("pid") for name, beat in alive.items() if beat is not None}
+        if any(pid is None for pid in pids.values()):
+            actors = _replica_actor_pids()
+            pids = {name: pid if pid is not None else actors.get(name) for name, pid in pids.items()}
+        return pids
+
     def stop(self) -> None:
         if self._ray_started:
             import ray
@@ -158,6 +178,18 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _replica_actor_pids() -> dict[str, int]:
+    """Live Serve replicas of the app by replica id (the last part of the actor's name), from Ray's actor table."""
+    from ray._private import state
+
+    out: dict[str, int] = {}
+    for actor in state.actors().values():
+        name = str(actor.get("Name") or "")
+        if actor.get("State") == "ALIVE" and name.startswith("SERVE_REPLICA::") and actor.get("Pid"):
+            out[name.rsplit("#", 1)[-1]] = int(actor["Pid"])
+    return out
 
 
 def _port_free(port: int) -> bool:

@@ -105,6 +105,21 @@ class RedisServer:
         log.info("redis-server %s on port %d", self.version(), self.port)
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id (None: not running)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def restart(self, down_s: float = 0.0, timeout_s: float = 5.0) -> RedisServer:
+        """Stop the server and start a new one on the same port (same URL), ``down_s`` seconds later.
+
+        What a Redis restart does to its clients (``cogenesis chaos``): every connection breaks and, with no
+        persistence, every key is gone; the new server answers at the old address."""
+        self.stop(timeout_s)
+        if down_s > 0:
+            time.sleep(down_s)
+        return self.start()
+
     def version(self) -> str:
         client = redis.Redis.from_url(self.url, socket_timeout=2.0)
         try:

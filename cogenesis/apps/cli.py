@@ -13,6 +13,7 @@ import sys
 from cogenesis.apps.commands import (
     audit_privacy,
     bench,
+    chaos,
     cluster,
     config,
     dashboard,
@@ -21,6 +22,7 @@ from cogenesis.apps.commands import (
     evaluate,
     loadtest,
     models,
+    soak,
     top,
     train_fusion,
 )
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
+    chaos.register(sub)
+    soak.register(sub)
     return parser
 
 

@@ -111,3 +111,17 @@ def test_stateless_baseline_writes_the_same_greedy_text_as_the_bus(cluster, pool
     huge = StatelessRequest(session_id="x", tokens=pack_ids([10**8]), top_k=3, budget_ms=60_000)
     refused = httpx.post(f"{info.http_url}/v1/stateless", content=encode(huge), timeout=30)
     assert refused.status_code == 422 and b"invalid token ids" in refused.content
+
+
+def test_replica_pids_name_the_live_replica_processes(cluster):
+    """What `cogenesis chaos` kills: the pid on the replica's heartbeat is its Ray actor's process."""
+    import os
+
+    from cogenesis.cluster.local import _replica_actor_pids
+
+    local, info, _ = cluster
+    replica = httpx.get(f"{info.http_url}/healthz", timeout=30).json()["replica"]
+    pids = local.replica_pids()
+    assert list(pids) == [replica]
+    assert pids[replica] == _replica_actor_pids()[replica] != os.getpid()
+    os.kill(pids[replica], 0)  # alive (signal 0 only checks)

@@ -21,3 +21,18 @@ def test_start_version_stop():
 def test_taken_port_is_a_clear_error(redis_server):
     with pytest.raises(ClusterError, match="exited at start|did not answer"):
         RedisServer(port=redis_server.port, start_timeout_s=3).start()
+
+
+def test_restart_keeps_the_url_and_loses_the_data():
+    server = RedisServer().start()
+    try:
+        url, pid = server.url, server.pid
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        client.set("k", "v")
+        assert server.restart(down_s=0.1) is server
+        assert server.url == url and server.pid not in (None, pid)
+        assert client.get("k") is None  # a new server, no persistence (the client reconnects on its own)
+        client.close()
+    finally:
+        server.stop()
+    assert server.pid is None
