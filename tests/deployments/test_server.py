@@ -12,15 +12,15 @@ from types import SimpleNamespace
 
 import httpx
 import msgspec
-import numpy as np
 import pytest
 import ray.cloudpickle
+from cloud_fakes import FakeEngine
 from fastapi import FastAPI, Request
 
 from cogenesis.cluster.bus import CloudBus, EdgeBus
 from cogenesis.cluster.local import LocalCluster
 from cogenesis.core.config import CloudConfig
-from cogenesis.core.errors import Busy, ClusterError, SessionError, UnknownSession
+from cogenesis.core.errors import Busy, ClusterError, SessionError
 from cogenesis.core.protocol import (
     CloseSession,
     ErrorReply,
@@ -36,122 +36,13 @@ from cogenesis.core.protocol import (
     encode,
     pack_ids,
 )
-from cogenesis.deployments.engine import OutlineEvent, TopK
 from cogenesis.deployments.server import CloudServer, sketch_response, wants_events
 from cogenesis.deployments.step_loop import StepLoop
 from cogenesis.edge_sim.gate import OutboundGate
 
 
-class FakeEngine:
-    """A deterministic CloudEngine: after n context tokens the top-k are the ids n, n+1, ... with
-    log-probabilities 0, -1, ...; an open's context is its instruction's word count. An outline writes one
-    word per pass ("w1 w2 ..."), ``len(instruction)`` of them at most, and its reply is "outline of
-    <instruction>"; it holds ``max_outlines`` at once (more: ``Busy``); an instruction starting with "stall"
-    never ends."""
-
-    def __init__(self, max_outlines: int = 64) -> None:
-        self.sessions: dict[str, tuple[int, int]] = {}  # session -> (context length, top_k)
-        self.max_outlines = max_outlines
-        self.outlines: dict[str, list] = {}  # request id -> [request, words written]
-        self.events: dict[str, OutlineEvent] = {}
-        self.cancelled: list[str] = []
-        self.passes = 0
-
-    @staticmethod
-    def top(context_len: int, top_k: int) -> TopK:
-        ids = np.arange(context_len, context_len + top_k, dtype=np.int32)[None]
-        logprobs = -np.arange(top_k, dtype=np.float32)[None]
-        return TopK(ids, logprobs, np.zeros(0, np.int32), context_len, 1.5)
-
-    def open_many(self, requests):
-        out = []
-        for r in requests:
-            if not r.instruction.strip():
-                out.append(SessionError("empty instruction"))
-                continue
-            self.sessions[r.session_id] = (len(r.instruction.split()), r.top_k)
-            out.append(self.top(*self.sessions[r.session_id]))
-        return out
-
-    def step_many(self, requests):
-        self.passes += 1
-        self._advance()
-        out = []
-        for r in requests:
-            if r.session_id not in self.sessions:
-                out.append(UnknownSession(f"unknown session {r.session_id}"))
-                continue
-            context, top_k = self.sessions[r.session_id]
-            self.sessions[r.session_id] = (context + len(r.tokens), top_k)
-            out.append(self.top(*self.sessions[r.session_id]))
-        return out
-
-    def _advance(self):
-        if not self.outlines:
-            return
-        time.sleep(0.002)  # a pass takes time
-        for rid, entry in list(self.outlines.items()):
-            req = entry[0]
-            if req.instruction.startswith("stall"):
-                continue
-            entry[1] += 1
-            n = entry[1]
-            if n >= min(req.max_tokens, len(req.instruction)):
-                reply = SketchReply(request_id=rid, sketch=f"outline of {req.instruction}", tokens=len(req.instruction))
-                self.events[rid] = OutlineEvent(rid, n, reply.sketch, reply=reply)
-                del self.outlines[rid]
-            else:
-                self.events[rid] = OutlineEvent(rid, n, " ".join(f"w{i}" for i in range(1, n + 1)))
-
-    def close(self, session_id):
-        return self.sessions.pop(session_id, None) is not None
-
-    def submit_outlines(self, requests):
-        out = []
-        for r in requests:
-            if not r.instruction.strip():
-                out.append(SessionError("empty instruction", hint="send the general instruction to outline"))
-            elif len(self.outlines) >= self.max_outlines:
-                out.append(Busy("the outline queue is full", retry_after_s=2.5))
-            else:
-                self.outlines[r.request_id] = [r, 0]
-                out.append(None)
-        return out
-
-    def outline_events(self):
-        events, self.events = list(self.events.values()), {}
-        return events
-
-    def outlines_pending(self):
-        return len(self.outlines)
-
-    def cancel_outline(self, request_id):
-        if self.outlines.pop(request_id, None) is not None:
-            self.cancelled.append(request_id)
-
-    def sweep_idle(self):
-        return []
-
-    def sketch(self, requests):
-        raise NotImplementedError("the replica writes outlines in its step loop")
-
-    def stateless_top_k(self, token_ids, top_k):
-        if not token_ids:
-            raise SessionError("stateless request carries invalid token ids")
-        return self.top(len(token_ids), top_k)
-
-    def stats(self):
-        return {"active_sessions": len(self.sessions), "outline_passes": self.passes}
-
-    def set_yield_point(self, yield_point):
-        pass
-
-    def shutdown(self):
-        self.sessions.clear()
-
-
 def fake_engine(cfg: CloudConfig) -> FakeEngine:
-    return FakeEngine()
+    return FakeEngine(max_outlines=64)
 
 
 # ---- the sketch endpoint, fast ----------------------------------------------------------------------------
@@ -294,6 +185,7 @@ def cloud(redis_server):
     """One Ray + Serve for the module: the shim over ``fake_engine`` (pickled by value: this test module is
     not importable in a replica)."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules[FakeEngine.__module__])
     cfg = CloudConfig(replica_cpus=0.25)
     local = LocalCluster(cfg, redis_url=redis_server.url, start_timeout_s=240, engine_factory=fake_engine)
     info = local.start()
@@ -301,6 +193,7 @@ def cloud(redis_server):
     yield info, replica
     local.stop()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[FakeEngine.__module__])
 
 
 def _send(bus, replica, msg):
@@ -348,7 +241,7 @@ def test_stateless_returns_the_engines_top_k_traced(cloud):
     ids, logprobs = reply.top_k()
     assert (reply.session_id, reply.step, reply.replica, reply.prompt_tokens) == ("x", 3, replica, 3)
     assert ids.tolist() == [[3, 4, 5]] and logprobs.tolist() == [[0.0, -1.0, -2.0]] and reply.drafts().size == 0
-    assert reply.compute_ms == 1.5
+    assert reply.compute_ms == 1.0
     assert reply.traced and 0 <= reply.model_us <= reply.server_us and reply.queue_us == 0  # served on arrival
 
 
