@@ -5,7 +5,9 @@ this object. Logs name sessions and sizes, never text. Logits sessions run in ``
 (many clients stepped together), sketch sessions in ``cogenesis.edge_sim.sketch``.
 
 A failed session keeps its message on the device (``SessionResult.error``, local logs); what may leave
-the device process (a fleet pool's counts on Redis, a Locust report) is its ``ErrorCode``.
+the device process (a fleet pool's counts on Redis, a Locust report) is its ``ErrorCode``. What a session
+wrote (``text``, and its token ids ``ids``: exact, where decoding and re-encoding the text is not) stays on
+the device too: those reports carry counts only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class SessionResult:
     text: str
     tokens: int
     seconds: float
+    ids: list[int] = field(default_factory=list)  # the token ids written (empty: failed, or a profile's outline)
     ttft_s: float | None = None  # time to first generated token
     round_trips: int = 0  # cloud exchanges (sketch: 1; logits: open + steps)
     sketch: str | None = None  # the cloud's outline (public: written from the public instruction)

@@ -4,7 +4,8 @@ The logits loop (``cogenesis.edge_sim.logits``) asks its device for log-probs af
 and after each chosen token (``step``); ``release`` frees a session's state.
 
 - ``PackedDevice``: the lockstep pool's device. All its sessions sit in one packed cache and step
-  together (one forward pass a round, no re-packing).
+  together (one forward pass a round, no re-packing); a session waiting for the cloud sits a pass out
+  and keeps its row.
 - ``SharedDevice``: one small model serving many independently running sessions (the fleet's
   clients, Locust users). Each session keeps its own cache; whatever the sessions asked for
   meanwhile runs as one batched forward pass, so sessions join and leave at any step.
@@ -115,14 +116,20 @@ class Device(Protocol):
         """Start sessions ``keys`` from their prompts; log-probs [V] after each (None: simulated)."""
 
     def step(self, keys: Sequence[object], tokens: Sequence[int]) -> list[torch.Tensor | None]:
-        """Feed one token per session; log-probs [V] after it (None: simulated)."""
+        """Feed one token per session of ``keys``; log-probs [V] after it (None: simulated). Sessions it holds
+        that are not in ``keys`` (waiting for the cloud) keep their state as it is."""
 
     def release(self, keys: Sequence[object]) -> None:
         """Free these sessions' state."""
 
 
 class PackedDevice:
-    """The lockstep pool's small model: its sessions' rows stay packed across steps."""
+    """The lockstep pool's small model: its sessions' rows stay packed across steps.
+
+    A session keeps its row from ``prefill`` until ``release``. One that the loop leaves out of a ``step`` (parked:
+    the cloud refused it busy and it waits to be admitted) sits that pass out: its row takes no token and keeps
+    its place, so when it is stepped again it goes on exactly where it stopped (``PackedBatch.step``).
+    """
 
     simulated = False
 
@@ -139,17 +146,29 @@ class PackedDevice:
             return list(self.batch.prefill(prompts))
 
     def step(self, keys, tokens):
-        keys = list(keys)
-        if keys != self.rows:  # sessions ended: drop their rows
-            self.batch.keep([self.rows.index(k) for k in keys])
-            self.rows = keys
-        return list(self.batch.step(tokens))
+        """Feed ``tokens`` to the rows of ``keys`` (any subset of the live sessions, in any order); every other row
+        sits the pass out."""
+        where = {id(k): b for b, k in enumerate(self.rows)}
+        try:
+            rows = [where[id(k)] for k in keys]
+        except KeyError:
+            raise ValueError(
+                "step() for a session this packed device does not hold (never prefilled, or released)"
+            ) from None
+        feed = [0] * len(self.rows)
+        for b, t in zip(rows, tokens):
+            feed[b] = int(t)
+        stepped = set(rows)
+        lps = self.batch.step(feed, sitting_out=[b for b in range(len(self.rows)) if b not in stepped])
+        return [lps[b] for b in rows]
 
     def release(self, keys) -> None:
+        """Drop these sessions' rows (the others keep theirs); keys it does not hold are ignored."""
         gone = set(map(id, keys))
         rest = [k for k in self.rows if id(k) not in gone]
         if len(rest) != len(self.rows) and rest:
-            self.batch.keep([self.rows.index(k) for k in rest])
+            where = {id(k): b for b, k in enumerate(self.rows)}
+            self.batch.keep([where[id(k)] for k in rest])
         self.rows = rest
 
 

@@ -249,13 +249,16 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
 
 
 def open_pool_device(cfg: EdgeConfig, name: str) -> tuple[DeviceProfile | None, EdgeEngine, Device]:
-    """The small model (or profile) this pool's clients share; slow work runs in gevent's native threads."""
+    """The small model (or profile) this pool's clients share; slow work runs in gevent's native threads, through
+    ``native.offload``: loading the model there leaves a stopped executor thread that interpreter exit would wait
+    on forever, and ``offload`` joins it (see ``cogenesis.edge_sim.native``), so the pool exits by itself."""
     import gevent
 
     from cogenesis.edge_sim.device import open_device, resolve_device
+    from cogenesis.edge_sim.native import offload
 
     profile = resolve_device(name)
-    engine, device = open_device(cfg, profile, gevent.get_hub().threadpool.apply, gevent.sleep)
+    engine, device = open_device(cfg, profile, offload, gevent.sleep)
     return profile, engine, device
 
 

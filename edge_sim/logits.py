@@ -24,8 +24,15 @@ session and answers that step, and the session goes on where it was: greedy outp
 nothing happened, no token lost or repeated. At most ``EdgeConfig.max_resumes`` times; then it fails
 (``replica_lost``). A request refused ``busy`` parks its session (it keeps its device state) until the
 retry time (``busy_delay``: the cloud's retry-after, exponential backoff, jitter), while the pool's other
-sessions keep stepping; after ``admission_timeout_s`` from the first refused open it fails (``busy``). A reply
-whose top-k rows are malformed ends only its own session (``bad_reply``).
+sessions keep stepping (on a ``PackedDevice`` its row sits their passes out); after ``admission_timeout_s`` from the
+first refused open it fails (``busy``). A reply whose top-k rows are malformed ends only its own session
+(``bad_reply``). A session that ends frees its device state and its replica slot at once, so a session waiting
+for admission can take the slot.
+
+Errors the loop does not expect (a bug, a failed small-model pass) end what they touch, never the caller: one in a
+session's own work (applying its reply, choosing its token) fails that session alone, one in a batched part of a
+round (the device's pass, the link) fails the sessions of that round (``internal``, or the ``CoGenesisError``'s
+code); the traceback goes to this process's log only.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +51,7 @@ import torch
 from cogenesis.cluster.bus import EdgeBus
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
-from cogenesis.core.errors import ConfigError, PrivacyViolation, ProtocolError, SessionError
+from cogenesis.core.errors import CoGenesisError, ConfigError, PrivacyViolation, ProtocolError, SessionError
 from cogenesis.core.fusion_net import Fuser
 from cogenesis.core.prompts import cloud_prompt_ids
 from cogenesis.core.protocol import ErrorCode, StepReply, error_code
@@ -118,7 +126,7 @@ class _Stats:
     accepted_now: int = 0  # ... of the current reply's drafts
 
 
-@dataclass(eq=False)  # a session is its own key on the device (identity)
+@dataclass(eq=False, repr=False)  # a session is its own key on the device (identity)
 class _Live:
     """One running session: what it wrote, and where its exchange, trace and counts stand."""
 
@@ -137,6 +145,7 @@ class _Live:
     error_code: ErrorCode | None = None  # what may leave the device of ``error``
     done: bool = False
     stopped: bool = False  # ended early by the caller's time budget
+    retired: bool = False  # ended, and its device state and replica slot freed
     parked_until: float | None = None  # refused busy: its open is sent again at this ``time.monotonic()``
     admit_from: float | None = None  # when the open now being admitted was first sent (``time.monotonic()``)
     cloud: _Exchange = field(default_factory=_Exchange)
@@ -151,6 +160,9 @@ class _Live:
         gate = client.gate
         stream = gate.public_stream(session_id) if simulated else gate.stream(engine.tok, session_id)
         return cls(client, session_id, gen, _Trace(time.perf_counter()), stream)
+
+    def __repr__(self) -> str:  # never what it wrote (an error message or a log line may quote it)
+        return f"<logits session {self.session_id[:8]} of client {self.client.index}>"
 
     @property
     def holding(self) -> bool:
@@ -278,6 +290,13 @@ class _Live:
         self.error, self.error_code, self.done = message, code, True
         log.warning("client %d logits session failed: %s", self.client.index, message)
 
+    def crash(self, exc: Exception) -> None:
+        """End the session on an error the loop did not expect: a ``CoGenesisError`` by its code, else ``internal``."""
+        if isinstance(exc, CoGenesisError):
+            self.fail(exc.message, error_code(exc))
+        else:
+            self.fail(f"internal error: {type(exc).__name__}: {str(exc)[:300]}", "internal")
+
     def reply_done(self) -> None:
         """The current reply is used up: count how many of its drafts were accepted."""
         if self.cloud.drafts.size:
@@ -311,8 +330,10 @@ def run_logits_sessions(
     loop = _Loop.prepare(BusLink(link) if isinstance(link, EdgeBus) else link, engine, cfg, device)
     lives = [_Live.start(c, engine, loop.device.simulated) for c in clients]
     try:
-        loop.open(lives)
+        with _together(lives):
+            loop.open(lives)
         while live := [lv for lv in lives if not lv.done]:
+            loop.retire(lives)
             if stop_at is not None and time.perf_counter() >= stop_at:
                 for lv in live:
                     lv.stopped = lv.done = True
@@ -321,13 +342,38 @@ def run_logits_sessions(
                 _sleep_until(min(lv.parked_until or 0.0 for lv in live), stop_at)
                 if stop_at is not None and time.perf_counter() >= stop_at:
                     continue
-            loop.step_round(live)
+            with _together(live):
+                loop.step_round(live)
     finally:
         loop.release(lives)
     results = [_result(lv, engine) for lv in lives]
     for r in results:
         on_result(r)
     return results
+
+
+@contextmanager
+def _together(lives: list[_Live]) -> Iterator[None]:
+    """A batched part of the loop (a round, the opening): an error it did not expect ends the sessions it was
+    running for (they share the device's pass and the link's round trip), not the caller."""
+    try:
+        yield
+    except Exception as exc:
+        log.exception("logits sessions: unexpected error in a round of %d session(s)", len(lives))
+        for lv in lives:
+            if not lv.done:
+                lv.crash(exc)
+
+
+@contextmanager
+def _alone(lv: _Live) -> Iterator[None]:
+    """One session's own work (applying its reply, choosing its token): an error it did not expect ends this
+    session only; the others go on."""
+    try:
+        yield
+    except Exception as exc:
+        log.exception("client %d logits session %s: unexpected error", lv.client.index, lv.session_id[:8])
+        lv.crash(exc)
 
 
 def _sleep_until(when: float, stop_at: float | None) -> None:
@@ -401,7 +447,8 @@ class _Loop:
             self.collect(opening + need)
             self.network()
         for lv in [lv for lv in live if not lv.done and not lv.parked]:
-            _choose(lv, self)
+            with _alone(lv):
+                _choose(lv, self)
         live = [lv for lv in live if not lv.done and not lv.parked]
         if not live:
             return
@@ -425,11 +472,12 @@ class _Loop:
         its answer awaited in the same call, so each ends answered, parked (busy) or done."""
         waiting = {lv.session_id: lv for lv in lives if lv.cloud.in_flight and not lv.done}
         while waiting:
-            resume = [
-                waiting[a.session_id]
-                for a in self.link.collect(list(waiting), self.cfg)
-                if waiting[a.session_id].arrived(a, self.cfg, self.rng)
-            ]
+            resume = []
+            for a in self.link.collect(list(waiting), self.cfg):
+                lv = waiting[a.session_id]
+                with _alone(lv):
+                    if lv.arrived(a, self.cfg, self.rng):
+                        resume.append(lv)
             if resume:
                 self.send_opens(resume)
             waiting = {lv.session_id: lv for lv in resume if lv.cloud.in_flight and not lv.done}
@@ -442,11 +490,31 @@ class _Loop:
             for lv, lp in zip(live, self.plain.step([lv.plain_key for lv in live], [lv.out[-1] for lv in live])):
                 lv.plain_lp = lp
 
+    def retire(self, lives: list[_Live]) -> None:
+        """Free what the sessions that ended hold: their device state (a packed device drops their rows) and
+        their session on the replica (its slot goes to a session waiting for admission)."""
+        self._free([lv for lv in lives if lv.done and not lv.retired])
+
     def release(self, lives: list[_Live]) -> None:
-        self.device.release(lives)
-        if self.plain is not None:
-            self.plain.release([lv.plain_key for lv in lives])
-        self.link.close([lv.closing() for lv in lives])
+        """The run is over: free every session's state."""
+        self._free([lv for lv in lives if not lv.retired])
+
+    def _free(self, lives: list[_Live]) -> None:
+        """What fails here is logged; the sessions' results stand (a device left broken fails the next round)."""
+        if not lives:
+            return
+        for lv in lives:
+            lv.retired = True
+        try:
+            self.device.release(lives)
+            if self.plain is not None:
+                self.plain.release([lv.plain_key for lv in lives])
+        except Exception:
+            log.exception("logits sessions: could not free the device state of %d session(s)", len(lives))
+        try:
+            self.link.close([lv.closing() for lv in lives])
+        except Exception:  # the replica's idle sweeper frees them
+            log.exception("logits sessions: could not close %d session(s) on the cloud", len(lives))
 
 
 def _check_device(device: Device, sched: Schedule, cfg: EdgeConfig) -> None:
@@ -543,9 +611,9 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
     )
     c = lv.client
     gated = lv.stream.stats
-    text, tokens, ttft = "", 0, None
+    text, ids, ttft = "", [], None
     if not lv.error:
-        text, tokens, ttft = engine.tok.decode(lv.out, skip_special_tokens=True).strip(), len(lv.out), lv.trace.ttft
+        text, ids, ttft = engine.tok.decode(lv.out, skip_special_tokens=True).strip(), list(lv.out), lv.trace.ttft
         log.info(
             "client %d logits session %s: %d tokens, %d round trips in %.2f s",
             c.index,
@@ -559,8 +627,9 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
         c.record.tid,
         "logits",
         text,
-        tokens,
+        len(ids),
         seconds,
+        ids=ids,
         ttft_s=ttft,
         round_trips=lv.stats.round_trips,
         resumes=lv.stats.resumes,

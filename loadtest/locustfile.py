@@ -19,7 +19,7 @@ Request events (``response_time`` in ms; ``response_length`` in tokens where it 
 - ``<mode> ttft``: time to the first token; ``<mode> itl``: every gap between two tokens.
 
 A Locust process (and each ``--processes`` worker) ends by itself when its run is over: slow work goes
-through ``cogenesis.loadtest.native.offload``, which leaves no thread for interpreter exit to wait on,
+through ``cogenesis.edge_sim.native.offload``, which leaves no thread for interpreter exit to wait on,
 and the quit event closes the device and the HTTP client (``cogenesis loadtest`` fails if it must kill it).
 """
 
@@ -75,8 +75,8 @@ class Runtime:
         from cogenesis.core.errors import ClusterError
         from cogenesis.edge_sim.device import default_max_active, describe, open_device, resolve_device
         from cogenesis.edge_sim.fleet import parse_think
+        from cogenesis.edge_sim.native import offload  # slow work in a native thread: heartbeats go on meanwhile
         from cogenesis.edge_sim.session import Cloud
-        from cogenesis.loadtest.native import offload  # slow work in a native thread: heartbeats go on meanwhile
 
         redis_url, http_url = opts.cg_redis_url, opts.cg_http_url
         if not (redis_url and http_url):
@@ -139,10 +139,10 @@ def runtime(environment) -> Runtime:
 def _shutdown(**_) -> None:
     """End what this process started, so its interpreter exits by itself: the small model's worker (a pass in
     flight finishes first, else C++ aborts) and the HTTP client. Threads that interpreter exit would still
-    wait on are named in the log (``loadtest/native.py`` says why there should be none)."""
+    wait on are named in the log (``edge_sim/native.py`` says why there should be none)."""
     import gevent
 
-    from cogenesis.loadtest.native import threads_blocking_exit
+    from cogenesis.edge_sim.native import threads_blocking_exit
 
     if _runtime is not None:
         if hasattr(_runtime.device, "close"):

@@ -1,10 +1,9 @@
 """The sessions of ``cogenesis chaos``: greedy logits sessions whose every token id is kept.
 
 A chaos run compares each session's output, token id by token id, with an undisturbed reference run,
-so it needs the ids the device wrote, not only their text (decoding and re-encoding is not exact).
-``RecordingDevice`` wraps the pool's packed small model: the session loop hands it every session it
-prefills and every token it writes, so it keeps the sessions (and reads the ids each one wrote after
-the run) and counts tokens as they come (the fault injector's clock).
+so it needs the ids the device wrote, not only their text (decoding and re-encoding is not exact): each
+``SessionResult`` carries them (``ids``). ``CountingDevice`` wraps the pool's packed small model and counts
+the tokens the sessions write as they come (the fault injector's clock).
 
 The sessions run in the harness's process (``run_sessions``) or, for ``kill-edge-pool``, in edge pool
 subprocesses (``python -m cogenesis.apps.chaos_pool``): each writes how many tokens it has written to a
@@ -78,11 +77,11 @@ def _count(value: object) -> int | None:
     return int(value)  # type: ignore[call-overload]
 
 
-def outcome_of(result: SessionResult, ids: list[int], started_at: float) -> Outcome:
+def outcome_of(result: SessionResult, started_at: float) -> Outcome:
     return Outcome(
         client=result.client,
         tid=result.tid,
-        ids=ids,
+        ids=list(result.ids),
         error=result.error,
         error_code=result.error_code,
         started_at=started_at,
@@ -101,16 +100,15 @@ def failed_outcomes(clients: Sequence[EdgeClient], message: str, code: str, star
     ]
 
 
-class RecordingDevice:
-    """A ``Device`` that passes everything to ``inner`` and keeps what the session loop gave it: the
-    sessions it prefilled (to read the ids each wrote) and a count of the tokens written so far."""
+class CountingDevice:
+    """A ``Device`` that passes everything to ``inner`` and counts the tokens the sessions write (``on_tokens``
+    gets the running total at each pass, before it runs)."""
 
     simulated = False
 
     def __init__(self, inner, on_tokens: Callable[[int], None] = lambda n: None) -> None:
         self.inner = inner
         self.on_tokens = on_tokens
-        self.sessions: list[object] = []
         self.tokens = 0
         self._lock = threading.Lock()
 
@@ -118,7 +116,6 @@ class RecordingDevice:
         return getattr(self.inner, name)
 
     def prefill(self, keys, prompts):
-        self.sessions.extend(keys)
         return self.inner.prefill(keys, prompts)
 
     def step(self, keys, tokens):
@@ -131,15 +128,6 @@ class RecordingDevice:
     def release(self, keys) -> None:
         self.inner.release(keys)
 
-    def written(self) -> dict[int, list[int]]:
-        """Client index -> the token ids its session wrote (the session loop's ``out``)."""
-        out: dict[int, list[int]] = {}
-        for s in self.sessions:
-            ids, client = getattr(s, "out", None), getattr(getattr(s, "client", None), "index", None)
-            if ids is not None and client is not None:
-                out[int(client)] = [int(t) for t in ids]
-        return out
-
 
 def run_sessions(
     clients: Sequence[EdgeClient],
@@ -151,15 +139,16 @@ def run_sessions(
 ) -> list[Outcome]:
     """One greedy logits session per client, stepped together over the bus (as the demo's pool does).
 
-    Whatever escapes the session loop (it should not: that is one of the things a chaos run checks)
-    fails every session with its message, so the run still reports."""
+    The session loop turns an error it did not expect into failed results (``internal``) for the sessions it
+    touched; whatever still escapes it (it should not: that is one of the things a chaos run checks) fails every
+    session with its message, so the run still reports."""
     from cogenesis.cluster.bus import EdgeBus
     from cogenesis.core.errors import CoGenesisError
     from cogenesis.core.protocol import error_code
     from cogenesis.edge_sim.device import PackedDevice
     from cogenesis.edge_sim.logits import run_logits_sessions
 
-    device = RecordingDevice(PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads), on_tokens)
+    device = CountingDevice(PackedDevice(engine.model, engine.pad_id, cfg.prefill_threads), on_tokens)
     started = time.time()
     try:
         bus = EdgeBus(redis_url)
@@ -173,8 +162,7 @@ def run_sessions(
         return failed_outcomes(clients, f"uncaught {type(exc).__name__}: {exc}", "internal", started)
     finally:
         bus.close()
-    ids = device.written()
-    outcomes = [outcome_of(r, ids.get(r.client, []), started) for r in results]
+    outcomes = [outcome_of(r, started) for r in results]
     for o, r in zip(outcomes, results):
         if r.stopped and o.error is None:  # cut by the scenario's time limit
             o.error, o.error_code = "cut at the scenario's time limit", "stuck"

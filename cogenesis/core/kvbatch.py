@@ -137,14 +137,21 @@ class PackedBatch:
         self.lengths = [len(p) for p in prompts]
         return self._forward(ids, pos)
 
-    def step(self, tokens: Sequence[int]) -> torch.Tensor:
-        """One token per row; returns log-probs [B, V]."""
+    def step(self, tokens: Sequence[int], sitting_out: Sequence[int] = ()) -> torch.Tensor:
+        """One token per row; returns log-probs [B, V].
+
+        Rows in ``sitting_out`` (a session waiting for the cloud) take no token: theirs is ignored, its column is
+        masked and their positions do not advance, so they go on later exactly where they stopped; their row of
+        the result is meaningless."""
         if self.mask is None or len(tokens) != self.mask.shape[0]:
             raise ValueError(f"step needs one token per row ({0 if self.mask is None else self.mask.shape[0]})")
-        self.mask = torch.cat([self.mask, torch.ones(len(tokens), 1, dtype=torch.long)], dim=1)
+        out = set(sitting_out)
+        column = torch.tensor([[0 if b in out else 1] for b in range(len(tokens))], dtype=torch.long)
+        self.mask = torch.cat([self.mask, column], dim=1)
         pos = torch.tensor(self.lengths, dtype=torch.long)[:, None]
-        self.lengths = [n + 1 for n in self.lengths]
-        return self._forward(torch.tensor(list(tokens), dtype=torch.long)[:, None], pos)
+        self.lengths = [n if b in out else n + 1 for b, n in enumerate(self.lengths)]
+        ids = [self.pad_id if b in out else int(t) for b, t in enumerate(tokens)]
+        return self._forward(torch.tensor(ids, dtype=torch.long)[:, None], pos)
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in this order), e.g. after sessions finish."""

@@ -33,7 +33,7 @@ from cogenesis.apps.chaos import (
     scenario_report,
     table_rows,
 )
-from cogenesis.apps.chaos_pool import Outcome, RecordingDevice, outcome_of
+from cogenesis.apps.chaos_pool import CountingDevice, Outcome, outcome_of
 from cogenesis.cluster.bus import FIELD, GROUP, OPEN_STREAM, in_stream, reply_key
 from cogenesis.core.errors import ConfigError, ProtocolError
 from cogenesis.core.protocol import (
@@ -120,19 +120,22 @@ def test_token_times_and_the_stall_across_a_fault():
     assert max_gap([o, calm]) == 4.0 and max_gap([_o(0, [1])]) is None
 
 
-def test_outcome_of_reads_the_edge_counters_when_they_exist():
+def test_outcome_of_takes_the_ids_and_reads_the_edge_counters_when_they_exist():
     from types import SimpleNamespace
 
     from cogenesis.edge_sim.client import SessionResult
 
-    r = SessionResult(3, "t3", "logits", "text", 2, 1.5, ttft_s=0.5, itl_s=[0.25], resumes=1, busy_retries=4)
-    o = outcome_of(r, [10, 11], 50.0)
+    r = SessionResult(
+        3, "t3", "logits", "text", 2, 1.5, ids=[10, 11], ttft_s=0.5, itl_s=[0.25], resumes=1, busy_retries=4
+    )
+    o = outcome_of(r, 50.0)
     assert (o.client, o.ids, o.resumes, o.busy_retries, o.ok, o.started_at) == (3, [10, 11], 1, 4, True, 50.0)
     assert msgspec.json.decode(msgspec.json.encode([o]), type=list[Outcome]) == [o]
     # an edge that does not count them (None), or counts per cause (summed)
-    fields = {"client": 1, "tid": "t1", "error": None, "error_code": None, "ttft_s": None, "itl_s": [], "seconds": 0}
-    assert outcome_of(SimpleNamespace(**fields), [], 0.0).resumes is None
-    per_cause = outcome_of(SimpleNamespace(**fields, resumes={"replica_lost": 1, "redis": 2}), [], 0.0)
+    fields = {"client": 1, "tid": "t1", "ids": [], "error": None, "error_code": None, "ttft_s": None, "itl_s": []}
+    fields["seconds"] = 0
+    assert outcome_of(SimpleNamespace(**fields), 0.0).resumes is None
+    per_cause = outcome_of(SimpleNamespace(**fields, resumes={"replica_lost": 1, "redis": 2}), 0.0)
     assert per_cause.resumes == 3 and per_cause.busy_retries is None
 
 
@@ -408,7 +411,7 @@ def test_collect_replies_by_session_and_step(redis_url):
     r.close()
 
 
-# ---- the recording device ----------------------------------------------------------------------------------
+# ---- the counting device ----------------------------------------------------------------------------------
 
 
 class _Inner:
@@ -429,26 +432,15 @@ class _Inner:
         self.calls.append(("release", len(keys)))
 
 
-class _Session:
-    def __init__(self, index):
-        self.client = type("C", (), {"index": index})()
-        self.out = []
-
-
-def test_recording_device_keeps_each_sessions_ids_and_counts_tokens():
+def test_counting_device_counts_tokens_before_each_pass_and_passes_everything_on():
     inner, counts = _Inner(), []
-    dev = RecordingDevice(inner, counts.append)
-    a, b = _Session(0), _Session(5)
-    dev.prefill([a, b], [[1], [2]])
-    a.out += [7]
-    b.out += [8]
-    dev.step([a, b], [7, 8])
-    a.out += [9]  # the last token is written without a step
-    dev.step([b], [10])
-    b.out += [10]
-    dev.release([a, b])
-    assert dev.written() == {0: [7, 9], 5: [8, 10]}
-    assert counts == [2, 3] and dev.tokens == 3 and dev.network == "inner's" and not dev.simulated
+    dev = CountingDevice(inner, lambda n: counts.append((n, len(inner.calls))))
+    dev.prefill(["a", "b"], [[1], [2]])
+    dev.step(["a", "b"], [7, 8])
+    dev.step(["b"], [10])
+    dev.release(["a", "b"])
+    assert counts == [(2, 1), (3, 2)] and dev.tokens == 3  # told before the pass runs (a fault lands mid-run)
+    assert dev.network == "inner's" and not dev.simulated
     assert inner.calls == [("prefill", 2), ("step", [7, 8]), ("step", [10]), ("release", 2)]
 
 

@@ -169,6 +169,7 @@ class FakeReplica:
     def _answer(self, m) -> StepReply | ErrorReply | None:
         if isinstance(m, CloseSession):
             self.sessions.pop(m.session_id, None)
+            self.log.append(("close", m.session_id, 0))
             return None
         if isinstance(m, OpenSession):
             if self.busy > 0:
@@ -334,6 +335,128 @@ def test_a_busy_open_is_retried_while_the_other_sessions_step(tok, redis_url, sa
     late_open = replica.log.index(("open", admitted_late, 0))
     # while one session waited for admission, the other kept stepping
     assert any(kind == "step" and sid == other for kind, sid, _ in replica.log[:late_open])
+
+
+@pytest.fixture(scope="module")
+def small(tiny_small):
+    from cogenesis.core.models import load_causal_lm
+
+    return load_causal_lm(str(tiny_small))
+
+
+def run_real(small, url, records, cfg):
+    """Sessions on the real small model, in the loop's own packed device (the demo pool's, chaos's)."""
+    from cogenesis.cluster.bus import EdgeBus
+
+    model, tok = small
+    engine = EdgeEngine(model, tok, cfg.max_prompt_tokens)
+    clients = [EdgeClient(i, rec, engine, cfg) for i, rec in enumerate(records)]
+    bus = EdgeBus(url)
+    try:
+        return run_logits_sessions(clients, engine, bus, cfg)
+    finally:
+        bus.close()
+
+
+def test_a_session_parked_busy_on_the_packed_device_writes_what_an_unparked_run_writes(
+    small, redis_url, sample_records
+):
+    """Opens refused busy park their sessions while another steps on the packed small model; admitted later, they
+    go on from their own device state (their rows sat the others' passes out), and every session writes exactly
+    the token ids of a run in which nobody waited."""
+    cfg = config(max_new_tokens=10)
+    records = sample_records[:3]
+    replica = FakeReplica(redis_url, "ra").start()
+    try:
+        undisturbed = run_real(small, redis_url, records, cfg)
+    finally:
+        replica.stop()
+    assert all(r.error is None and len(r.ids) == r.tokens == 10 for r in undisturbed)
+    replica = FakeReplica(redis_url, "rb", busy=2, retry_after_ms=100).start()
+    try:
+        results = run_real(small, redis_url, records, cfg)
+    finally:
+        replica.stop()
+    assert [r.error for r in results] == [None] * 3
+    assert [r.ids for r in results] == [r.ids for r in undisturbed]
+    assert [r.text for r in results] == [r.text for r in undisturbed]
+    assert sum(r.busy_retries for r in results) == 2
+    refused = {sid for kind, sid, _ in replica.log if kind == "busy"}
+    first_late_open = min(replica.log.index(("open", sid, 0)) for sid in refused)
+    # while the refused sessions waited, another one stepped on the device: theirs sat its passes out
+    assert any(kind == "step" and sid not in refused for kind, sid, _ in replica.log[:first_late_open])
+    # a session that ended was closed at once, while the late ones still stepped (its slot is free for the waiting)
+    (first,) = {sid for kind, sid, _ in replica.log if kind == "open"} - refused
+    last_late_step = max(i for i, (kind, sid, _) in enumerate(replica.log) if kind == "step" and sid in refused)
+    assert replica.log.index(("close", first, 0)) < last_late_step
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_an_unexpected_error_in_one_sessions_work_fails_only_that_session(tok, redis_url, sample_records, monkeypatch):
+    """A bug in one session's own work (here: its stream gate raises on its 4th token) ends that session ``internal``;
+    the others write their undisturbed output, and nothing is raised to the caller."""
+    from cogenesis.edge_sim.gate import OutboundGate
+
+    cfg = config()
+    real, made = OutboundGate.public_stream, []
+
+    def public_stream(gate, session_id):  # the sessions start in client order: the second one's is broken
+        stream = real(gate, session_id)
+        made.append(stream)
+        if len(made) == 2:
+            push, n = stream.push, [0]
+
+            def broken(token):
+                n[0] += 1
+                if n[0] == 4:
+                    raise _Boom("the gate broke")
+                return push(token)
+
+            stream.push = broken  # type: ignore[method-assign]
+        return stream
+
+    monkeypatch.setattr(OutboundGate, "public_stream", public_stream)
+    replica = FakeReplica(redis_url, "ra").start()
+    try:
+        results = run(tok, redis_url, sample_records[:3], cfg)
+    finally:
+        replica.stop()
+    assert results[1].error_code == "internal" and "_Boom: the gate broke" in (results[1].error or "")
+    assert results[1].ids == [] and results[1].tokens == 0
+    for r, rec in [(results[0], sample_records[0]), (results[2], sample_records[2])]:
+        assert r.error is None and r.text == expected_text(tok, rec, cfg)
+
+
+def test_a_failed_device_pass_fails_the_sessions_of_that_round_without_raising(tok, redis_url, sample_records):
+    """A batched small-model pass that raises touches every session it was running for: they end ``internal``
+    with what happened, as results; the caller gets them, not the exception."""
+    from cogenesis.cluster.bus import EdgeBus
+
+    cfg = config()
+    engine = EdgeEngine(None, tok, cfg.max_prompt_tokens)
+    profile = DeviceProfile(name="t", decode_tokens_per_s=1e6, prefill_tokens_per_s=1e9, rtt_ms=0)
+
+    class Broken(ProfileDevice):
+        def step(self, keys, tokens):
+            raise _Boom("the device broke")
+
+    clients = [EdgeClient(i, rec, engine, cfg) for i, rec in enumerate(sample_records[:2])]
+    replica = FakeReplica(redis_url, "ra").start()
+    bus = EdgeBus(redis_url)
+    try:
+        results = run_logits_sessions(clients, engine, bus, cfg, device=Broken(profile, lambda s: None))
+        deadline = time.monotonic() + 30
+        while len([e for e in replica.log if e[0] == "close"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the replica is told to close them
+    finally:
+        bus.close()
+        replica.stop()
+    assert [r.error_code for r in results] == ["internal", "internal"]
+    assert all("_Boom: the device broke" in (r.error or "") for r in results)
+    assert replica.sessions == {} and len([e for e in replica.log if e[0] == "close"]) == 2
 
 
 def test_busy_until_the_admission_timeout_fails_busy(tok, redis_url, sample_records):

@@ -1,4 +1,5 @@
-"""Slow work of a gevent-patched process (a Locust process) in a native thread, leaving no thread behind.
+"""Slow work of a gevent-patched process (a fleet's edge pool, a Locust process) in a native thread, leaving
+no thread behind.
 
 Why this exists: under ``gevent.monkey.patch_all`` every ``threading.Thread`` is a greenlet of the hub
 of the native thread that started it, and it runs only while that hub runs. gevent's threadpool
@@ -9,14 +10,16 @@ only while a call in that worker waits on something. transformers' weight loader
 ``work_queue.get()`` on the pool thread's hub, which never runs again, so the ``None`` it was sent is
 never read. At interpreter exit ``threading._shutdown`` joins every executor thread
 (``concurrent.futures.thread._python_exit``) and waits on that greenlet forever: Locust printed
-"Shutting down (exit code 0)" and its process never ended.
+"Shutting down (exit code 0)" and its process never ended; an edge pool of ``cogenesis edge`` that loads its
+model the same way would hang the same way after publishing its summary.
 
 ``offload`` therefore joins, before the call returns and on the hub they belong to, the executor
 threads (and any non-daemon threads) the call started: they have been told to stop, and only need
 their hub to run to do so. ``threads_blocking_exit`` names whatever interpreter exit would still wait
 for (a diagnostic for the quit event; it stops nothing).
 
-Import this only in a process gevent has patched (it does not patch anything itself).
+Import this only in a process gevent has patched (it does not patch anything itself). It lives with the edge
+(``cogenesis.edge_sim``): both gevent processes, the fleet's pools and Locust's, use it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import thread as futures_thread
 from typing import TypeVar
 
-log = logging.getLogger("cogenesis.loadtest")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
