@@ -402,8 +402,9 @@ def notes(s: dict) -> str:
         at, after = kv.get("at_kill") or {}, kv.get("after_sweep") or {}
         return (
             f"KV {_mib(at.get('kv_bytes'))} ({at.get('active_sessions', '-')} sessions) at the kill -> "
-            f"{_mib(after.get('kv_bytes'))}; {_fmt(kv.get('swept'))}/{kv['orphaned_sessions']} orphans swept "
-            f"after {_fmt(kv.get('orphans_swept_after_s'))} s"
+            f"{_mib(after.get('kv_bytes'))}; {_fmt(kv.get('swept'))} session(s) swept (the kill orphaned "
+            f"{kv['orphaned_sessions']}; the sweeper also closes any other idle one), the orphans' count reached "
+            f"{_fmt(kv.get('orphans_swept_after_s'))} s after the kill"
         )
     if name == "poison" and s.get("poison") is not None:
         answered = sum(p["ok"] for p in s["poison"])

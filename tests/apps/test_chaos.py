@@ -213,7 +213,10 @@ def test_notes_of_kill_edge_pool_and_poison():
         "swept": 2,
         "orphans_swept_after_s": 21.0,
     }
-    assert notes(s) == "KV 8.0 MiB (4 sessions) at the kill -> 0.0 MiB; 2/2 orphans swept after 21.00 s"
+    assert notes(s) == (
+        "KV 8.0 MiB (4 sessions) at the kill -> 0.0 MiB; 2 session(s) swept (the kill orphaned 2; the sweeper also "
+        "closes any other idle one), the orphans' count reached 21.00 s after the kill"
+    )
     p = scenario_report("poison", "main", ref, [_o(0, [1])], 1.0, {"at": 100.0})
     p["poison"] = [{"ok": True}, {"ok": False}]
     p["bus"] = {"cg:open": {"pending": 1, "length": 2}}
