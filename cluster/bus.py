@@ -7,6 +7,8 @@ Keys (every one has a TTL; nothing private is ever written):
 - ``cg:reply:{reply_to}``   list, replies (one or a ``ReplyBatch``) for an edge link's sessions
 - ``cg:alive:{replica}``    string, replica heartbeat: JSON ``{"pid", "at"}``, written every ``heartbeat_s`` by a
                             thread of its own with a TTL of ``heartbeat_ttl_s``; a missing key means a dead replica
+- ``cg:edge:{random}``      string, an edge bus's marker (random per ``EdgeBus``, TTL 600 s): when it is gone, Redis
+                            restarted empty and the edge resumes what it had in flight
 Stream entries are deleted once acknowledged, and admission bounds the sessions, so memory stays
 flat however long the cluster runs; streams are never trimmed (MAXLEN would drop unread requests
 silently). A dead replica's work is taken over by the survivors: its pending opens are claimed
