@@ -451,28 +451,32 @@ def test_counting_device_counts_tokens_before_each_pass_and_passes_everything_on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_scenario_end_to_end(scenario, tiny_large, tiny_small, tmp_path):
-    """Through the CLI on a small setting: every session ok and identical to the reference, every check held."""
+def test_every_scenario_end_to_end(tiny_large, tiny_small, tmp_path):
+    """``--scenario all`` through the CLI on a small setting (one cluster for the first four scenarios, one for
+    overload, as a user's run): in every scenario every session ok and identical to the reference, every check
+    held."""
     from cogenesis.apps.cli import main
 
     out = tmp_path / "chaos.json"
-    argv = ["chaos", "--scenario", scenario, "--sessions", "4", "--max-new-tokens", "12"]
+    argv = ["chaos", "--scenario", "all", "--sessions", "4", "--max-new-tokens", "12"]
     argv += ["--large-model", str(tiny_large), "--small-model", str(tiny_small), "--edge-prompt-tokens", "192"]
     argv += ["--session-idle", "10", "--timeout", "300", "--json", str(out)]
     rc = main(argv)
     report = json.loads(out.read_text())
-    [s] = report["scenarios"]
-    assert (s["scenario"], s["failed"], s["identical"], s["sessions"]) == (scenario, 0, 4, 4), failure_lines(report)
-    assert s["tokens"]["lost"] == s["tokens"]["duplicated"] == s["tokens"]["changed"] == 0
-    assert all(c["ok"] for c in s["checks"]), s["checks"]
-    assert s["passed"] and report["passed"] and rc == 0
-    if scenario != "overload":
-        assert s["fault"] and "at_s" in s["fault"]
-    if scenario == "kill-edge-pool":
-        assert s["kv"]["after_sweep"]["active_sessions"] == 0 and s["kv"]["after_sweep"]["kv_bytes"] == 0
-    if scenario == "poison":
-        assert all(b == {"pending": 0, "length": 0} for b in s["bus"].values())
+    assert [s["scenario"] for s in report["scenarios"]] == list(SCENARIOS), failure_lines(report)
+    for s in report["scenarios"]:
+        scenario = s["scenario"]
+        assert (s["failed"], s["identical"], s["sessions"]) == (0, 4, 4), failure_lines(report)
+        assert s["tokens"]["lost"] == s["tokens"]["duplicated"] == s["tokens"]["changed"] == 0, scenario
+        assert all(c["ok"] for c in s["checks"]), (scenario, s["checks"])
+        assert s["passed"], scenario
+        if scenario != "overload":
+            assert s["fault"] and "at_s" in s["fault"], scenario
+        if scenario == "kill-edge-pool":
+            assert s["kv"]["after_sweep"]["active_sessions"] == 0 and s["kv"]["after_sweep"]["kv_bytes"] == 0
+        if scenario == "poison":
+            assert all(b == {"pending": 0, "length": 0} for b in s["bus"].values())
+    assert report["passed"] and rc == 0
 
 
 def test_kv_sampler_finds_when_the_orphans_were_swept():
