@@ -3,8 +3,8 @@
 Two registries: ``CLOUD`` (a replica) and ``EDGE`` (an edge pool, a Locust process). A process
 serves the registry of its role on an HTTP port (``serve``) and announces the address on the bus
 (``announce``: ``cg:metrics:{role}:{name}`` with a TTL), so ``cogenesis top`` and Prometheus' file
-discovery find every process wherever it runs. Labels are few and fixed: ``mode`` (sketch|logits)
-and ``outcome`` (ok|failed|cut); never a session id, never text.
+discovery find every process wherever it runs. Labels are few and fixed: ``mode`` (sketch|logits),
+``outcome`` (ok|failed|cut), a refusal's ``reason`` and a resume's ``cause``; never a session id, never text.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def test_every_documented_metric_is_exposed_with_few_labels(registry, names):
     exposed = {s.name for s in samples}
     for name in names:
         assert name in exposed, name
-    assert {k for s in samples for k in s.labels} <= {"mode", "outcome", "le"}  # never a session id or text
+    # fixed label sets, never a session id or text: mode, outcome, a refusal's reason, a resume's cause
+    assert {k for s in samples for k in s.labels} <= {"mode", "outcome", "reason", "cause", "le"}
 
 
 def test_sessions_by_mode_and_outcome_exist_before_any_session():

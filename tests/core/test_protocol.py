@@ -389,7 +389,18 @@ def test_budgets_are_relative_whole_milliseconds():
 
 
 EDGE_MESSAGES = {  # every edge -> cloud message type, and the fields it may carry
-    OpenSession: {"type", "v", "session_id", "instruction", "top_k", "budget_ms", "lookahead", "reply_to"},
+    OpenSession: {
+        "type",
+        "v",
+        "session_id",
+        "instruction",
+        "top_k",
+        "budget_ms",
+        "lookahead",
+        "reply_to",
+        "resume",  # ids the session already released (they passed the gate), when it resumes elsewhere
+        "resume_step",
+    },
     StepRequest: {"type", "v", "session_id", "step", "tokens", "budget_ms", "reply_to"},
     CloseSession: {"type", "v", "session_id"},
     SketchRequest: {
@@ -403,6 +414,7 @@ EDGE_MESSAGES = {  # every edge -> cloud message type, and the fields it may car
         "top_p",
         "repetition_penalty",
         "seed",
+        "budget_ms",
     },
 }
 
