@@ -15,6 +15,13 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cogenesis.apps.cli"]
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT back to its default, so Python turns it into KeyboardInterrupt as in a terminal. A test
+    run launched in the background by a shell without job control (``cmd &``) inherits SIGINT ignored, and so
+    would the demo."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _started_by(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -69,6 +76,7 @@ def test_interrupt_shuts_everything_down(tmp_path, sig):
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=_interruptible,
     )
     seen, deadline = [], time.monotonic() + 300
     for line in proc.stdout:

@@ -233,6 +233,9 @@ def test_ctrl_c_stops_everything_the_soak_started_and_keeps_what_it_sampled(tiny
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        # SIGINT back to its default in the child, as in a terminal (a test run launched by a shell without job
+        # control, `cmd &`, inherits it ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 600
