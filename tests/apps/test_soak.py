@@ -1,5 +1,6 @@
 """`cogenesis soak`: process roles, the growth fit, the report, and a short real soak (slow)."""
 
+import contextlib
 import json
 import math
 import os
@@ -219,6 +220,17 @@ def test_a_short_soak_samples_every_role_and_leaves_nothing_running(tiny_large, 
     assert not alive, [psutil.Process(pid).cmdline()[:3] for pid in alive]  # the cluster and pools are gone
 
 
+def started_so_far(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def proc_handle(proc: subprocess.Popen) -> psutil.Process:
+    return psutil.Process(proc.pid)
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_everything_the_soak_started_and_keeps_what_it_sampled(tiny_large, tiny_small, tmp_path):
     import signal
@@ -250,8 +262,10 @@ def test_ctrl_c_stops_everything_the_soak_started_and_keeps_what_it_sampled(tiny
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the soak did not stop: stop it and all it started, so no cluster outlives the test
+            for k in [*started_so_far(proc), proc_handle(proc)]:
+                with contextlib.suppress(psutil.Error):
+                    k.kill()
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     deadline = time.monotonic() + 30
     alive = started
