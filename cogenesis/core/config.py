@@ -93,6 +93,51 @@ class PrivacyConfig(_Cfg):
     )
 
 
+class LimitsConfig(_Cfg):
+    """What the cloud takes from a sender it does not control (a device through the gateway, an edge worker on
+    the bus, an HTTP client). Anything beyond is refused with a clear error (``ErrorReply.code`` ``too_large``,
+    HTTP 413), never served partly."""
+
+    max_instruction_chars: int = Field(
+        16_384, ge=64, le=1_000_000, description="Characters of an instruction (an open's or an outline's)."
+    )
+    max_step_tokens: int = Field(64, ge=1, le=4096, description="Token ids one step may append.")
+    max_session_tokens: int = Field(
+        8192, ge=64, le=1_000_000, description="Tokens of a session: its prompt, a resume's ids and every step's."
+    )
+    max_batch_items: int = Field(
+        4096, ge=1, le=100_000, description="Messages in one StepBatch (an edge pool's round)."
+    )
+    max_message_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="Bytes of one message: a bus entry or a WebSocket frame."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Bytes of an HTTP request body.")
+    max_budget_ms: int = Field(
+        3_600_000, ge=1000, le=86_400_000, description="How far ahead a request's time budget may reach (ms)."
+    )
+    max_sketch_tokens: int = Field(2048, ge=8, le=32_768, description="Tokens an outline request may ask for.")
+    max_sessions_per_device: int = Field(
+        64, ge=1, le=100_000, description="Sessions one device may hold open at once through the gateway."
+    )
+
+
+class GatewayConfig(_Cfg):
+    """Where real devices connect (``cogenesis.deployments.gateway``): WebSocket for logits sessions, HTTP (with
+    server-sent events) for outlines, bearer tokens, per-device rate limits."""
+
+    enabled: bool = Field(True, description="Deploy the device gateway beside the cloud replicas.")
+    num_replicas: int = Field(1, ge=1, le=64, description="Serve replicas of the gateway.")
+    replica_cpus: float = Field(0.25, gt=0, le=64, description="CPUs Ray reserves per gateway replica.")
+    route_prefix: str = Field("/", description="Route prefix of the gateway app (devices' URL).")
+    rate_per_s: float = Field(
+        500.0, gt=0, le=1_000_000, description="Messages a device may send per second on average (token bucket)."
+    )
+    burst: int = Field(1000, ge=1, le=10_000_000, description="Messages a device may send at once above its rate.")
+    max_connections: int = Field(
+        10_000, ge=1, le=1_000_000, description="WebSocket connections a gateway replica holds; beyond, refused."
+    )
+
+
 class CloudConfig(_Cfg):
     """The large-model side: one Ray Serve application."""
 
@@ -159,6 +204,16 @@ class CloudConfig(_Cfg):
     )
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP ingress port.")
     route_prefix: str = Field("/", description="Serve route prefix of the app.")
+    secrets_dir: str | None = Field(
+        None,
+        description="The cluster's secrets directory (token key, Redis passwords; `cogenesis.core.secrets`); None: "
+        "$COGENESIS_SECRETS_DIR, and where neither is set, routes are open and Redis unlocked (a warning says so).",
+    )
+    redis_ca_file: str | None = Field(
+        None, description="CA certificate of a TLS Redis (a rediss:// URL); None: the system's CAs."
+    )
+    limits: LimitsConfig = LimitsConfig()
+    gateway: GatewayConfig = GatewayConfig()
     engine_factory: str = Field(
         "cogenesis.deployments.engine:build_engine",
         pattern=r"^[\w.]+:\w+$",

@@ -64,3 +64,25 @@ class PrivacyViolation(CoGenesisError):
 
 class ClusterError(CoGenesisError):
     """Redis, Ray or Serve could not be started, reached or stopped."""
+
+
+class AuthError(CoGenesisError):
+    """A request carried no credential, or one that is malformed, forged or expired (HTTP 401)."""
+
+
+class Forbidden(CoGenesisError):
+    """The credential is valid but does not allow this: another device's session, a route for another role
+    (HTTP 403, ``ErrorReply.code`` ``forbidden``)."""
+
+
+class RateLimited(Busy):
+    """A device sent more than its rate allows; ``retry_after_s``: when its next request is allowed
+    (HTTP 429 with Retry-After, ``ErrorReply.code`` ``rate_limited``)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, hint: str | None = None) -> None:
+        super().__init__(message, retry_after_s, hint or "slow down: the gateway limits requests per device")
+
+
+class TooLarge(ProtocolError):
+    """A message exceeds a limit of the cloud (``CloudConfig.limits``): instruction length, tokens per step,
+    session length, items per batch, body size, budget (``ErrorReply.code`` ``too_large``, HTTP 413)."""

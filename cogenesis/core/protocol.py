@@ -37,16 +37,20 @@ import msgspec
 import numpy as np
 
 from cogenesis.core.errors import (
+    AuthError,
     BusTimeout,
     Busy,
     ClusterError,
     ConfigError,
     DataError,
+    Forbidden,
     ModelError,
     PrivacyViolation,
     ProtocolError,
+    RateLimited,
     ReplicaLost,
     SessionError,
+    TooLarge,
 )
 
 PROTOCOL_VERSION = 3  # 3: resumable opens, busy refusals with retry-after, outline budgets and progress
@@ -197,9 +201,27 @@ class ErrorReply(_Msg, frozen=True, tag="error"):
 
     session_id: str
     step: int
-    code: str  # unknown_session | bad_request | deadline | busy | internal
+    # unknown_session | bad_request | too_large | forbidden | deadline | busy | rate_limited | replica_lost |
+    # unavailable | internal (``ERROR_REPLY_CODES``)
+    code: str
     message: str
-    retry_after_ms: int = 0  # busy: when the replica suggests trying again
+    retry_after_ms: int = 0  # busy, rate_limited: when the replica (or gateway) suggests trying again
+
+
+ERROR_REPLY_CODES = frozenset(
+    {
+        "unknown_session",  # the replica does not hold the session (closed, swept, evicted; the edge resumes it)
+        "bad_request",  # malformed, out of order, or not a message this route takes
+        "too_large",  # past a limit of ``CloudConfig.limits``
+        "forbidden",  # the session belongs to another device (or another reply list)
+        "deadline",  # the request's budget ran out before it was served
+        "busy",  # the replica refused admission (``retry_after_ms``)
+        "rate_limited",  # the gateway refused: the device is over its rate (``retry_after_ms``)
+        "replica_lost",  # the replica holding the session stopped (the gateway says so; the edge resumes)
+        "unavailable",  # the gateway cannot reach the bus right now
+        "internal",
+    }
+)
 
 
 class StatelessRequest(_Msg, frozen=True, tag="stateless"):
@@ -240,6 +262,9 @@ ErrorCode = Literal[
     "bad_reply",
     "setup",
     "stuck",
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
     "internal",
 ]
 
@@ -254,7 +279,11 @@ def error_code(exc: BaseException) -> ErrorCode:
     codes: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], ErrorCode], ...] = (
         (BusTimeout, "timeout"),
         (PrivacyViolation, "privacy"),
+        (TooLarge, "cloud_error"),
         (ProtocolError, "bad_reply"),
+        (AuthError, "unauthorized"),
+        (Forbidden, "forbidden"),
+        (RateLimited, "rate_limited"),
         (Busy, "busy"),
         (ReplicaLost, "replica_lost"),
         (SessionError, "cloud_error"),
