@@ -465,12 +465,16 @@ def test_errors_leave_the_device_as_codes_from_a_fixed_set():
     from typing import get_args
 
     from cogenesis.core.errors import (
+        AuthError,
         BusTimeout,
         ClusterError,
         ConfigError,
+        Forbidden,
         ModelError,
         PrivacyViolation,
+        RateLimited,
         SessionError,
+        TooLarge,
         UnknownSession,
     )
     from cogenesis.core.protocol import ErrorCode
@@ -484,6 +488,10 @@ def test_errors_leave_the_device_as_codes_from_a_fixed_set():
         ClusterError("cannot reach Redis"): "unreachable",
         ConfigError("bad flag"): "setup",
         ModelError("no model"): "setup",
+        AuthError("no credential"): "unauthorized",
+        Forbidden("another device's session"): "forbidden",
+        RateLimited("over its rate"): "rate_limited",
+        TooLarge("instruction of 20000 chars"): "cloud_error",
         ValueError("Martin Reynolds"): "internal",
     }
     assert {error_code(exc) for exc in cases} <= set(get_args(ErrorCode))
