@@ -79,10 +79,10 @@ class SecretsDir:
         for role in REDIS_ROLES:
             if not out.password_file(role).exists():
                 _write_private(out.password_file(role), _random.token_urlsafe(32) + "\n")
-        for role in ("admin", "worker"):
-            file = out.path / f"{role}.token"
+        for token_role in ("admin", "worker"):
+            file = out.path / f"{token_role}.token"
             if not file.exists():
-                _write_private(file, mint(out.cluster_key(), f"{role}@local", role, admin_ttl_s) + "\n")  # type: ignore[arg-type]
+                _write_private(file, mint(out.cluster_key(), f"{token_role}@local", token_role, admin_ttl_s) + "\n")
         return out
 
     @property
