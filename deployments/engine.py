@@ -39,6 +39,11 @@ MAX_OUTLINE_TOKENS = 4096
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 
 
+class SessionTooLarge(SessionError):
+    """An open (prompt + resume ids) or a step would take a session past ``max_session_tokens``
+    (``CloudConfig.limits``): the step loop answers it ``too_large``, and no forward pass runs for it."""
+
+
 @dataclass(frozen=True)
 class TopK:
     """The large model's top-k at 1 + len(draft) consecutive positions after ``context_len`` tokens."""
@@ -260,8 +265,10 @@ class TransformersCloudEngine:
         max_outlines: int = 16,
         max_outline_queue: int = 256,
         active_window_s: float = 10.0,
+        max_session_tokens: int | None = None,
     ) -> None:
         self.model = model.eval()
+        self.max_session_tokens = max_session_tokens  # None: unbounded (the step loop checks it too)
         self.tok = tokenizer
         self.audit = audit
         self.max_sessions = max_sessions
@@ -354,6 +361,12 @@ class TransformersCloudEngine:
                 return self._touch(r.session_id, session)  # a replayed open
             raise SessionError(f"session {r.session_id} is already open")
         ids = prompts.cloud_prompt_ids(self.tok, r.instruction) + list(r.resume)
+        if self.max_session_tokens is not None and len(ids) > self.max_session_tokens:
+            raise SessionTooLarge(
+                f"session {r.session_id}: the prompt and resume ids are {len(ids)} tokens; at most "
+                f"{self.max_session_tokens} are taken (max_session_tokens)",
+                hint="start a new session with a shorter instruction or history",
+            )
         if (
             held
             and session is not None
@@ -495,6 +508,12 @@ class TransformersCloudEngine:
             raise SessionError(
                 f"session {r.session_id}: step {r.step} carries invalid token ids",
                 hint=f"send 1+ token ids in 0..{self.vocab - 1}",
+            )
+        if self.max_session_tokens is not None and len(session.ids) + len(toks) > self.max_session_tokens:
+            raise SessionTooLarge(
+                f"session {r.session_id}: step {r.step} would make it {len(session.ids) + len(toks)} tokens; at most "
+                f"{self.max_session_tokens} are taken (max_session_tokens)",
+                hint="end the session: it reached the replica's limit",
             )
         if self.audit:
             self.audit.write(
@@ -874,4 +893,5 @@ def build_engine(cfg: CloudConfig) -> TransformersCloudEngine:
         kv_budget_bytes=int(cfg.kv_budget_mb * (1 << 20)),
         max_outlines=cfg.sketch_max_batch,
         max_outline_queue=cfg.sketch_max_queue,
+        max_session_tokens=cfg.limits.max_session_tokens,
     )

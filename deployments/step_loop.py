@@ -16,6 +16,14 @@ Runs in one thread per replica, the only one that drives the engine besides the 
   long forward pass does not silence it); every few seconds the loop looks for replicas of the open
   stream's group without heartbeat, claims their pending opens and serves them, and answers what is left
   on their input streams ``unknown_session`` (their edges resume elsewhere at once).
+- **Limits.** Whatever a sender puts on the bus is bounded (``CloudConfig.limits``) before it reaches the
+  engine: an entry's bytes, a batch's items, an open's instruction, resume ids and budget, a step's tokens and
+  its session's total; past a limit the request is answered ``too_large``, a value out of its range (``top_k``,
+  ``lookahead``, a reply list name) ``bad_request``, and the engine never sees it.
+- **A session has one owner: the reply list that opened it.** A step, close or re-open of a held session
+  naming another ``reply_to`` is answered ``forbidden`` on *that* (the requester's) list and changes nothing;
+  replies go only to the owner's list. Reply list names are checked (``REPLY_TO``): a request naming no
+  valid list cannot be answered and is dropped (logged by size).
 - **Timers.** Idle sessions are swept every ``sweep_interval_s`` (their edges vanished).
 - **Redis outages** are survived: capped exponential backoff, one log line per outage, groups and streams
   recreated after a restart, replies of a pass that could not be posted posted once Redis is back;
@@ -30,8 +38,10 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field, replace
@@ -41,9 +51,10 @@ import msgspec
 
 from cogenesis.cluster.bus import OPEN_STREAM, REDIS_DOWN, CloudBus, entry_ms
 from cogenesis.core import metrics
-from cogenesis.core.config import CloudConfig
-from cogenesis.core.errors import Busy, ClusterError, CoGenesisError, ProtocolError, UnknownSession
+from cogenesis.core.config import CloudConfig, LimitsConfig
+from cogenesis.core.errors import Busy, ClusterError, CoGenesisError, ProtocolError, TooLarge, UnknownSession
 from cogenesis.core.protocol import (
+    MAX_TOP_K,
     CloseSession,
     ErrorReply,
     OpenSession,
@@ -60,7 +71,7 @@ from cogenesis.core.protocol import (
     now_us,
     unpack_ids,
 )
-from cogenesis.deployments.engine import CloudEngine, OpenArgs, StepArgs, TopK
+from cogenesis.deployments.engine import MAX_LOOKAHEAD, CloudEngine, OpenArgs, SessionTooLarge, StepArgs, TopK
 from cogenesis.deployments.replies import TraceFields, step_reply
 
 log = logging.getLogger(__name__)
@@ -74,6 +85,8 @@ BACKOFF_CAP_S = 5.0  # ... up to this
 ORPHAN_SCAN_S = 30.0  # a full keyspace scan for streams of dead replicas written to after their takeover
 HANG_S = 300.0  # a loop that made no iteration this long is hung (a pass that never ends): unhealthy
 MAX_UNFINISHED = 1000  # passes whose replies and acks wait for Redis to come back
+REPLY_TO = re.compile(r"[A-Za-z0-9_-]{1,80}")  # a reply list's name (``cg:reply:{name}``), whole
+MAX_SESSION_ID_CHARS = 128  # a session id is a key of the replica's tables: bounded like everything else
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,72 @@ class _Parsed:
     replies: list[tuple[str, Reply]] = field(default_factory=list)
 
 
+@dataclass
+class _Owner:
+    """Who holds a session on this replica: the reply list it was opened with (its only recipient), how many
+    tokens it has (the engine's context length after its last reply) and when it was last used (monotonic)."""
+
+    reply_to: str
+    tokens: int
+    used: float
+    step: int  # the step of its last reply (a replayed step adds no tokens)
+
+
+def _forbidden(msg: OpenSession | StepRequest | CloseSession, step: int) -> ErrorReply:
+    what = "re-open" if isinstance(msg, OpenSession) else "step" if isinstance(msg, StepRequest) else "close"
+    message = f"session {msg.session_id} belongs to another reply list: this {what} was refused and changed nothing"
+    return _error(msg.session_id, step, "forbidden", message)
+
+
+def _too_large(what: str, value: int, limit: int, name: str) -> str:
+    return f"{what} is {value}; at most {limit} are taken (CloudConfig.limits.{name})"
+
+
+def check_open(msg: OpenSession, resume_ids: int, limits: LimitsConfig) -> tuple[str, str] | None:
+    """(code, message) refusing an open past the limits or out of range, or None: it may reach the engine."""
+    if len(msg.instruction) > limits.max_instruction_chars:
+        what = f"the instruction's length ({len(msg.instruction)} characters)"
+        return "too_large", _too_large(
+            what, len(msg.instruction), limits.max_instruction_chars, "max_instruction_chars"
+        )
+    if resume_ids > limits.max_session_tokens:
+        what = f"the resume ({resume_ids} token ids)"
+        return "too_large", _too_large(what, resume_ids, limits.max_session_tokens, "max_session_tokens")
+    if msg.budget_ms > limits.max_budget_ms:
+        return "too_large", _too_large("budget_ms", msg.budget_ms, limits.max_budget_ms, "max_budget_ms")
+    if not 1 <= msg.top_k <= MAX_TOP_K:
+        return "bad_request", f"top_k={msg.top_k} is outside 1..{MAX_TOP_K}"
+    if not 0 <= msg.lookahead <= MAX_LOOKAHEAD:
+        return "bad_request", f"lookahead={msg.lookahead} is outside 0..{MAX_LOOKAHEAD}"
+    return None
+
+
+def check_step(msg: StepRequest, tokens: int, limits: LimitsConfig) -> tuple[str, str] | None:
+    """(code, message) refusing a step past the limits, or None (its session's total is checked on serving)."""
+    if tokens > limits.max_step_tokens:
+        what = f"step {msg.step}'s tokens ({tokens})"
+        return "too_large", _too_large(what, tokens, limits.max_step_tokens, "max_step_tokens")
+    if msg.budget_ms > limits.max_budget_ms:
+        return "too_large", _too_large("budget_ms", msg.budget_ms, limits.max_budget_ms, "max_budget_ms")
+    return None
+
+
+def check_outline(request: SketchRequest, limits: LimitsConfig) -> None:
+    """``TooLarge`` for an outline request past the limits (its tokens, its instruction's characters)."""
+    if request.max_tokens > limits.max_sketch_tokens:
+        raise TooLarge(
+            f"sketch {request.request_id}: max_tokens {request.max_tokens} is above the limit of "
+            f"{limits.max_sketch_tokens}",
+            hint="ask for fewer tokens (CloudConfig.limits.max_sketch_tokens)",
+        )
+    if len(request.instruction) > limits.max_instruction_chars:
+        raise TooLarge(
+            f"sketch {request.request_id}: the instruction has {len(request.instruction)} characters; at most "
+            f"{limits.max_instruction_chars} are taken",
+            hint="shorten the instruction (CloudConfig.limits.max_instruction_chars)",
+        )
+
+
 class _RedisState:
     """When this replica last reached Redis, and since when it cannot (either thread reports)."""
 
@@ -189,11 +268,19 @@ def _identify(payload: bytes) -> tuple[str, str, int] | None:
     if not isinstance(raw, dict) or raw.get("type") == "close":
         return None
     session_id, reply_to = raw.get("session_id"), raw.get("reply_to")
-    if not isinstance(session_id, str) or not session_id:
+    if not isinstance(session_id, str) or not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
         return None
     step = raw.get("step", raw.get("resume_step", 0))
     step = step if isinstance(step, int) and not isinstance(step, bool) else 0
-    return session_id, reply_to if isinstance(reply_to, str) and reply_to else session_id, step
+    to = _reply_list(reply_to if isinstance(reply_to, str) else "", session_id)
+    return None if to is None else (session_id, to, step)
+
+
+def _reply_list(reply_to: str, session_id: str) -> str | None:
+    """The reply list a request names (``reply_to``, or its session id when empty), or None when that is no
+    valid list name (``REPLY_TO``): such a request cannot be answered."""
+    name = reply_to or session_id
+    return name if REPLY_TO.fullmatch(name) else None
 
 
 def _pack(replies: list[tuple[str, Reply]]) -> list[tuple[str, bytes]]:
@@ -226,6 +313,11 @@ class StepLoop:
         self.bus = bus
         self.lock = engine_lock
         self.cfg = config or CloudConfig()
+        self.limits = self.cfg.limits
+        # session -> its owner (the reply list that opened it), least recently used first; every session the
+        # engine holds has one (a session losing its owner is closed in the engine), at most ``_owners_max``
+        self._owners: OrderedDict[str, _Owner] = OrderedDict()
+        self._owners_max = 2 * self.cfg.max_sessions
         self.bus.heartbeat_ttl_s = self.cfg.heartbeat_ttl_s  # who counts as dead: the same rule everywhere
         self.hang_s = hang_s
         self._stop = threading.Event()
@@ -322,7 +414,11 @@ class StepLoop:
 
     def submit_outline(self, request: SketchRequest, deliver: Deliver, progress: bool = False) -> str:
         """Queue an outline for the loop's batch; ``deliver`` is called from the loop thread with every
-        ``OutlineUpdate`` (``progress`` ones only when asked). Returns the ticket ``cancel_outline`` takes."""
+        ``OutlineUpdate`` (``progress`` ones only when asked). Returns the ticket ``cancel_outline`` takes.
+
+        Raises ``TooLarge`` (nothing queued) for a request past ``CloudConfig.limits`` (``max_sketch_tokens``,
+        ``max_instruction_chars``)."""
+        check_outline(request, self.limits)
         ticket = f"{request.request_id}#{next(self._tickets)}"
         self._commands.put(_Outline(ticket, request, deliver, progress))
         self._wake.set()
@@ -412,6 +508,9 @@ class StepLoop:
         try:
             with self.lock:
                 swept = self.engine.sweep_idle()
+                for sid in swept:
+                    self._owners.pop(sid, None)
+                self._prune_owners(time.monotonic() - self.cfg.session_idle_s)
         except Exception:
             log.exception("sweeping idle sessions failed")
             return
@@ -419,6 +518,17 @@ class StepLoop:
             self.swept += len(swept)
             metrics.swept_sessions.inc(len(swept))
             log.info("closed %d idle session(s)", len(swept))
+
+    def _prune_owners(self, idle_before: float) -> None:
+        """Forget owners idle since before ``idle_before`` (their sessions were swept by the engine too, or are
+        now) and the least recently used beyond ``_owners_max``; the engine closes their sessions, so that it
+        never holds one without an owner. Under the engine lock."""
+        while self._owners:
+            sid, owner = next(iter(self._owners.items()))
+            if owner.used >= idle_before and len(self._owners) <= self._owners_max:
+                return
+            del self._owners[sid]
+            self._engine_call(self.engine.close, sid)
 
     def _take_over(self) -> None:
         """Claim dead replicas' pending opens (served with the next read) and answer their input streams; and
@@ -464,10 +574,11 @@ class StepLoop:
                 log.warning("dropped an undecodable entry %r of replica %s (%d bytes)", entry_id, replica, len(payload))
                 continue
             for m in msgs:
-                if isinstance(m, StepRequest | OpenSession):
+                to = _reply_list(m.reply_to, m.session_id) if isinstance(m, StepRequest | OpenSession) else None
+                if isinstance(m, StepRequest | OpenSession) and to is not None:
                     step = m.step if isinstance(m, StepRequest) else m.resume_step
                     message = f"session {m.session_id}: {why} (replica {replica}); resume it elsewhere"
-                    replies.append((m.reply_to or m.session_id, _error(m.session_id, step, "unknown_session", message)))
+                    replies.append((to, _error(m.session_id, step, "unknown_session", message)))
         return replies
 
     # ---- outlines ------------------------------------------------------------------------------------
@@ -565,24 +676,44 @@ class StepLoop:
             self._finish(done, parsed.replies)
 
     def _parse_batch(self, batch: list[tuple[str, bytes, bytes]], out: _Parsed) -> None:
+        limits = self.limits
         for stream, entry_id, payload in batch:
             arrived = entry_ms(entry_id)
+            if len(payload) > limits.max_message_bytes:
+                what = f"the bus entry's size ({len(payload)} bytes)"
+                self._refuse_entry(
+                    stream,
+                    entry_id,
+                    payload,
+                    _too_large(what, len(payload), limits.max_message_bytes, "max_message_bytes"),
+                    out,
+                )
+                continue
             try:
                 msg = decode_request(payload)
             except ProtocolError as exc:
-                self._refuse_raw(stream, entry_id, payload, exc, out)
+                self._refuse_raw(stream, entry_id, payload, exc.message, out)
                 continue
             if not isinstance(msg, StepBatch):
                 self._parse_one(stream, entry_id, msg, arrived, out)
             elif stream == OPEN_STREAM:
                 self.errors += 1
                 log.warning("dropped a StepBatch on the open stream (%r)", entry_id)
+            elif len(msg.items) > limits.max_batch_items:
+                what = f"the StepBatch's items ({len(msg.items)})"
+                self._refuse_entry(
+                    stream,
+                    entry_id,
+                    payload,
+                    _too_large(what, len(msg.items), limits.max_batch_items, "max_batch_items"),
+                    out,
+                )
             else:
                 for item in msg.items:
                     try:
                         inner = decode_request(item)
                     except ProtocolError as exc:
-                        self._refuse_raw(stream, entry_id, item, exc, out)
+                        self._refuse_raw(stream, entry_id, item, exc.message, out)
                         continue
                     if isinstance(inner, StepBatch):
                         self.errors += 1
@@ -590,22 +721,63 @@ class StepLoop:
                     else:
                         self._parse_one(stream, entry_id, inner, arrived, out)
 
-    def _refuse_raw(self, stream: str, entry_id: bytes, payload: bytes, exc: ProtocolError, out: _Parsed) -> None:
-        """A payload that is not a valid request: ``bad_request`` to its sender when it names its session,
-        else a warning (never its bytes: they may be anything)."""
+    def _refuse_entry(self, stream: str, entry_id: bytes, payload: bytes, message: str, out: _Parsed) -> None:
+        """An entry past a limit: ``too_large`` to the sender of each request it holds (a batch's every item),
+        none of them served."""
+        try:
+            msg: object = decode_request(payload)
+        except ProtocolError:
+            msg = None
+        items = msg.items if isinstance(msg, StepBatch) else [payload]
+        for item in items:
+            self._refuse_raw(stream, entry_id, item, message, out, code="too_large")
+
+    def _refuse_raw(
+        self, stream: str, entry_id: bytes, payload: bytes, message: str, out: _Parsed, code: str = "bad_request"
+    ) -> None:
+        """A payload that is not a valid request (or past a limit): ``code`` to its sender when it names its
+        session and a valid reply list, else a warning (never its bytes: they may be anything)."""
         self.requests += 1
         who = _identify(payload)
         if who is None:
-            self.errors += 1
-            log.warning("dropped an undecodable entry %r on %s (%d bytes)", entry_id, stream, len(payload))
+            if code == "bad_request":  # garbage: an error, not a refusal of a request
+                self.errors += 1
+            else:
+                self._count_dropped(code)
+            log.warning("dropped an unanswerable entry %r on %s (%d bytes, %s)", entry_id, stream, len(payload), code)
             return
         session_id, reply_to, step = who
-        out.replies.append((reply_to, _error(session_id, step, "bad_request", exc.message)))
+        out.replies.append((reply_to, _error(session_id, step, code, message)))
+
+    def _count_dropped(self, code: str) -> None:
+        """A refusal that has no reply list to go to (counted all the same)."""
+        self.errors += 1
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+        metrics.refusals.labels(code).inc()
 
     def _parse_one(
         self, stream: str, entry_id: bytes, msg: OpenSession | StepRequest | CloseSession, arrived: int, out: _Parsed
     ) -> None:
         self.requests += 1
+        step = msg.step if isinstance(msg, StepRequest) else msg.resume_step if isinstance(msg, OpenSession) else 0
+        reply_to = _reply_list(msg.reply_to, msg.session_id)
+        if reply_to is None:  # nowhere to answer: a list name that is no name (nor is its session id)
+            self._count_dropped("bad_request")
+            log.warning(
+                "dropped a %s naming an invalid reply list (%d characters) on %s (%r)",
+                type(msg).__name__,
+                len(msg.reply_to or msg.session_id),
+                stream,
+                entry_id,
+            )
+            return
+        if not msg.session_id or len(msg.session_id) > MAX_SESSION_ID_CHARS:
+            message = f"a session id of {len(msg.session_id)} characters: it takes 1..{MAX_SESSION_ID_CHARS}"
+            if not isinstance(msg, CloseSession):
+                out.replies.append((reply_to, _error(msg.session_id, step, "bad_request", message)))
+            else:
+                self._count_dropped("bad_request")
+            return
         if isinstance(msg, CloseSession):
             if stream == OPEN_STREAM:
                 self.errors += 1
@@ -613,25 +785,29 @@ class StepLoop:
             else:
                 out.closes.append(msg)
             return
-        reply_to = msg.reply_to or msg.session_id
-        if isinstance(msg, StepRequest):
-            if stream == OPEN_STREAM:
-                message = "a StepRequest on the open stream: send steps to the replica that owns the session"
-                out.replies.append((reply_to, _error(msg.session_id, msg.step, "bad_request", message)))
-                return
-            try:
+        try:
+            if isinstance(msg, StepRequest):
+                if stream == OPEN_STREAM:
+                    raise ProtocolError(
+                        "a StepRequest on the open stream: send steps to the replica that owns the session"
+                    )
                 ids = tuple(unpack_ids(msg.tokens).tolist())
-            except ProtocolError as exc:
-                out.replies.append((reply_to, _error(msg.session_id, msg.step, "bad_request", exc.message)))
-                return
-        else:
-            try:
-                ids = tuple(unpack_ids(msg.resume).tolist())
+                refused = check_step(msg, len(ids), self.limits)
+            else:
                 if msg.resume_step < 0:
                     raise ProtocolError(f"resume_step={msg.resume_step} is negative")
-            except ProtocolError as exc:
-                out.replies.append((reply_to, _error(msg.session_id, msg.resume_step, "bad_request", exc.message)))
-                return
+                if len(msg.resume) // 4 > self.limits.max_session_tokens:  # never unpacked whole
+                    ids = ()
+                    refused = check_open(msg, len(msg.resume) // 4, self.limits)
+                else:
+                    ids = tuple(unpack_ids(msg.resume).tolist())
+                    refused = check_open(msg, len(ids), self.limits)
+        except ProtocolError as exc:
+            out.replies.append((reply_to, _error(msg.session_id, step, "bad_request", exc.message)))
+            return
+        if refused is not None:
+            out.replies.append((reply_to, _error(msg.session_id, step, *refused)))
+            return
         out.items.append(_Item(msg, arrived, ids))
 
     def _admit(self, items: list[_Item], out: _Parsed) -> tuple[list[_Item], list[_Item]]:
@@ -662,7 +838,8 @@ class StepLoop:
         with self.lock:
             t_locked = now_us()  # the model's own time starts here (before: waiting for a stateless request)
             for msg in parsed.closes:
-                self._engine_call(self.engine.close, msg.session_id)
+                self._close(msg, parsed)
+            opens = self._owned_opens(opens, parsed)
             open_out = self._call(
                 self.engine.open_many,
                 [
@@ -678,6 +855,8 @@ class StepLoop:
                     if isinstance(m.msg, OpenSession)
                 ],
             )
+            self._own(opens, open_out)
+            steps = self._owned_steps(steps, parsed)
             outlines = self._engine_call(self.engine.outlines_pending) or 0
             step_out: Sequence[Outcome] = []
             if steps or outlines:  # a pass with outlines alone advances them by one token
@@ -686,6 +865,7 @@ class StepLoop:
                     [StepArgs(m.msg.session_id, m.step, m.ids) for m in steps],
                     allow_empty=True,
                 )
+            self._own(steps, step_out)
             if outlines or self._outlines:
                 events = self._engine_call(self.engine.outline_events) or []
                 outlines = self._engine_call(self.engine.outlines_pending) or 0
@@ -702,6 +882,80 @@ class StepLoop:
             self._answer(parsed, item, self._encode(item, out, trace.fields(item.arrived_ms)))
         for item, out in zip(steps, step_out):
             self._answer(parsed, item, self._encode(item, out, trace.fields(item.arrived_ms)))
+
+    # ---- owners: a session answers only to the reply list that opened it -----------------------------------
+
+    def _close(self, msg: CloseSession, out: _Parsed) -> None:
+        """Close a session for its owner; another list's close is answered ``forbidden`` (on its own list)."""
+        to = msg.reply_to or msg.session_id
+        owner = self._owners.get(msg.session_id)
+        if owner is not None and owner.reply_to != to:
+            log.warning("refused a close of session %s from another reply list", msg.session_id)
+            out.replies.append((to, _forbidden(msg, 0)))
+            return
+        self._owners.pop(msg.session_id, None)
+        self._engine_call(self.engine.close, msg.session_id)  # without an owner the engine holds none: a no-op
+
+    def _owned_opens(self, opens: list[_Item], out: _Parsed) -> list[_Item]:
+        """The opens that may reach the engine: new sessions, and re-opens (replays, resumes) by their owner; an
+        open of a session another list holds (or opened earlier in this pass) is answered ``forbidden``."""
+        claims: dict[str, str] = {}
+        keep: list[_Item] = []
+        for item in opens:
+            sid = item.msg.session_id
+            owner = self._owners.get(sid)
+            holder = owner.reply_to if owner is not None else claims.get(sid)
+            if holder is not None and holder != item.reply_to:
+                log.warning("refused an open of session %s from another reply list", sid)
+                self._answer(out, item, _forbidden(item.msg, item.step))
+                continue
+            claims[sid] = item.reply_to
+            keep.append(item)
+        return keep
+
+    def _owned_steps(self, steps: list[_Item], out: _Parsed) -> list[_Item]:
+        """The steps that may reach the engine: those of sessions their owner drives, within
+        ``max_session_tokens`` (another list's step is ``forbidden``, one past the session's limit
+        ``too_large``). A session without owner is one the engine does not hold (it answers ``unknown_session``):
+        every session a loop opens has one, and one losing it is closed. Only a loop started over an engine that
+        already held sessions meets one that is held: its first step binds it to its list."""
+        planned: dict[str, int] = {}  # session -> its tokens once the steps kept so far are served
+        claims: dict[str, str] = {}  # sessions without owner -> the list whose step goes first
+        keep: list[_Item] = []
+        limit = self.limits.max_session_tokens
+        for item in steps:
+            sid = item.msg.session_id
+            owner = self._owners.get(sid)
+            holder = owner.reply_to if owner is not None else claims.setdefault(sid, item.reply_to)
+            if holder != item.reply_to:
+                log.warning("refused a step of session %s from another reply list", sid)
+                self._answer(out, item, _forbidden(item.msg, item.step))
+                continue
+            if owner is not None:
+                tokens = planned.get(sid, owner.tokens) + (0 if item.step == owner.step else len(item.ids))
+                if tokens > limit:
+                    what = f"session {sid}'s length after step {item.step} ({tokens} tokens)"
+                    message = _too_large(what, tokens, limit, "max_session_tokens")
+                    self._answer(out, item, _error(sid, item.step, "too_large", message))
+                    continue
+                planned[sid] = tokens
+            keep.append(item)
+        return keep
+
+    def _own(self, items: list[_Item], outcomes: Sequence[Outcome]) -> None:
+        """Record what the engine made of opens or steps: a served one's owner (bound at its open) with its
+        length; a session the engine no longer holds has no owner."""
+        now = time.monotonic()
+        for item, outcome in zip(items, outcomes):
+            sid = item.msg.session_id
+            if isinstance(outcome, TopK):
+                owner = self._owners.pop(sid, None) or _Owner(item.reply_to, 0, now, 0)
+                owner.tokens = outcome.context_len if outcome.context_len > 0 else owner.tokens + len(item.ids)
+                owner.step, owner.used = item.step, now
+                self._owners[sid] = owner  # the most recently used
+            elif isinstance(outcome, UnknownSession):
+                self._owners.pop(sid, None)
+        self._prune_owners(now - self.cfg.session_idle_s)
 
     @staticmethod
     def _answer(out: _Parsed, item: _Item, reply: Reply) -> None:
@@ -780,6 +1034,8 @@ class StepLoop:
             return step_reply(session_id, step, self.bus.replica, out, trace)
         if isinstance(out, Busy):
             return _error(session_id, step, "busy", out.message, max(1, int(out.retry_after_s * 1000)))
+        if isinstance(out, SessionTooLarge | TooLarge):
+            return _error(session_id, step, "too_large", out.message)
         if isinstance(out, UnknownSession):
             return _error(session_id, step, "unknown_session", out.message)
         if isinstance(out, CoGenesisError):

@@ -203,7 +203,7 @@ class CloudConfig(_Cfg):
         description="HTTP requests a replica takes at once (Serve queues the rest).",
     )
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP ingress port.")
-    route_prefix: str = Field("/", description="Serve route prefix of the app.")
+    route_prefix: str = Field("/cloud", description="Serve route prefix of the cloud app (trusted workers' URL).")
     secrets_dir: str | None = Field(
         None,
         description="The cluster's secrets directory (token key, Redis passwords; `cogenesis.core.secrets`); None: "

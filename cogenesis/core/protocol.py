@@ -140,9 +140,10 @@ class StepRequest(_Msg, frozen=True, tag="step"):
 
 
 class CloseSession(_Msg, frozen=True, tag="close"):
-    """Edge -> owning replica: free the session's KV cache. No reply."""
+    """Edge -> owning replica: free the session's KV cache. No reply (but ``forbidden`` from another list)."""
 
     session_id: str
+    reply_to: str = ""  # the reply list the session was opened with ("" = the session id): only its owner closes it
 
 
 class StepReply(_Msg, frozen=True, tag="reply"):

@@ -16,6 +16,7 @@ from cogenesis.deployments.engine import (
     RETRY_MAX_S,
     RETRY_MIN_S,
     OpenArgs,
+    SessionTooLarge,
     StepArgs,
     TransformersCloudEngine,
     build_engine,
@@ -104,6 +105,23 @@ def test_bad_open_requests(engine):
     engine.step("dup", 1, [3])
     with pytest.raises(SessionError, match="already open"):
         engine.open("dup", INSTRUCTION, 5)
+
+
+def test_a_session_past_max_session_tokens_is_refused_before_any_forward_pass(model_tok):
+    model, tok = model_tok
+    prompt = len(prompts.render(tok, prompts.cloud_messages(INSTRUCTION)))
+    engine = TransformersCloudEngine(model, tok, max_session_tokens=prompt + 3)
+    before = engine.stats()["batches"]
+    with pytest.raises(SessionTooLarge, match=f"{prompt + 4} tokens; at most {prompt + 3}"):
+        engine.open("r", INSTRUCTION, 5, resume=[1, 2, 3, 4], resume_step=2)
+    assert engine.stats()["batches"] == before and engine.stats()["active_sessions"] == 0
+    engine.open("s", INSTRUCTION, 5)
+    engine.step("s", 1, [3, 4])
+    batches = engine.stats()["batches"]
+    with pytest.raises(SessionTooLarge, match="max_session_tokens"):
+        engine.step("s", 2, [5, 6])
+    assert engine.stats()["batches"] == batches
+    assert engine.step("s", 2, [5]).context_len == prompt + 3  # within the limit it goes on
 
 
 def test_at_max_sessions_opens_are_refused_busy_and_no_session_is_evicted(engine):

@@ -215,6 +215,191 @@ def test_an_engine_failure_answers_internal_and_acks_everything(make_loop, r):
     assert isinstance(collect(r, "pool", ["a"])["a"], StepReply)
 
 
+# ---- limits: nothing past CloudConfig.limits reaches the engine ------------------------------------------
+
+LIMITS = dict(
+    max_instruction_chars=64,
+    max_step_tokens=4,
+    max_session_tokens=64,
+    max_batch_items=3,
+    max_message_bytes=2048,
+    max_budget_ms=60_000,
+    max_sketch_tokens=8,
+)
+
+
+def _open(sid, reply_to="pool", **kw):
+    fields = dict(session_id=sid, instruction="a b", top_k=3, budget_ms=10_000, reply_to=reply_to)
+    return OpenSession(**{**fields, **kw})
+
+
+def _step(sid, n, ids, reply_to="pool", **kw):
+    fields = dict(session_id=sid, step=n, tokens=pack_ids(ids), budget_ms=10_000, reply_to=reply_to)
+    return StepRequest(**{**fields, **kw})
+
+
+def test_every_limit_is_refused_with_its_code_before_the_engine(make_loop, r):
+    engine = FakeEngine()
+    loop = make_loop(engine, limits=LIMITS)
+    opened(r, ["a"])
+    opened(r, ["long"])  # 2 words
+    for n in range(1, 16):  # 62 tokens
+        post(r, in_stream("r1"), _step("long", n, [1, 2, 3, 4]))
+        assert collect(r, "pool", ["long"])["long"].step == n
+    before = {code: metrics.refusals.labels(code)._value.get() for code in ("too_large", "bad_request")}
+    opens, step_calls = len(engine.opened), engine.step_calls
+    post(r, OPEN_STREAM, _open("chars", instruction="x " * 40))  # 80 characters
+    post(r, OPEN_STREAM, _open("resume", resume=pack_ids(range(65)), resume_step=4))
+    post(r, OPEN_STREAM, _open("budget", budget_ms=60_001))
+    post(r, OPEN_STREAM, OpenSession(session_id="topk", instruction="a b", top_k=51, budget_ms=10_000, reply_to="pool"))
+    post(r, OPEN_STREAM, _open("ahead", lookahead=17))
+    post(r, OPEN_STREAM, _open("bytes", resume=pack_ids(range(600))))  # 2400+ bytes: past the entry's limit
+    post(r, in_stream("r1"), _step("a", 1, [1, 2, 3, 4, 5]))  # 5 tokens in one step
+    post(r, in_stream("r1"), _step("a", 1, [1], budget_ms=10**8))
+    post(r, in_stream("r1"), _step("long", 16, [1, 2, 3]))  # 62 + 3 > 64
+    big = StepBatch(items=[encode(_step(f"b{i}", 1, [1])) for i in range(4)])  # 4 items, 3 taken
+    post(r, in_stream("r1"), big)
+    got = collect(r, "pool", ["chars", "resume", "budget", "topk", "ahead", "bytes", "a", "long", "b0", "b3"])
+    codes = {sid: (g.code, g.step) for sid, g in got.items() if isinstance(g, ErrorReply)}
+    assert codes == {
+        "chars": ("too_large", 0),
+        "resume": ("too_large", 4),
+        "budget": ("too_large", 0),
+        "topk": ("bad_request", 0),
+        "ahead": ("bad_request", 0),
+        "bytes": ("too_large", 0),
+        "a": ("too_large", 1),  # the newest of a's two refusals: the budget's
+        "long": ("too_large", 16),
+        **{f"b{i}": ("too_large", 1) for i in range(4)},
+    }
+    # each names the limit and the value
+    assert "80" in got["chars"].message and "max_instruction_chars" in got["chars"].message
+    assert "65" in got["resume"].message and "max_session_tokens" in got["resume"].message
+    assert "60001" in got["budget"].message and "max_budget_ms" in got["budget"].message
+    assert "top_k=51" in got["topk"].message and "lookahead=17" in got["ahead"].message
+    assert "max_message_bytes" in got["bytes"].message
+    assert "65 tokens" in got["long"].message and "max_session_tokens" in got["long"].message
+    assert "(4)" in got["b0"].message and "max_batch_items" in got["b0"].message
+    # nothing of it reached the engine
+    assert len(engine.opened) == opens and engine.step_calls == step_calls
+    assert engine.sessions["a"]["step"] == 0 and engine.sessions["long"]["step"] == 15
+    after = {code: metrics.refusals.labels(code)._value.get() for code in ("too_large", "bad_request")}
+    assert after["too_large"] - before["too_large"] == 11 and after["bad_request"] - before["bad_request"] == 2
+    assert loop.refusals["too_large"] == 11 and loop.refusals["bad_request"] == 2
+    nothing_pending(r)
+
+
+def test_a_step_past_max_step_tokens_is_named_with_its_value(make_loop, r):
+    engine = FakeEngine()
+    make_loop(engine, limits=LIMITS)
+    opened(r, ["a"])
+    post(r, in_stream("r1"), _step("a", 1, [1, 2, 3, 4, 5]))
+    reply = collect(r, "pool", ["a"])["a"]
+    assert (reply.code, reply.step) == ("too_large", 1) and "(5)" in reply.message
+    assert "max_step_tokens" in reply.message and engine.step_calls == 0
+
+
+def test_requests_naming_no_valid_reply_list_are_dropped_unanswered(make_loop, r, caplog):
+    engine = FakeEngine()
+    loop = make_loop(engine)
+    post(r, OPEN_STREAM, _open("s", reply_to="a/b"))
+    post(r, OPEN_STREAM, _open("s2", reply_to="x" * 81))
+    post(r, OPEN_STREAM, _open("no good id!", reply_to=""))  # its session id would be the list: not a name
+    post(r, OPEN_STREAM, _open("ok", reply_to=""))
+    assert isinstance(collect(r, "ok", ["ok"])["ok"], StepReply)
+    eventually(lambda: loop.refusals.get("bad_request", 0) == 3, what="the drops")
+    assert [o.session_id for o in engine.opened] == ["ok"]
+    assert not [k for k in r.scan_iter(match="cg:reply:*") if b"/" in k or b"!" in k or len(k) > 90]
+    logged = [rec.getMessage() for rec in caplog.records if "invalid reply list" in rec.getMessage()]
+    assert len(logged) == 3 and all("x" * 81 not in m for m in logged)  # sizes, never the names
+
+
+def test_outlines_past_the_limits_raise_too_large_and_queue_nothing(make_loop):
+    from cogenesis.core.errors import TooLarge
+
+    engine = FakeEngine()
+    loop = make_loop(engine, limits=LIMITS)
+    with pytest.raises(TooLarge, match="max_tokens 9 is above the limit of 8"):
+        loop.submit_outline(SketchRequest(request_id="o1", instruction="a b", max_tokens=9), lambda u: None)
+    with pytest.raises(TooLarge, match="65 characters"):
+        loop.submit_outline(SketchRequest(request_id="o2", instruction="x" * 65, max_tokens=8), lambda u: None)
+    time.sleep(0.3)
+    assert engine.outlines == {} and engine.events == {}
+
+
+# ---- owners: a session answers only to the reply list that opened it ---------------------------------------
+
+
+def test_a_stranger_cannot_step_close_or_resume_another_lists_session(make_loop, r):
+    engine = FakeEngine()
+    loop = make_loop(engine)
+    before = metrics.refusals.labels("forbidden")._value.get()
+    first = opened(r, ["s"], reply_to="owner")["s"]
+    post(r, in_stream("r1"), _step("s", 1, [5], reply_to="stranger"))
+    post(r, in_stream("r1"), CloseSession(session_id="s", reply_to="stranger"))
+    post(r, in_stream("r1"), CloseSession(session_id="s"))  # "" = the session id: another list too
+    post(r, OPEN_STREAM, _open("s", reply_to="stranger", resume=pack_ids([1, 2, 3]), resume_step=1))
+    post(r, OPEN_STREAM, _open("s", reply_to="stranger"))
+    got = []
+    deadline = time.monotonic() + 20
+    while len(got) < 4:
+        assert time.monotonic() < deadline, got
+        item = r.brpop([reply_key("stranger")], timeout=1)
+        if item is not None:
+            got.extend(decode_replies(item[1]))
+    assert sorted((g.code, g.step) for g in got) == [
+        ("forbidden", 0),
+        ("forbidden", 0),
+        ("forbidden", 1),
+        ("forbidden", 1),
+    ]
+    assert all("belongs to another reply list" in g.message and "owner" not in g.message for g in got)
+    eventually(lambda: loop.refusals.get("forbidden", 0) == 5, what="the close from the session id's list")
+    assert collect(r, "s", ["s"])["s"].code == "forbidden"  # that one went to its own ("s") list
+    assert r.llen(reply_key("owner")) == 0  # the owner heard nothing of it
+    assert len(engine.opened) == 1 and engine.step_calls == 0 and engine.sessions["s"]["step"] == 0
+    # the owner's session goes on unchanged
+    post(r, in_stream("r1"), _step("s", 1, [5], reply_to="owner"))
+    reply = collect(r, "owner", ["s"])["s"]
+    assert isinstance(reply, StepReply) and reply.step == 1 and reply.prompt_tokens == first.prompt_tokens + 1
+    post(r, in_stream("r1"), CloseSession(session_id="s", reply_to="owner"))
+    post(r, in_stream("r1"), _step("s", 2, [5], reply_to="owner"))
+    assert collect(r, "owner", ["s"])["s"].code == "unknown_session"
+    assert metrics.refusals.labels("forbidden")._value.get() == before + 5
+
+
+def test_two_lists_opening_one_session_in_one_pass_get_one_owner(make_loop, r, redis_url):
+    engine = FakeEngine()
+    CloudBus(redis_url, "r1").close()  # the groups, before anything is queued
+    post(r, OPEN_STREAM, _open("s", reply_to="first"))
+    post(r, OPEN_STREAM, _open("s", reply_to="second", resume=pack_ids([1]), resume_step=2))
+    make_loop(engine)
+    assert isinstance(collect(r, "first", ["s"])["s"], StepReply)
+    assert collect(r, "second", ["s"])["s"].code == "forbidden"
+    assert len(engine.opened) == 1
+
+
+def test_the_replicas_owner_table_is_bounded(make_loop, r):
+    engine = FakeEngine(max_sessions=1000)
+    loop = make_loop(engine, max_sessions=2)  # owners kept: 2 x max_sessions
+    opened(r, [f"s{i}" for i in range(7)])
+    assert len(loop._owners) == 4 and set(loop._owners) == {"s3", "s4", "s5", "s6"}
+    assert set(engine.sessions) == {"s3", "s4", "s5", "s6"}  # a session losing its owner is closed
+    for i in range(50):  # requests for sessions this replica does not know leave nothing behind
+        post(r, in_stream("r1"), _step(f"u{i}", 1, [1], reply_to="strangers"))
+    got = collect(r, "strangers", [f"u{i}" for i in range(50)])
+    assert {g.code for g in got.values()} == {"unknown_session"}
+    assert len(loop._owners) == 4 and len(engine.sessions) == 4
+
+
+def test_an_idle_sessions_owner_goes_with_it(make_loop, r):
+    engine = FakeEngine(session_idle_s=0.2)
+    loop = make_loop(engine, sweep_interval_s=0.1, session_idle_s=0.2)
+    opened(r, ["idle"])
+    eventually(lambda: not loop._owners, what="the owner's sweep")
+    assert "idle" not in engine.sessions
+
+
 # ---- admission ---------------------------------------------------------------------------------------
 
 
