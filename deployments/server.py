@@ -6,11 +6,12 @@ its batched passes beside the logits steps (``/v1/sketch`` waits for them, or st
 server-sent events); only the stateless baseline calls the engine from a handler, under the same plain
 lock (the engine is not thread-safe). The engine comes from a factory (``CloudConfig.engine_factory``,
 resolved in the replica; ``build_app(engine_factory=...)`` passes one directly). Build the app from a
-CloudConfig with ``build_app`` (also the ``import_path`` for ``serve run configs/serve.yaml``). The engine
+CloudConfig with ``build_app`` (``serve_app`` is the ``import_path`` for ``serve run configs/serve.yaml``). The engine
 and the step loop (torch, transformers) are imported in the replica, not where the app is built.
 
 Status codes of ``/v1/sketch``: 200 (the ``SketchReply``, or the event stream), 400 (not a SketchRequest),
-422 (invalid settings), 429 + Retry-After (the replica's outline queue is full), 503 + Retry-After (the
+401/403 (no worker or admin token, when the cluster has secrets), 413 (past ``CloudConfig.limits``: body bytes,
+max_tokens, instruction characters), 422 (invalid settings), 429 + Retry-After (the replica's outline queue is full), 503 + Retry-After (the
 replica is not serving: its loop died or hung, or Redis is gone past its grace), 504 (the outline ran past
 its ``budget_ms``, counted from its arrival here; it is cancelled).
 """
@@ -27,13 +28,23 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
 from cogenesis.core import metrics
+from cogenesis.core.auth import Claims, Role, bearer, verify
 from cogenesis.core.config import CloudConfig, validate
-from cogenesis.core.errors import Busy, ClusterError, CoGenesisError, ProtocolError, SessionError
+from cogenesis.core.errors import (
+    AuthError,
+    Busy,
+    ClusterError,
+    CoGenesisError,
+    Forbidden,
+    ProtocolError,
+    SessionError,
+    TooLarge,
+)
 from cogenesis.core.protocol import (
     ErrorReply,
     SketchRequest,
@@ -46,7 +57,17 @@ from cogenesis.core.protocol import (
     now_us,
     unpack_ids,
 )
+from cogenesis.core.secrets import ENV_CLUSTER_KEY, secrets_dir
 from cogenesis.deployments.audit import RequestCapture
+from cogenesis.deployments.limits import check_outline, check_stateless
+from cogenesis.deployments.outlines_http import (
+    EVENT_STREAM,
+    RELAYED_HEADERS,
+    SSE_HEADERS,
+    OutlineHead,
+    read_body,
+    wants_events,
+)
 from cogenesis.deployments.replies import TraceFields, step_reply
 
 if TYPE_CHECKING:
@@ -56,7 +77,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cogenesis.cloud")
 api = FastAPI(title="CoGenesis cloud", docs_url=None, redoc_url=None)
 
-EVENT_STREAM = "text/event-stream"
 POLL_S = 0.5  # how often a waiting handler looks at its client and its replica's health
 UNAVAILABLE_RETRY_S = 5  # Retry-After of a 503: about the time Serve takes to notice and replace a replica
 
@@ -90,6 +110,8 @@ class _Refused(Exception):
             return cls(429, error.message, error.hint, error.retry_after_s)
         if isinstance(error, ClusterError):
             return cls(503, error.message, error.hint, UNAVAILABLE_RETRY_S)
+        if isinstance(error, TooLarge):
+            return cls(413, error.message, error.hint)
         if isinstance(error, SessionError | ProtocolError):
             return cls(422, error.message, error.hint)
         return cls(500, error.message, error.hint)
@@ -179,7 +201,10 @@ async def sketch_response(
         return _json_error(
             503, f"this replica is not serving: {reason}", "retry: Serve replaces it", UNAVAILABLE_RETRY_S
         )
-    call = OutlineCall(loop, request, arrived_s, progress=stream)
+    try:
+        call = OutlineCall(loop, request, arrived_s, progress=stream)
+    except CoGenesisError as exc:  # refused on submission (a limit of the step loop's)
+        return _Refused.of(exc).response()
     streaming = False
     try:
         update = await call.next(disconnected)
@@ -194,9 +219,7 @@ async def sketch_response(
                     return _Refused.of(update.error).response()
             return Response(_done(update), media_type="application/json")
         streaming = True
-        return StreamingResponse(
-            _events(call), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        return StreamingResponse(_events(call), media_type=EVENT_STREAM, headers=SSE_HEADERS)
     except _Refused as exc:
         return exc.response()
     except _ClientGone:
@@ -229,14 +252,42 @@ async def _events(call: OutlineCall) -> AsyncIterator[bytes]:
         call.close()
 
 
-def wants_events(request: Request) -> bool:
-    return EVENT_STREAM in request.headers.get("accept", "")
+def route_key(cfg: CloudConfig) -> bytes | None:
+    """The key the cloud's routes check tokens with: ``$COGENESIS_CLUSTER_KEY``, else the secrets directory's
+    (``cfg.secrets_dir`` or ``$COGENESIS_SECRETS_DIR``); None when the cluster has no secrets (open routes)."""
+    from cogenesis.core.secrets import cluster_key
+
+    if not os.environ.get(ENV_CLUSTER_KEY) and secrets_dir(cfg.secrets_dir) is None:
+        return None
+    return cluster_key(cfg.secrets_dir)
+
+
+def authorize(key: bytes | None, authorization: str | None, *roles: Role) -> Claims | None:
+    """The claims of the request's bearer token, which must have one of ``roles``: ``AuthError`` (401) when
+    it is missing or not genuine, ``Forbidden`` (403) for another role. None: no key, the routes are open."""
+    if key is None:
+        return None
+    return verify(key, bearer(authorization)).require(*roles)
+
+
+def denied(exc: AuthError | Forbidden) -> Response:
+    """401 (with ``WWW-Authenticate: Bearer``) or 403, as JSON ``{"error", "hint"}``."""
+    status, headers = (401, {"WWW-Authenticate": "Bearer"}) if isinstance(exc, AuthError) else (403, None)
+    return Response(
+        _error_body(exc.message, exc.hint), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 @serve.ingress(api)
 class CloudServer:
     """One replica: an engine from ``engine_factory`` (default: ``CloudConfig.engine_factory``) behind HTTP
-    and the bus step loop."""
+    and the bus step loop.
+
+    Its HTTP routes are for trusted in-cluster workers: with cluster secrets (``CloudConfig.secrets_dir`` or
+    ``$COGENESIS_SECRETS_DIR``) they need a ``worker`` or ``admin`` bearer token (401 without a genuine one,
+    403 for another role); ``/v1/stats`` needs ``admin``; ``/healthz`` answers anyone ``{"ok": bool}`` and an
+    admin the details. Devices reach outlines through the gateway, which calls ``outline_events`` through a
+    Serve handle. Bodies past ``limits.max_body_bytes`` are refused 413."""
 
     def __init__(self, config: dict, engine_factory: "EngineFactory | None" = None) -> None:
         from cogenesis.cluster.bus import CloudBus
@@ -244,12 +295,19 @@ class CloudServer:
         from cogenesis.deployments.step_loop import StepLoop
 
         self.cfg = validate(CloudConfig, config, "CloudServer")
+        self.key = route_key(self.cfg)  # read once: a rotated key takes effect when the replicas restart
         self.engine = (engine_factory or load_engine_factory(self.cfg.engine_factory))(self.cfg)
         self.lock = threading.Lock()  # the step loop's passes and the stateless baseline take turns
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (tests of the shim)
             self.replica = uuid.uuid4().hex[:8]
+        if self.key is None:
+            log.warning(
+                "replica %s: no cluster secrets (CloudConfig.secrets_dir, $COGENESIS_SECRETS_DIR): its HTTP routes "
+                "are open to anyone who reaches them",
+                self.replica,
+            )
         self.metrics_address = metrics.serve(metrics.CLOUD)  # announced on the bus by the heartbeat
         self.capture = RequestCapture(self.cfg.capture_http) if self.cfg.capture_http else None
         bus = CloudBus(self.cfg.redis_url, self.replica, heartbeat_ttl_s=self.cfg.heartbeat_ttl_s)
@@ -260,29 +318,93 @@ class CloudServer:
         with self.lock:
             return self.engine.stateless_top_k(ids, top_k), now_us()
 
-    async def _body(self, request: Request) -> bytes:
-        """The request's body, captured as it arrived when ``CloudConfig.capture_http`` is set."""
-        body = await request.body()
+    def _authorize(self, request: Request, *roles: Role) -> Response | None:
+        """None when the request may go on; else the 401/403 to answer."""
+        try:
+            authorize(self.key, request.headers.get("authorization"), *roles)
+        except (AuthError, Forbidden) as exc:
+            return denied(exc)
+        return None
+
+    def _captured(self, route: str, body: bytes) -> bytes:
+        """``body``, captured as it arrived when ``CloudConfig.capture_http`` is set."""
         if self.capture is not None:
-            self.capture.capture(request.url.path, body)
+            self.capture.capture(route, body)
         return body
+
+    async def _body(self, request: Request) -> bytes:
+        """The request's body (``TooLarge`` past ``limits.max_body_bytes``; ``ProtocolError``: a bad length)."""
+        return self._captured(request.url.path, await read_body(request, self.cfg.limits.max_body_bytes))
+
+    async def _outline(
+        self, body: bytes, arrived: float, stream: bool, disconnected: Callable[[], Awaitable[bool]] | None
+    ) -> Response:
+        """An outline request's answer (the one code path of the route and of ``outline_events``)."""
+        try:
+            req = decode_json(body, SketchRequest)
+        except ProtocolError as exc:
+            return _json_error(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.core.protocol)")
+        try:
+            check_outline(req, self.cfg.limits)
+        except TooLarge as exc:
+            return _json_error(413, exc.message, exc.hint)
+        return await sketch_response(self.loop, req, arrived, stream, disconnected)
 
     @api.post("/v1/sketch")
     async def sketch(self, request: Request) -> Response:
         arrived = time.monotonic()  # the budget counts from here, on this replica's clock
+        refused = self._authorize(request, "worker")
+        if refused is not None:
+            return refused
         try:
-            req = decode_json(await self._body(request), SketchRequest)
+            body = await self._body(request)
+        except TooLarge as exc:
+            return _json_error(413, exc.message, exc.hint)
         except ProtocolError as exc:
-            return _json_error(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.core.protocol)")
-        return await sketch_response(self.loop, req, arrived, wants_events(request), request.is_disconnected)
+            return _json_error(400, exc.message)
+        return await self._outline(body, arrived, wants_events(request), request.is_disconnected)
+
+    async def outline_events(self, body: bytes, stream: bool) -> AsyncIterator[OutlineHead | bytes]:
+        """An outline for a Serve handle caller (the gateway, which authenticated the device): first an
+        ``OutlineHead`` (status, media type, headers), then the body in chunks: the ``SketchReply`` JSON or a
+        JSON error, or (``stream``) the server-sent events, exactly what ``/v1/sketch`` answers. The caller
+        cancelling the call (its client left) cancels the outline."""
+        arrived = time.monotonic()
+        if len(body) > self.cfg.limits.max_body_bytes:
+            yield OutlineHead(413, "application/json")
+            yield _error_body(
+                f"the request body has {len(body)} bytes; at most {self.cfg.limits.max_body_bytes} are taken",
+                "send a shorter request (the limit is CloudConfig.limits.max_body_bytes)",
+            )
+            return
+        response = await self._outline(self._captured("/v1/sketch", body), arrived, stream, None)
+        headers = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS}
+        yield OutlineHead(response.status_code, response.media_type or "application/json", headers)
+        if not isinstance(response, StreamingResponse):
+            yield bytes(response.body)
+            return
+        chunks = response.body_iterator
+        try:
+            async for chunk in chunks:
+                yield chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()  # ends _events: the outline is cancelled unless it finished
 
     @api.post("/v1/stateless")
     async def stateless(self, request: Request) -> Response:
         """The official code's protocol (benchmark baseline): whole sequence in, next top-k out, no state."""
         arrived = now_us()
+        refused = self._authorize(request, "worker")
+        if refused is not None:
+            return refused
         try:
             req = decode_msgpack(await self._body(request), StatelessRequest)
             ids = unpack_ids(req.tokens).tolist()
+            check_stateless(len(ids), self.cfg.limits)
+        except TooLarge as exc:
+            return _msgpack(ErrorReply(session_id="", step=0, code="too_large", message=exc.message), 413)
         except ProtocolError as exc:
             return _msgpack(ErrorReply(session_id="", step=0, code="bad_request", message=exc.message), 400)
         if arrived // 1000 + req.budget_ms <= now_ms():  # the budget counts from arrival, on this replica's clock
@@ -307,16 +429,30 @@ class CloudServer:
         return _msgpack(step_reply(req.session_id, len(ids), self.replica, top, trace))
 
     @api.get("/healthz")
-    def healthz(self) -> Response:
+    def healthz(self, request: Request) -> Response:
+        """``{"ok": bool}`` for anyone (200, or 503 while the replica is not serving); with an admin token (or
+        on a cluster without secrets) also the replica and the reason it is not serving."""
         reason = self.loop.health()
-        if reason is None:
-            return Response(msgspec.json.encode({"ok": True, "replica": self.replica}), media_type="application/json")
-        body = {"ok": False, "replica": self.replica, "reason": reason}
-        return Response(msgspec.json.encode(body), status_code=503, media_type="application/json")
+        body: dict = {"ok": reason is None}
+        try:
+            authorize(self.key, request.headers.get("authorization"), "admin")
+            body["replica"] = self.replica
+            if reason is not None:
+                body["reason"] = reason
+        except (AuthError, Forbidden):
+            pass  # no details without an admin token
+        return Response(
+            msgspec.json.encode(body), status_code=200 if reason is None else 503, media_type="application/json"
+        )
 
     @api.get("/v1/stats")
-    def stats(self) -> dict:
-        return {"replica": self.replica, "metrics": self.metrics_address, **self.engine.stats(), **self.loop.stats()}
+    def stats(self, request: Request) -> Response:
+        """The engine's and the step loop's counters (admin only)."""
+        refused = self._authorize(request, "admin")
+        if refused is not None:
+            return refused
+        body = {"replica": self.replica, "metrics": self.metrics_address, **self.engine.stats(), **self.loop.stats()}
+        return JSONResponse(body)
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose loop died or hung, or that lost Redis past its grace, is
@@ -341,9 +477,15 @@ CloudDeployment = serve.deployment(name="CloudServer", health_check_period_s=5, 
 )
 
 
+def serve_app(args: dict) -> Application:
+    """The ``import_path`` builder (``cogenesis.deployments.server:serve_app``, configs/serve.yaml): Serve calls
+    builders with exactly one argument, the app's ``args`` (a CloudConfig as a dict)."""
+    return build_app(args)
+
+
 def build_app(args: dict | CloudConfig | None = None, engine_factory: "EngineFactory | None" = None) -> Application:
-    """Serve application builder (``import_path: cogenesis.deployments.server:build_app``); ``engine_factory``
-    replaces ``CloudConfig.engine_factory`` (tests: a callable Ray can pickle).
+    """The cloud's Serve application from a CloudConfig; ``engine_factory`` replaces
+    ``CloudConfig.engine_factory`` (tests: a callable Ray can pickle).
 
     A replica takes at least as many HTTP requests at once as outlines it can hold (being written plus
     queued), so a full outline queue is answered 429 rather than waiting in Serve's queue."""

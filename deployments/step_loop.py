@@ -72,6 +72,7 @@ from cogenesis.core.protocol import (
     unpack_ids,
 )
 from cogenesis.deployments.engine import MAX_LOOKAHEAD, CloudEngine, OpenArgs, SessionTooLarge, StepArgs, TopK
+from cogenesis.deployments.limits import check_outline
 from cogenesis.deployments.replies import TraceFields, step_reply
 
 log = logging.getLogger(__name__)
@@ -208,22 +209,6 @@ def check_step(msg: StepRequest, tokens: int, limits: LimitsConfig) -> tuple[str
     if msg.budget_ms > limits.max_budget_ms:
         return "too_large", _too_large("budget_ms", msg.budget_ms, limits.max_budget_ms, "max_budget_ms")
     return None
-
-
-def check_outline(request: SketchRequest, limits: LimitsConfig) -> None:
-    """``TooLarge`` for an outline request past the limits (its tokens, its instruction's characters)."""
-    if request.max_tokens > limits.max_sketch_tokens:
-        raise TooLarge(
-            f"sketch {request.request_id}: max_tokens {request.max_tokens} is above the limit of "
-            f"{limits.max_sketch_tokens}",
-            hint="ask for fewer tokens (CloudConfig.limits.max_sketch_tokens)",
-        )
-    if len(request.instruction) > limits.max_instruction_chars:
-        raise TooLarge(
-            f"sketch {request.request_id}: the instruction has {len(request.instruction)} characters; at most "
-            f"{limits.max_instruction_chars} are taken",
-            hint="shorten the instruction (CloudConfig.limits.max_instruction_chars)",
-        )
 
 
 class _RedisState:

@@ -52,7 +52,7 @@ bus_queue_depth = Gauge(
 refusals = Counter(
     "cogenesis_cloud_refusals",
     "Requests a replica answered with an error instead of serving them, by reason "
-    "(busy, bad_request, deadline, unknown_session, internal).",
+    "(busy, bad_request, too_large, forbidden, deadline, unknown_session, internal).",
     ["reason"],
     registry=CLOUD,
 )
@@ -70,6 +70,17 @@ outlines_active = Gauge(
     "cogenesis_cloud_outlines",
     "Outlines being written in the step loop's batch, or waiting for a slot.",
     registry=CLOUD,
+)
+# the device gateway (a gateway replica serves CLOUD too; its refusals count in ``refusals`` by reason:
+# bad_request, too_large, forbidden, busy, rate_limited, replica_lost, unavailable)
+gateway_connections = Gauge(
+    "cogenesis_gateway_connections", "Device WebSocket connections a gateway replica holds.", registry=CLOUD
+)
+gateway_requests = Counter(
+    "cogenesis_gateway_requests", "Device messages a gateway replica relayed to the bus.", registry=CLOUD
+)
+gateway_replies = Counter(
+    "cogenesis_gateway_replies", "Replies a gateway replica relayed from the bus to devices.", registry=CLOUD
 )
 
 # ---- edge (a pool or a Locust process) ---------------------------------------------------------
@@ -102,7 +113,7 @@ sessions = Counter(
     "cogenesis_sessions", "Sessions ended, by mode and outcome (ok, failed, cut).", ["mode", "outcome"], registry=EDGE
 )
 
-for _reason in ("busy", "bad_request", "deadline", "unknown_session", "internal"):
+for _reason in ("busy", "bad_request", "too_large", "forbidden", "deadline", "unknown_session", "internal"):
     refusals.labels(_reason)
 for _cause in ("replica_lost", "unknown_session", "redis"):
     resumes.labels(_cause)

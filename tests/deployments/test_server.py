@@ -4,6 +4,8 @@ Redis; the whole app (``build_app`` through ``LocalCluster``, slow) with a deter
 model, so every reply can be checked exactly."""
 
 import asyncio
+import contextlib
+import inspect
 import sys
 import threading
 import time
@@ -19,8 +21,9 @@ from fastapi import FastAPI, Request
 
 from cogenesis.cluster.bus import CloudBus, EdgeBus
 from cogenesis.cluster.local import LocalCluster
+from cogenesis.core.auth import mint
 from cogenesis.core.config import CloudConfig
-from cogenesis.core.errors import Busy, ClusterError, SessionError
+from cogenesis.core.errors import Busy, ClusterError, SessionError, TooLarge
 from cogenesis.core.protocol import (
     CloseSession,
     ErrorReply,
@@ -36,7 +39,9 @@ from cogenesis.core.protocol import (
     encode,
     pack_ids,
 )
-from cogenesis.deployments.server import CloudServer, sketch_response, wants_events
+from cogenesis.core.secrets import SecretsDir
+from cogenesis.deployments.outlines_http import OutlineHead
+from cogenesis.deployments.server import CloudServer, route_key, sketch_response, wants_events
 from cogenesis.deployments.step_loop import StepLoop
 from cogenesis.edge_sim.gate import OutboundGate
 
@@ -177,6 +182,228 @@ def test_the_health_check_raises_while_the_loop_is_unhealthy():
     CloudServer.check_health(SimpleNamespace(replica="r1", loop=SimpleNamespace(health=lambda: None)))
 
 
+# ---- the routes' credentials and limits, and outline_events, fast ------------------------------------------
+
+
+LIMITS = {
+    "max_body_bytes": 2048,
+    "max_sketch_tokens": 200,
+    "max_instruction_chars": 100,
+    "max_session_tokens": 64,
+    "max_budget_ms": 60_000,
+}
+
+
+@pytest.fixture
+def replica(redis_url, tmp_path):
+    """A CloudServer in this process (its routes called directly on a plain ASGI app): a step loop over a
+    FakeEngine, the cluster's secrets in ``tmp_path``, small limits."""
+    secrets = SecretsDir.create(tmp_path / "secrets")
+    engine = FakeEngine(max_outlines=2)
+    loop = StepLoop(engine, CloudBus(redis_url, "r1"), threading.Lock()).start()
+    server = object.__new__(CloudServer)  # no Serve, no engine factory: the parts the routes use
+    server.cfg = CloudConfig(secrets_dir=str(secrets.path), limits=LIMITS)
+    server.key, server.engine, server.loop, server.replica = route_key(server.cfg), engine, loop, "r1"
+    server.capture, server.metrics_address, server.lock = None, "127.0.0.1:1", threading.Lock()
+    app = FastAPI()
+    for path, method, verb in (
+        ("/v1/sketch", CloudServer.sketch, "POST"),
+        ("/v1/stateless", CloudServer.stateless, "POST"),
+        ("/healthz", CloudServer.healthz, "GET"),
+        ("/v1/stats", CloudServer.stats, "GET"),
+    ):
+        app.add_api_route(path, _bound(server, method), methods=[verb])
+    key = secrets.cluster_key()
+    tokens = {role: mint(key, f"{role}-1", role) for role in ("device", "worker", "admin")}
+    yield SimpleNamespace(server=server, engine=engine, loop=loop, app=app, secrets=secrets, key=key, tokens=tokens)
+    loop.stop()
+
+
+def _bound(server, method):
+    async def handler(request: Request):
+        answer = method(server, request)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    return handler
+
+
+def call(app, *requests):
+    """Each (method, path, kwargs) on the app, in turn; the responses."""
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica", timeout=30) as client:
+            return [await client.request(m, path, **kw) for m, path, kw in requests]
+
+    return asyncio.run(go())
+
+
+def bearer_of(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_the_routes_need_a_worker_or_admin_token(replica):
+    t = replica.tokens
+    expired = mint(replica.key, "w", "worker", ttl_s=60, now=time.time() - 3600)
+    forged = mint(b"x" * 32, "w", "worker")
+    body = {"json": sketch_body("a", "abcd")}
+    answers = call(
+        replica.app,
+        ("POST", "/v1/sketch", body),
+        ("POST", "/v1/sketch", {**body, "headers": bearer_of(forged)}),
+        ("POST", "/v1/sketch", {**body, "headers": bearer_of(expired)}),
+        ("POST", "/v1/sketch", {**body, "headers": {"Authorization": "Basic dXNlcjpwdw=="}}),
+        ("POST", "/v1/sketch", {**body, "headers": bearer_of(t["device"])}),
+        ("POST", "/v1/sketch", {**body, "headers": bearer_of(t["worker"])}),
+        ("POST", "/v1/sketch", {**body, "headers": bearer_of(t["admin"])}),
+    )
+    assert [a.status_code for a in answers] == [401, 401, 401, 401, 403, 200, 200]
+    assert answers[0].headers["WWW-Authenticate"] == "Bearer" and "bearer token" in answers[0].json()["error"]
+    assert "signature is invalid" in answers[1].json()["error"] and "expired" in answers[2].json()["error"]
+    assert "a device token may not do this" in answers[4].json()["error"] and answers[4].json()["hint"]
+    assert msgspec.json.decode(answers[5].content, type=SketchReply).sketch == "outline of abcd"
+    stateless = encode(StatelessRequest(session_id="x", tokens=pack_ids([5, 6]), top_k=2, budget_ms=30_000))
+    refused, served = call(
+        replica.app,
+        ("POST", "/v1/stateless", {"content": stateless, "headers": bearer_of(t["device"])}),
+        ("POST", "/v1/stateless", {"content": stateless, "headers": bearer_of(t["worker"])}),
+    )
+    assert (refused.status_code, served.status_code) == (403, 200)
+
+
+def test_healthz_tells_anyone_ok_and_an_admin_the_details_and_stats_are_admin_only(replica):
+    t = replica.tokens
+    anon, worker, admin, stats_worker, stats_admin = call(
+        replica.app,
+        ("GET", "/healthz", {}),
+        ("GET", "/healthz", {"headers": bearer_of(t["worker"])}),
+        ("GET", "/healthz", {"headers": bearer_of(t["admin"])}),
+        ("GET", "/v1/stats", {"headers": bearer_of(t["worker"])}),
+        ("GET", "/v1/stats", {"headers": bearer_of(t["admin"])}),
+    )
+    assert (anon.status_code, anon.json()) == (200, {"ok": True})
+    assert worker.json() == {"ok": True}
+    assert admin.json() == {"ok": True, "replica": "r1"}
+    assert stats_worker.status_code == 403
+    assert stats_admin.status_code == 200 and stats_admin.json()["replica"] == "r1"
+    replica.loop.stop()
+    down_anon, down_admin = call(
+        replica.app, ("GET", "/healthz", {}), ("GET", "/healthz", {"headers": bearer_of(t["admin"])})
+    )
+    assert (down_anon.status_code, down_anon.json()) == (503, {"ok": False})
+    assert down_admin.status_code == 503 and down_admin.json()["reason"]
+
+
+def test_bodies_and_outlines_past_the_limits_are_413(replica):
+    auth = bearer_of(replica.tokens["worker"])
+
+    async def chunked():  # no Content-Length: refused on the bytes read
+        for _ in range(3):
+            yield b"x" * 1000
+
+    long_sequence = StatelessRequest(session_id="l", tokens=pack_ids([5] * 65), top_k=2, budget_ms=30_000)
+    declared, streamed, tokens, chars, budget, stateless, sequence = call(
+        replica.app,
+        ("POST", "/v1/sketch", {"content": b"{" + b" " * 3000 + b"}", "headers": auth}),
+        ("POST", "/v1/sketch", {"content": chunked(), "headers": auth}),
+        ("POST", "/v1/sketch", {"json": sketch_body("t", "abcd", max_tokens=201), "headers": auth}),
+        ("POST", "/v1/sketch", {"json": sketch_body("c", "x" * 101), "headers": auth}),
+        ("POST", "/v1/sketch", {"json": sketch_body("b", "abcd", budget_ms=60_001), "headers": auth}),
+        ("POST", "/v1/stateless", {"content": b"\x00" * 3000, "headers": auth}),
+        ("POST", "/v1/stateless", {"content": encode(long_sequence), "headers": auth}),
+    )
+    answers = (declared, streamed, tokens, chars, budget, stateless, sequence)
+    assert [a.status_code for a in answers] == [413] * 7
+    assert "budget_ms 60001 is above the limit of 60000" in budget.json()["error"]
+    refused = msgspec.msgpack.decode(sequence.content, type=ErrorReply)
+    assert refused.code == "too_large" and "65 token ids; at most 64" in refused.message
+    assert "3002 bytes; at most 2048" in declared.json()["error"]
+    assert "more than" in streamed.json()["error"] and "max_body_bytes" in streamed.json()["hint"]
+    assert "max_tokens 201 is above the limit of 200" in tokens.json()["error"]
+    assert "101 characters; at most 100" in chars.json()["error"]
+    assert msgspec.msgpack.decode(stateless.content, type=ErrorReply).code == "too_large"
+    assert replica.engine.outlines == {} and replica.engine.cancelled == []  # nothing reached the engine
+
+
+def test_a_limit_of_the_step_loop_is_413_too(replica, monkeypatch):
+    def refuse(request, deliver, progress=False):
+        raise TooLarge("the outline queue takes no such thing", hint="smaller")
+
+    monkeypatch.setattr(replica.loop, "submit_outline", refuse)
+    (answer,) = call(
+        replica.app,
+        ("POST", "/v1/sketch", {"json": sketch_body("a", "abcd"), "headers": bearer_of(replica.tokens["worker"])}),
+    )
+    assert answer.status_code == 413 and answer.json() == {
+        "error": "the outline queue takes no such thing",
+        "hint": "smaller",
+    }
+
+
+def test_without_secrets_the_routes_are_open(replica, monkeypatch):
+    monkeypatch.delenv("COGENESIS_SECRETS_DIR", raising=False)
+    monkeypatch.delenv("COGENESIS_CLUSTER_KEY", raising=False)
+    assert route_key(CloudConfig()) is None
+    replica.server.key = None
+    sketch, health = call(
+        replica.app, ("POST", "/v1/sketch", {"json": sketch_body("a", "ab")}), ("GET", "/healthz", {})
+    )
+    assert sketch.status_code == 200 and health.json() == {"ok": True, "replica": "r1"}
+
+
+def events_of(server, body: bytes, stream: bool) -> list:
+    """What a handle caller of ``outline_events`` receives (the head, then the chunks)."""
+
+    async def go():
+        return [item async for item in server.outline_events(body, stream)]
+
+    return asyncio.run(go())
+
+
+def test_outline_events_yields_the_head_then_the_routes_body(replica):
+    server = replica.server
+    head, body = events_of(server, msgspec.json.encode(SketchRequest(request_id="j", instruction="abcd")), False)
+    assert head == OutlineHead(200, "application/json", {})
+    assert msgspec.json.decode(body, type=SketchReply).sketch == "outline of abcd"
+    head, *chunks = events_of(server, msgspec.json.encode(SketchRequest(request_id="s", instruction="abc")), True)
+    assert head.status == 200 and head.media_type == "text/event-stream"
+    assert head.headers["cache-control"] == "no-cache"
+    assert [name for name, _ in parse_events(b"".join(chunks).decode())] == ["progress", "progress", "done"]
+    busy_free = events_of(server, b"{not json", False)
+    assert busy_free[0].status == 400 and b"malformed SketchRequest" in busy_free[1]
+    too_many = SketchRequest(request_id="t", instruction="abcd", max_tokens=1000)
+    head, body = events_of(server, msgspec.json.encode(too_many), True)
+    assert head.status == 413 and b"above the limit of 200" in body
+
+
+def test_cancelling_an_outline_events_call_cancels_the_outline(replica):
+    body = msgspec.json.encode(SketchRequest(request_id="gone", instruction="stall"))
+
+    async def go(stream: bool):
+        items: list = []
+
+        async def consume():
+            async for item in replica.server.outline_events(body, stream):
+                items.append(item)
+
+        task = asyncio.ensure_future(consume())
+        while replica.engine.outlines_pending() < 1 or (stream and not items):  # under way
+            await asyncio.sleep(0.01)
+        task.cancel()  # what Serve does to the replica's task when the handle caller cancels
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return items
+
+    for stream in (False, True):
+        replica.engine.cancelled.clear()
+        items = asyncio.run(go(stream))
+        assert items[:1] == ([OutlineHead(200, "text/event-stream", items[0].headers)] if stream else [])
+        deadline = time.monotonic() + 10
+        while not replica.engine.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [c.split("#")[0] for c in replica.engine.cancelled] == ["gone"]
+
+
 # ---- the whole app on Ray Serve (slow) -------------------------------------------------------------------
 
 
@@ -189,11 +416,16 @@ def cloud(redis_server):
     cfg = CloudConfig(replica_cpus=0.25)
     local = LocalCluster(cfg, redis_url=redis_server.url, start_timeout_s=240, engine_factory=fake_engine)
     info = local.start()
-    replica = httpx.get(f"{info.http_url}/healthz", timeout=30).json()["replica"]
+    replica = httpx.get(f"{info.http_url}/healthz", headers=auth(info), timeout=30).json()["replica"]
     yield info, replica
     local.stop()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[FakeEngine.__module__])
+
+
+def auth(info):
+    """An admin token of the cluster (it may do what a worker may, and read health details and stats)."""
+    return {"Authorization": f"Bearer {SecretsDir(info.secrets_dir).token('admin')}"}
 
 
 def _send(bus, replica, msg):
@@ -207,7 +439,10 @@ def _reply(bus, session_id, step):
 @pytest.mark.slow
 def test_healthz_names_the_replica(cloud):
     info, replica = cloud
-    assert httpx.get(f"{info.http_url}/healthz", timeout=30).json() == {"ok": True, "replica": replica}
+    assert httpx.get(f"{info.http_url}/healthz", headers=auth(info), timeout=30).json() == {
+        "ok": True,
+        "replica": replica,
+    }
 
 
 @pytest.mark.slow
@@ -216,16 +451,21 @@ def test_sketch_serves_concurrent_outlines_and_refuses_only_its_bad_request(clou
     bodies = [sketch_body(str(i), f"write note {i}") for i in range(3)]
     bodies.append(sketch_body("bad", "  "))
     with ThreadPoolExecutor(len(bodies)) as pool:  # concurrent: written in the same passes of the step loop
-        answers = list(pool.map(lambda b: httpx.post(f"{info.http_url}/v1/sketch", json=b, timeout=30), bodies))
+        answers = list(
+            pool.map(lambda b: httpx.post(f"{info.http_url}/v1/sketch", json=b, headers=auth(info), timeout=30), bodies)
+        )
     assert [a.status_code for a in answers] == [200, 200, 200, 422]
     for i, a in enumerate(answers[:3]):
         reply = msgspec.json.decode(a.content, type=SketchReply)
         assert reply.request_id == str(i) and reply.sketch == f"outline of write note {i}" and reply.tokens == 12
     assert answers[3].json() == {"error": "empty instruction", "hint": "send the general instruction to outline"}
-    malformed = httpx.post(f"{info.http_url}/v1/sketch", content=b"{not json", timeout=30)
+    malformed = httpx.post(f"{info.http_url}/v1/sketch", content=b"{not json", headers=auth(info), timeout=30)
     assert malformed.status_code == 400 and "malformed SketchRequest" in malformed.json()["error"]
     with httpx.stream(
-        "POST", f"{info.http_url}/v1/sketch", json=sketch_body("sse", "abc"), headers={"Accept": "text/event-stream"}
+        "POST",
+        f"{info.http_url}/v1/sketch",
+        json=sketch_body("sse", "abc"),
+        headers={"Accept": "text/event-stream", **auth(info)},
     ) as stream:
         events = parse_events(stream.read().decode())
     assert [name for name, _ in events] == ["progress", "progress", "done"]
@@ -235,7 +475,7 @@ def test_sketch_serves_concurrent_outlines_and_refuses_only_its_bad_request(clou
 def test_stateless_returns_the_engines_top_k_traced(cloud):
     info, replica = cloud
     req = StatelessRequest(session_id="x", tokens=pack_ids([5, 6, 7]), top_k=3, budget_ms=30_000)
-    answer = httpx.post(f"{info.http_url}/v1/stateless", content=encode(req), timeout=30)
+    answer = httpx.post(f"{info.http_url}/v1/stateless", content=encode(req), headers=auth(info), timeout=30)
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/msgpack"
     reply = msgspec.msgpack.decode(answer.content, type=StepReply)
     ids, logprobs = reply.top_k()
@@ -251,7 +491,7 @@ def test_stateless_bad_requests_get_typed_errors(cloud):
     url = f"{info.http_url}/v1/stateless"
 
     def post(body: bytes) -> tuple[int, ErrorReply]:
-        answer = httpx.post(url, content=body, timeout=30)
+        answer = httpx.post(url, content=body, headers=auth(info), timeout=30)
         return answer.status_code, msgspec.msgpack.decode(answer.content, type=ErrorReply)
 
     status, junk = post(b"junk")
@@ -295,7 +535,7 @@ def test_stats_merge_the_engine_and_the_step_loop(cloud):
     info, replica = cloud
 
     def stats() -> dict:
-        return httpx.get(f"{info.http_url}/v1/stats", timeout=30).json()
+        return httpx.get(f"{info.http_url}/v1/stats", headers=auth(info), timeout=30).json()
 
     before = stats()
     assert before["replica"] == replica and before["metrics"].startswith("127.0.0.1:")
@@ -312,3 +552,18 @@ def test_stats_merge_the_engine_and_the_step_loop(cloud):
     assert after["active_sessions"] == before["active_sessions"] + 1
     assert (after["bus_requests"], after["bus_errors"]) == (before["bus_requests"] + 2, before["bus_errors"] + 1)
     assert after["refusals"].get("bad_request", 0) == before["refusals"].get("bad_request", 0) + 1
+
+
+@pytest.mark.slow
+def test_the_gateway_answers_chat_completions_with_a_token_and_401_without(cloud):
+    info, _ = cloud
+    assert info.gateway_url is not None and info.http_url == f"{info.gateway_url}/cloud"
+    secrets = SecretsDir(info.secrets_dir)
+    body = {"model": "m", "messages": [{"role": "user", "content": "abcd"}]}
+    url = f"{info.gateway_url}/v1/chat/completions"
+    assert httpx.post(url, json=body, timeout=30).status_code == 401
+    for token in (secrets.token("worker"), mint(secrets.cluster_key(), "phone-1", "device")):
+        answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"] == {"role": "assistant", "content": "outline of abcd"}
+    assert httpx.post(f"{info.http_url}/v1/sketch", json=sketch_body("x", "ab"), timeout=30).status_code == 401

@@ -1,20 +1,28 @@
-"""configs/serve.yaml is a valid Serve config for this app."""
+"""configs/serve.yaml is a valid Serve config: each app's builder, called the way Serve calls it, builds it."""
 
+import importlib
 from pathlib import Path
 
 import yaml
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
 from cogenesis.core.config import CloudConfig, validate
-from cogenesis.deployments.server import build_app
 
 CONFIG = Path(__file__).parents[2] / "configs" / "serve.yaml"
 
 
-def test_serve_yaml_builds_the_app():
-    app = yaml.safe_load(CONFIG.read_text())["applications"][0]
-    module, _, attr = app["import_path"].partition(":")
-    assert (module, attr) == ("cogenesis.deployments.server", "build_app")
-    cfg = validate(CloudConfig, app["args"], str(CONFIG))
-    built = build_app(app["args"])
-    assert cfg.num_replicas == 1
-    assert type(built).__name__ == "Application"
+def _builder(import_path: str):
+    module, _, attr = import_path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def test_serve_yaml_builds_the_cloud_and_the_gateway(monkeypatch):
+    monkeypatch.setenv("COGENESIS_CLUSTER_KEY", "ab" * 32)  # the gateway checks there is a key at build time
+    apps = {app["name"]: app for app in yaml.safe_load(CONFIG.read_text())["applications"]}
+    assert set(apps) == {"cogenesis", "gateway"}
+    assert (apps["cogenesis"]["route_prefix"], apps["gateway"]["route_prefix"]) == ("/cloud", "/")
+    for app in apps.values():
+        cfg = validate(CloudConfig, app["args"], str(CONFIG))
+        assert cfg.num_replicas == 1 and cfg.secrets_dir == "/var/run/secrets/cogenesis"
+        built = call_user_app_builder_with_args_if_necessary(_builder(app["import_path"]), app["args"])
+        assert type(built).__name__ == "Application"
