@@ -26,7 +26,8 @@ import httpx
 from cogenesis.cluster.bus import connect
 from cogenesis.core import metrics
 from cogenesis.core.config import CloudConfig
-from cogenesis.core.errors import ClusterError
+from cogenesis.core.errors import ClusterError, CoGenesisError
+from cogenesis.core.secrets import ENV_DIR
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ClusterState:
     ray_address: str
     started_at: float
     config: dict
+    secrets_dir: str | None = None  # the cluster's secrets (a path; clients read their Redis password there)
+    gateway_url: str | None = None  # where devices connect (None: no gateway deployed)
 
     @classmethod
     def read(cls, state_dir: Path) -> ClusterState | None:
@@ -103,6 +106,8 @@ def up(
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state := running(state_dir)) is not None:
         return state, False
+    if not cloud.secrets_dir:  # kept across restarts, so device tokens handed out stay valid
+        cloud = cloud.model_copy(update={"secrets_dir": str(state_dir / "secrets")})
     (state_dir / "failed").unlink(missing_ok=True)
     logf = open(state_dir / "cluster.log", "ab")
     proc = subprocess.Popen(
@@ -188,16 +193,21 @@ def status(state_dir: Path | None = None, timeout_s: float = 5.0) -> dict:
         "ray_address": state.ray_address,
         "large_model": state.config.get("large_model"),
         "replicas": state.config.get("num_replicas"),
+        "gateway_url": state.gateway_url,
+        "secrets_dir": state.secrets_dir,
     }
+    headers = _admin_headers(state.secrets_dir)
     try:
         out["healthy"] = httpx.get(f"{state.http_url}/healthz", timeout=timeout_s).status_code == 200
-        out["stats"] = httpx.get(f"{state.http_url}/v1/stats", timeout=timeout_s).json()
+        reply = httpx.get(f"{state.http_url}/v1/stats", headers=headers, timeout=timeout_s)
+        reply.raise_for_status()
+        out["stats"] = reply.json()
     except (httpx.HTTPError, ValueError) as exc:
         out["healthy"], out["error"] = False, f"{type(exc).__name__}: {exc}"
     try:
         from cogenesis.cluster.bus import connect
 
-        client = connect(state.redis_url, timeout_s)
+        client = connect(state.redis_url, timeout_s, role="admin", secrets=state.secrets_dir)
         out["redis_keys"] = client.dbsize()
         client.close()
     except ClusterError as exc:
@@ -223,10 +233,12 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
             ray.get_runtime_context().gcs_address,
             time.time(),
             cloud.model_dump(),
+            _secrets_path(info, cloud),
+            info.gateway_url,
         ).write(state_dir)
         log.info("cluster: up (redis %s, http %s)", info.redis_url, info.http_url)
         write_prometheus_config(state_dir)
-        bus = connect(info.redis_url)
+        bus = connect(info.redis_url, role="admin", secrets=_secrets_path(info, cloud))
         while not stop.wait(5.0):  # keep Prometheus' file discovery current with what announces itself
             try:
                 metrics.write_file_sd(state_dir / TARGETS_FILE, metrics.targets(bus))
@@ -243,6 +255,23 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
         cluster.stop()
         (state_dir / "state.json").unlink(missing_ok=True)
         log.info("cluster: stopped")
+
+
+def _admin_headers(secrets_dir: str | None) -> dict[str, str]:
+    """The admin bearer header from the cluster's secrets directory (none: a cluster without secrets)."""
+    from cogenesis.core.secrets import stored_token
+
+    try:
+        token = stored_token("admin", secrets_dir) if secrets_dir else None
+        return {"Authorization": f"Bearer {token}"} if token else {}
+    except CoGenesisError:  # unreadable: status says the stats were refused
+        return {}
+
+
+def _secrets_path(info: object, cloud: CloudConfig) -> str | None:
+    """The started cluster's secrets directory (``ClusterInfo.secrets_dir``), else the configured one."""
+    found = getattr(info, "secrets_dir", None) or cloud.secrets_dir or os.environ.get(ENV_DIR)
+    return str(found) if found else None
 
 
 TARGETS_FILE = "prometheus-targets.json"

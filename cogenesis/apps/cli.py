@@ -20,16 +20,32 @@ from cogenesis.apps.commands import (
     demo,
     edge,
     evaluate,
+    fuzz,
     loadtest,
     models,
     soak,
+    token,
     top,
     train_fusion,
 )
 from cogenesis.core.errors import CoGenesisError
 
 EPILOG = "Docs: README.md. Every command accepts -v for progress logs."
-COMMANDS = (demo, models, bench, cluster, edge, loadtest, top, dashboard, train_fusion, evaluate, audit_privacy, config)
+COMMANDS = (
+    demo,
+    models,
+    bench,
+    cluster,
+    token,
+    edge,
+    loadtest,
+    top,
+    dashboard,
+    train_fusion,
+    evaluate,
+    audit_privacy,
+    config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.register(sub)
     chaos.register(sub)
     soak.register(sub)
+    fuzz.register(sub)
     return parser
 
 

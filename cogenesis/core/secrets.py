@@ -119,6 +119,15 @@ def secrets_dir(explicit: str | Path | None = None) -> SecretsDir | None:
     return SecretsDir(chosen) if chosen else None
 
 
+def stored_token(role: Literal["admin", "worker"], explicit: str | Path | None = None) -> str | None:
+    """The secrets directory's ``role`` token (``explicit``, else ``$COGENESIS_SECRETS_DIR``); None where there is no
+    directory or it holds no such token (a cluster without secrets, whose routes are open)."""
+    found = secrets_dir(explicit)
+    if found is None or not (found.path / f"{role}.token").is_file():
+        return None
+    return found.token(role)
+
+
 def cluster_key(explicit: str | Path | None = None) -> bytes:
     """The token-signing key: ``$COGENESIS_CLUSTER_KEY`` (hex), else the secrets directory's."""
     env = os.environ.get(ENV_CLUSTER_KEY)

@@ -12,9 +12,11 @@ def register(sub) -> None:
         "up",
         help="start a local cluster in the background (Redis + Ray head + Serve app)",
         description=(
-            "Start Redis, a Ray head and the Serve app hosting the large model as a background process; "
-            "returns once the app answers /healthz. State and log: $COGENESIS_HOME/cluster/ "
-            "(state.json, cluster.log). Stop it with `cogenesis down`."
+            "Start Redis, a Ray head and the Serve apps (the large model at /cloud for trusted workers, the device "
+            "gateway at /) as a background process; returns once both answer /healthz. State, log and secrets: "
+            "$COGENESIS_HOME/cluster/ (state.json, cluster.log, secrets/: the cluster key, Redis passwords, "
+            "admin.token, worker.token; kept across restarts). Make device tokens with `cogenesis token create`. "
+            "Stop it with `cogenesis down`."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -42,12 +44,14 @@ def run_up(args) -> int:
     console = Console(stderr=True)
     with console.status("cogenesis up: starting") as st:
         state, started = daemon.up(cloud, args.state_dir, args.timeout, lambda m: st.update(f"cogenesis up: {m}"))
+    state_dir = args.state_dir or daemon.default_state_dir()
     print(
         f"cluster {'up' if started else 'already running'} (pid {state.pid})\n  redis  {state.redis_url}\n"
-        f"  http   {state.http_url}\n  ray    {state.ray_address}"
+        f"  http   {state.http_url} (trusted workers: a worker token)\n"
+        f"  gateway {getattr(state, 'gateway_url', None) or '(none)'} (devices: `cogenesis token create --device ID`)\n"
+        f"  secrets {getattr(state, 'secrets_dir', None) or f'{state_dir}/secrets'}\n  ray    {state.ray_address}"
     )
     replica_metrics = (daemon.status(args.state_dir).get("stats") or {}).get("metrics")
-    state_dir = args.state_dir or daemon.default_state_dir()
     print(
         f"  metrics {'http://' + replica_metrics + '/metrics' if replica_metrics else '(replica starting)'} "
         f"(every process announces its own; `cogenesis top` shows them all)\n"
@@ -79,6 +83,8 @@ def run_status(args) -> int:
             f"cluster running (pid {st['pid']}, up {st['uptime_s']:.0f} s): {st['replicas']} replica(s) of "
             f"{st['large_model']}\n  redis  {st['redis_url']} ({st.get('redis_keys', '?')} keys)\n"
             f"  http   {st['http_url']} ({'healthy' if st.get('healthy') else 'NOT healthy: ' + st.get('error', '')})\n"
+            f"  gateway {st.get('gateway_url') or '(none)'}\n"
+            f"  secrets {st.get('secrets_dir') or f'{args.state_dir or daemon.default_state_dir()}/secrets'}\n"
             f"  ray    {st['ray_address']}"
         )
         stats = st.get("stats") or {}
