@@ -31,6 +31,7 @@ import msgspec
 
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.protocol import ErrorCode, error_code
+from cogenesis.core.secrets import ENV_DIR
 
 if TYPE_CHECKING:
     import redis
@@ -64,6 +65,8 @@ class FleetOptions:
     data: str | None = None
     launcher: str = "local"  # local | ray
     grace_s: float = 120.0  # after the duration, running sessions get this long to finish
+    transport: str = "ws"  # ws: devices through the gateway (a token each) | redis: trusted workers on the bus
+    gateway_url: str = ""  # where devices connect (ws; "": beside the cloud app's URL, ``session.gateway_of``)
     edge: dict = field(default_factory=dict)  # EdgeConfig fields
 
     def validate(self) -> None:
@@ -82,6 +85,8 @@ class FleetOptions:
             raise ConfigError(f"--think-time {a}..{b} needs 0 <= A <= B", hint="e.g. --think-time 5..15")
         if self.launcher not in ("local", "ray"):
             raise ConfigError(f"unknown --launcher {self.launcher!r}", hint="use local or ray")
+        if self.transport not in ("ws", "redis"):
+            raise ConfigError(f"unknown --transport {self.transport!r}", hint="use ws (the gateway) or redis")
 
 
 def parse_think(text: str) -> tuple[float, float]:
@@ -222,23 +227,26 @@ def pool_main(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_u
     Call only in a process that gevent has monkey-patched (``python -m cogenesis.edge_sim.fleet`` does)."""
     import gevent
     import httpx
-    import redis
 
+    from cogenesis.cluster.bus import connect
     from cogenesis.core import metrics
     from cogenesis.core.config import EdgeConfig
     from cogenesis.core.data import load_records, sample_data_path
     from cogenesis.edge_sim.device import default_max_active
-    from cogenesis.edge_sim.session import Cloud
+    from cogenesis.edge_sim.session import Cloud, gateway_of, token_source
 
     cfg = EdgeConfig(**opts.edge)
+    # each simulated device its own token (minted with the cluster's key), or the one of $COGENESIS_TOKEN
+    tokens = token_source(opts.transport, subject=f"edge-{run_id}")
     records = load_records(opts.data or sample_data_path())  # a bad file fails before the model loads
     profile, engine, device = open_pool_device(cfg, opts.device)
     clients = PoolClients(pool, opts, cfg, records, engine, device, default_max_active(profile))
-    rdb = redis.Redis.from_url(redis_url, socket_timeout=10)
+    rdb = connect(redis_url, role="edge")  # a trusted worker; secrets: $COGENESIS_SECRETS_DIR (--secrets-dir)
     progress = ProgressPublisher(rdb, run_id, clients, metrics.serve(metrics.EDGE))
     reporter = gevent.spawn(progress.every_second)
     with httpx.Client(limits=httpx.Limits(max_connections=256)) as http:
-        clients.run(Cloud(redis_url, http_url, http))
+        gateway_url = opts.gateway_url or gateway_of(http_url)
+        clients.run(Cloud(redis_url, http_url, http, opts.transport, gateway_url, tokens))
         reporter.kill()
         progress.publish()
         clients.close()
@@ -433,7 +441,10 @@ def _pool_entry(argv: list[str]) -> int:
     p.add_argument("--redis-url", required=True)
     p.add_argument("--http-url", required=True)
     p.add_argument("--options", required=True, help="FleetOptions as JSON")
+    p.add_argument("--secrets-dir", default=None, help="the cluster's secrets directory (its Redis password)")
     args = p.parse_args(argv)
+    if args.secrets_dir:  # every Redis client of this process (the pool's EdgeBus too) connects as `edge`
+        os.environ[ENV_DIR] = args.secrets_dir
     logging.basicConfig(
         level=logging.WARNING, format=f"%(asctime)s pool{args.pool} %(levelname)s %(name)s: %(message)s"
     )
@@ -442,9 +453,9 @@ def _pool_entry(argv: list[str]) -> int:
     try:
         pool_main(args.run_id, args.pool, opts, args.redis_url, args.http_url)
     except Exception as exc:  # tell the launcher, which is waiting on the done list
-        import redis
+        from cogenesis.cluster.bus import connect
 
-        rdb = redis.Redis.from_url(args.redis_url, socket_timeout=10)
+        rdb = connect(args.redis_url, role="edge")
         report_failure(rdb, args.run_id, args.pool, exc)
         rdb.close()
         return 1

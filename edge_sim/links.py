@@ -270,7 +270,9 @@ class BusLink:
 
     def close(self, sessions: Sequence[Closing]) -> None:
         closes: list[tuple[str | None, str, Sealed]] = [
-            (c.replica, c.session_id, c.gate.seal(CloseSession(session_id=c.session_id))) for c in sessions if c.replica
+            (c.replica, c.session_id, c.gate.seal(CloseSession(session_id=c.session_id, reply_to=self.reply_to)))
+            for c in sessions
+            if c.replica
         ]
         if closes:
             try:
@@ -293,10 +295,11 @@ class StatelessLink:
 
     content_type = "application/msgpack"
 
-    def __init__(self, http_url: str, tokenizer, max_concurrency: int = 256) -> None:
+    def __init__(self, http_url: str, tokenizer, max_concurrency: int = 256, token: str | None = None) -> None:
         self.url = f"{http_url.rstrip('/')}/v1/stateless"
         self.tok = tokenizer
-        self.http = httpx.Client(limits=httpx.Limits(max_connections=max_concurrency))
+        headers = {"Authorization": f"Bearer {token}"} if token else None  # a worker token (a locked cluster)
+        self.http = httpx.Client(limits=httpx.Limits(max_connections=max_concurrency), headers=headers)
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="stateless")
         self._prompt: dict[str, tuple[list[int], str]] = {}  # session -> (cloud prompt ids, its text)
         self._futures: dict[str, tuple[Future, int]] = {}  # session -> (its POST, sent_us)

@@ -65,6 +65,7 @@ from cogenesis.edge_sim.gate import PublicStream, TokenStream
 from cogenesis.edge_sim.links import Arrival, BusLink, Closing, CloudLink, Failure, Opening, Step
 
 log = logging.getLogger(__name__)
+OnToken = Callable[[int, int], "bool | None"]  # (client index, token id) -> False: stop that session
 
 
 # ---- one session's state, by concern ------------------------------------------------------------------
@@ -267,15 +268,15 @@ class _Live:
             )
             self.admit_from = None  # a new admission: its own admission timeout
             return True
-        if failure.code == "busy":
+        if failure.retry_after_s is not None:  # busy, rate limited, the gateway cannot reach the bus: retry later
             now = time.monotonic()
             start = self.admit_from if self.admit_from is not None else now
             deadline = start + cfg.admission_timeout_s
             if now >= deadline:
                 self.fail(
-                    f"the cloud refused the session busy for {now - start:.0f} s (admission_timeout_s "
+                    f"the cloud refused the session {failure.code} for {now - start:.0f} s (admission_timeout_s "
                     f"{cfg.admission_timeout_s:g}): {failure.message}",
-                    "busy",
+                    failure.code,
                 )
                 return False
             self.parked_until = min(deadline, now + busy_delay(failure.retry_after_s, self.stats.busy_now, rng))
@@ -320,14 +321,18 @@ def run_logits_sessions(
     on_result: Callable[[SessionResult], None] = lambda r: None,
     stop_at: float | None = None,
     device: Device | None = None,
+    on_token: OnToken | None = None,
 ) -> list[SessionResult]:
     """Run one logits session per client, all stepped together; returns their results in order.
 
     ``stop_at`` (a ``time.perf_counter()`` instant, for time-boxed benchmarks): sessions still
     running then end early with what they wrote, marked ``stopped``. ``device``: where the
-    small-model passes run (default: one packed batch of these sessions).
+    small-model passes run (default: one packed batch of these sessions). ``on_token(client, token)``: called with
+    every token a session writes, as it is written (a streaming caller, ``cogenesis.edge_sim.sdk``); returning
+    False ends that session there, marked ``stopped``.
     """
     loop = _Loop.prepare(BusLink(link) if isinstance(link, EdgeBus) else link, engine, cfg, device)
+    loop.on_token = on_token
     lives = [_Live.start(c, engine, loop.device.simulated) for c in clients]
     try:
         with _together(lives):
@@ -398,6 +403,7 @@ class _Loop:
     plain: Device | None  # contrast fusion: the small model without the context, stepped beside the real one
     network: Callable[[], None]  # a profile's round trip per exchange
     rng: random.Random = field(default_factory=random.Random)  # busy retries' jitter (not the device's seed)
+    on_token: OnToken | None = None  # told every token written (``run_logits_sessions``)
 
     @classmethod
     def prepare(cls, link: CloudLink, engine: EdgeEngine, cfg: EdgeConfig, device: Device | None) -> _Loop:
@@ -562,6 +568,9 @@ def _choose(lv: _Live, loop: _Loop) -> None:
         return
     lv.trace.wrote()
     lv.wrote(token)
+    if loop.on_token is not None and loop.on_token(lv.client.index, token) is False:
+        lv.stopped = lv.done = True  # the caller wants no more of it
+        return
     if len(lv.out) >= loop.cfg.max_new_tokens:
         lv.done = True
 

@@ -15,7 +15,9 @@ and the edge's HTTP wait follows it. The cloud may refuse an outline it cannot s
 ``Retry-After``): the request is sent again after the retry-after, with exponential backoff and jitter
 (``busy_delay``), until ``admission_timeout_s`` from the first try; then the session fails ``busy``. The
 endpoint may stream the outline as server-sent events (``progress`` while it is written, then ``done`` or
-``error``); a plain JSON answer is read as well.
+``error``); a plain JSON answer is read as well. A device asks the gateway (``POST {gateway_url}/v1/sketch``) with
+its bearer token, a trusted worker the cloud's own route with a worker token: ``HttpOutlines(token=...)``; a refused
+token is an ``AuthError`` (401) or ``Forbidden`` (403), with a hint.
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ from cogenesis.cluster.bus import Sealed, wire_bytes
 from cogenesis.core import metrics
 from cogenesis.core.config import EdgeConfig
 from cogenesis.core.errors import (
+    AuthError,
     BusTimeout,
     Busy,
     ClusterError,
     CoGenesisError,
+    Forbidden,
     PrivacyViolation,
     ProtocolError,
+    RateLimited,
     SessionError,
+    TooLarge,
 )
 from cogenesis.core.protocol import SketchProgress, SketchReply, SketchRequest, budget_of, decode_json, error_code
 from cogenesis.core.sampling import sample
@@ -83,6 +89,12 @@ class OutlineSource(Protocol):
 
 
 OnProgress = Callable[[OutlineRequest, SketchProgress], None]
+Token = str | Callable[[int], str] | None  # a bearer token, or each client's (by index), or none
+OnToken = Callable[[int], "bool | None"]  # told every token written; False: stop writing
+TOKEN_HINT = (
+    "pass a valid token: a device's (`cogenesis token create --device ID`) for the gateway, a worker's for the "
+    "cloud's own routes"
+)
 
 
 class HttpOutlines:
@@ -92,7 +104,8 @@ class HttpOutlines:
     ``timeout_s``: the wait for a request without a budget (one with a budget waits the budget and
     ``HTTP_MARGIN_S``). ``stream``: ask for server-sent events (the outline's progress, ``on_progress``); a
     server that answers JSON is read all the same. A busy refusal (429, or 503 with ``Retry-After``) is
-    retried until ``admission_timeout_s`` from the first try."""
+    retried until ``admission_timeout_s`` from the first try. ``token``: the bearer token sent with each request
+    (one for all, or each client's by its index: a pool of devices); never logged."""
 
     def __init__(
         self,
@@ -102,14 +115,23 @@ class HttpOutlines:
         admission_timeout_s: float = 120.0,
         stream: bool = True,
         on_progress: OnProgress | None = None,
+        token: Token = None,
     ) -> None:
         self.http = http
-        self.url = f"{http_url}/v1/sketch"
+        self.url = f"{http_url.rstrip('/')}/v1/sketch"
         self.timeout_s = timeout_s
         self.admission_timeout_s = admission_timeout_s
         self.stream = stream
         self.on_progress = on_progress
+        self._token = token
         self._rng = random.Random()  # retry jitter (never a device's seed)
+
+    def _headers(self, client: int, accept: str) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": accept}
+        token = self._token(client) if callable(self._token) else self._token
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        return headers
 
     def outlines(self, requests: Sequence[OutlineRequest]) -> list[Outline | Exception]:
         if len(requests) <= 1:  # one session (a fleet client, a Locust user): on the caller's own thread
@@ -155,7 +177,7 @@ class HttpOutlines:
                 "POST",
                 self.url,
                 content=body,
-                headers={"content-type": "application/json", "accept": accept},
+                headers=self._headers(req.client, accept),
                 timeout=wait_s,
             ) as resp:
                 if resp.status_code != 200:
@@ -239,6 +261,8 @@ def _error_event(data: str) -> CoGenesisError:
     body = _error_body(data)
     code = str(body.get("code") or "")
     message = str(body.get("error") or body.get("message") or body.get("detail") or data[:200])
+    if code == "rate_limited":
+        return RateLimited(f"the gateway refused the outline: {message}", _retry_ms(body) or DEFAULT_RETRY_AFTER_S)
     if code == "busy":
         return Busy(f"cloud refused the outline: {message}", retry_after_s=_retry_ms(body) or DEFAULT_RETRY_AFTER_S)
     if code in ("deadline", "timeout"):
@@ -269,15 +293,24 @@ def refusal(resp: httpx.Response, url: str) -> CoGenesisError:
     if resp.status_code == 429 or (resp.status_code == 503 and retry is not None):
         retry = retry if retry is not None else _retry_ms(body)
         return Busy(f"cloud answered {resp.status_code}: {detail}", retry_after_s=retry or DEFAULT_RETRY_AFTER_S)
+    if resp.status_code == 401:
+        return AuthError(f"{url} refused the request (401): {detail}", hint=TOKEN_HINT)
+    if resp.status_code == 403:
+        return Forbidden(f"{url} refused the request (403): {detail}", hint=TOKEN_HINT)
+    if resp.status_code == 413:
+        return TooLarge(f"{url} refused the request as too large (413): {detail}")
     return SessionError(f"cloud answered {resp.status_code}: {detail}")
 
 
-def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float) -> bytes:
-    """POST a gate-sealed body, exactly its bytes (anything but a genuine ``Sealed`` raises TypeError);
-    errors become CoGenesisErrors that say what happened (``refusal``)."""
+def post_sealed(http: httpx.Client, url: str, sealed: Sealed, timeout_s: float, token: str | None = None) -> bytes:
+    """POST a gate-sealed body, exactly its bytes (anything but a genuine ``Sealed`` raises TypeError), with
+    ``token`` as its bearer; errors become CoGenesisErrors that say what happened (``refusal``)."""
     body = wire_bytes(sealed)
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
     try:
-        resp = http.post(url, content=body, headers={"content-type": "application/json"}, timeout=timeout_s)
+        resp = http.post(url, content=body, headers=headers, timeout=timeout_s)
     except httpx.TimeoutException:
         raise _no_answer(url, timeout_s) from None
     except httpx.HTTPError as exc:
@@ -343,15 +376,22 @@ def write_sketches(
 
 
 def write_sketch(
-    client: EdgeClient, source: OutlineSource, engine: EdgeEngine, device: Device, cfg: EdgeConfig
+    client: EdgeClient,
+    source: OutlineSource,
+    engine: EdgeEngine,
+    device: Device,
+    cfg: EdgeConfig,
+    on_token: OnToken | None = None,
 ) -> SessionResult:
-    """One sketch session on a shared ``device``, token by token. Raises what the outline request raised."""
+    """One sketch session on a shared ``device``, token by token. Raises what the outline request raised.
+    ``on_token``: told every token as it is written (a streaming caller); returning False stops the writing there."""
     t0 = time.perf_counter()
     (outline,) = ask_outlines([client], source, cfg)
     if isinstance(outline, Exception):
         raise outline
     getattr(device, "network", lambda: None)()  # a device profile's round trip
-    out, times = _decode_on(device, engine, engine.prompt_ids(client.record, sketch=outline.sketch), client.seed, cfg)
+    prompt = engine.prompt_ids(client.record, sketch=outline.sketch)
+    out, times = _decode_on(device, engine, prompt, client.seed, cfg, on_token)
     metrics.session_done("sketch", "ok", len(out))
     return SessionResult(
         client.index,
@@ -380,7 +420,12 @@ def _generate(
 
 
 def _decode_on(
-    device: Device, engine: EdgeEngine, prompt: list[int], seed: int | None, cfg: EdgeConfig
+    device: Device,
+    engine: EdgeEngine,
+    prompt: list[int],
+    seed: int | None,
+    cfg: EdgeConfig,
+    on_token: OnToken | None = None,
 ) -> tuple[list[int], list[float]]:
     """Sample up to ``max_new_tokens`` on the device (a profile's device samples nothing: token 0).
     Returns the tokens and when each was chosen."""
@@ -397,6 +442,8 @@ def _decode_on(
             if lp is not None and token in engine.stop_ids and not cfg.ignore_eos:
                 break
             out.append(token)
+            if on_token is not None and on_token(token) is False:
+                break
             if len(out) < cfg.max_new_tokens:
                 lp = device.step([key], [token])[0]
     finally:

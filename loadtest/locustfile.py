@@ -5,8 +5,11 @@
     locust -f loadtest/locustfile.py --processes 4 ...      # or --master / --worker on many machines
     cogenesis loadtest --users 2000 --spawn-rate 200 --run-time 60s   # the wrapped, reported run
 
-Users talk to the cluster the way devices do: logits steps over the Redis bus (sync redis-py,
-which gevent makes cooperative), outlines over HTTP. Per Locust process, the users share one small
+Users talk to the cluster the way devices do (``--cg-transport ws``, the default): logits steps over the
+gateway's WebSocket and outlines from the gateway, each user with a device token of its own (minted with the
+cluster's key, or ``--cg-token``/``$COGENESIS_TOKEN`` for all); websocket-client and httpx, which gevent makes
+cooperative. ``--cg-transport redis`` runs them as trusted in-cluster workers instead: logits steps on the Redis bus
+(the ``edge`` Redis user), outlines from the cloud app's own route. Per Locust process, the users share one small
 model (a ``SharedDevice`` batching their passes in a native thread) or a device profile
 (``--cg-device phone``, ``configs/devices.yaml``). Each user holds one record's private context;
 it never leaves the user's process. Without ``--cg-redis-url``/``--cg-http-url`` the cluster of
@@ -59,6 +62,19 @@ def _options(parser) -> None:
     g.add_argument("--cg-think-time", default="5..15", help="A..B seconds between a user's sessions")
     g.add_argument("--cg-data", default="", help="CoGenesis JSON file (default: the shipped sample, cycled)")
     g.add_argument("--cg-state-dir", default="", help="state directory of `cogenesis up` (default: its own)")
+    g.add_argument(
+        "--cg-transport",
+        choices=["ws", "redis"],
+        default="ws",
+        help="ws: users are devices on the gateway, a token each; redis: trusted workers on the bus",
+    )
+    g.add_argument("--cg-gateway-url", default="", help="the gateway's URL (default: the `cogenesis up` cluster's)")
+    g.add_argument(
+        "--cg-token",
+        default="",
+        help="one device token for every user (default: $COGENESIS_TOKEN, else one minted per user with the "
+        "cluster's key); prefer the environment variable",
+    )
     LOCUST.add_to(g, grouped=False)  # the edge's config fields, with `cogenesis loadtest`'s defaults
 
 
@@ -76,9 +92,9 @@ class Runtime:
         from cogenesis.edge_sim.device import default_max_active, describe, open_device, resolve_device
         from cogenesis.edge_sim.fleet import parse_think
         from cogenesis.edge_sim.native import offload  # slow work in a native thread: heartbeats go on meanwhile
-        from cogenesis.edge_sim.session import Cloud
+        from cogenesis.edge_sim.session import Cloud, gateway_of, token_source
 
-        redis_url, http_url = opts.cg_redis_url, opts.cg_http_url
+        redis_url, http_url, gateway_url = opts.cg_redis_url, opts.cg_http_url, opts.cg_gateway_url
         if not (redis_url and http_url):
             from cogenesis.cluster.daemon import running
 
@@ -89,6 +105,9 @@ class Runtime:
                     hint="start one with `cogenesis up`",
                 )
             redis_url, http_url = redis_url or state.redis_url, http_url or state.http_url
+            gateway_url = gateway_url or getattr(state, "gateway_url", None) or ""
+            if state.secrets_dir:  # the running cluster's: every Redis client here connects as `edge` with it
+                os.environ.setdefault("COGENESIS_SECRETS_DIR", state.secrets_dir)
         self.cfg = LOCUST.config(opts, EdgeConfig)
         self.think = parse_think(opts.cg_think_time)
         self.records = load_records(opts.cg_data or sample_data_path())
@@ -96,10 +115,20 @@ class Runtime:
         self.engine, self.device = open_device(self.cfg, self.profile, offload, gevent.sleep)
         cap = opts.cg_max_active or default_max_active(self.profile)
         self.slots = BoundedSemaphore(cap) if cap else None
-        self.cloud = Cloud(redis_url, http_url, httpx.Client(limits=httpx.Limits(max_connections=256)))
+        self.transport = opts.cg_transport
+        tokens = token_source(self.transport, token=opts.cg_token or None, subject=f"locust-{os.getpid()}")
+        self.cloud = Cloud(
+            redis_url,
+            http_url,
+            httpx.Client(limits=httpx.Limits(max_connections=256)),
+            self.transport,
+            gateway_url or gateway_of(http_url),
+            tokens,
+        )
         self._announce_metrics(redis_url)
         self.device_line = describe(self.profile, "Locust process")
-        log.info("device: %s; cluster: %s, %s", self.device_line, redis_url, http_url)
+        where = self.cloud.gateway_url if self.transport == "ws" else http_url
+        log.info("device: %s; transport %s; cluster: %s, %s", self.device_line, self.transport, redis_url, where)
 
     def _announce_metrics(self, redis_url: str) -> None:
         """Serve this process's edge metrics and keep announcing them on the bus (for `cogenesis top`)."""
@@ -109,7 +138,9 @@ class Runtime:
         from cogenesis.core import metrics
 
         address = metrics.serve(metrics.EDGE)
-        bus = redis.Redis.from_url(redis_url, socket_timeout=10)
+        from cogenesis.cluster.bus import connect
+
+        bus = connect(redis_url, role="edge")  # a trusted worker: secrets from $COGENESIS_SECRETS_DIR
 
         def refresh() -> None:
             while True:

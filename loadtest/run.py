@@ -62,12 +62,16 @@ class LoadtestOptions:
     out_dir: str = "out/loadtest"
     json_path: str | None = None
     extra_args: tuple[str, ...] = ()
+    transport: str = "ws"  # ws: users are devices on the gateway (a token each) | redis: trusted workers on the bus
+    gateway_url: str = ""  # "": beside the cloud app's URL (``cogenesis.edge_sim.session.gateway_of``)
 
     def validate(self) -> None:
         if self.users < 1 or self.spawn_rate <= 0:
             raise ConfigError("--users must be >= 1 and --spawn-rate > 0")
         if self.mode not in CLASSES:
             raise ConfigError(f"unknown --mode {self.mode!r}", hint="use logits, sketch or mixed")
+        if self.transport not in ("ws", "redis"):
+            raise ConfigError(f"unknown --transport {self.transport!r}", hint="use ws (the gateway) or redis")
         if self.processes < 1:
             raise ConfigError("--processes must be >= 1")
         parse_duration(self.run_time)
@@ -111,7 +115,11 @@ def locust_command(opts: LoadtestOptions, redis_url: str, http_url: str, prefix:
         str(opts.max_active),
         "--cg-small-model",
         opts.small_model,
+        "--cg-transport",
+        opts.transport,
     ]
+    if opts.gateway_url:
+        cmd += ["--cg-gateway-url", opts.gateway_url]
     if opts.data:
         cmd += ["--cg-data", str(Path(opts.data).resolve())]
     if not opts.shape:
@@ -182,6 +190,7 @@ def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: in
         "run_time_s": run_s,
         "shape": opts.shape,
         "mode": opts.mode,
+        "transport": opts.transport,
         "processes": opts.processes,
         "device": device_line,
         "think_time_s": opts.think_time,
@@ -204,7 +213,16 @@ def summarize(opts: LoadtestOptions, prefix: Path, seconds: float, exit_code: in
     }
 
 
-def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=lambda line: None) -> dict:
+def run_loadtest(
+    opts: LoadtestOptions,
+    redis_url: str,
+    http_url: str,
+    progress=lambda line: None,
+    secrets_dir: str | None = None,
+    token: str | None = None,
+) -> dict:
+    """Run Locust headless and summarize it. ``secrets_dir`` (a path) and ``token`` reach Locust in its
+    environment (``$COGENESIS_SECRETS_DIR``, ``$COGENESIS_TOKEN``), never on its command line or in the summary."""
     from cogenesis.edge_sim.device import describe, resolve_device
 
     opts.validate()
@@ -217,6 +235,10 @@ def run_loadtest(opts: LoadtestOptions, redis_url: str, http_url: str, progress=
         old.unlink()
     cmd = locust_command(opts, redis_url, http_url, prefix, html)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if secrets_dir:
+        env["COGENESIS_SECRETS_DIR"] = secrets_dir
+    if token:
+        env["COGENESIS_TOKEN"] = token
     if opts.shape:
         env["COGENESIS_SHAPE"] = str(Path(opts.shape).resolve())
     run_s = load_shape(opts.shape).run_time_s if opts.shape else parse_duration(opts.run_time)

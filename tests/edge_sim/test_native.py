@@ -109,7 +109,14 @@ def test_a_fleet_pool_on_the_real_small_model_exits_by_itself_when_its_sessions_
         "sampling": {"temperature": 0.0, "top_p": 1.0, "seed": 0},
     }
     opts = FleetOptions(
-        clients=2, mode="logits", duration_s=None, sessions_per_client=1, think_s=(0.0, 0.0), device="real", edge=edge
+        clients=2,
+        mode="logits",
+        duration_s=None,
+        sessions_per_client=1,
+        think_s=(0.0, 0.0),
+        device="real",
+        edge=edge,
+        transport="redis",  # a trusted worker on the bus: this test's replica has no gateway in front
     )
     argv = [sys.executable, "-m", "cogenesis.edge_sim.fleet", "--run-id", "exit", "--pool", "0"]
     argv += ["--redis-url", redis_url, "--http-url", "http://127.0.0.1:9", "--options", msgspec.json.encode(opts)]

@@ -43,6 +43,18 @@ def test_command_names_the_user_classes_and_the_cluster(tmp_path):
     assert "-u" not in shaped and "loadtest/shapes.py" in shaped[shaped.index("-f") + 1]
 
 
+def test_command_passes_the_transport_and_never_a_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGENESIS_TOKEN", "cgt1.secret.sig")
+    opts = LoadtestOptions(transport="ws", gateway_url="http://gw:8000")
+    cmd = locust_command(opts, "redis://r", "http://h/cloud", tmp_path / "locust", tmp_path / "r.html")
+    assert cmd[cmd.index("--cg-transport") + 1] == "ws" and cmd[cmd.index("--cg-gateway-url") + 1] == "http://gw:8000"
+    assert not any("cgt1" in part for part in cmd)  # tokens reach Locust in its environment only
+    trusted = locust_command(LoadtestOptions(transport="redis"), "r", "h", tmp_path / "l", tmp_path / "h")
+    assert trusted[trusted.index("--cg-transport") + 1] == "redis" and "--cg-gateway-url" not in trusted
+    with pytest.raises(ConfigError, match="transport"):
+        LoadtestOptions(transport="carrier-pigeon").validate()
+
+
 def test_locustfile_loads_in_plain_locust():
     """`locust -f loadtest/locustfile.py --list` sees the two user classes (and no abstract one)."""
     out = subprocess.run(
@@ -104,7 +116,9 @@ def test_locust_options_come_from_the_config_with_the_loadtest_defaults():
         "cg_privacy_ngram": 5,
         "cg_privacy_max_hold_tokens": 16,
     }
-    assert parsed["options"] == before | privacy
+    # how users reach the cluster (issue 15), new: devices through the gateway
+    transport = {"cg_transport": "ws", "cg_gateway_url": "", "cg_token": ""}
+    assert parsed["options"] == before | privacy | transport
     edge = parsed["edge"]
     assert (edge["max_new_tokens"], edge["sketch_max_tokens"], edge["top_k"]) == (32, 64, 10)
     assert (edge["max_prompt_tokens"], edge["step_timeout_s"], edge["torch_threads"]) == (512, 120.0, 1)
@@ -247,7 +261,7 @@ def test_headless_locust_run_has_sessions_and_no_failures(background_cluster, ti
         small_model=str(tiny_small),
         out_dir=str(tmp_path),
     )
-    summary = run_loadtest(opts, state.redis_url, state.http_url)
+    summary = run_loadtest(opts, state.redis_url, state.http_url, secrets_dir=state.secrets_dir)
     log = (tmp_path / "locust.log").read_text()[-4000:]
     assert summary["sessions"]["failed"] == 0 and not summary["failures"] and not summary["exceptions"], log
     assert summary["users_reached"] == 8 and summary["locust_exit_code"] == 0
