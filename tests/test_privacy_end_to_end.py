@@ -17,9 +17,11 @@ import pytest
 import redis
 
 from cogenesis.cluster.local import LocalCluster
+from cogenesis.core.auth import mint
 from cogenesis.core.config import CloudConfig, EdgeConfig
 from cogenesis.core.data import load_records, sample_data_path
 from cogenesis.core.models import load_causal_lm, resolve_model
+from cogenesis.core.secrets import SecretsDir, cluster_key
 from cogenesis.edge_sim.engine import EdgeEngine
 from cogenesis.edge_sim.pool import EdgePool
 
@@ -86,21 +88,24 @@ def test_private_context_never_reaches_the_cloud(tmp_path, caplog, redis_server,
     try:
         small, tok = load_causal_lm(resolve_model("embedded:small"))
         pool = EdgePool(records, EdgeEngine(small, tok, edge.max_prompt_tokens), edge)
-        sketch = pool.run_sketch(info.http_url)
-        logits = pool.run_logits(info.redis_url)
+        worker = SecretsDir(info.secrets_dir).token("worker")
+        device = mint(cluster_key(info.secrets_dir), "device-1", "device", 600)
+        sketch = pool.run_sketch(info.http_url, token=worker)  # a trusted worker on the cloud's own route
+        logits = pool.run_logits(info.redis_url)  # a trusted worker on the bus
+        through = pool.run_logits_gateway(info.gateway_url, lambda i: device)  # a device through the gateway
     finally:
         cluster.stop()
         monitor.stop.set()
         redis.Redis.from_url(redis_server.url).ping()  # wake the monitor
         monitor.join(5)
-    assert [r.error for r in sketch + logits] == [None] * 4
+    assert [r.error for r in sketch + logits + through] == [None] * 6
     assert monitor.lines, "MONITOR saw no traffic"
 
     # 1. the cloud model's input: opens, sketches and steps never (copied spans are replaced on the device)
     entries = [json.loads(x) for x in audit.read_text().splitlines()]
     assert {"open", "step", "sketch"} <= {e["kind"] for e in entries}
     assert not any(found(e["text"]) for e in entries if e["kind"] in ("open", "sketch"))
-    copied = set().union(*(found(r.text) for r in logits))
+    copied = set().union(*(found(r.text) for r in logits + through))
     step_leaks = set().union(*(found(e["text"]) for e in entries if e["kind"] == "step"))
     assert not step_leaks, (
         f"canaries reached the cloud in step inputs: {len(step_leaks)} (the stream gate must hold them)"

@@ -34,8 +34,10 @@ import msgspec
 import redis
 
 from cogenesis.apps.canaries import Canary, normalize
+from cogenesis.cluster.bus import redis_auth
 from cogenesis.core import metrics
 from cogenesis.core.protocol import unpack_ids
+from cogenesis.core.secrets import SecretsDir, stored_token
 
 CHANNELS = ("audit_log", "redis", "http", "ray_logs", "cluster_log", "metrics")
 TOKEN_FIELDS = ("tokens",)  # msgpack fields holding int32 token ids a device sent
@@ -61,10 +63,11 @@ class Doc:
 class RedisMonitor(threading.Thread):
     """Every command Redis executes, as the raw lines of a ``MONITOR`` connection (a second connection)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, secrets: str | Path | SecretsDir | None = None) -> None:
         super().__init__(daemon=True, name="redis-monitor")
         self.url = url
-        self.client = redis.Redis.from_url(url, socket_timeout=None)  # waits for commands however long
+        self._auth = redis_auth(url, "admin", secrets)  # MONITOR: only the admin user may watch the bus
+        self.client = redis.Redis.from_url(url, socket_timeout=None, **self._auth)  # waits however long
         self.lines: list[bytes] = []
         self.ready = threading.Event()
         self._marker = f"cogenesis-monitor-end-{uuid.uuid4().hex}".encode()
@@ -91,7 +94,7 @@ class RedisMonitor(threading.Thread):
         """Read every command executed so far (up to a marker sent on another connection), then stop."""
         self._stopping.set()
         try:
-            waker = redis.Redis.from_url(self.url, socket_timeout=5)
+            waker = redis.Redis.from_url(self.url, socket_timeout=5, **self._auth)
             waker.echo(self._marker)
             waker.close()
         except redis.RedisError:
@@ -323,14 +326,16 @@ def cluster_log_docs(lines: Sequence[str], redis_log: Path | None) -> list[Doc]:
     return docs
 
 
-def metrics_docs(redis_url: str, http_url: str, timeout_s: float = 5.0) -> tuple[list[Doc], list[str]]:
+def metrics_docs(
+    redis_url: str, http_url: str, timeout_s: float = 5.0, secrets: str | Path | SecretsDir | None = None
+) -> tuple[list[Doc], list[str]]:
     """Every announced metrics endpoint's exposition, this process's edge metrics and the cloud's /v1/stats;
     and the endpoints that could not be read."""
     from prometheus_client import generate_latest
 
     from cogenesis.cluster.bus import connect
 
-    client = connect(redis_url)
+    client = connect(redis_url, role="admin", secrets=secrets)
     try:
         found = metrics.targets(client)
     finally:
@@ -338,10 +343,15 @@ def metrics_docs(redis_url: str, http_url: str, timeout_s: float = 5.0) -> tuple
     docs = [Doc("metrics", "metrics:this process (edge)", generate_latest(metrics.EDGE).decode())]
     urls = [(f"metrics:{role}", f"http://{a}/metrics") for role, addrs in found.items() for a in addrs]
     urls.append(("metrics:/v1/stats", f"{http_url}/v1/stats"))
+    where = secrets.path if isinstance(secrets, SecretsDir) else secrets
+    admin = stored_token("admin", where)  # /v1/stats is an admin's (a cluster without secrets: open)
     failed = []
     for source, url in urls:
+        headers = {"Authorization": f"Bearer {admin}"} if admin and url.endswith("/v1/stats") else None
         try:
-            docs.append(Doc("metrics", source, httpx.get(url, timeout=timeout_s).text))
+            reply = httpx.get(url, headers=headers, timeout=timeout_s)
+            reply.raise_for_status()
+            docs.append(Doc("metrics", source, reply.text))
         except httpx.HTTPError as exc:
             failed.append(f"{source} ({type(exc).__name__})")
     return docs, failed

@@ -212,6 +212,7 @@ def _sketch(run: _Run, engine: EdgeEngine, edge: EdgeConfig, http_url: str) -> N
     """Each record's own outline request, then one per canary kind carrying a canary of the record."""
     import httpx
 
+    from cogenesis.core.secrets import stored_token
     from cogenesis.edge_sim.sketch import HttpOutlines, ask_outlines
 
     cfg = edge.model_copy(update={"sketch_max_tokens": OUTLINE_TOKENS})
@@ -225,7 +226,8 @@ def _sketch(run: _Run, engine: EdgeEngine, edge: EdgeConfig, http_url: str) -> N
                 canary = mine[r.tid][i % len(mine[r.tid])]  # a different private field from record to record
                 tries.append((adversary.crafted_client(i, r, canary, engine, cfg), canary))
     with httpx.Client() as http:
-        source = RecordingOutlines(HttpOutlines(http, http_url, cfg.step_timeout_s))
+        worker = stored_token("worker")  # the cluster's (LocalCluster points $COGENESIS_SECRETS_DIR at it)
+        source = RecordingOutlines(HttpOutlines(http, http_url, cfg.step_timeout_s, token=worker))
         for start in range(0, len(tries), run.opts.batch):
             group = tries[start : start + run.opts.batch]
             answers = ask_outlines([c for c, _ in group], source, cfg)

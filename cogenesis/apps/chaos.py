@@ -47,7 +47,7 @@ from cogenesis.apps.chaos_pool import (
     read_progress,
     run_sessions,
 )
-from cogenesis.cluster.bus import FIELD, GROUP, OPEN_STREAM, in_stream, reply_key
+from cogenesis.cluster.bus import FIELD, GROUP, OPEN_STREAM, in_stream, redis_auth, reply_key
 from cogenesis.core.errors import ClusterError, ConfigError, ProtocolError
 from cogenesis.core.protocol import (
     MAX_TOP_K,
@@ -591,11 +591,14 @@ def busiest_replica(r: redis.Redis, replicas: Sequence[str]) -> str:
 def replica_stats(http_url: str, replicas: Sequence[str], tries: int = 40) -> dict[str, dict]:
     """``/v1/stats`` of each replica in ``replicas``. The Serve proxy picks the replica that answers, so ask until
     each has answered (or ``tries`` requests); returns what was seen, by replica."""
+    from cogenesis.core.secrets import stored_token
+
+    admin = stored_token("admin")  # the running cluster's ($COGENESIS_SECRETS_DIR, set by LocalCluster)
     seen: dict[str, dict] = {}
-    with httpx.Client(timeout=10.0) as http:
+    with httpx.Client(timeout=10.0, headers={"Authorization": f"Bearer {admin}"} if admin else None) as http:
         for _ in range(tries):
             try:
-                stats = http.get(f"{http_url}/v1/stats").json()
+                stats = http.get(f"{http_url}/v1/stats").raise_for_status().json()
             except (httpx.HTTPError, ValueError):
                 time.sleep(0.2)
                 continue
@@ -877,7 +880,13 @@ class Harness:
 
     def _redis(self, cluster: LocalCluster) -> redis.Redis:
         assert cluster.info is not None
-        return redis.Redis.from_url(cluster.info.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        secrets = getattr(cluster.info, "secrets_dir", None)  # an operator's tool: the admin user
+        return redis.Redis.from_url(
+            cluster.info.redis_url,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            **redis_auth(cluster.info.redis_url, "admin", secrets),
+        )
 
     def _wait_replicas(self, cluster: LocalCluster, n: int, timeout_s: float = 240.0) -> float:
         """Seconds until ``n`` replicas heartbeat again (a replaced replica loads its model); ClusterError after
@@ -1321,7 +1330,9 @@ class ReplyListWatcher:
             return sorted(self._found - {self.exclude})
 
     def _run(self) -> None:
-        r = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
+        r = redis.Redis.from_url(
+            self.url, socket_timeout=5, socket_connect_timeout=2, **redis_auth(self.url, "admin")
+        )  # secrets: $COGENESIS_SECRETS_DIR (the cluster this process started)
         try:
             # from each stream's last id now (not "$", which would skip what comes to one stream while a read
             # returns with another's)

@@ -1,7 +1,9 @@
 """``cogenesis demo``: a whole CoGenesis deployment on this machine, both modes, real models.
 
 Redis (bundled binary) + Ray + the Serve app (large model) + an edge pool of simulated clients,
-each holding one record's private context. Everything stops on exit, Ctrl-C included.
+each holding one record's private context. The clients are devices: each reaches the cloud through the
+gateway (its WebSocket for logits steps, its ``/v1/sketch`` for outlines) with a device token of its own,
+minted with the cluster's key. Everything stops on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from cogenesis.core.config import CloudConfig, EdgeConfig
 from cogenesis.core.data import Record, load_records, sample_data_path
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.models import check_same_tokenizer, load_causal_lm, read_derivation, resolve_model
+
+DEMO_TOKEN_TTL_S = 3600.0  # a demo client's device token
 
 
 @dataclass(frozen=True)
@@ -83,11 +87,14 @@ def run_demo(opts: DemoOptions, cloud: CloudConfig, edge: EdgeConfig, console: C
     try:
         with console.status("starting the cluster") as status:
             info = cluster.start(lambda m: status.update(m))
+        transport = "ws" if info.gateway_url else "redis"
         console.print(
             f"[green]cluster up[/]: Redis {info.redis_version} at {info.redis_url}, "
             f"Ray {info.ray_version}, Serve at {info.http_url}"
+            + (f", gateway at {info.gateway_url}" if info.gateway_url else " (no gateway: clients as trusted workers)")
         )
         pool = EdgePool(records, EdgeEngine(small, tok, edge.max_prompt_tokens), edge)
+        tokens = device_tokens(info.secrets_dir) if info.gateway_url else None
         for mode in opts.modes:
             with console.status(f"{mode} mode: {len(records)} client(s)") as status:
                 done = []
@@ -97,11 +104,18 @@ def run_demo(opts: DemoOptions, cloud: CloudConfig, edge: EdgeConfig, console: C
                     status.update(f"{mode} mode: {len(done)}/{len(records)} sessions done")  # noqa: B023
 
                 t0 = time.perf_counter()
-                runs = (
-                    pool.run_sketch(info.http_url, progress)
-                    if mode == "sketch"
-                    else pool.run_logits(info.redis_url, progress)
-                )
+                if info.gateway_url and tokens is not None:  # devices: through the gateway, a token each
+                    runs = (
+                        pool.run_sketch(info.gateway_url, progress, token=tokens)
+                        if mode == "sketch"
+                        else pool.run_logits_gateway(info.gateway_url, tokens, progress)
+                    )
+                else:  # a cluster without a gateway: the trusted path (the bus, the cloud's own route)
+                    runs = (
+                        pool.run_sketch(info.http_url, progress, token=worker_token(info.secrets_dir))
+                        if mode == "sketch"
+                        else pool.run_logits(info.redis_url, progress, secrets_dir=info.secrets_dir)
+                    )
                 wall[mode] = time.perf_counter() - t0
             results.extend(runs)
         _print_results(console, records, results, opts.show_private)
@@ -112,6 +126,7 @@ def run_demo(opts: DemoOptions, cloud: CloudConfig, edge: EdgeConfig, console: C
         "models": {"large": cloud.large_model, "small": small_path, "small_derivation": read_derivation(small_path)},
         "redis_version": info.redis_version,
         "ray_version": info.ray_version,
+        "transport": transport,
         "clients": len(records),
         "max_new_tokens": edge.max_new_tokens,
         "top_k": edge.top_k,
@@ -126,6 +141,29 @@ def run_demo(opts: DemoOptions, cloud: CloudConfig, edge: EdgeConfig, console: C
         Path(opts.json_path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         console.print(f"wrote {opts.json_path}")
     return report
+
+
+def device_tokens(secrets_dir: str | None):
+    """Each demo client's device token (subject ``demo-{index}``), minted with the cluster's key."""
+    from cogenesis.core.auth import mint
+    from cogenesis.core.secrets import cluster_key
+
+    key = cluster_key(secrets_dir)
+    minted: dict[int, str] = {}
+
+    def token(index: int) -> str:
+        if index not in minted:
+            minted[index] = mint(key, f"demo-{index}", "device", DEMO_TOKEN_TTL_S)
+        return minted[index]
+
+    return token
+
+
+def worker_token(secrets_dir: str | None) -> str | None:
+    """The cluster's worker token (None: a cluster without secrets, whose routes are open)."""
+    from cogenesis.core.secrets import stored_token
+
+    return stored_token("worker", secrets_dir) if secrets_dir else None
 
 
 def _print_results(console: Console, records: list[Record], results, show_private: bool) -> None:
@@ -149,7 +187,7 @@ def _print_results(console: Console, records: list[Record], results, show_privat
 
 
 def _print_summary(console: Console, summary: dict) -> None:
-    table = Table(title="CoGenesis demo")
+    table = Table(title=f"CoGenesis demo (transport: {summary.get('transport', 'redis')})")
     for col in ("mode", "sessions", "failed", "tokens", "tokens/s", "session p50 s", "session max s", "round trips"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for mode, m in summary["modes"].items():

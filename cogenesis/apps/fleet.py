@@ -24,7 +24,9 @@ import msgspec
 import numpy as np
 import redis
 
+from cogenesis.cluster.bus import connect
 from cogenesis.core.errors import ClusterError
+from cogenesis.core.secrets import ENV_DIR, ENV_TOKEN
 from cogenesis.edge_sim.fleet import (
     FleetOptions,
     LatencySamples,
@@ -56,6 +58,7 @@ def run_fleet(
     http_url: str,
     ray_address: str | None = None,
     progress: Progress = _no_progress,
+    secrets_dir: str | None = None,
 ) -> dict:
     """Start the pools, follow their progress, merge their summaries; returns the report.
     ``progress`` gets the pools' summed counters about every second."""
@@ -65,8 +68,9 @@ def run_fleet(
     profile = resolve_device(opts.device)  # a bad name fails here, before any process starts
     opts.pools = min(opts.pools, opts.clients)
     run_id = uuid.uuid4().hex[:12]
-    cmds = [pool_command(run_id, i, opts, redis_url, http_url) for i in range(opts.pools)]
-    rdb = redis.Redis.from_url(redis_url, socket_timeout=10)
+    secrets_dir = secrets_dir or os.environ.get(ENV_DIR)  # a path, not a secret: the pools read the password there
+    cmds = [pool_command(run_id, i, opts, redis_url, http_url, secrets_dir) for i in range(opts.pools)]
+    rdb = connect(redis_url, role="edge", secrets=secrets_dir)
     t0 = time.perf_counter()
     pools = _start_on_ray(cmds, ray_address) if opts.launcher == "ray" else _start_local(cmds)
     try:
@@ -77,7 +81,9 @@ def run_fleet(
     return merge(followed.done, opts, profile, time.perf_counter() - t0, followed.peak_active, followed.peak_connected)
 
 
-def pool_command(run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_url: str) -> list[str]:
+def pool_command(
+    run_id: str, pool: int, opts: FleetOptions, redis_url: str, http_url: str, secrets_dir: str | None = None
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -92,6 +98,7 @@ def pool_command(run_id: str, pool: int, opts: FleetOptions, redis_url: str, htt
         http_url,
         "--options",
         msgspec.json.encode(opts).decode(),
+        *(["--secrets-dir", secrets_dir] if secrets_dir else []),
     ]
 
 
@@ -140,11 +147,14 @@ def _start_on_ray(cmds: list[list[str]], ray_address: str | None) -> _Pools:
     if not ray.is_initialized():
         ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
     task = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(_run_pool_on_ray)
-    return _Pools(ray_tasks=[task.remote(cmd, str(ROOT)) for cmd in cmds])
+    # an explicit device token (--token) reaches the pools in their environment, as it does local ones: never
+    # on a command line (a pool without one mints its devices' tokens from the secrets directory)
+    env = {ENV_TOKEN: os.environ[ENV_TOKEN]} if os.environ.get(ENV_TOKEN) else {}
+    return _Pools(ray_tasks=[task.remote(cmd, str(ROOT), env) for cmd in cmds])
 
 
-def _run_pool_on_ray(cmd: list[str], cwd: str) -> int:
-    return subprocess.call(cmd, cwd=cwd)
+def _run_pool_on_ray(cmd: list[str], cwd: str, env: dict[str, str]) -> int:
+    return subprocess.call(cmd, cwd=cwd, env={**os.environ, **env})
 
 
 # ---- following their progress -------------------------------------------------------------------
@@ -229,6 +239,7 @@ def merge(
         "clients": opts.clients,
         "pools": opts.pools,
         "mode": opts.mode,
+        "transport": opts.transport,
         "device": describe(profile, "pool"),
         "think_s": list(opts.think_s),
         "duration_s": opts.duration_s,

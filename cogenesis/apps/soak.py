@@ -424,7 +424,9 @@ def run_soak(
             counts.update({k: int(c.get(k, 0)) for k in ("ok", "failed", "tokens", "active", "connected")})
             progress(progress_line(c, sampler.latest() if sampler else None, t_end, opts.minutes))
 
-        fleet = run_fleet(fleet_opts, state.redis_url, state.http_url, state.ray_address, on_progress)
+        fleet = run_fleet(
+            fleet_opts, state.redis_url, state.http_url, state.ray_address, on_progress, secrets_dir=state.secrets_dir
+        )
     except KeyboardInterrupt:
         interrupted = True
         raise

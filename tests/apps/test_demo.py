@@ -54,6 +54,7 @@ def test_demo_with_its_defaults_runs_every_session_ok(tmp_path):
     assert all(s["tokens"] > 0 for s in sessions), sessions
     modes = report["summary"]["modes"]
     assert set(modes) == {"sketch", "logits"}
+    assert report["summary"]["transport"] == "ws"  # every client a device on the gateway, with its own token
     assert all(m["failed"] == 0 and m["sessions"] == 4 and m["tokens"] > 0 for m in modes.values()), modes
     for s in sessions:
         assert s["tid"] and isinstance(s["seconds"], float) and len(s["text"].split()) >= 2

@@ -33,6 +33,11 @@ def _edge(tiny_small, **kw):
     ).model_dump()
 
 
+def _secrets(state) -> str | None:
+    """The background cluster's secrets directory (devices' tokens are minted with its key)."""
+    return getattr(state, "secrets_dir", None)
+
+
 def test_unknown_device_names_the_profiles(redis_url):
     with pytest.raises(ConfigError, match="unknown device 'toaster'") as err:
         run_fleet(FleetOptions(device="toaster", duration_s=1), redis_url, "http://127.0.0.1:9")
@@ -69,8 +74,11 @@ def test_real_device_fleet_runs_every_session_in_mixed_mode(background_cluster, 
         edge=_edge(tiny_small),
     )
     seen = []
-    report = run_fleet(opts, state.redis_url, state.http_url, state.ray_address, seen.append)
+    report = run_fleet(
+        opts, state.redis_url, state.http_url, state.ray_address, seen.append, secrets_dir=_secrets(state)
+    )
     assert report["sessions"] == {"ok": 12, "failed": 0, "cut": 0}, report["errors"]
+    assert report["transport"] == "ws"  # every device through the gateway, a token each
     assert report["tokens"] > 0 and report["ttft_ms"]["p50"] is not None and report["itl_ms"]["p99"] is not None
     assert report["device"].startswith("real") and report["pools"] == 2 and len(report["pool_rss_mb"]) == 2
     assert seen and max(c.get("connected", 0) for c in seen) <= 6
@@ -90,7 +98,7 @@ def test_profile_fleet_is_named_in_the_report_and_bounded_by_duration(background
         grace_s=60,
         edge=_edge(tiny_small),
     )
-    report = run_fleet(opts, state.redis_url, state.http_url)
+    report = run_fleet(opts, state.redis_url, state.http_url, secrets_dir=_secrets(state))
     assert report["device"].startswith("phone (simulated: 20 tok/s decode")
     assert report["sessions"]["failed"] == 0, report["errors"]
     assert report["sessions"]["ok"] >= 40  # every client ran at least one session
@@ -130,8 +138,9 @@ def test_thinking_clients_stop_when_the_duration_ends(background_cluster, tiny_s
         device="phone",
         grace_s=60,
         edge=_edge(tiny_small),
+        transport="redis",  # trusted workers on the bus
     )
-    report = run_fleet(opts, state.redis_url, state.http_url)
+    report = run_fleet(opts, state.redis_url, state.http_url, secrets_dir=_secrets(state))
     assert report["sessions"]["failed"] == 0, report["errors"]
     assert report["seconds"] < 3.0 + 60  # pool start-up + running sessions' grace, never the 600 s think
 

@@ -82,6 +82,7 @@ def test_prometheus_scrapes_throughput_and_round_trip_under_load(background_clus
             ),
             state.redis_url,
             state.http_url,
+            secrets_dir=state.secrets_dir,
         )
         assert report["sessions"]["failed"] == 0 and report["sessions"]["ok"] > 0
         out, err = top.communicate(timeout=60)

@@ -402,7 +402,7 @@ EDGE_MESSAGES = {  # every edge -> cloud message type, and the fields it may car
         "resume_step",
     },
     StepRequest: {"type", "v", "session_id", "step", "tokens", "budget_ms", "reply_to"},
-    CloseSession: {"type", "v", "session_id"},
+    CloseSession: {"type", "v", "session_id", "reply_to"},
     SketchRequest: {
         "type",
         "v",

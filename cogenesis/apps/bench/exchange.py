@@ -10,6 +10,9 @@ For each session count N, in one process tree on this machine, with the same mod
   batched forward pass per round, binary messages, lookahead 0.
 - ``cogenesis-lookahead``: the same with lookahead n (default 4): drafts accepted by the edge save
   round trips.
+- ``cogenesis-gateway``: ``cogenesis`` as devices run it: every session is a device with its own token and
+  WebSocket to the gateway, which relays to the same bus and replicas (lookahead 0). Against ``cogenesis`` (a
+  trusted worker on the bus) it measures the gateway's extra hop: its step exchange overhead and tokens/s.
 - ``vllm`` (``--with-vllm``): a vLLM OpenAI-compatible server driven per step (max_tokens=1,
   logprobs=k, prefix caching), the setup a user would pick instead.
 
@@ -40,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 
@@ -53,7 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("large-only", "stateless", "cogenesis", "cogenesis-lookahead")
+VARIANTS = ("large-only", "stateless", "cogenesis", "cogenesis-lookahead", "cogenesis-gateway")
+BENCH_TOKEN_TTL_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ class _Ctx:
     large_path: str
     redis_url: str = ""
     http_url: str = ""
+    gateway_url: str = ""
+    secrets_dir: str | None = None
     vllm_url: str = ""
     results: list[VariantResult] = field(default_factory=list)
 
@@ -148,6 +154,7 @@ def run_exchange_bench(opts: ExchangeBenchOptions, console, progress: Callable[[
         say("starting Redis, Ray and the Serve app")
         info = cluster.start(say)
         ctx.redis_url, ctx.http_url = info.redis_url, info.http_url
+        ctx.gateway_url, ctx.secrets_dir = info.gateway_url or "", info.secrets_dir
         if opts.with_vllm:
             from cogenesis.apps.bench.vllm_server import VLLMServer
 
@@ -183,6 +190,7 @@ def run_exchange_bench(opts: ExchangeBenchOptions, console, progress: Callable[[
         "models": {"large": large_path, "small": small_path},
         "results": [r.to_json() for r in ctx.results],
         "ratios": ratios(ctx.results),
+        "gateway_hop": gateway_hop(ctx.results),
     }
     write_report(report, Path(opts.json_path))
     return report
@@ -192,6 +200,26 @@ def _variants(opts: ExchangeBenchOptions) -> tuple[str, ...]:
     return tuple(opts.variants) + (("vllm",) if opts.with_vllm else ())
 
 
+def _token(ctx: _Ctx, role: Literal["admin", "worker"]) -> str | None:
+    """The cluster's worker or admin token (None: a cluster without secrets, whose routes are open)."""
+    from cogenesis.core.secrets import stored_token
+
+    return stored_token(role, ctx.secrets_dir) if ctx.secrets_dir else None
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def _device_tokens(ctx: _Ctx):
+    """Each bench session's device token (``bench-{index}``), minted with the cluster's key."""
+    from cogenesis.core.auth import mint
+    from cogenesis.core.secrets import cluster_key
+
+    key = cluster_key(ctx.secrets_dir)
+    return lambda index: mint(key, f"bench-{index}", "device", BENCH_TOKEN_TTL_S)
+
+
 def _run_variant(ctx: _Ctx, variant: str, n: int, max_new_tokens: int | None = None) -> VariantResult:
     opts = ctx.opts
     tokens = max_new_tokens or opts.max_new_tokens
@@ -199,15 +227,20 @@ def _run_variant(ctx: _Ctx, variant: str, n: int, max_new_tokens: int | None = N
     if variant == "large-only":
         return _large_only(ctx, records, tokens)
     from cogenesis.cluster.bus import EdgeBus
+    from cogenesis.edge_sim.gateway_link import DeviceLinks
     from cogenesis.edge_sim.links import BusLink, OpenAILink, StatelessLink
 
-    link: BusLink | StatelessLink
+    link: BusLink | StatelessLink | DeviceLinks
     if variant == "stateless":
-        link = StatelessLink(ctx.http_url, ctx.tok, max_concurrency=n)
+        link = StatelessLink(ctx.http_url, ctx.tok, max_concurrency=n, token=_token(ctx, "worker"))
     elif variant == "vllm":
         link = OpenAILink(ctx.vllm_url, ctx.large_path, ctx.tok, max_concurrency=n)
+    elif variant == "cogenesis-gateway":
+        if not ctx.gateway_url:
+            raise ConfigError("the cogenesis-gateway variant needs the cluster's gateway (gateway.enabled)")
+        link = DeviceLinks(ctx.gateway_url, _device_tokens(ctx), reconnect_s=opts.step_timeout_s)
     else:
-        link = BusLink(EdgeBus(ctx.redis_url))
+        link = BusLink(EdgeBus(ctx.redis_url, secrets=ctx.secrets_dir))
     lookahead = opts.lookahead if variant == "cogenesis-lookahead" else 0
     before = _cloud_stats(ctx) if variant.startswith("cogenesis") else None
     try:
@@ -300,7 +333,7 @@ def _large_only(ctx: _Ctx, records, tokens: int) -> VariantResult:
 
 
 def _cloud_stats(ctx: _Ctx) -> dict:
-    return httpx.get(f"{ctx.http_url}/v1/stats", timeout=30).json()
+    return httpx.get(f"{ctx.http_url}/v1/stats", headers=_auth(_token(ctx, "admin")), timeout=30).json()
 
 
 def ratios(results: list[VariantResult]) -> list[dict]:
@@ -325,6 +358,28 @@ def ratios(results: list[VariantResult]) -> list[dict]:
                     "e2e_vs_stateless": _r(ratio(r.tokens_per_s, base.tokens_per_s if base else None)),
                 }
             )
+    return out
+
+
+def gateway_hop(results: list[VariantResult]) -> list[dict]:
+    """Per N: what the gateway adds to a step, ``cogenesis-gateway`` (devices) against ``cogenesis`` (the bus
+    directly): the step exchange overhead p50/p99 of each (ms) and the tokens/s ratio."""
+    out = []
+    for n in sorted({r.sessions for r in results}):
+        by = {r.variant: r for r in results if r.sessions == n}
+        bus, gateway = by.get("cogenesis"), by.get("cogenesis-gateway")
+        if bus is None or gateway is None:
+            continue
+        out.append(
+            {
+                "sessions": n,
+                "overhead_p50_ms": {"bus": bus.overhead_p50_ms, "gateway": gateway.overhead_p50_ms},
+                "overhead_p99_ms": {"bus": bus.overhead_p99_ms, "gateway": gateway.overhead_p99_ms},
+                "tokens_per_s": {"bus": round(bus.tokens_per_s, 2), "gateway": round(gateway.tokens_per_s, 2)},
+                "decode_vs_bus": _r(ratio(gateway.decode_tokens_per_s, bus.decode_tokens_per_s)),
+                "e2e_vs_bus": _r(ratio(gateway.tokens_per_s, bus.tokens_per_s)),
+            }
+        )
     return out
 
 

@@ -36,7 +36,7 @@ def register(sub) -> None:
     )
     e.add_argument(
         "--variants",
-        default=",".join(("large-only", "stateless", "cogenesis", "cogenesis-lookahead")),
+        default=",".join(("large-only", "stateless", "cogenesis", "cogenesis-lookahead", "cogenesis-gateway")),
         help="comma-separated subset of the variants",
     )
     e.add_argument("--with-vllm", action="store_true", help="add a vLLM OpenAI server driven per step")

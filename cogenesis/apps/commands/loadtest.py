@@ -43,6 +43,19 @@ def register(sub) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="summary JSON path (default: OUT/summary.json)")
     p.add_argument("--keep-cluster", action="store_true", help="leave a cluster this command started running")
     p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
+    p.add_argument(
+        "--transport",
+        choices=["ws", "redis"],
+        default="ws",
+        help="ws: every user is a device on the gateway, a token each; redis: trusted workers on the bus",
+    )
+    p.add_argument("--gateway-url", default=None, help="the gateway's URL (default: the cluster's)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="one device token for every user (default: $COGENESIS_TOKEN, else one minted per user with the "
+        "cluster's key)",
+    )
     LOADTEST.add_to(p)
     p.set_defaults(handler=run)
 
@@ -68,6 +81,8 @@ def run(args) -> int:
         stop_timeout_s=args.stop_timeout,
         out_dir=args.out,
         json_path=args.json_path,
+        transport=args.transport,
+        gateway_url=args.gateway_url or "",
     )
     opts.validate()  # before starting anything
     console = Console(stderr=True)
@@ -81,6 +96,8 @@ def run(args) -> int:
                     progress=lambda m: st.update(f"cogenesis loadtest: {m}"),
                 )
         with console.status("cogenesis loadtest: starting Locust") as st:
+            if not opts.gateway_url:
+                opts.gateway_url = getattr(state, "gateway_url", None) or ""
             summary = run_loadtest(
                 opts,
                 state.redis_url,
@@ -89,6 +106,8 @@ def run(args) -> int:
                     f"loadtest {p['elapsed_s']:.0f}s | {p['users']} users | {p['requests']} requests | "
                     f"{p['failures']} failures"
                 ),
+                secrets_dir=getattr(state, "secrets_dir", None),
+                token=args.token,
             )
     finally:
         if started and not args.keep_cluster:
@@ -111,7 +130,9 @@ def print_summary(s: dict) -> None:
         if s["users"]
         else f"shape {s['shape']}"
     )
-    print(f"{target}, mode {s['mode']}, think {s['think_time_s']} s: reached {s['users_reached']} users")
+    print(
+        f"{target}, mode {s['mode']}, transport {s.get('transport', 'redis')}, think {s['think_time_s']} s: reached {s['users_reached']} users"
+    )
     verdict = (
         "zero failures" if not s["sessions"]["failed"] and not s["failures"] else f"{s['sessions']['failed']} FAILED"
     )

@@ -42,13 +42,13 @@ def run(args) -> int:
 
     if args.interval <= 0:
         raise ConfigError(f"--interval must be > 0, got {args.interval}")
-    url = args.redis_url
+    url, secrets = args.redis_url, None
     if not url:
         state = daemon.running(args.state_dir)
         if state is None:
             raise ClusterError("no cluster is running", hint="start one with `cogenesis up`, or pass --redis-url")
-        url = state.redis_url
-    bus = connect(url)
+        url, secrets = state.redis_url, state.secrets_dir
+    bus = connect(url, role="admin", secrets=secrets)  # an operator's tool ($COGENESIS_SECRETS_DIR otherwise)
 
     def addresses() -> list[str]:
         found = [a for addrs in metrics.targets(bus).values() for a in addrs]

@@ -36,7 +36,10 @@ def test_bench_runs_every_variant_and_writes_its_report(tiny_large, tiny_small, 
     la = [r for r in report["results"] if r["variant"] == "cogenesis-lookahead"]
     assert all(r["tokens_per_round_trip"] >= 1 for r in la)
     assert {(q["sessions"], q["variant"]) for q in report["ratios"]} == {
-        (n, v) for n in (1, 3) for v in ("cogenesis", "cogenesis-lookahead")
+        (n, v) for n in (1, 3) for v in ("cogenesis", "cogenesis-lookahead", "cogenesis-gateway")
     }
+    hops = {h["sessions"]: h for h in report["gateway_hop"]}  # the gateway's extra hop, beside the bus
+    assert set(hops) == {1, 3}
+    assert all(h["overhead_p50_ms"]["gateway"] is not None and h["e2e_vs_bus"] for h in hops.values()), hops
     assert out.with_suffix(".md").read_text().startswith("| N | variant |")
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
