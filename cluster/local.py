@@ -109,6 +109,14 @@ class LocalCluster:
         return SecretsDir.create(Path(self._own_secrets) / "secrets")
 
     def start(self, progress=lambda msg: None) -> ClusterInfo:
+        """Start everything; a start that fails (or is interrupted) stops what it had started before raising."""
+        try:
+            return self._start(progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, progress) -> ClusterInfo:
         import ray
         from ray import serve
 

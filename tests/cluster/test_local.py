@@ -191,3 +191,20 @@ def test_replica_pids_name_the_live_replica_processes(cluster):
     assert list(pids) == [replica]
     assert pids[replica] == _replica_actor_pids()[replica] != os.getpid()
     os.kill(pids[replica], 0)  # alive (signal 0 only checks)
+
+
+def test_a_start_that_fails_leaves_nothing_behind(monkeypatch, tmp_path):
+    """An unreachable Redis fails the start before Ray: the temporary secrets and the environment it set are
+    gone again, and the error says where it looked."""
+    import os
+    import tempfile
+
+    from cogenesis.cluster.redis_server import free_port
+    from cogenesis.core.secrets import ENV_DIR
+
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    local = LocalCluster(CloudConfig(), redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(ClusterError, match="cannot reach Redis"):
+        local.start()
+    assert ENV_DIR not in os.environ and list(tmp_path.iterdir()) == [] and local.secrets is None
