@@ -27,7 +27,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ from cogenesis.core.errors import (
 )
 from cogenesis.core.prompts import split_instruction
 from cogenesis.edge_sim.client import EdgeClient, SessionResult
+from cogenesis.edge_sim.device import Device
 from cogenesis.edge_sim.engine import EdgeEngine
 from cogenesis.edge_sim.gateway_link import GatewayLink
 
@@ -132,7 +133,11 @@ class Client:
     ``url``: the gateway's base URL; ``token``: this device's bearer token. ``small_model``: the device's model
     (``embedded:small``, an HF directory or hub id; default: ``config.small_model``), loaded once; or pass a loaded
     ``engine`` (``EdgeEngine``). ``config``: the edge's settings (``EdgeConfig``); ``generate`` options override
-    its fields for one call. The gateway connection opens with the first logits session and is reused."""
+    its fields for one call. The gateway connection opens with the first logits session and is reused.
+
+    Simulators (``cogenesis edge``, Locust: ``cogenesis.edge_sim.session.run_session``) run many such devices in
+    one process: they pass the ``engine`` and a shared ``device`` (one batched small-model pass for all their
+    sessions) and an ``http`` client, and call ``session`` with each device's ``EdgeClient``."""
 
     def __init__(
         self,
@@ -142,14 +147,18 @@ class Client:
         config: EdgeConfig | None = None,
         *,
         engine: EdgeEngine | None = None,
+        device: Device | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._token = token
         cfg = config or EdgeConfig()
         self.config = cfg.model_copy(update={"small_model": small_model}) if small_model else cfg
         self.engine = engine or _load_engine(self.config)
+        self._device = device  # None: this client's own passes (a packed batch of its one session)
         self._link: GatewayLink | None = None
-        self._http: httpx.Client | None = None
+        self._http: httpx.Client | None = http
+        self._own_http = http is None
         self._busy = threading.Lock()
         self.last_result: SessionResult | None = None  # the last session's numbers (and text): stays here
 
@@ -201,7 +210,7 @@ class Client:
 
         def run() -> None:
             try:
-                outcome.append(self._session(client, mode, cfg, on_token))
+                outcome.append(self.session(client, mode, cfg, on_token))
             except BaseException as exc:  # handed to the caller
                 outcome.append(exc)
             finally:
@@ -232,18 +241,33 @@ class Client:
             worker.join(timeout=cfg.step_timeout_s + JOIN_MARGIN_S)
             self._busy.release()
 
-    def _session(self, client: EdgeClient, mode: Mode, cfg: EdgeConfig, on_token) -> SessionResult:
+    def session(
+        self,
+        client: EdgeClient,
+        mode: Mode,
+        cfg: EdgeConfig | None = None,
+        on_token: Callable[..., bool] | None = None,
+        stop_at: float | None = None,
+    ) -> SessionResult:
+        """One ``mode`` session of ``client`` (a device's record, gate and session state) through the gateway: the
+        path every device session takes, ``generate``'s and the simulators'. Failures come back in the result
+        (``error``, ``error_code``) or raise; ``stop_at`` (``time.perf_counter()``) ends a logits session early."""
         from cogenesis.edge_sim.device import PackedDevice
         from cogenesis.edge_sim.logits import run_logits_sessions
         from cogenesis.edge_sim.sketch import HttpOutlines, write_sketch
 
+        cfg = cfg or self.config
         if mode == "logits":
-            (result,) = run_logits_sessions([client], self.engine, self._gateway(cfg), cfg, on_token=on_token)
+            (result,) = run_logits_sessions(
+                [client], self.engine, self._gateway(cfg), cfg, stop_at=stop_at, device=self._device, on_token=on_token
+            )
             return result
+        if mode != "sketch":
+            raise ConfigError(f"unknown mode {mode!r}", hint="use 'logits' or 'sketch'")
         if self._http is None:
             self._http = httpx.Client()
         outlines = HttpOutlines(self._http, self.url, cfg.step_timeout_s, cfg.admission_timeout_s, token=self._token)
-        device = PackedDevice(self.engine.model, self.engine.pad_id, cfg.prefill_threads)
+        device = self._device or PackedDevice(self.engine.model, self.engine.pad_id, cfg.prefill_threads)
         return write_sketch(client, outlines, self.engine, device, cfg, on_token=on_token)
 
     def _gateway(self, cfg: EdgeConfig) -> GatewayLink:
@@ -256,7 +280,7 @@ class Client:
         if self._link is not None:
             self._link.shutdown()
             self._link = None
-        if self._http is not None:
+        if self._http is not None and self._own_http:
             self._http.close()
             self._http = None
 

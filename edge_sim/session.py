@@ -4,8 +4,9 @@ Sessions run side by side over one ``Device`` (``SharedDevice`` batches their sm
 a ``ProfileDevice`` only takes a profile's time) and a ``Cloud`` handle: how the cloud is reached. Its
 ``transport``:
 
-- ``ws`` (devices): logits steps over the gateway's WebSocket (``GatewayLink``), outlines from the gateway's
-  ``/v1/sketch``, each with the device's own bearer token;
+- ``ws`` (devices): the edge SDK's session (``cogenesis.edge_sim.sdk.Client.session``, on the shared device):
+  logits steps over the gateway's WebSocket, outlines from the gateway's ``/v1/sketch``, each with the device's
+  own bearer token;
 - ``redis`` (trusted in-cluster workers): logits steps on the Redis bus as the ``edge`` Redis user, outlines from
   the cloud's own route with the worker token (when the cluster has secrets).
 
@@ -30,7 +31,6 @@ from cogenesis.core.protocol import error_code
 from cogenesis.edge_sim.client import EdgeClient, SessionResult
 from cogenesis.edge_sim.device import Device
 from cogenesis.edge_sim.engine import EdgeEngine
-from cogenesis.edge_sim.gateway_link import GatewayLink
 from cogenesis.edge_sim.logits import run_logits_sessions
 from cogenesis.edge_sim.sketch import HttpOutlines, write_sketch
 
@@ -120,12 +120,14 @@ def run_session(
     t0 = time.perf_counter()
     token = cloud.token(client.index) if cloud.token is not None else None
     try:
-        if mode == "logits" and cloud.transport == "ws":
-            link = GatewayLink(cloud.gateway_url, token or "", reconnect_s=cfg.redis_retry_s)
+        if cloud.transport == "ws":  # a device: the edge SDK's session, through the gateway with its token
+            from cogenesis.edge_sim.sdk import Client
+
+            sdk = Client(cloud.gateway_url, token or "", config=cfg, engine=engine, device=device, http=cloud.http)
             try:
-                return run_logits_sessions([client], engine, link, cfg, stop_at=stop_at, device=device)[0]
+                return sdk.session(client, mode, cfg, stop_at=stop_at)  # type: ignore[arg-type]
             finally:
-                link.shutdown()
+                sdk.close()
         if mode == "logits":
             bus = EdgeBus(cloud.redis_url, cfg.redis_retry_s, secrets=cloud.secrets_dir)
             try:

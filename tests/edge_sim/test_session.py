@@ -46,3 +46,43 @@ def test_the_gateway_sits_beside_the_cloud_app():
     assert gateway_of("http://127.0.0.1:8000/cloud") == "http://127.0.0.1:8000"
     assert gateway_of("http://127.0.0.1:8000/cloud/") == "http://127.0.0.1:8000"
     assert gateway_of("http://gw:9") == "http://gw:9"
+
+
+@pytest.mark.parametrize("mode", ["logits", "sketch"])
+def test_a_simulated_devices_session_is_the_sdks(monkeypatch, mode):
+    """`cogenesis edge` and Locust run each device's session through the edge SDK (``Client.session``), with the
+    device's own token, the process's engine, shared device and HTTP client; the client is closed afterwards
+    but the shared HTTP client is not its to close."""
+    from types import SimpleNamespace
+
+    from cogenesis.core.config import EdgeConfig
+    from cogenesis.edge_sim import sdk
+    from cogenesis.edge_sim.session import Cloud, run_session
+
+    seen: dict = {}
+
+    class Recording(sdk.Client):
+        def session(self, client, mode, cfg=None, on_token=None, stop_at=None):
+            seen.update(url=self.url, token=self._token, engine=self.engine, device=self._device, http=self._http)
+            seen.update(client=client, mode=mode, stop_at=stop_at)
+            return "result"
+
+        def close(self):
+            seen["closed"] = not self._own_http
+            super().close()
+
+    monkeypatch.setattr(sdk, "Client", Recording)
+    http, engine, device, client = object(), object(), object(), SimpleNamespace(index=3)
+    cloud = Cloud("redis://x", "http://h/cloud", http, "ws", "http://h", token=lambda i: f"token-{i}")
+    assert run_session(client, mode, engine, device, cloud, EdgeConfig(), stop_at=9.0) == "result"
+    assert seen == {
+        "url": "http://h",
+        "token": "token-3",
+        "engine": engine,
+        "device": device,
+        "http": http,
+        "client": client,
+        "mode": mode,
+        "stop_at": 9.0,
+        "closed": True,
+    }
