@@ -28,12 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
 from typing import Any
 
-import msgspec
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -45,6 +43,8 @@ from cogenesis.core.auth import Claims, Role, bearer, verify
 from cogenesis.core.config import CloudConfig, validate
 from cogenesis.core.errors import AuthError, Busy, ConfigError, Forbidden, RateLimited
 from cogenesis.core.secrets import cluster_key
+from cogenesis.deployments import outlines_http
+from cogenesis.deployments.outlines_http import error_json, openai_error
 from cogenesis.deployments.relay import ENORMOUS_FACTOR, GatewayRelay, connect_async
 
 log = logging.getLogger("cogenesis.gateway")
@@ -75,28 +75,6 @@ def _reason(text: str) -> str:
     """A WebSocket close reason: at most 123 bytes of UTF-8."""
     raw = text.encode()[:123]
     return raw.decode(errors="ignore")
-
-
-def _headers(status: int, retry_after_s: float | None) -> dict[str, str]:
-    """``Retry-After`` (whole seconds, at least 1) when given; ``WWW-Authenticate`` on a 401 (RFC 6750)."""
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else {}
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return headers
-
-
-def _error(status: int, message: str, hint: str | None = None, retry_after_s: float | None = None) -> Response:
-    headers = _headers(status, retry_after_s)
-    body = msgspec.json.encode({"error": message, "hint": hint})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-def _openai_error(status: int, message: str, code: str, retry_after_s: float | None = None) -> Response:
-    """An error in the OpenAI API's shape (``/v1/chat/completions`` clients read it)."""
-    headers = _headers(status, retry_after_s)
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = msgspec.json.encode({"error": {"message": message, "type": kind, "code": code}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 class GatewayServer:
@@ -206,9 +184,9 @@ class GatewayServer:
         try:
             self.claims(request.headers.get("authorization"), "admin")
         except AuthError as exc:
-            return _error(401, exc.message, exc.hint)
+            return error_json(401, exc.message, exc.hint)
         except Forbidden as exc:
-            return _error(403, exc.message, exc.hint)
+            return error_json(403, exc.message, exc.hint)
         return JSONResponse({**self.relay.stats(), "redis": await self.relay.ping(), "metrics": self.metrics_address})
 
     # ---- outlines -----------------------------------------------------------------------------------
@@ -222,20 +200,15 @@ class GatewayServer:
             self.relay.limiter.take(claims.sub)
         except AuthError as exc:
             self.relay.refuse("unauthorized")
-            return _openai_error(401, exc.message, "unauthorized") if openai else _error(401, exc.message, exc.hint)
+            return openai_error(401, exc.message, "unauthorized") if openai else error_json(401, exc.message, exc.hint)
         except Forbidden as exc:
             self.relay.refuse("forbidden")
-            return _openai_error(403, exc.message, "forbidden") if openai else _error(403, exc.message, exc.hint)
+            return openai_error(403, exc.message, "forbidden") if openai else error_json(403, exc.message, exc.hint)
         except RateLimited as exc:
             self.relay.refuse("rate_limited")
             if openai:
-                return _openai_error(429, exc.message, "rate_limited", exc.retry_after_s)
-            return _error(429, exc.message, exc.hint, exc.retry_after_s)
-        try:
-            from cogenesis.deployments import outlines_http
-        except ImportError:
-            message = "outlines are not served by this gateway build yet (cogenesis.deployments.outlines_http)"
-            return _openai_error(501, message, "not_implemented") if openai else _error(501, message)
+                return openai_error(429, exc.message, "rate_limited", exc.retry_after_s)
+            return error_json(429, exc.message, exc.hint, exc.retry_after_s)
         handler = getattr(outlines_http, route)
         return await handler(self.cloud(), request, claims, self.cfg)
 

@@ -82,10 +82,26 @@ def wants_events(request: Request) -> bool:
     return EVENT_STREAM in request.headers.get("accept", "")
 
 
-def _error_json(status: int, message: str, hint: str | None = None, retry_after_s: float | None = None) -> Response:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
-    body = msgspec.json.encode({"error": message, "hint": hint})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+def error_headers(status: int, retry_after_s: float | None = None) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1) when given; ``WWW-Authenticate`` on a 401 (RFC 6750)."""
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def error_body(message: str, hint: str | None) -> bytes:
+    return msgspec.json.encode({"error": message, "hint": hint})
+
+
+def error_json(status: int, message: str, hint: str | None = None, retry_after_s: float | None = None) -> Response:
+    """An error as JSON ``{"error", "hint"}``, with ``error_headers``: every route of both apps answers so."""
+    return Response(
+        error_body(message, hint),
+        status_code=status,
+        media_type="application/json",
+        headers=error_headers(status, retry_after_s),
+    )
 
 
 # ---- the relay ---------------------------------------------------------------------------------------------
@@ -144,14 +160,14 @@ async def sketch_route(cloud_handle: Any, request: Request, claims: Claims, cfg:
     try:
         body = await read_body(request, cfg.limits.max_body_bytes)
     except TooLarge as exc:
-        return _error_json(413, exc.message, exc.hint)
+        return error_json(413, exc.message, exc.hint)
     except ProtocolError as exc:
-        return _error_json(400, exc.message)
+        return error_json(400, exc.message)
     log.info("sketch from %s: %d bytes", claims.sub, len(body))
     try:
         gen, head = await _open(cloud_handle, body, wants_events(request))
     except _NoReplica:
-        return _error_json(503, "no cloud replica answered", "retry later", UNAVAILABLE_RETRY_S)
+        return error_json(503, "no cloud replica answered", "retry later", UNAVAILABLE_RETRY_S)
     if head.media_type.startswith(EVENT_STREAM):
         return StreamingResponse(
             _chunks(gen), status_code=head.status, media_type=head.media_type, headers=head.headers
@@ -210,9 +226,10 @@ def openai_error(
         if status >= 500
         else "invalid_request_error"
     )
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
     body = msgspec.json.encode({"error": {"message": message, "type": kind, "code": code}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(
+        body, status_code=status, media_type="application/json", headers=error_headers(status, retry_after_s)
+    )
 
 
 _CODES = {400: "bad_request", 413: "too_large", 422: "bad_request", 429: "busy", 503: "unavailable", 504: "deadline"}

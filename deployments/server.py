@@ -18,7 +18,6 @@ its ``budget_ms``, counted from its arrival here; it is cancelled).
 
 import asyncio
 import logging
-import math
 import os
 import threading
 import time
@@ -65,6 +64,8 @@ from cogenesis.deployments.outlines_http import (
     RELAYED_HEADERS,
     SSE_HEADERS,
     OutlineHead,
+    error_body,
+    error_json,
     read_body,
     wants_events,
 )
@@ -85,15 +86,6 @@ def _msgpack(msg: StepReply | ErrorReply, status: int = 200) -> Response:
     return Response(encode(msg), status_code=status, media_type="application/msgpack")
 
 
-def _error_body(message: str, hint: str | None) -> bytes:
-    return msgspec.json.encode({"error": message, "hint": hint})
-
-
-def _json_error(status: int, message: str, hint: str | None = None, retry_after_s: float | None = None) -> Response:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
-    return Response(_error_body(message, hint), status_code=status, media_type="application/json", headers=headers)
-
-
 class _Refused(Exception):
     """An outline ended without its reply: the status, message and hint to answer with."""
 
@@ -102,7 +94,7 @@ class _Refused(Exception):
         self.status, self.message, self.hint, self.retry_after_s = status, message, hint, retry_after_s
 
     def response(self) -> Response:
-        return _json_error(self.status, self.message, self.hint, self.retry_after_s)
+        return error_json(self.status, self.message, self.hint, self.retry_after_s)
 
     @classmethod
     def of(cls, error: CoGenesisError) -> "_Refused":
@@ -198,7 +190,7 @@ async def sketch_response(
     budget counts. Refusals before the first byte (busy, unhealthy, invalid) are plain JSON errors."""
     reason = loop.health()
     if reason is not None:
-        return _json_error(
+        return error_json(
             503, f"this replica is not serving: {reason}", "retry: Serve replaces it", UNAVAILABLE_RETRY_S
         )
     try:
@@ -237,7 +229,7 @@ async def _events(call: OutlineCall) -> AsyncIterator[bytes]:
             try:
                 update = await call.next()
             except _Refused as exc:
-                yield _event("error", _error_body(exc.message, exc.hint))
+                yield _event("error", error_body(exc.message, exc.hint))
                 return
             if update.kind == "progress" and update.progress is not None:
                 yield _event("progress", msgspec.json.encode(update.progress))
@@ -246,7 +238,7 @@ async def _events(call: OutlineCall) -> AsyncIterator[bytes]:
                 return
             elif update.kind == "failed":
                 assert update.error is not None
-                yield _event("error", _error_body(update.error.message, update.error.hint))
+                yield _event("error", error_body(update.error.message, update.error.hint))
                 return
     finally:
         call.close()
@@ -272,10 +264,7 @@ def authorize(key: bytes | None, authorization: str | None, *roles: Role) -> Cla
 
 def denied(exc: AuthError | Forbidden) -> Response:
     """401 (with ``WWW-Authenticate: Bearer``) or 403, as JSON ``{"error", "hint"}``."""
-    status, headers = (401, {"WWW-Authenticate": "Bearer"}) if isinstance(exc, AuthError) else (403, None)
-    return Response(
-        _error_body(exc.message, exc.hint), status_code=status, media_type="application/json", headers=headers
-    )
+    return error_json(401 if isinstance(exc, AuthError) else 403, exc.message, exc.hint)
 
 
 @serve.ingress(api)
@@ -343,11 +332,11 @@ class CloudServer:
         try:
             req = decode_json(body, SketchRequest)
         except ProtocolError as exc:
-            return _json_error(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.core.protocol)")
+            return error_json(400, exc.message, "POST a SketchRequest as JSON (see cogenesis.core.protocol)")
         try:
             check_outline(req, self.cfg.limits)
         except TooLarge as exc:
-            return _json_error(413, exc.message, exc.hint)
+            return error_json(413, exc.message, exc.hint)
         return await sketch_response(self.loop, req, arrived, stream, disconnected)
 
     @api.post("/v1/sketch")
@@ -359,9 +348,9 @@ class CloudServer:
         try:
             body = await self._body(request)
         except TooLarge as exc:
-            return _json_error(413, exc.message, exc.hint)
+            return error_json(413, exc.message, exc.hint)
         except ProtocolError as exc:
-            return _json_error(400, exc.message)
+            return error_json(400, exc.message)
         return await self._outline(body, arrived, wants_events(request), request.is_disconnected)
 
     async def outline_events(self, body: bytes, stream: bool) -> AsyncIterator[OutlineHead | bytes]:
@@ -372,7 +361,7 @@ class CloudServer:
         arrived = time.monotonic()
         if len(body) > self.cfg.limits.max_body_bytes:
             yield OutlineHead(413, "application/json")
-            yield _error_body(
+            yield error_body(
                 f"the request body has {len(body)} bytes; at most {self.cfg.limits.max_body_bytes} are taken",
                 "send a shorter request (the limit is CloudConfig.limits.max_body_bytes)",
             )
