@@ -25,6 +25,7 @@ import httpx
 
 from cogenesis.cluster.bus import connect
 from cogenesis.core import metrics
+from cogenesis.core.auth import bearer_header
 from cogenesis.core.config import CloudConfig
 from cogenesis.core.errors import ClusterError, CoGenesisError
 from cogenesis.core.secrets import ENV_DIR
@@ -263,7 +264,7 @@ def _admin_headers(secrets_dir: str | None) -> dict[str, str]:
 
     try:
         token = stored_token("admin", secrets_dir) if secrets_dir else None
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return bearer_header(token)
     except CoGenesisError:  # unreadable: status says the stats were refused
         return {}
 

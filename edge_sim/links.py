@@ -29,6 +29,7 @@ import httpx
 
 from cogenesis.cluster.bus import EdgeBus, ExchangeLost, Received, Sealed, wire_bytes
 from cogenesis.core import prompts
+from cogenesis.core.auth import bearer_header
 from cogenesis.core.errors import (
     BusTimeout,
     Busy,
@@ -298,8 +299,8 @@ class StatelessLink:
     def __init__(self, http_url: str, tokenizer, max_concurrency: int = 256, token: str | None = None) -> None:
         self.url = f"{http_url.rstrip('/')}/v1/stateless"
         self.tok = tokenizer
-        headers = {"Authorization": f"Bearer {token}"} if token else None  # a worker token (a locked cluster)
-        self.http = httpx.Client(limits=httpx.Limits(max_connections=max_concurrency), headers=headers)
+        limits = httpx.Limits(max_connections=max_concurrency)
+        self.http = httpx.Client(limits=limits, headers=bearer_header(token))  # a worker token (a locked cluster)
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="stateless")
         self._prompt: dict[str, tuple[list[int], str]] = {}  # session -> (cloud prompt ids, its text)
         self._futures: dict[str, tuple[Future, int]] = {}  # session -> (its POST, sent_us)

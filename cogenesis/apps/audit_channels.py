@@ -36,6 +36,7 @@ import redis
 from cogenesis.apps.canaries import Canary, normalize
 from cogenesis.cluster.bus import redis_auth
 from cogenesis.core import metrics
+from cogenesis.core.auth import bearer_header
 from cogenesis.core.protocol import unpack_ids
 from cogenesis.core.secrets import SecretsDir, stored_token
 
@@ -347,7 +348,7 @@ def metrics_docs(
     admin = stored_token("admin", where)  # /v1/stats is an admin's (a cluster without secrets: open)
     failed = []
     for source, url in urls:
-        headers = {"Authorization": f"Bearer {admin}"} if admin and url.endswith("/v1/stats") else None
+        headers = bearer_header(admin) if url.endswith("/v1/stats") else None
         try:
             reply = httpx.get(url, headers=headers, timeout=timeout_s)
             reply.raise_for_status()

@@ -591,11 +591,12 @@ def busiest_replica(r: redis.Redis, replicas: Sequence[str]) -> str:
 def replica_stats(http_url: str, replicas: Sequence[str], tries: int = 40) -> dict[str, dict]:
     """``/v1/stats`` of each replica in ``replicas``. The Serve proxy picks the replica that answers, so ask until
     each has answered (or ``tries`` requests); returns what was seen, by replica."""
+    from cogenesis.core.auth import bearer_header
     from cogenesis.core.secrets import stored_token
 
     admin = stored_token("admin")  # the running cluster's ($COGENESIS_SECRETS_DIR, set by LocalCluster)
     seen: dict[str, dict] = {}
-    with httpx.Client(timeout=10.0, headers={"Authorization": f"Bearer {admin}"} if admin else None) as http:
+    with httpx.Client(timeout=10.0, headers=bearer_header(admin)) as http:
         for _ in range(tries):
             try:
                 stats = http.get(f"{http_url}/v1/stats").raise_for_status().json()

@@ -126,6 +126,11 @@ def verify(secret: bytes, token: str | None, now: float | None = None) -> Claims
     return claims
 
 
+def bearer_header(token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header that carries ``token`` (none without a token: a cluster whose routes are open)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def bearer(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header (None: absent or another scheme)."""
     if not header:

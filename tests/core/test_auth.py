@@ -103,3 +103,9 @@ def test_the_rate_limiter_keeps_a_bounded_number_of_buckets():
     for i in range(100):
         limiter.take(f"d{i}")
     assert len(limiter._buckets) == 10
+
+
+def test_a_bearer_header_carries_the_token_and_none_without_one():
+    assert auth.bearer_header("cgt1.a.b") == {"Authorization": "Bearer cgt1.a.b"}
+    assert auth.bearer(auth.bearer_header("cgt1.a.b")["Authorization"]) == "cgt1.a.b"
+    assert auth.bearer_header(None) == {} and auth.bearer_header("") == {}

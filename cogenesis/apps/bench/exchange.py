@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Literal
 import httpx
 
 from cogenesis.apps.bench.stats import Run, VariantResult, ratio, summarize
+from cogenesis.core.auth import bearer_header
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.protocol import MAX_TOP_K
 
@@ -207,10 +208,6 @@ def _token(ctx: _Ctx, role: Literal["admin", "worker"]) -> str | None:
     return stored_token(role, ctx.secrets_dir) if ctx.secrets_dir else None
 
 
-def _auth(token: str | None) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"} if token else {}
-
-
 def _device_tokens(ctx: _Ctx):
     """Each bench session's device token (``bench-{index}``), minted with the cluster's key."""
     from cogenesis.core.auth import mint
@@ -333,7 +330,7 @@ def _large_only(ctx: _Ctx, records, tokens: int) -> VariantResult:
 
 
 def _cloud_stats(ctx: _Ctx) -> dict:
-    return httpx.get(f"{ctx.http_url}/v1/stats", headers=_auth(_token(ctx, "admin")), timeout=30).json()
+    return httpx.get(f"{ctx.http_url}/v1/stats", headers=bearer_header(_token(ctx, "admin")), timeout=30).json()
 
 
 def ratios(results: list[VariantResult]) -> list[dict]:
