@@ -76,7 +76,6 @@ def token_source(
     minted per client (subject ``{subject}-{index}``) with the key of ``secrets_dir`` (or ``$COGENESIS_SECRETS_DIR``):
     every simulated device its own, as real ones have. ``redis``: ``token``, else the cluster's worker token, else
     none (an unlocked cluster). Tokens are never logged or put on a command line."""
-    from cogenesis.core.auth import mint
     from cogenesis.core.secrets import ENV_TOKEN, stored_token
     from cogenesis.core.secrets import secrets_dir as find_secrets
 
@@ -95,7 +94,13 @@ def token_source(
             hint="pass --token (or set $COGENESIS_TOKEN), or the cluster's secrets directory (--secrets-dir, "
             "$COGENESIS_SECRETS_DIR) to mint one per simulated device",
         )
-    key = found.cluster_key()
+    return device_minter(found.cluster_key(), subject, ttl_s)
+
+
+def device_minter(key: bytes, subject: str, ttl_s: float = DEVICE_TOKEN_TTL_S) -> TokenFor:
+    """Each simulated device's own device token (subject ``{subject}-{index}``), minted with ``key`` once."""
+    from cogenesis.core.auth import mint
+
     minted: dict[int, str] = {}
 
     def mint_for(index: int) -> str:

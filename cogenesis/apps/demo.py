@@ -145,18 +145,10 @@ def run_demo(opts: DemoOptions, cloud: CloudConfig, edge: EdgeConfig, console: C
 
 def device_tokens(secrets_dir: str | None):
     """Each demo client's device token (subject ``demo-{index}``), minted with the cluster's key."""
-    from cogenesis.core.auth import mint
     from cogenesis.core.secrets import cluster_key
+    from cogenesis.edge_sim.session import device_minter
 
-    key = cluster_key(secrets_dir)
-    minted: dict[int, str] = {}
-
-    def token(index: int) -> str:
-        if index not in minted:
-            minted[index] = mint(key, f"demo-{index}", "device", DEMO_TOKEN_TTL_S)
-        return minted[index]
-
-    return token
+    return device_minter(cluster_key(secrets_dir), "demo", DEMO_TOKEN_TTL_S)
 
 
 def worker_token(secrets_dir: str | None) -> str | None:
