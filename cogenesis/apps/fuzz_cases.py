@@ -50,35 +50,11 @@ SURFACES: tuple[Surface, ...] = get_args(Surface)
 # admin: those roles' tokens; the rest are not credentials: none, expired, forged (another key), tampered (claims
 # edited after signing), bad_role and bad_claims (signed with the real key, claims that make no sense), malformed,
 # basic (another scheme), long (past MAX_TOKEN_CHARS), query (the token in the URL, which is not taken).
-Cred = Literal[
-    "device",
-    "other",
-    "burst",
-    "worker",
-    "admin",
-    "none",
-    "expired",
-    "forged",
-    "tampered",
-    "bad_role",
-    "bad_claims",
-    "malformed",
-    "basic",
-    "long",
-    "query",
+BadCred = Literal[
+    "none", "expired", "forged", "tampered", "bad_role", "bad_claims", "malformed", "basic", "long", "query"
 ]
-BAD_CREDS: tuple[Cred, ...] = (
-    "none",
-    "expired",
-    "forged",
-    "tampered",
-    "bad_role",
-    "bad_claims",
-    "malformed",
-    "basic",
-    "long",
-    "query",
-)
+Cred = Literal["device", "other", "burst", "worker", "admin", BadCred]
+BAD_CREDS: tuple[BadCred, ...] = get_args(BadCred)
 FrameKind = Literal["binary", "text", "bad_utf8", "raw"]
 INSTRUCTION = "Write a short note about the weather."
 GARBAGE = b"\xc1\xff fuzz: not a message \x00"  # 0xc1 is never valid msgpack
