@@ -1,8 +1,9 @@
 """Cloud engines: the large model's open/step/close/outlines, independent of Serve and Redis.
 
-``TransformersCloudEngine`` keeps one KV cache per logits session and serves every pending step
-of every session in one batched forward pass (``cogenesis.core.kvbatch``): continuous batching, with
-sessions joining and leaving between steps. Outlines (sketch mode) ride in the same passes: an
+``TransformersCloudEngine`` keeps every logits session's KV cache in a slot of one persistent store
+(``cogenesis.core.kvslots``) and serves every pending step of every session in one batched forward pass
+over those slots: continuous batching, with sessions joining and leaving between steps, and no cache
+copied or re-packed for a step. Outlines (sketch mode) ride in the same passes: an
 outline is a session the engine decodes itself, one token per pass, so outlines and logits steps
 share the batch and neither waits for the other. Caches live under a byte budget; caches of
 sessions idle for a while are evicted and recomputed from the session's token ids on their next
@@ -27,7 +28,8 @@ import torch
 from cogenesis.core import prompts
 from cogenesis.core.config import CloudConfig
 from cogenesis.core.errors import Busy, ConfigError, SessionError, UnknownSession
-from cogenesis.core.kvbatch import KV, batched_forward, kv_bytes, kv_crop
+from cogenesis.core.kvbatch import KV, batched_forward
+from cogenesis.core.kvslots import SlotStore
 from cogenesis.core.protocol import MAX_TOP_K, SketchReply, SketchRequest
 from cogenesis.deployments.audit import AuditLog
 
@@ -153,7 +155,7 @@ class _Session:
     ids: list[int]  # confirmed tokens: prompt + what the edge sent
     top_k: int
     lookahead: int
-    kv: KV | None = None  # covers ids + draft; None after eviction
+    slot: int | None = None  # its KV slot, covering ids + draft; None after eviction
     draft: list[int] = field(default_factory=list)
     step: int = 0
     last: TopK | None = None
@@ -167,8 +169,8 @@ class _Outline:
     request: SketchRequest
     prompt: list[int]  # the sketch prompt, primed with SKETCH_PREFIX
     generator: torch.Generator | None  # None: greedy
-    ids: list[int] = field(default_factory=list)  # what ``kv`` covers
-    kv: KV | None = None
+    ids: list[int] = field(default_factory=list)  # what its slot covers
+    slot: int | None = None
     feed: list[int] = field(
         default_factory=list
     )  # next pass's tokens: the prompt (after a cached head), then the last one written
@@ -292,7 +294,7 @@ class TransformersCloudEngine:
         self._pass_s = 0.0  # moving average of a pass's seconds (for an outline Busy's retry-after)
         self.counters = EngineStats()
         self._heads: dict[str, tuple[list[int], KV | None]] = {}  # prompt kind -> its fixed head and KV
-        self._token_bytes: int | None = None  # KV bytes per token
+        self.store = SlotStore(self.model)  # every session's and outline's KV, one slot each
 
     # ---- logits mode: batched ------------------------------------------------------------------
 
@@ -319,7 +321,7 @@ class TransformersCloudEngine:
                 continue
             ids = outcome
             old = self._sessions.get(r.session_id)
-            freed = kv_bytes(old.kv) if old is not None and self._is_active(old, now) else 0
+            freed = self._held(old.slot) if old is not None and self._is_active(old, now) else 0
             try:
                 needed = self._admit(r, old is not None, len(ids), protected - freed, now)
             except Busy as exc:
@@ -328,7 +330,7 @@ class TransformersCloudEngine:
                 continue
             protected += needed - freed
             if old is not None:
-                del self._sessions[r.session_id]  # a resume that does not match: rebuilt from its ids
+                self._drop(r.session_id)  # a resume that does not match: rebuilt from its ids
             if self.audit:
                 self.audit.write("open", r.session_id, self.tok.decode(ids))
             session = _Session(ids=[], top_k=r.top_k, lookahead=r.lookahead, step=r.resume_step)
@@ -393,7 +395,9 @@ class TransformersCloudEngine:
             )
         needed = (n_ids + r.lookahead) * self._kv_token_bytes()
         if protected > 0 and protected + needed > self.kv_budget_bytes:
-            ages = [now - s.last_used for s in self._sessions.values() if s.kv is not None and self._is_active(s, now)]
+            ages = [
+                now - s.last_used for s in self._sessions.values() if s.slot is not None and self._is_active(s, now)
+            ]
             raise Busy(
                 f"session {r.session_id}: the KV budget ({self.kv_budget_bytes >> 20} MiB) is held by active sessions",
                 retry_after_s=_clamp_retry(self.active_window_s - max(ages) if ages else 1.0),
@@ -405,31 +409,48 @@ class TransformersCloudEngine:
 
     def _protected_kv(self, now: float) -> int:
         """KV bytes that stay whatever comes: active sessions' and outlines'."""
-        return sum(kv_bytes(s.kv) for s in self._sessions.values() if self._is_active(s, now)) + sum(
-            kv_bytes(o.kv) for o in self._active.values()
+        return sum(self._held(s.slot) for s in self._sessions.values() if self._is_active(s, now)) + sum(
+            self._held(o.slot) for o in self._active.values()
         )
 
+    def _held(self, slot: int | None) -> int:
+        """KV bytes a slot's tokens take (0: none)."""
+        return 0 if slot is None else self.store.length(slot) * self.store.token_bytes
+
     def _kv_token_bytes(self) -> int:
-        if self._token_bytes is None:  # measured once: exact for any architecture and dtype
-            _, caches = batched_forward(self.model, [None], [[self.pad_id]], pad_id=self.pad_id)
-            self._token_bytes = kv_bytes(caches[0])
-        return self._token_bytes
+        return self.store.token_bytes
+
+    def _release(self, slot: int | None) -> None:
+        if slot is not None:
+            self.store.free(slot)
+
+    def _drop(self, session_id: str) -> bool:
+        """Forget a session and free its slot."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        self._release(session.slot)
+        return True
 
     def _start(self, session: _Session, ids: list[int]) -> list[int]:
-        """Start ``session`` from the cached prompt head when ``ids`` begin with it; returns the tokens
-        still to feed."""
-        session.ids, session.kv, feed = self._from_head(ids, "cloud")
+        """Start ``session`` in a fresh slot, from the cached prompt head when ``ids`` begin with it; returns the
+        tokens still to feed."""
+        self._release(session.slot)
+        session.slot, session.ids, feed = self._from_head(ids, "cloud")
         return feed
 
-    def _from_head(self, ids: list[int], kind: str) -> tuple[list[int], KV | None, list[int]]:
-        """Prefix caching: every prompt of a kind opens with the same fixed text (the system prompt, the
-        sketch instructions), computed once. Returns (ids covered, their KV, ids still to feed)."""
+    def _from_head(self, ids: list[int], kind: str) -> tuple[int, list[int], list[int]]:
+        """A fresh slot for ``ids``. Prefix caching: every prompt of a kind opens with the same fixed text (the
+        system prompt, the sketch instructions), computed once and copied into the slot. Returns (the slot, the
+        ids it covers, the ids still to feed)."""
         head, kv = self._prompt_head(kind)
+        slot = self.store.alloc()
         if kv is not None and len(ids) > len(head) and ids[: len(head)] == head:
             self.counters.prefix_hits += 1
             self.counters.prefix_tokens_saved += len(head)
-            return list(head), kv, ids[len(head) :]  # shared, never written in place: passes build new tensors
-        return [], None, ids
+            self.store.write(slot, kv)
+            return slot, list(head), ids[len(head) :]
+        return slot, [], ids
 
     def _prompt_head(self, kind: str = "cloud") -> tuple[list[int], KV | None]:
         """The fixed head of a prompt kind ("cloud", or "sketch:<SketchRequest.kind>") and its KV."""
@@ -520,7 +541,7 @@ class TransformersCloudEngine:
                 "step", r.session_id, self.tok.decode(session.ids + toks), step=r.step, appended=self.tok.decode(toks)
             )
         self.counters.steps += 1
-        if session.kv is None:  # evicted (or never cached): recompute from the confirmed prefix
+        if session.slot is None:  # evicted (or never cached): recompute from the confirmed prefix
             self.counters.recomputes += 1
             session.draft = []
             return session, self._start(session, session.ids + toks)
@@ -528,82 +549,104 @@ class TransformersCloudEngine:
         while agree < min(len(toks), len(session.draft)) and toks[agree] == session.draft[agree]:
             agree += 1
         agree = min(agree, len(toks) - 1)  # always feed at least one token
-        session.kv = kv_crop(session.kv, len(session.ids) + agree)
+        self.store.crop(session.slot, len(session.ids) + agree)
         session.ids.extend(toks[:agree])
         session.draft = []
         return session, toks[agree:]
 
     def _advance(self, work: Sequence[tuple[_Session, list[int]]], outlines: Sequence[_Outline] = ()) -> list[TopK]:
-        """Feed each session its tokens and each outline its pending tokens (one batched pass per feed
-        length class: single tokens together, prefills together), write each outline's next token,
-        then draft."""
+        """Feed each session its tokens and each outline its pending tokens (one batched pass over their slots
+        per feed length class: single tokens together, prefills together), write each outline's next token,
+        then draft. Top-k extraction runs once per pass over all of its rows."""
         if not work and not outlines:
             return []
         t0 = time.perf_counter()
-        feeds: list[tuple[KV | None, list[int]]] = [(s.kv, f) for s, f in work] + [(o.kv, o.feed) for o in outlines]
+        held = [s.slot for s, _ in work] + [o.slot for o in outlines]
+        slots = [slot for slot in held if slot is not None]
+        assert len(slots) == len(held), "every session and outline in a pass holds a slot"
+        feeds = [f for _, f in work] + [o.feed for o in outlines]
         n_work = len(work)
-        tops: dict[int, torch.Tensor] = {}
+        k_max = max((s.top_k for s, _ in work), default=1)
+        rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # session -> its (ids [K], logprobs [K]) rows
+        nxt: dict[int, int] = {}  # session -> the greedy token after its last row (the next draft token)
         written: dict[int, torch.Tensor] = {}  # outline index -> raw logits after its feed
         # single-token feeds and multi-token prefills are batched separately (no padding waste)
         for group in (
-            [j for j, (_, f) in enumerate(feeds) if len(f) == 1],
-            [j for j, (_, f) in enumerate(feeds) if len(f) > 1],
+            [j for j, f in enumerate(feeds) if len(f) == 1],
+            [j for j, f in enumerate(feeds) if len(f) > 1],
         ):
             if not group:
                 continue
+            group.sort(key=lambda j: slots[j])  # rows in slot order: a run of slots is read in place
             keep = _KeepLogits(self.model) if any(j >= n_work for j in group) else None
-            lp, caches = batched_forward(
-                keep or self.model, [feeds[j][0] for j in group], [feeds[j][1] for j in group], pad_id=self.pad_id
-            )
+            lp = self.store.forward(
+                [slots[j] for j in group], [feeds[j] for j in group], pad_id=self.pad_id, model=keep
+            )[:, -1]  # [B, V]
             self.counters.batches += 1
             self.counters.batch_sizes += len(group)
+            mine = [row for row, j in enumerate(group) if j < n_work]
+            if mine:
+                self._take_rows(lp, mine, [group[row] for row in mine], k_max, rows, nxt)
             for row, j in enumerate(group):
                 if j < n_work:
                     session, feed = work[j]
-                    session.kv = caches[row]
                     session.ids.extend(feed)
                     self.counters.tokens_served += len(feed)
-                    tops[j] = lp[row, -1]
                 else:
                     assert keep is not None and keep.logits is not None
                     outline = outlines[j - n_work]
-                    outline.kv = caches[row]
                     outline.ids.extend(outline.feed)
                     written[j - n_work] = keep.logits[row]
         for k, outline in enumerate(outlines):
             self._write_token(outline, written[k])
-        rows = {j: [tops[j]] for j in tops}
         drafting = [j for j, (s, _) in enumerate(work) if s.lookahead > 0]
         for _ in range(max((work[j][0].lookahead for j in drafting), default=0)):
-            drafting = [j for j in drafting if len(work[j][0].draft) < work[j][0].lookahead]
+            drafting = sorted(
+                (j for j in drafting if len(work[j][0].draft) < work[j][0].lookahead), key=lambda j: slots[j]
+            )
             if not drafting:
                 break
-            nxt = [int(rows[j][-1].argmax()) for j in drafting]
-            lp, caches = batched_forward(
-                self.model, [work[j][0].kv for j in drafting], [[t] for t in nxt], pad_id=self.pad_id
-            )
+            toks = [nxt[j] for j in drafting]
+            lp = self.store.forward([slots[j] for j in drafting], [[t] for t in toks], pad_id=self.pad_id)[:, -1]
             self.counters.batches += 1
             self.counters.batch_sizes += len(drafting)
             self.counters.draft_tokens += len(drafting)
-            for row, (j, tok) in enumerate(zip(drafting, nxt)):
-                work[j][0].kv = caches[row]
+            for j, tok in zip(drafting, toks):
                 work[j][0].draft.append(tok)
-                rows[j].append(lp[row, -1])
+            self._take_rows(lp, range(len(drafting)), drafting, k_max, rows, nxt)
         seconds = time.perf_counter() - t0
         self._pass_s = seconds if not self._pass_s else 0.8 * self._pass_s + 0.2 * seconds
         out = []
         for j, (session, _) in enumerate(work):
-            top = torch.stack(rows[j]).topk(session.top_k, dim=-1)  # [P, K]
-            session.last = TopK(
-                top.indices.numpy().astype(np.int32),
-                top.values.numpy(),
-                np.asarray(session.draft, dtype=np.int32),
-                len(session.ids),
-                seconds * 1000,
+            k = session.top_k
+            ids, lps = (
+                (rows[j][0][0][None, :k], rows[j][0][1][None, :k])
+                if len(rows[j]) == 1
+                else (np.stack([r[0][:k] for r in rows[j]]), np.stack([r[1][:k] for r in rows[j]]))
             )
+            session.last = TopK(ids, lps, np.asarray(session.draft, dtype=np.int32), len(session.ids), seconds * 1000)
             out.append(session.last)
         self._enforce_budget()
         return out
+
+    @staticmethod
+    def _take_rows(
+        lp: torch.Tensor,
+        picks: Sequence[int],
+        sessions: Sequence[int],
+        k_max: int,
+        rows: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+        nxt: dict[int, int],
+    ) -> None:
+        """The top-k (of ``k_max``, best first) and greedy next token of rows ``picks`` of ``lp`` [B, V], one tensor
+        operation for all of them, appended to each session's rows."""
+        sel = lp[torch.as_tensor(list(picks), dtype=torch.long)]
+        top = sel.topk(k_max, dim=-1)
+        ids, values = top.indices.numpy().astype(np.int32), top.values.numpy()
+        greedy = sel.argmax(-1).tolist()
+        for i, j in enumerate(sessions):
+            rows.setdefault(j, []).append((ids[i], values[i]))
+            nxt[j] = greedy[i]
 
     def _enforce_budget(self) -> None:
         """Evict caches of sessions that are not active (least recently used first) while over budget;
@@ -615,17 +658,18 @@ class TransformersCloudEngine:
         for sid, session in self._sessions.items():  # least recently used first
             if total <= self.kv_budget_bytes:
                 break
-            if session.kv is not None and not self._is_active(session, now):
-                total -= kv_bytes(session.kv)
-                session.kv, session.draft = None, []
+            if session.slot is not None and not self._is_active(session, now):
+                total -= self._held(session.slot)
+                self._release(session.slot)
+                session.slot, session.draft = None, []
                 self.counters.evictions += 1
                 log.info("KV budget: evicted the cache of idle session %s (recomputed on its next step)", sid)
 
     def _kv_total(self) -> int:
-        return sum(kv_bytes(s.kv) for s in self._sessions.values()) + sum(kv_bytes(o.kv) for o in self._active.values())
+        return self.store.used_bytes()
 
     def close(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+        return self._drop(session_id)
 
     def sweep_idle(self) -> list[str]:
         """Close sessions idle longer than ``session_idle_s`` (their edge vanished): frees their KV."""
@@ -633,7 +677,7 @@ class TransformersCloudEngine:
         gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.session_idle_s]
         for sid in gone:
             log.info("closing idle session %s", sid)
-            del self._sessions[sid]
+            self._drop(sid)
         return gone
 
     # ---- single-request conveniences -------------------------------------------------------------
@@ -739,7 +783,7 @@ class TransformersCloudEngine:
             try:
                 if self.audit:
                     self.audit.write("sketch", rid, self.tok.decode(outline.prompt))
-                outline.ids, outline.kv, outline.feed = self._from_head(
+                outline.slot, outline.ids, outline.feed = self._from_head(
                     outline.prompt, f"sketch:{outline.request.kind}"
                 )
             except Exception as exc:  # its prompt head's pass failed: answer it, as a failed pass does
@@ -777,7 +821,8 @@ class TransformersCloudEngine:
         self._active.pop(rid, None)
         self._queued.pop(rid, None)
         self._dirty.pop(rid, None)
-        outline.kv, outline.result = None, event
+        self._release(outline.slot)
+        outline.slot, outline.result = None, event
         if publish:
             self._finished[rid] = event
 
@@ -858,6 +903,8 @@ class TransformersCloudEngine:
             "batch_rows": c.batch_sizes,
             "mean_batch_size": round(c.batch_sizes / c.batches, 2) if c.batches else 0.0,
             "kv_bytes": self._kv_total(),
+            "kv_reserved_bytes": self.store.reserved_bytes(),
+            "kv_slots": self.store.slots,
             "evictions": c.evictions,
             "recomputes": c.recomputes,
             "draft_tokens": c.draft_tokens,

@@ -218,6 +218,34 @@ def test_batched_steps_equal_single_sessions_under_greedy(model_tok):
     assert batched.stats()["mean_batch_size"] > 3  # steps really were batched
 
 
+def test_sessions_joining_and_leaving_between_steps_change_no_other_session(model_tok):
+    """Sessions take KV slots of one store as they come and free them as they go; the others are neither moved nor
+    changed: every session writes what it writes alone, and the store never grows past what was open at once."""
+    model, tok = model_tok
+    single = {text: _greedy_session(TransformersCloudEngine(model, tok), "x", text, 6)[0] for text in INSTRUCTIONS}
+    engine = TransformersCloudEngine(model, tok)
+    open_now: dict[str, tuple[str, list[int], int]] = {}  # session -> (instruction, written, next step)
+    finished: dict[str, list[int]] = {}
+    plan = {0: [0, 1, 2], 2: [3], 3: [0, 1], 5: [2]}  # round -> instructions (indices) that open then
+    for rnd in range(12):
+        opens = [OpenArgs(f"r{rnd}-{i}", INSTRUCTIONS[i], 3) for i in plan.get(rnd, [])]
+        for args, top in zip(opens, engine.open_many(opens)):
+            open_now[args.session_id] = (args.instruction, [int(top.ids[0, 0])], 1)
+        order = sorted(open_now, reverse=rnd % 2 == 1)  # any order: the engine sorts rows by slot
+        steps = [StepArgs(sid, open_now[sid][2], (open_now[sid][1][-1],)) for sid in order]
+        for args, top in zip(steps, engine.step_many(steps)):
+            text, out, step = open_now[args.session_id]
+            out.append(int(top.ids[0, 0]))
+            open_now[args.session_id] = (text, out, step + 1)
+        for sid in [sid for sid, (_, out, _) in open_now.items() if len(out) >= 6]:
+            text, out, _ = open_now.pop(sid)
+            finished[sid] = out[:6]
+            assert out[:6] == single[text][:6], sid
+            assert engine.close(sid)
+    assert not open_now and len(finished) == sum(len(v) for v in plan.values())
+    assert engine.stats()["kv_bytes"] == 0 and engine.store.slots <= 8
+
+
 def test_eviction_recomputes_and_changes_nothing(model_tok):
     model, tok = model_tok
     reference = [_greedy_session(TransformersCloudEngine(model, tok), "x", text, 5) for text in INSTRUCTIONS[:2]]
@@ -328,11 +356,11 @@ def test_the_kv_budget_refuses_opens_rather_than_drop_an_active_cache(model_tok)
         engine.open("b", INSTRUCTION, 3)
     assert RETRY_MIN_S <= busy.value.retry_after_s <= RETRY_MAX_S
     engine.step("a", 1, [5])
-    assert engine._sessions["a"].kv is not None and engine.stats()["evictions"] == 0
+    assert engine._sessions["a"].slot is not None and engine.stats()["evictions"] == 0
     # once a is no longer active its cache may go: b is admitted, a is recomputed on its next step
     engine._sessions["a"].last_used -= engine.active_window_s + 1
     engine.open("b", INSTRUCTION, 3)
-    assert engine._sessions["a"].kv is None and engine.stats()["evictions"] == 1
+    assert engine._sessions["a"].slot is None and engine.stats()["evictions"] == 1
     engine.step("a", 2, [6])
     assert engine.stats()["recomputes"] == 1
 
@@ -345,7 +373,7 @@ def test_an_active_cache_is_kept_even_over_budget(model_tok):
     engine.open("a", INSTRUCTION, 3)
     for step in range(1, 4):
         engine.step("a", step, [5 + step])
-    assert engine._sessions["a"].kv is not None
+    assert engine._sessions["a"].slot is not None
     assert engine.stats()["evictions"] == 0 and engine.stats()["recomputes"] == 0
     with pytest.raises(Busy):
         engine.open("b", INSTRUCTION, 3)
