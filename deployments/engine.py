@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -30,13 +30,14 @@ from cogenesis.core.config import CloudConfig
 from cogenesis.core.errors import Busy, ConfigError, SessionError, UnknownSession
 from cogenesis.core.kvbatch import KV, batched_forward
 from cogenesis.core.kvslots import SlotStore
-from cogenesis.core.protocol import MAX_TOP_K, SketchReply, SketchRequest
+from cogenesis.core.protocol import MAX_TOP_K, SketchReply, SketchRequest, wire_logprobs
 from cogenesis.deployments.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
 MAX_LOOKAHEAD = 16
 MAX_OUTLINE_TOKENS = 4096
+RESERVE_AHEAD = 80  # KV positions a new session's slot gets beyond its prompt (it writes that far without growth)
 # bounds of a Busy refusal's retry-after: soon enough to not idle, late enough to not hammer
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 
@@ -55,6 +56,15 @@ class TopK:
     draft: np.ndarray  # [P - 1] int32 greedy draft tokens
     context_len: int
     compute_ms: float
+    wire: tuple[bytes, bytes] | None = None  # ids and logprobs already in wire form (packed once for a whole pass)
+
+
+class _Row(NamedTuple):
+    """One position's top-k of a pass: ids [K] int32, log-probs [K] float32 and the same in wire form (float16)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    wire: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -445,6 +455,7 @@ class TransformersCloudEngine:
         ids it covers, the ids still to feed)."""
         head, kv = self._prompt_head(kind)
         slot = self.store.alloc()
+        self.store.reserve(len(ids) + RESERVE_AHEAD)  # the store grows while prompts prefill, not mid-decode
         if kv is not None and len(ids) > len(head) and ids[: len(head)] == head:
             self.counters.prefix_hits += 1
             self.counters.prefix_tokens_saved += len(head)
@@ -476,13 +487,13 @@ class TransformersCloudEngine:
         active outline advances by one token in the first pass, also when ``requests`` is empty."""
         results: list[TopK | SessionError | None] = [None] * len(requests)
         waves: list[list[int]] = []
-        for i, r in enumerate(requests):  # each wave holds a session at most once
-            for wave in waves:
-                if all(requests[j].session_id != r.session_id for j in wave):
-                    wave.append(i)
-                    break
-            else:
-                waves.append([i])
+        seen: dict[str, int] = {}  # session -> how many waves hold it
+        for i, r in enumerate(requests):  # each wave holds a session at most once: its n-th step goes in wave n
+            n = seen.get(r.session_id, 0)
+            seen[r.session_id] = n + 1
+            if n == len(waves):
+                waves.append([])
+            waves[n].append(i)
         self._activate_outlines()
         outlines = list(self._active.values())
         if outlines and not waves:
@@ -567,7 +578,7 @@ class TransformersCloudEngine:
         feeds = [f for _, f in work] + [o.feed for o in outlines]
         n_work = len(work)
         k_max = max((s.top_k for s, _ in work), default=1)
-        rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # session -> its (ids [K], logprobs [K]) rows
+        rows: dict[int, list[_Row]] = {}  # session -> its top-k rows
         nxt: dict[int, int] = {}  # session -> the greedy token after its last row (the next draft token)
         written: dict[int, torch.Tensor] = {}  # outline index -> raw logits after its feed
         # single-token feeds and multi-token prefills are batched separately (no padding waste)
@@ -619,12 +630,20 @@ class TransformersCloudEngine:
         out = []
         for j, (session, _) in enumerate(work):
             k = session.top_k
-            ids, lps = (
-                (rows[j][0][0][None, :k], rows[j][0][1][None, :k])
-                if len(rows[j]) == 1
-                else (np.stack([r[0][:k] for r in rows[j]]), np.stack([r[1][:k] for r in rows[j]]))
+            its = rows[j]
+            if len(its) == 1:
+                ids, lps, wire = its[0].ids[None, :k], its[0].logprobs[None, :k], its[0].wire[None, :k]
+            else:
+                ids, lps = np.stack([r.ids[:k] for r in its]), np.stack([r.logprobs[:k] for r in its])
+                wire = np.stack([r.wire[:k] for r in its])
+            session.last = TopK(
+                ids,
+                lps,
+                np.asarray(session.draft, dtype=np.int32),
+                len(session.ids),
+                seconds * 1000,
+                wire=(ids.astype("<i4").tobytes(), wire.tobytes()),
             )
-            session.last = TopK(ids, lps, np.asarray(session.draft, dtype=np.int32), len(session.ids), seconds * 1000)
             out.append(session.last)
         self._enforce_budget()
         return out
@@ -635,17 +654,18 @@ class TransformersCloudEngine:
         picks: Sequence[int],
         sessions: Sequence[int],
         k_max: int,
-        rows: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+        rows: dict[int, list[_Row]],
         nxt: dict[int, int],
     ) -> None:
-        """The top-k (of ``k_max``, best first) and greedy next token of rows ``picks`` of ``lp`` [B, V], one tensor
-        operation for all of them, appended to each session's rows."""
-        sel = lp[torch.as_tensor(list(picks), dtype=torch.long)]
+        """The top-k (of ``k_max``, best first, also in wire form) and greedy next token of rows ``picks`` of ``lp``
+        [B, V], one tensor operation for all of them, appended to each session's rows."""
+        sel = lp if len(picks) == lp.shape[0] else lp[torch.as_tensor(list(picks), dtype=torch.long)]
         top = sel.topk(k_max, dim=-1)
         ids, values = top.indices.numpy().astype(np.int32), top.values.numpy()
-        greedy = sel.argmax(-1).tolist()
+        wire = wire_logprobs(values)
+        greedy = ids[:, 0].tolist()  # the best of a sorted top-k: the argmax
         for i, j in enumerate(sessions):
-            rows.setdefault(j, []).append((ids[i], values[i]))
+            rows.setdefault(j, []).append(_Row(ids[i], values[i], wire[i]))
             nxt[j] = greedy[i]
 
     def _enforce_budget(self) -> None:

@@ -156,7 +156,7 @@ class SlotStore:
         run = list(slots) == list(range(start, start + b))
         cache = _SlotCache(self, index, where, None if not run else slice(start, start + b), width)
         with torch.inference_mode():
-            out = (model or self.model)(
+            out = (self.model if model is None else model)(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
@@ -176,6 +176,11 @@ class SlotStore:
     def _check(self, slot: int) -> None:
         if slot not in self._used:
             raise ValueError(f"slot {slot} is not in use")
+
+    def reserve(self, length: int) -> None:
+        """Make room for rows of ``length`` tokens now (a caller that knows what is coming grows the store once, at a
+        moment it chooses, instead of in the middle of a later step)."""
+        self._reserve(length)
 
     def _reserve(self, length: int) -> None:
         if length > self.capacity:

@@ -91,13 +91,17 @@ def unpack_ids(buf: bytes) -> np.ndarray:
     return np.frombuffer(buf, dtype="<i4")
 
 
+def wire_logprobs(values) -> np.ndarray:
+    """Log-probabilities (any shape) in their wire form: little-endian float16, NaN and -inf at the -65504 floor.
+    One call packs a whole batch's rows; ``pack_logprobs`` is its bytes."""
+    return np.clip(
+        np.nan_to_num(np.asarray(values, dtype=np.float32), nan=-65504.0, neginf=-65504.0), -65504.0, 65504.0
+    ).astype("<f2")
+
+
 def pack_logprobs(values) -> bytes:
     """Log-probabilities -> little-endian float16 bytes (enough for sampling; -65504 floor)."""
-    return (
-        np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32), nan=-65504.0, neginf=-65504.0), -65504.0, 65504.0)
-        .astype("<f2")
-        .tobytes()
-    )
+    return wire_logprobs(values).tobytes()
 
 
 def unpack_logprobs(buf: bytes) -> np.ndarray:

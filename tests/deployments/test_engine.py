@@ -565,3 +565,14 @@ def test_build_engine_takes_its_limits_from_the_config(model_tok, monkeypatch):
     monkeypatch.setattr(models, "load_causal_lm", lambda path: model_tok)
     engine = build_engine(CloudConfig(sketch_max_batch=3, sketch_max_queue=5, max_sessions=7, session_idle_s=9))
     assert (engine.max_outlines, engine.max_outline_queue, engine.max_sessions, engine.session_idle_s) == (3, 5, 7, 9)
+
+
+def test_a_replys_wire_form_is_packed_once_per_pass_and_equals_packing_it_alone(model_tok):
+    from cogenesis.core.protocol import pack_ids, pack_logprobs
+
+    model, tok = model_tok
+    engine = TransformersCloudEngine(model, tok)
+    tops = engine.open_many([OpenArgs("a", INSTRUCTION, 3), OpenArgs("b", INSTRUCTIONS[1], 7, lookahead=2)])
+    tops += engine.step_many([StepArgs("a", 1, (int(tops[0].ids[0, 0]),))])
+    for top in tops:
+        assert top.wire == (pack_ids(top.ids.ravel()), pack_logprobs(top.logprobs.ravel()))
