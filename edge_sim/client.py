@@ -40,6 +40,9 @@ class SessionResult:
     error: str | None = None  # what went wrong, for the user (stays on the device)
     error_code: ErrorCode | None = None  # ... as the code that may leave it (set exactly when ``error`` is)
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive generated tokens
+    # logits mode: the time to first token by cause (None: not opened), the same for the sessions opened together
+    ttft_device_prefill_s: float | None = None  # the device's prefill of the private prompts
+    ttft_cloud_wait_s: float | None = None  # the wait for the cloud's first replies after that prefill
     stopped: bool = False  # ended early by the caller's time budget, with what it wrote (logits)
     # logits mode: the exchange with the cloud
     fused_steps: int = 0  # positions whose token came from the fused distribution

@@ -12,6 +12,8 @@ and after each chosen token (``step``); ``release`` frees a session's state.
 - ``ProfileDevice``: a named device profile (``configs/devices.yaml``). No small model runs: each
   pass takes the profile's time, and tokens are sampled from the cloud's top-k. For load tests
   whose edge compute must not run on the cloud's CPU. Never the default.
+- ``InstantDevice``: a simulated device that takes no time at all (no pass time, no round trip): the
+  serving-efficiency bench's device, so that what is measured is the cloud alone.
 """
 
 from __future__ import annotations
@@ -323,3 +325,27 @@ class ProfileDevice:
         """The profile's round trip, once per cloud exchange."""
         if self.profile.rtt_ms:
             self.sleep(self.profile.rtt_ms / 1000.0)
+
+
+class InstantDevice:
+    """The serving-efficiency bench's device: zero pass time, zero RTT, tokens sampled from the cloud's top-k.
+
+    No small model runs and nothing sleeps, so a pool of sessions on it costs this machine no compute of its own:
+    ``cogenesis bench exchange``'s ``cogenesis-isolated`` variants measure the cloud (bus, replica, batching)
+    alone. At sampling temperature 0 each token is the cloud's top-1: the large model's greedy text. It reads no
+    prompt (``reads_prompts``), so the loop does not build the private prompts for it."""
+
+    simulated = True
+    reads_prompts = False
+
+    def prefill(self, keys, prompts):
+        return [None] * len(keys)
+
+    def step(self, keys, tokens):
+        return [None] * len(keys)
+
+    def release(self, keys) -> None:
+        pass
+
+    def network(self) -> None:
+        """No round trip is added to a cloud exchange."""

@@ -91,6 +91,8 @@ class _Trace:
 
     t0: float  # perf_counter at the session's start
     ttft: float | None = None
+    prefill_s: float | None = None  # of the time to first token: the device's prefill of the pool's prompts ...
+    cloud_wait_s: float | None = None  # ... and the wait for the cloud's first replies after it (the opening)
     token_times: list[float] = field(default_factory=list)  # perf_counter at each chosen token
     rtt_us: list[int] = field(default_factory=list)  # per reply: sent -> received
     overhead_us: list[int] = field(default_factory=list)  # per reply: bus + serialization (StepReply)
@@ -322,15 +324,24 @@ def run_logits_sessions(
     stop_at: float | None = None,
     device: Device | None = None,
     on_token: OnToken | None = None,
+    prefill_budget_s: float | None = None,
+    decode_budget_s: float | None = None,
 ) -> list[SessionResult]:
     """Run one logits session per client, all stepped together; returns their results in order.
 
     ``stop_at`` (a ``time.perf_counter()`` instant, for time-boxed benchmarks): sessions still
-    running then end early with what they wrote, marked ``stopped``. ``device``: where the
+    running then end early with what they wrote, marked ``stopped``. Per-phase budgets (seconds, the
+    benchmark's): until every live session has chosen its first token, the run also stops ``prefill_budget_s``
+    after its start; from the instant every live session has chosen its first token, it stops at the earlier of
+    ``stop_at`` and that instant + ``decode_budget_s`` (the prefill budget no longer applies). ``device``: where the
     small-model passes run (default: one packed batch of these sessions). ``on_token(client, token)``: called with
     every token a session writes, as it is written (a streaming caller, ``cogenesis.edge_sim.sdk``); returning
     False ends that session there, marked ``stopped``.
     """
+    for name, seconds in (("prefill_budget_s", prefill_budget_s), ("decode_budget_s", decode_budget_s)):
+        if seconds is not None and seconds < 0:
+            raise ConfigError(f"{name} {seconds} is negative")
+    budget = _Budget(stop_at, time.perf_counter(), prefill_budget_s, decode_budget_s)
     loop = _Loop.prepare(BusLink(link) if isinstance(link, EdgeBus) else link, engine, cfg, device)
     loop.on_token = on_token
     lives = [_Live.start(c, engine, loop.device.simulated) for c in clients]
@@ -339,13 +350,14 @@ def run_logits_sessions(
             loop.open(lives)
         while live := [lv for lv in lives if not lv.done]:
             loop.retire(lives)
-            if stop_at is not None and time.perf_counter() >= stop_at:
+            until = budget.until(lives, live)
+            if until is not None and time.perf_counter() >= until:
                 for lv in live:
                     lv.stopped = lv.done = True
                 break
             if all(lv.parked for lv in live):  # nothing to step: sleep until the first retry is due
-                _sleep_until(min(lv.parked_until or 0.0 for lv in live), stop_at)
-                if stop_at is not None and time.perf_counter() >= stop_at:
+                _sleep_until(min(lv.parked_until or 0.0 for lv in live), until)
+                if until is not None and time.perf_counter() >= until:
                     continue
             with _together(live):
                 loop.step_round(live)
@@ -355,6 +367,29 @@ def run_logits_sessions(
     for r in results:
         on_result(r)
     return results
+
+
+@dataclass
+class _Budget:
+    """When a run stops early (``run_logits_sessions``): at ``stop_at``, and at the end of its phase's budget."""
+
+    stop_at: float | None  # perf_counter instant, whatever the phase
+    start: float  # perf_counter at the run's start
+    prefill_s: float | None = None  # until every live session has its first token
+    decode_s: float | None = None  # from then on
+    decoding_from: float | None = None  # the instant the last live session chose its first token
+
+    def until(self, lives: list[_Live], live: list[_Live]) -> float | None:
+        """The perf_counter instant the run stops at (None: it runs to the end), as of now."""
+        if self.decoding_from is None and all(lv.trace.ttft is not None for lv in live):
+            firsts = [lv.trace.t0 + lv.trace.ttft for lv in lives if lv.trace.ttft is not None]
+            self.decoding_from = max(firsts, default=time.perf_counter())
+        if self.decoding_from is None:
+            phase = None if self.prefill_s is None else self.start + self.prefill_s
+        else:
+            phase = None if self.decode_s is None else self.decoding_from + self.decode_s
+        ends = [t for t in (self.stop_at, phase) if t is not None]
+        return min(ends) if ends else None
 
 
 @contextmanager
@@ -427,15 +462,23 @@ class _Loop:
         if not lives:
             return
         self.send_opens(lives)
-        private_prompts = [self.engine.prompt_ids(lv.client.record) for lv in lives]
+        t0 = time.perf_counter()
+        if getattr(self.device, "reads_prompts", True):
+            private_prompts = [self.engine.prompt_ids(lv.client.record) for lv in lives]
+        else:  # a device that ignores them (the bench's instant device): not built
+            private_prompts = [[] for _ in lives]
         for lv, lp in zip(lives, self.device.prefill(lives, private_prompts)):
             lv.lp = lp  # computed while the cloud prefills
         if self.plain is not None:
             plain_prompts = [cloud_prompt_ids(self.engine.tok, lv.client.record.public_instruction) for lv in lives]
             for lv, lp in zip(lives, self.plain.prefill([lv.plain_key for lv in lives], plain_prompts)):
                 lv.plain_lp = lp
+        t1 = time.perf_counter()
         self.collect(lives)
         self.network()
+        t2 = time.perf_counter()
+        for lv in lives:  # the time to first token, by cause
+            lv.trace.prefill_s, lv.trace.cloud_wait_s = t1 - t0, t2 - t1
 
     def step_round(self, live: list[_Live]) -> None:
         """One position of every live session that is not parked: cloud top-k where needed (and the answer of
@@ -452,15 +495,44 @@ class _Loop:
         if need or opening:
             self.collect(opening + need)
             self.network()
-        for lv in [lv for lv in live if not lv.done and not lv.parked]:
+        choosing = [lv for lv in live if not lv.done and not lv.parked]
+        fused = self.fuse_round(choosing)
+        for lv in choosing:
             with _alone(lv):
-                _choose(lv, self)
+                _choose(lv, self, fused.get(lv))
         live = [lv for lv in live if not lv.done and not lv.parked]
         if not live:
             return
         if self.sched.known_in_advance:  # ask early, so the cloud computes while the device does
             self.ask([lv for lv in live if lv.cloud.row is None and _fuses(lv, self.sched)])
         self.advance(live)
+
+    def fuse_round(self, lives: list[_Live]) -> dict[_Live, torch.Tensor]:
+        """The fused distribution [1, V] of every session of the round whose position is fused with a cloud row,
+        computed in one fusion call over all of them (the fusion is a pure function over [B, V]). A session left
+        out (nothing to fuse, a simulated device) is fused alone in ``_choose``; so is every session when the batched
+        call fails, so that one bad reply ends only its own session."""
+        if self.fuser is None:
+            return {}
+        picked = [
+            (lv, row, lv.lp)
+            for lv in lives
+            if _fuses(lv, self.sched) and (row := _cloud_row(lv)) is not None and lv.lp is not None
+        ]
+        if len(picked) < 2:
+            return {}
+        plains = [lv.plain_lp for lv, _, _ in picked]
+        try:
+            t0 = time.perf_counter()
+            ids = torch.from_numpy(np.stack([row[0] for _, row, _ in picked]).astype(np.int64))  # [B, K]
+            lps = torch.from_numpy(np.stack([row[1] for _, row, _ in picked]))
+            plain = torch.stack([p for p in plains if p is not None]) if self.fuser.needs_plain else None
+            target = self.fuser(torch.stack([lp for _, _, lp in picked]), ids, lps, plain)  # [B, V]
+            metrics.fusion_seconds.observe(time.perf_counter() - t0)
+        except Exception:  # e.g. rows of different widths: each session is fused (and fails) on its own
+            log.debug("batched fusion of %d sessions failed; fusing them one by one", len(picked), exc_info=True)
+            return {}
+        return {lv: target[b : b + 1] for b, (lv, _, _) in enumerate(picked)}
 
     def ask(self, lives: list[_Live]) -> None:
         self.link.request([lv.next_step() for lv in lives], self.cfg)
@@ -545,10 +617,21 @@ def _fuses(lv: _Live, sched: Schedule) -> bool:
     return not lv.holding and sched.fuses(len(lv.out), lv.lp)
 
 
-def _choose(lv: _Live, loop: _Loop) -> None:
-    """Choose the session's token at its position, accepting the cloud's draft when the choice equals it."""
+def _cloud_row(lv: _Live) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cloud's top-k (ids [K], log-probs [K]) at the session's position (None: not covered)."""
+    rows, row = lv.cloud.rows, lv.cloud.row
+    return None if rows is None or row is None else (rows[0][row], rows[1][row])
+
+
+def _choose(lv: _Live, loop: _Loop, fused: torch.Tensor | None = None) -> None:
+    """Choose the session's token at its position, accepting the cloud's draft when the choice equals it.
+    ``fused``: the position's fused distribution, when the round's batched fusion computed it."""
     samp = loop.cfg.sampling
-    target, space = _target(lv, _fuses(lv, loop.sched), loop.fuser)
+    if fused is not None:
+        lv.stats.fused += 1
+        target, space = fused, None
+    else:
+        target, space = _target(lv, _fuses(lv, loop.sched), loop.fuser)
     row = lv.cloud.row
     draft = _draft(lv.cloud.drafts, row, space)
     if draft is not None and row is not None:  # a draft proposes this position's token
@@ -646,6 +729,8 @@ def _result(lv: _Live, engine: EdgeEngine) -> SessionResult:
         error=lv.error or None,
         error_code=lv.error_code if lv.error else None,
         itl_s=lv.trace.gaps(),
+        ttft_device_prefill_s=lv.trace.prefill_s,
+        ttft_cloud_wait_s=lv.trace.cloud_wait_s,
         stopped=lv.stopped,
         fused_steps=lv.stats.fused,
         accepted_draft_tokens=lv.stats.accepted,

@@ -655,3 +655,24 @@ def test_a_stopped_replicas_sessions_resume_on_another_with_identical_text(model
     assert [r.text for r in results] == [r.text for r in undisturbed]
     assert all(r.error is None and r.tokens == 12 for r in results)
     assert all(r.resumes == 1 for r in results)
+
+
+@pytest.mark.parametrize("method", ["constant", "contrast"])
+def test_a_round_is_fused_in_one_call_and_equals_fusing_each_session_alone(models, sample_records, monkeypatch, method):
+    (large, tok), (small, _) = models
+    conf = cfg(max_new_tokens=6, fusion={"method": method, "weight": 0.5})
+    widths = []
+    import cogenesis.edge_sim.logits as logits_mod
+
+    class Counting(Fuser):
+        def __call__(self, small_lp, *args, **kwargs):
+            widths.append(small_lp.shape[0])
+            return super().__call__(small_lp, *args, **kwargs)
+
+    monkeypatch.setattr(logits_mod, "Fuser", Counting)
+    edge = EdgeEngine(small, tok, conf.max_prompt_tokens)
+    clients = [EdgeClient(i, rec, edge, conf) for i, rec in enumerate(sample_records[:3])]
+    results = run_logits_sessions(clients, edge, EngineLink(TransformersCloudEngine(large, tok)), conf)
+    assert all(r.error is None and r.tokens for r in results)
+    assert max(widths) == 3  # the round's three sessions in one call
+    assert [r.text for r in results] == [reference(models, rec, conf) for rec in sample_records[:3]]

@@ -25,6 +25,7 @@ class Run:
     round_trips: int = 0
     rtt_us: tuple[int, ...] = ()
     overhead_us: tuple[int, ...] = ()
+    step_s: tuple[float, ...] = ()  # its step latencies: gaps between its tokens (a batched decode: each step's time)
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,13 @@ class VariantResult:
     rtt_p99_ms: float | None
     overhead_p50_ms: float | None  # bus + serialization per step (None: not traced)
     overhead_p99_ms: float | None
+    step_p50_ms: float | None  # step latency: the gap between a session's consecutive tokens
+    step_p99_ms: float | None
     round_trips: int
     tokens_per_round_trip: float | None
     extra: dict
+    achieved_gflops: float | None = None  # decode tokens/s x model FLOPs per token (set by the benchmark)
+    share_of_peak: float | None = None  # ... over the machine's measured matmul GFLOP/s at the threads it used
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -67,6 +72,7 @@ def summarize(
     lat = [r.end_s for r in ok if r.completed]
     rtt = [u / 1000 for r in ok for u in r.rtt_us]
     over = [u / 1000 for r in ok for u in r.overhead_us]
+    steps = [s * 1000 for r in ok for s in r.step_s]
     trips = sum(r.round_trips for r in ok)
     return VariantResult(
         variant=variant,
@@ -85,6 +91,8 @@ def summarize(
         rtt_p99_ms=pct(rtt, 99),
         overhead_p50_ms=pct(over, 50),
         overhead_p99_ms=pct(over, 99),
+        step_p50_ms=pct(steps, 50),
+        step_p99_ms=pct(steps, 99),
         round_trips=trips,
         tokens_per_round_trip=tokens / trips if trips else None,
         extra=dict(extra or {}),
@@ -93,3 +101,16 @@ def summarize(
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def shared_limit(large_tps: float | None, small_tps: float | None) -> float | None:
+    """The decode tokens/s two models sharing the same cores can reach together: every fused token costs one
+    token of each model's compute, so their times per token add (1 / (1/large + 1/small))."""
+    return 1.0 / (1.0 / large_tps + 1.0 / small_tps) if large_tps and small_tps else None
+
+
+def decode_flops_per_token(params: int, layers: int, hidden: int, mean_context: float) -> float:
+    """A decoder's FLOPs for one decoded token: 2 per weight it multiplies (the transformer's parameters, the
+    LM head included, embeddings looked up not multiplied), plus attention over its context (Q·K and the
+    weighted sum of V: 2 x 2 x hidden per layer and context position)."""
+    return 2.0 * params + 4.0 * layers * hidden * mean_context

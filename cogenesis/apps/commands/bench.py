@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cogenesis.apps.flags import BENCH_EXCHANGE
+
+# cogenesis.apps.bench.exchange's VARIANTS and DEFAULT_VARIANTS (not imported: building the parser stays light)
+VARIANTS = (
+    "large-only",
+    "compute-limit",
+    "cogenesis-isolated",
+    "cogenesis-isolated-lookahead",
+    "cogenesis",
+    "cogenesis-lookahead",
+    "stateless",
+    "cogenesis-gateway",
+)
+DEFAULT_VARIANTS = VARIANTS[:6]
 
 
 def register(sub) -> None:
@@ -16,28 +30,46 @@ def register(sub) -> None:
     bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="{exchange}")
     e = bsub.add_parser(
         "exchange",
-        help="logits-mode step exchange vs large-only decode and the stateless protocol",
+        help="logits-mode step exchange vs large-only decode, the shared compute limit and the stateless protocol",
         description=(
-            "For each session count: the large model's own batched greedy decode (large-only, the "
-            "compute reference); the official code's stateless protocol (whole sequence over HTTP per "
-            "step, batch 1); CoGenesis logits mode over Ray Serve + Redis with lookahead 0 and N; "
-            "optionally a vLLM server driven per step. Every session writes --max-new-tokens tokens "
-            "(greedy, end-of-text ignored). Writes JSON, a markdown table (.md) and a plot (.png) "
-            "beside --json."
+            "For each session count: the large model's own batched greedy decode at the replica's threads "
+            "(large-only); both models' own batched decodes on every core (compute-limit: the shared limit of "
+            "two models on these cores); CoGenesis logits mode over Ray Serve + Redis with instant devices "
+            "(cogenesis-isolated: the cloud alone) and with real devices (cogenesis: the small model runs "
+            "here), each with lookahead 0 and N; on request the official code's stateless protocol (whole "
+            "sequence over HTTP per step, batch 1), the gateway's hop, and a vLLM server driven per step. "
+            "Every session writes --max-new-tokens tokens (greedy, end-of-text ignored). Writes JSON, a "
+            "markdown table (.md) and plots (.png, -scaling.png) beside --json."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    e.add_argument("--sessions", default="1,16,64,256", help="comma-separated concurrent session counts")
+    e.add_argument("--sessions", default="1,16,64,256,1024", help="comma-separated concurrent session counts")
     e.add_argument(
-        "--budget",
+        "--prefill-budget",
         type=float,
         default=300.0,
-        help="seconds per variant and N; a variant still running then is cut and marked",
+        help="seconds per variant and N from the start until every session has its first token; a variant "
+        "still without them then is cut and marked (large-only, compute-limit: their one prefill pass is never cut)",
+    )
+    e.add_argument(
+        "--decode-budget",
+        type=float,
+        default=120.0,
+        help="seconds per variant and N from the moment every session has its first token; a variant still "
+        "decoding then is cut and marked",
     )
     e.add_argument(
         "--variants",
-        default=",".join(("large-only", "stateless", "cogenesis", "cogenesis-lookahead", "cogenesis-gateway")),
-        help="comma-separated subset of the variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated variants, of: {', '.join(VARIANTS)}",
+    )
+    e.add_argument(
+        "--real-max-sessions",
+        type=int,
+        default=64,
+        help="session counts above this skip the real-device variants (cogenesis, cogenesis-lookahead, "
+        "stateless, cogenesis-gateway, vllm), whose edge pool holds every session's small-model KV here "
+        "(~16 MiB a session for 512-token prompts); the skip is recorded in the report",
     )
     e.add_argument("--with-vllm", action="store_true", help="add a vLLM OpenAI server driven per step")
     e.add_argument(
@@ -60,7 +92,7 @@ def run_exchange(args) -> int:
     from rich.console import Console
 
     from cogenesis.apps.bench.exchange import ExchangeBenchOptions, run_exchange_bench
-    from cogenesis.apps.bench.report import markdown_table
+    from cogenesis.apps.bench.report import markdown_table, scaling_path
     from cogenesis.core.config import CloudConfig, EdgeConfig
 
     edge = BENCH_EXCHANGE.config(args, EdgeConfig)
@@ -71,8 +103,10 @@ def run_exchange(args) -> int:
         lookahead=edge.lookahead,
         top_k=edge.top_k,
         edge_prompt_tokens=edge.max_prompt_tokens,
-        budget_s=args.budget,
+        prefill_budget_s=args.prefill_budget,
+        decode_budget_s=args.decode_budget,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        real_max_sessions=args.real_max_sessions,
         with_vllm=args.with_vllm,
         vllm_python=args.vllm_python,
         data=args.data,
@@ -85,8 +119,8 @@ def run_exchange(args) -> int:
     with console.status("cogenesis bench exchange") as status:
         report = run_exchange_bench(opts, console, lambda m: status.update(f"bench exchange: {m}"))
     print(markdown_table(report))
-    stem = opts.json_path.rsplit(".", 1)[0]
-    console.print(f"wrote {opts.json_path}, {stem}.md, {stem}.png")
+    png = Path(opts.json_path).with_suffix(".png")
+    console.print(f"wrote {opts.json_path}, {png.with_suffix('.md')}, {png}, {scaling_path(png)}")
     return 1 if any(r["failed"] for r in report["results"]) else 0
 
 

@@ -1,10 +1,21 @@
 """Benchmark accounting: what a variant measured, ratios, and the report's table and plot."""
 
+from dataclasses import replace
+
 import pytest
 
-from cogenesis.apps.bench.exchange import ExchangeBenchOptions, ratios
-from cogenesis.apps.bench.report import markdown_table, plot
-from cogenesis.apps.bench.stats import Run, pct, summarize
+from cogenesis.apps.bench.exchange import (
+    DEFAULT_VARIANTS,
+    VARIANTS,
+    ExchangeBenchOptions,
+    achieved,
+    compute_use,
+    kv_budget_mb,
+    plan_runs,
+    ratios,
+)
+from cogenesis.apps.bench.report import markdown_table, plot, scaling_path
+from cogenesis.apps.bench.stats import Run, decode_flops_per_token, pct, shared_limit, summarize
 from cogenesis.core.errors import ConfigError
 
 
@@ -82,7 +93,11 @@ def test_table_and_plot(tmp_path):
         ({"sessions": (0,)}, "sessions"),
         ({"top_k": 51}, "top-k"),
         ({"top_k": 21, "with_vllm": True}, "max_logprobs"),
-        ({"budget_s": 0}, "budget"),
+        ({"prefill_budget_s": 0}, "--prefill-budget"),
+        ({"prefill_budget_s": -5.0}, "--prefill-budget"),
+        ({"decode_budget_s": 0}, "--decode-budget"),
+        ({"decode_budget_s": float("nan")}, "--decode-budget"),
+        ({"real_max_sessions": 0}, "--real-max-sessions"),
         ({"variants": ("nope",)}, "unknown variant"),
         ({"lookahead": 0}, "lookahead"),
         ({"threads": 0}, "threads"),
@@ -91,3 +106,173 @@ def test_table_and_plot(tmp_path):
 def test_bad_options_are_named(kw, match):
     with pytest.raises(ConfigError, match=match):
         ExchangeBenchOptions(**kw)
+
+
+def test_step_latency_percentiles_come_from_every_sessions_token_gaps():
+    runs = [
+        Run(tokens=3, first_token_s=0.0, end_s=1.0, completed=True, step_s=(0.010, 0.020)),
+        Run(tokens=3, first_token_s=0.0, end_s=1.0, completed=True, step_s=(0.030, 0.040)),
+        Run(
+            tokens=0, first_token_s=None, end_s=1.0, completed=False, failed=True, step_s=(9.0,)
+        ),  # failed: not counted
+    ]
+    r = summarize("cogenesis", runs, wall_s=1.0)
+    assert r.step_p50_ms == pytest.approx(25.0) and r.step_p99_ms == pytest.approx(39.7)
+    untimed = Run(tokens=1, first_token_s=0.0, end_s=1.0, completed=True)
+    assert summarize("x", [untimed], 1.0).step_p50_ms is None
+
+
+def test_shared_limit_adds_the_two_models_time_per_token():
+    assert shared_limit(100.0, 100.0) == pytest.approx(50.0)
+    assert shared_limit(300.0, 150.0) == pytest.approx(100.0)  # 1 / (1/300 + 1/150)
+    assert shared_limit(None, 10.0) is None and shared_limit(10.0, 0.0) is None
+
+
+def test_decode_flops_per_token():
+    assert decode_flops_per_token(params=1000, layers=2, hidden=8, mean_context=10) == 2 * 1000 + 4 * 2 * 8 * 10
+    # SmolLM2-135M-like: ~135M multiplied weights (tied head included), 30 layers x 576, 200 tokens of context
+    assert decode_flops_per_token(134_515_008, 30, 576, 200) == pytest.approx(2.83e8, rel=0.01)
+
+
+def test_compute_use_and_achieved_share_of_peak():
+    assert compute_use("large-only", 3.0, 2.0, threads=1, reference_threads=2) == (3.0, 1)
+    assert compute_use("cogenesis-isolated-lookahead", 3.0, 2.0, threads=1, reference_threads=2) == (3.0, 1)
+    for variant in ("compute-limit", "cogenesis", "stateless", "cogenesis-gateway"):  # both models, every core
+        assert compute_use(variant, 3.0, 2.0, threads=1, reference_threads=2) == (5.0, 2)
+    gflops, share = achieved(100.0, 2e9, peak_gflops=400.0)
+    assert gflops == pytest.approx(200.0) and share == pytest.approx(0.5)
+    assert achieved(None, 2e9, 400.0) == (None, None) and achieved(1.0, 1e9, None) == (1.0, None)
+
+
+def test_ratios_against_the_shared_limit_and_large_only_at_the_same_threads():
+    limit = replace(
+        _result("compute-limit", 4, 80.0), decode_tokens_per_s=80.0
+    )  # its decode tok/s: the limit (others: 2 x t)
+    results = [
+        _result("large-only", 4, 100.0),
+        limit,
+        _result("cogenesis-isolated", 4, 50.0),
+        _result("cogenesis", 4, 30.0),
+    ]
+    rows = {q["variant"]: q for q in ratios(results)}
+    assert set(rows) == {"cogenesis-isolated", "cogenesis"}  # the references get no ratio of their own
+    assert rows["cogenesis-isolated"]["vs_large_only"] == pytest.approx(0.5)
+    assert rows["cogenesis-isolated"]["vs_shared_limit"] == pytest.approx(1.25)
+    assert rows["cogenesis"]["vs_shared_limit"] == pytest.approx(0.75)
+    assert rows["cogenesis"]["vs_stateless"] is None
+    (alone,) = ratios([_result("cogenesis", 1, 10.0)])
+    assert alone["vs_shared_limit"] is None and alone["vs_large_only"] is None
+
+
+def test_real_device_variants_above_the_cap_are_skipped_with_a_reason():
+    opts = ExchangeBenchOptions(sessions=(16, 256), variants=VARIANTS, real_max_sessions=64)
+    plan, skipped = plan_runs(opts)
+    assert plan[: len(VARIANTS)] == [(16, v) for v in VARIANTS]
+    assert [v for n, v in plan if n == 256] == [
+        "large-only",
+        "compute-limit",
+        "cogenesis-isolated",
+        "cogenesis-isolated-lookahead",
+    ]
+    assert {(s["sessions"], s["variant"]) for s in skipped} == {
+        (256, v) for v in ("cogenesis", "cogenesis-lookahead", "stateless", "cogenesis-gateway")
+    }
+    assert all("--real-max-sessions 64" in s["reason"] for s in skipped)
+    measured = plan_runs(opts, small_kv_bytes_per_token=36_864)[1][0]["reason"]  # SmolLM2 pruned to 24 layers
+    assert "20.2 MiB a session of 512 + 64 tokens" in measured
+    assert plan_runs(replace(opts, real_max_sessions=256))[1] == []
+
+
+def test_defaults():
+    opts = ExchangeBenchOptions()
+    assert opts.sessions == (1, 16, 64, 256, 1024) and opts.real_max_sessions == 64
+    assert (opts.prefill_budget_s, opts.decode_budget_s) == (300.0, 120.0)
+    assert (
+        opts.variants
+        == DEFAULT_VARIANTS
+        == (
+            "large-only",
+            "compute-limit",
+            "cogenesis-isolated",
+            "cogenesis-isolated-lookahead",
+            "cogenesis",
+            "cogenesis-lookahead",
+        )
+    )
+    assert opts.threads <= opts.reference_threads
+
+
+def test_the_replicas_kv_budget_admits_every_session():
+    # 1,024 sessions of 168 tokens at 45 KiB a token (SmolLM2-135M, fp32): 7.4 GiB, x 1.25 headroom
+    mb = kv_budget_mb(1024, 168, 46_080)
+    assert mb >= 1024 * 168 * 46_080 / (1 << 20) * 1.25 and mb == int(mb)
+    assert kv_budget_mb(1, 100, 1000) == 2048  # never below the config's default
+
+
+def test_table_has_step_latency_shared_limit_and_share_of_peak_columns(tmp_path):
+    limit = replace(_result("compute-limit", 4, 80.0), decode_tokens_per_s=80.0)
+    iso = replace(_result("cogenesis-isolated", 4, 50.0), share_of_peak=0.125)
+    results = [_result("large-only", 4, 100.0), limit, iso]
+    report = {
+        "options": {"max_new_tokens": 2, "top_k": 10},
+        "machine": {"cpus": 2},
+        "results": [r.to_json() for r in results],
+        "ratios": ratios(results),
+        "skipped": [{"sessions": 1024, "variant": "cogenesis", "reason": "too many"}],
+    }
+    lines = markdown_table(report).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for col in ("step p50 ms", "step p99 ms", "share of peak", "× large-only", "× shared limit", "× stateless"):
+        assert col in head
+    row = dict(zip(head, (c.strip() for c in lines[4].strip("|").split("|"))))
+    assert row["variant"] == "cogenesis-isolated" and row["× shared limit"] == "1.25" and row["× large-only"] == "0.50"
+    assert row["share of peak"] == "12.5%"
+    assert lines[-1] == "- cogenesis with 1024 sessions: too many"
+
+
+def test_scaling_figure_is_written_beside_the_plot(tmp_path):
+    results = [
+        replace(_result(v, n, t), step_p50_ms=10.0 * n, step_p99_ms=20.0 * n)
+        for n in (1, 16, 64)
+        for v, t in (("large-only", 20.0), ("compute-limit", 15.0), ("cogenesis-isolated", 10.0), ("cogenesis", 5.0))
+    ]
+    report = {"options": {}, "machine": {}, "results": [r.to_json() for r in results], "ratios": ratios(results)}
+    plot(report, tmp_path / "b.png")
+    assert scaling_path(tmp_path / "b.png") == tmp_path / "b-scaling.png"
+    for p in (tmp_path / "b.png", tmp_path / "b-scaling.png"):
+        assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_flags_map_to_the_options(monkeypatch):
+    from cogenesis.apps.cli import build_parser
+    from cogenesis.apps.commands import bench
+
+    assert bench.VARIANTS == VARIANTS and bench.DEFAULT_VARIANTS == DEFAULT_VARIANTS  # the parser's copy
+    args = build_parser().parse_args(["bench", "exchange"])
+    assert (args.sessions, args.prefill_budget, args.decode_budget, args.real_max_sessions) == (
+        "1,16,64,256,1024",
+        300.0,
+        120.0,
+        64,
+    )
+    assert args.variants.split(",") == list(DEFAULT_VARIANTS)
+    seen = {}
+
+    def fake_run(opts, console, progress=None):
+        seen["opts"] = opts
+        return {"results": [], "ratios": []}
+
+    monkeypatch.setattr("cogenesis.apps.bench.exchange.run_exchange_bench", fake_run)
+    argv = ["bench", "exchange", "--prefill-budget", "60", "--decode-budget", "30", "--real-max-sessions", "16"]
+    args = build_parser().parse_args(argv + ["--variants", "large-only,cogenesis"])
+    assert bench.run_exchange(args) == 0
+    opts = seen["opts"]
+    assert (opts.prefill_budget_s, opts.decode_budget_s, opts.real_max_sessions) == (60.0, 30.0, 16)
+    assert opts.variants == ("large-only", "cogenesis")
+
+
+def test_bad_budgets_on_the_command_line_are_one_clear_error(capsys):
+    from cogenesis.apps.cli import main
+
+    assert main(["bench", "exchange", "--decode-budget", "0"]) != 0
+    assert "--decode-budget 0.0 must be positive" in capsys.readouterr().err
