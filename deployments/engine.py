@@ -315,7 +315,7 @@ class TransformersCloudEngine:
         ``Busy`` (no active session is evicted to make room)."""
         if not requests:
             return []
-        self.sweep_idle()
+        self.sweep_idle(trim=False)
         results: list[TopK | SessionError | None] = [None] * len(requests)
         fresh: list[tuple[int, _Session, list[int]]] = []
         now = time.monotonic()
@@ -691,13 +691,17 @@ class TransformersCloudEngine:
     def close(self, session_id: str) -> bool:
         return self._drop(session_id)
 
-    def sweep_idle(self) -> list[str]:
-        """Close sessions idle longer than ``session_idle_s`` (their edge vanished): frees their KV."""
+    def sweep_idle(self, trim: bool = True) -> list[str]:
+        """Close sessions idle longer than ``session_idle_s`` (their edge vanished): frees their KV. ``trim``: then
+        shrink the KV store when a burst of sessions is over (the step loop's periodic sweep; not before opens,
+        which would grow it again)."""
         now = time.monotonic()
         gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.session_idle_s]
         for sid in gone:
             log.info("closing idle session %s", sid)
             self._drop(sid)
+        if trim and self.store.trim(RESERVE_AHEAD):  # a burst is over: its KV memory goes back
+            log.info("KV store trimmed to %d slots of %d positions", self.store.slots, self.store.capacity)
         return gone
 
     # ---- single-request conveniences -------------------------------------------------------------

@@ -496,10 +496,10 @@ class _Loop:
             self.collect(opening + need)
             self.network()
         choosing = [lv for lv in live if not lv.done and not lv.parked]
-        fused = self.fuse_round(choosing)
+        picks = self.choose_round(choosing)
         for lv in choosing:
             with _alone(lv):
-                _choose(lv, self, fused.get(lv))
+                _choose(lv, self, picks.get(lv))
         live = [lv for lv in live if not lv.done and not lv.parked]
         if not live:
             return
@@ -507,32 +507,52 @@ class _Loop:
             self.ask([lv for lv in live if lv.cloud.row is None and _fuses(lv, self.sched)])
         self.advance(live)
 
-    def fuse_round(self, lives: list[_Live]) -> dict[_Live, torch.Tensor]:
-        """The fused distribution [1, V] of every session of the round whose position is fused with a cloud row,
-        computed in one fusion call over all of them (the fusion is a pure function over [B, V]). A session left
-        out (nothing to fuse, a simulated device) is fused alone in ``_choose``; so is every session when the batched
-        call fails, so that one bad reply ends only its own session."""
-        if self.fuser is None:
-            return {}
-        picked = [
-            (lv, row, lv.lp)
-            for lv in lives
-            if _fuses(lv, self.sched) and (row := _cloud_row(lv)) is not None and lv.lp is not None
-        ]
-        if len(picked) < 2:
-            return {}
-        plains = [lv.plain_lp for lv, _, _ in picked]
+    @property
+    def greedy(self) -> bool:
+        return self.cfg.sampling.temperature == 0
+
+    def choose_round(self, lives: list[_Live]) -> dict[_Live, _Pick]:
+        """The round's batched part of choosing: tensor operations over all of its sessions at once.
+
+        - Fusion: the fused distribution [1, V] of every session whose position is fused with a cloud row, in one
+          call of the (pure, row-wise) fusion over all of them.
+        - Greedy decoding (temperature 0): every session's token, one argmax over the round: over the fused rows,
+          over the cloud's top-k rows (a simulated device) and over the small model's own rows (positions not
+          fused).
+
+        A session left out is chosen alone in ``_choose`` (sampling, which draws from each session's own
+        generator, always is); so is every session when a batched part fails, so that one bad reply ends only its
+        own session."""
+        picks: dict[_Live, _Pick] = {}
+        fusing = [(lv, row) for lv in lives if _fuses(lv, self.sched) and (row := _cloud_row(lv)) is not None]
+        real = [(lv, row) for lv, row in fusing if lv.lp is not None and self.fuser is not None]
         try:
-            t0 = time.perf_counter()
-            ids = torch.from_numpy(np.stack([row[0] for _, row, _ in picked]).astype(np.int64))  # [B, K]
-            lps = torch.from_numpy(np.stack([row[1] for _, row, _ in picked]))
-            plain = torch.stack([p for p in plains if p is not None]) if self.fuser.needs_plain else None
-            target = self.fuser(torch.stack([lp for _, _, lp in picked]), ids, lps, plain)  # [B, V]
-            metrics.fusion_seconds.observe(time.perf_counter() - t0)
-        except Exception:  # e.g. rows of different widths: each session is fused (and fails) on its own
-            log.debug("batched fusion of %d sessions failed; fusing them one by one", len(picked), exc_info=True)
+            if len(real) >= 2 and self.fuser is not None:
+                t0 = time.perf_counter()
+                ids = torch.from_numpy(np.stack([row[0] for _, row in real]).astype(np.int64))  # [B, K]
+                lps = torch.from_numpy(np.stack([row[1] for _, row in real]))
+                plain = _stack([lv.plain_lp for lv, _ in real]) if self.fuser.needs_plain else None
+                target = self.fuser(_stack([lv.lp for lv, _ in real]), ids, lps, plain)
+                metrics.fusion_seconds.observe(time.perf_counter() - t0)
+                greedy = target.argmax(-1).tolist() if self.greedy else [None] * len(real)
+                for b, (lv, _) in enumerate(real):
+                    picks[lv] = _Pick(target[b : b + 1], greedy[b], fused=True)
+            if not self.greedy:
+                return picks
+            cloud_only = [(lv, row) for lv, row in fusing if lv.lp is None or self.fuser is None]
+            if cloud_only:  # a simulated device: the cloud's best of its top-k
+                best = np.stack([row[1] for _, row in cloud_only]).argmax(-1)
+                for (lv, row), i in zip(cloud_only, best.tolist()):
+                    picks[lv] = _Pick(None, int(row[0][i]), fused=True)
+            covered = {lv for lv, _ in fusing}
+            own = [lv for lv in lives if lv not in covered and lv.lp is not None]
+            if len(own) >= 2:  # positions the device writes alone: its own best token
+                for lv, token in zip(own, _stack([lv.lp for lv in own]).argmax(-1).tolist()):
+                    picks[lv] = _Pick(None, token)
+        except Exception:  # e.g. rows of different widths: each session is chosen (and fails) on its own
+            log.debug("the batched choice of %d sessions failed; choosing one by one", len(lives), exc_info=True)
             return {}
-        return {lv: target[b : b + 1] for b, (lv, _, _) in enumerate(picked)}
+        return picks
 
     def ask(self, lives: list[_Live]) -> None:
         self.link.request([lv.next_step() for lv in lives], self.cfg)
@@ -623,13 +643,38 @@ def _cloud_row(lv: _Live) -> tuple[np.ndarray, np.ndarray] | None:
     return None if rows is None or row is None else (rows[0][row], rows[1][row])
 
 
-def _choose(lv: _Live, loop: _Loop, fused: torch.Tensor | None = None) -> None:
+def _stack(rows: list[torch.Tensor | None]) -> torch.Tensor:
+    """[V] rows -> [B, V]; a missing row is an error (the batch falls back to one session at a time)."""
+    if any(r is None for r in rows):
+        raise ValueError("a session of the batch has no distribution")
+    return torch.stack([r for r in rows if r is not None])
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """What the round's batched part (``_Loop.choose_round``) computed for one session's position."""
+
+    target: torch.Tensor | None  # the fused distribution [1, V] (None: not computed in the batch)
+    token: int | None = None  # greedy decoding: the token (a vocabulary id)
+    fused: bool = False  # the position is fused with the cloud's row
+
+
+def _choose(lv: _Live, loop: _Loop, pick: _Pick | None = None) -> None:
     """Choose the session's token at its position, accepting the cloud's draft when the choice equals it.
-    ``fused``: the position's fused distribution, when the round's batched fusion computed it."""
+    ``pick``: what the round's batched part computed for it."""
     samp = loop.cfg.sampling
-    if fused is not None:
+    if pick is not None and pick.token is not None:  # greedy, chosen in the batch: a draft is accepted when equal
+        lv.stats.fused += pick.fused
+        token, row = pick.token, lv.cloud.row
+        accepted = row is not None and row < lv.cloud.drafts.size and int(lv.cloud.drafts[row]) == token
+        lv.cloud.row = row + 1 if accepted and row is not None else None
+        lv.stats.accepted += accepted
+        lv.stats.accepted_now += accepted
+        _write(lv, loop, token)
+        return
+    if pick is not None and pick.target is not None:
         lv.stats.fused += 1
-        target, space = fused, None
+        target, space = pick.target, None
     else:
         target, space = _target(lv, _fuses(lv, loop.sched), loop.fuser)
     row = lv.cloud.row
@@ -645,6 +690,11 @@ def _choose(lv: _Live, loop: _Loop, fused: torch.Tensor | None = None) -> None:
         lv.cloud.row = None
     if space is not None:
         token = int(space[token])
+    _write(lv, loop, token)
+
+
+def _write(lv: _Live, loop: _Loop, token: int) -> None:
+    """The session chose ``token``: end it (end of text), or write it through its stream gate."""
     lv.trace.chose()
     if token in loop.engine.stop_ids and not loop.cfg.ignore_eos:
         lv.done = True

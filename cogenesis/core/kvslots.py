@@ -44,6 +44,7 @@ class SlotStore:
         self.keys = [self._zeros(slots, self.capacity) for _ in range(self.n_layers)]
         self.values = [self._zeros(slots, self.capacity) for _ in range(self.n_layers)]
         self.lengths = [0] * slots
+        self.min_slots, self.min_capacity = slots, self.capacity  # what ``trim`` never goes below
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self._used: set[int] = set()
         self.grown = 0  # times the store grew (the only copies of rows it makes)
@@ -110,6 +111,27 @@ class SlotStore:
         """The slot's cache as per-layer (keys, values) [1, H, L, D] views (tests, debugging)."""
         n = self.length(slot)
         return tuple((k[slot : slot + 1, :, :n], v[slot : slot + 1, :, :n]) for k, v in zip(self.keys, self.values))
+
+    def trim(self, ahead: int = 0) -> bool:
+        """Give memory back after a burst: when the slots in use all sit in the lower half of the store, the slots
+        above them go; when every row in use, ``ahead`` positions more, fits in half the positions, the positions
+        beyond go. Rows are not moved (the store is copied once, at its smaller size). Returns whether it shrank."""
+        top = max(self._used, default=-1) + 1
+        need = _align(max((self.lengths[s] for s in self._used), default=0) + ahead)
+        slots = max(top, self.min_slots) if 2 * max(top, 1) <= self.slots else self.slots
+        capacity = max(need, self.min_capacity) if 2 * need <= self.capacity else self.capacity
+        if (slots, capacity) == (self.slots, self.capacity):
+            return False
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                new = self._zeros(slots, capacity)
+                new[:, :, :capacity] = old[:slots, :, :capacity]
+                store[layer] = new
+        self.lengths = self.lengths[:slots]
+        self._free = [s for s in range(slots) if s not in self._used]
+        heapq.heapify(self._free)
+        self.capacity = capacity
+        return True
 
     # ---- a forward pass ------------------------------------------------------------------------------
 

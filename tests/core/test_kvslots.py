@@ -99,3 +99,29 @@ def test_bad_arguments(model):
         store.forward([a], [[1]], keep_last=2)
     with pytest.raises(ValueError, match="cannot crop"):
         store.crop(a, 5)
+
+
+def test_trim_gives_a_bursts_memory_back_and_keeps_the_rows_in_use(model):
+    store = SlotStore(model, slots=2, capacity=32)
+    slots = [store.alloc() for _ in range(9)]  # a burst: the store grows to hold 9
+    store.forward(slots, [[3 + i, 4, 5] for i in range(9)])
+    grown = store.reserved_bytes()
+    for s in slots[2:]:
+        store.free(s)
+    assert store.trim() and store.slots == 2 and store.reserved_bytes() < grown
+    lp = store.forward(slots[:2], [[9], [10]])  # the rows in use are where they were
+    assert torch.allclose(lp[0, -1], alone(model, [3, 4, 5, 9])[-1], atol=1e-4)
+    assert torch.allclose(lp[1, -1], alone(model, [4, 4, 5, 10])[-1], atol=1e-4)
+    assert store.alloc() == 2 and store.trim() is False  # a slot in use at the top: nothing to drop
+
+
+def test_trim_keeps_what_the_slots_in_use_need(model):
+    store = SlotStore(model, slots=2, capacity=32)
+    a, b = store.alloc(), store.alloc()
+    store.forward([a, b], [[1] * 100, [2]])  # positions grow past 100
+    assert store.capacity == 128
+    store.free(a)
+    assert not store.trim(ahead=70)  # b with 70 positions ahead (96 aligned) does not fit in half of 128
+    assert store.trim() and store.capacity == 32 and store.length(b) == 1
+    lp = store.forward([b], [[7]])
+    assert torch.allclose(lp[0, -1], alone(model, [2, 7])[-1], atol=1e-4)

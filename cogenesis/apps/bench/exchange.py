@@ -602,25 +602,24 @@ def _large_only(ctx: _Ctx, records, tokens: int) -> VariantResult:
 def _compute_limit(ctx: _Ctx, records, tokens: int) -> VariantResult:
     """What two models sharing every core can reach: the large model's own batched decode of the cloud prompts and
     the small model's of the edge prompts, one after the other on all cores; its decode tokens/s is the shared limit.
-    The small model decodes in batches of at most ``real_max_sessions`` sessions (its KV for all N would not fit),
-    each with its share of the decode budget."""
+    Above ``real_max_sessions`` sessions the small model decodes one batch of ``real_max_sessions`` (its KV for all N
+    would not fit this machine), and its rate is that batch's: N sessions take ceil(N / batch) such batches, so its
+    step time for all N rows and its prefill are that batch's times that many."""
     opts = ctx.opts
     pad, threads = ctx.tok.pad_token_id, opts.reference_threads
     large = greedy_decode(ctx.large, pad, ctx.cloud_ids(records), tokens, threads, opts.decode_budget_s)
-    edge_ids = ctx.edge_ids(records)
     size = min(len(records), opts.real_max_sessions)
-    chunks = [edge_ids[i : i + size] for i in range(0, len(edge_ids), size)]
-    small = [greedy_decode(ctx.small, pad, c, tokens, threads, opts.decode_budget_s / len(chunks)) for c in chunks]
-    small_tokens = sum(d.rows * (d.written - 1) for d in small)
-    small_span = sum(d.wall_s - d.prefill_s for d in small)
+    batches = math.ceil(len(records) / size)
+    small = greedy_decode(ctx.small, pad, ctx.edge_ids(records[:size]), tokens, threads, opts.decode_budget_s)
+    small_tokens = small.rows * (small.written - 1)
+    small_span = small.wall_s - small.prefill_s
     large_tps = large.decode_tokens_per_s
     small_tps = small_tokens / small_span if small_tokens and small_span > 0 else None
     limit = shared_limit(large_tps, small_tps)
-    written = min([large.written] + [d.written for d in small])
-    small_steps = [sum(col) for col in zip(*(d.steps_s for d in small))]  # a step of all N rows: every batch's
-    steps = tuple(a + b for a, b in zip(large.steps_s, small_steps))  # a fused token: one step of each model
-    prefill = large.prefill_s + sum(d.prefill_s for d in small)
-    wall = large.wall_s + sum(d.wall_s for d in small)
+    written = min(large.written, small.written)
+    steps = tuple(a + b * batches for a, b in zip(large.steps_s, small.steps_s))  # a fused token: a step of each
+    prefill = large.prefill_s + small.prefill_s * batches
+    wall = large.wall_s + small.wall_s * batches
     runs = [Run(tokens=written, first_token_s=prefill, end_s=wall, completed=written == tokens, step_s=steps)] * len(
         records
     )
@@ -632,7 +631,8 @@ def _compute_limit(ctx: _Ctx, records, tokens: int) -> VariantResult:
         "small_batch": size,
         "prefill_s": _r(prefill),
         "large_prefill_s": _r(large.prefill_s),
-        "small_prefill_s": _r(sum(d.prefill_s for d in small)),
+        "small_prefill_s": _r(small.prefill_s * batches),
+        "small_batches": batches,
     }
     result = summarize("compute-limit", runs, wall, truncated=written < tokens, extra=extra)
     return replace(result, decode_tokens_per_s=limit)

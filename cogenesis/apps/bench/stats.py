@@ -38,7 +38,7 @@ class VariantResult:
     tokens: int
     wall_s: float
     tokens_per_s: float  # all tokens / wall (includes prefill: the edge's private context too)
-    decode_tokens_per_s: float | None  # tokens after each session's first / (end - last first token)
+    decode_tokens_per_s: float | None  # tokens written after the last session's first / (end - that instant)
     ttft_p50_s: float | None
     session_p50_s: float | None
     session_p99_s: float | None
@@ -65,14 +65,22 @@ def summarize(
     tokens = sum(r.tokens for r in ok)
     firsts = [r.first_token_s for r in ok if r.first_token_s is not None]
     decode_tps = None
+    steps = [s * 1000 for r in ok for s in r.step_s]
     if firsts and len(firsts) == len(ok):
-        span = max(r.end_s for r in ok) - max(firsts)
-        after_first = sum(max(0, r.tokens - 1) for r in ok)
+        start = max(firsts)  # the decode phase: from the instant every session has its first token
+        span = max(r.end_s for r in ok) - start
+        if all(r.step_s or r.tokens <= 1 for r in ok):  # token times known: count what was written in the phase
+            after_first, steps = 0, []
+            for r in ok:
+                times = r.first_token_s + np.cumsum(r.step_s)
+                after_first += int((times > start).sum())
+                steps += [s * 1000 for s, t in zip(r.step_s, times) if t > start]
+        else:  # one session, or no token times: every token after each session's first
+            after_first = sum(max(0, r.tokens - 1) for r in ok)
         decode_tps = after_first / span if span > 0 and after_first else None
     lat = [r.end_s for r in ok if r.completed]
     rtt = [u / 1000 for r in ok for u in r.rtt_us]
     over = [u / 1000 for r in ok for u in r.overhead_us]
-    steps = [s * 1000 for r in ok for s in r.step_s]
     trips = sum(r.round_trips for r in ok)
     return VariantResult(
         variant=variant,

@@ -77,7 +77,7 @@ def test_references_run_without_a_cluster_and_are_reported(tiny_large, tiny_smal
             limit = 1 / (1 / x["large_decode_tps"] + 1 / x["small_decode_tps"])
             assert x["shared_limit_tps"] == pytest.approx(limit, rel=0.01)
             assert r["decode_tokens_per_s"] == pytest.approx(x["shared_limit_tps"], rel=0.01)
-            assert x["threads"] == 2 and x["small_batch"] == min(r["sessions"], 2)
+            assert x["threads"] == 2 and x["small_batch"] == min(r["sessions"], 2) and x["small_batches"] == 2
         else:
             assert r["extra"]["threads"] == 1
     assert out.with_suffix(".md").read_text().startswith("| N | variant |")

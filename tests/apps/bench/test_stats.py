@@ -47,6 +47,16 @@ def test_summarize_separates_prefill_from_decode():
     assert r.tokens_per_round_trip == pytest.approx(1.0)
 
 
+def test_decode_counts_only_what_was_written_once_every_session_had_its_first_token():
+    # an early session writes 5 tokens (at 1, 2, 3, 4, 5 s) while a late one waits for its first (at 3 s); from 3 s
+    # to 5 s the early one writes 2 and the late one 2 (at 4 and 5 s): 4 tokens in 2 s, not the 5 + 2 after firsts
+    early = Run(tokens=5, first_token_s=1.0, end_s=5.0, completed=True, step_s=(1.0, 1.0, 1.0, 1.0))
+    late = Run(tokens=3, first_token_s=3.0, end_s=5.0, completed=True, step_s=(1.0, 1.0))
+    r = summarize("cogenesis-isolated", [early, late], wall_s=5.0)
+    assert r.decode_tokens_per_s == pytest.approx(4 / 2)
+    assert r.step_p50_ms == pytest.approx(1000.0)  # the gaps ending in the decode phase only
+
+
 def test_failed_and_stopped_sessions_are_counted_apart():
     runs = [
         Run(tokens=5, first_token_s=1.0, end_s=3.0, completed=False),  # stopped by the budget
