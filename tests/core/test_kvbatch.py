@@ -4,20 +4,9 @@ import pytest
 import torch
 
 from cogenesis.core.kvbatch import batched_forward, kv_bytes, kv_crop, kv_len
-from cogenesis.core.models import load_causal_lm
 
 
-@pytest.fixture(scope="module")
-def model(tiny_large):
-    return load_causal_lm(str(tiny_large))[0]
-
-
-def alone(model, ids):
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [T, V]
-
-
-def test_rows_with_different_pasts_and_lengths_match_single_runs(model):
+def test_rows_with_different_pasts_and_lengths_match_single_runs(model, alone):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
     lp, caches = batched_forward(model, [None, None, None], prompts)  # ragged prefill
     for b, p in enumerate(prompts):
@@ -33,14 +22,14 @@ def test_rows_with_different_pasts_and_lengths_match_single_runs(model):
         assert torch.allclose(lp3[b, -1], alone(model, p + s + t)[-1], atol=1e-4)
 
 
-def test_keep_last_returns_each_rows_last_positions(model):
+def test_keep_last_returns_each_rows_last_positions(model, alone):
     lp, _ = batched_forward(model, [None, None], [[1, 2, 3, 4], [7, 8, 9]], keep_last=3)
     assert lp.shape[:2] == (2, 3)
     assert torch.allclose(lp[0], alone(model, [1, 2, 3, 4])[-3:], atol=1e-4)
     assert torch.allclose(lp[1], alone(model, [7, 8, 9])[-3:], atol=1e-4)
 
 
-def test_crop_drops_draft_positions(model):
+def test_crop_drops_draft_positions(model, alone):
     _, (kv,) = batched_forward(model, [None], [[1, 2, 3, 4, 5]])
     cropped = kv_crop(kv, 3)
     assert kv_len(cropped) == 3 and kv_bytes(cropped) * 5 == kv_bytes(kv) * 3
@@ -58,7 +47,7 @@ def test_bad_arguments(model):
         batched_forward(model, [None, None], [[1], [1, 2]], keep_last=2)
 
 
-def test_packed_batch_steps_and_drops_rows(model):
+def test_packed_batch_steps_and_drops_rows(model, alone):
     from cogenesis.core.kvbatch import PackedBatch
 
     prompts = [[5, 6, 7, 8, 9], [20, 21], [30, 31, 32]]

@@ -5,20 +5,9 @@ import torch
 
 from cogenesis.core.kvbatch import batched_forward
 from cogenesis.core.kvslots import SlotStore
-from cogenesis.core.models import load_causal_lm
 
 
-@pytest.fixture(scope="module")
-def model(tiny_large):
-    return load_causal_lm(str(tiny_large))[0]
-
-
-def alone(model, ids):
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [T, V]
-
-
-def test_ragged_prefills_and_steps_match_single_runs(model):
+def test_ragged_prefills_and_steps_match_single_runs(model, alone):
     store = SlotStore(model, slots=2, capacity=4)  # small: the pass grows it (slots and positions)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
     slots = [store.alloc() for _ in prompts]
@@ -41,7 +30,7 @@ def test_ragged_prefills_and_steps_match_single_runs(model):
     assert store.grown >= 2 and store.used_bytes() == sum(map(len, seqs)) * store.token_bytes
 
 
-def test_subsets_in_any_order_equal_single_runs_and_the_rest_stays(model):
+def test_subsets_in_any_order_equal_single_runs_and_the_rest_stays(model, alone):
     store = SlotStore(model, slots=4, capacity=32)
     prompts = [[5, 6, 7], [20, 21, 22, 23], [30, 31], [40, 41, 42, 43, 44]]
     slots = [store.alloc() for _ in prompts]
@@ -59,7 +48,7 @@ def test_subsets_in_any_order_equal_single_runs_and_the_rest_stays(model):
         assert torch.allclose(lp[b, -1], alone(model, s)[-1], atol=1e-4)
 
 
-def test_crop_free_and_reuse(model):
+def test_crop_free_and_reuse(model, alone):
     store = SlotStore(model, slots=2, capacity=32)
     a, b = store.alloc(), store.alloc()
     store.forward([a, b], [[1, 2, 3, 4, 5], [7, 8]])
@@ -73,7 +62,7 @@ def test_crop_free_and_reuse(model):
     assert torch.allclose(lp[1, -1], alone(model, [7, 8, 13])[-1], atol=1e-4)
 
 
-def test_write_a_shared_head_then_extend(model):
+def test_write_a_shared_head_then_extend(model, alone):
     _, (head,) = batched_forward(model, [None], [[3, 4, 5, 6]])
     store = SlotStore(model, slots=1, capacity=32)
     s = store.alloc()
@@ -101,7 +90,7 @@ def test_bad_arguments(model):
         store.crop(a, 5)
 
 
-def test_trim_gives_a_bursts_memory_back_and_keeps_the_rows_in_use(model):
+def test_trim_gives_a_bursts_memory_back_and_keeps_the_rows_in_use(model, alone):
     store = SlotStore(model, slots=2, capacity=32)
     slots = [store.alloc() for _ in range(9)]  # a burst: the store grows to hold 9
     store.forward(slots, [[3 + i, 4, 5] for i in range(9)])
@@ -115,7 +104,7 @@ def test_trim_gives_a_bursts_memory_back_and_keeps_the_rows_in_use(model):
     assert store.alloc() == 2 and store.trim() is False  # a slot in use at the top: nothing to drop
 
 
-def test_trim_keeps_what_the_slots_in_use_need(model):
+def test_trim_keeps_what_the_slots_in_use_need(model, alone):
     store = SlotStore(model, slots=2, capacity=32)
     a, b = store.alloc(), store.alloc()
     store.forward([a, b], [[1] * 100, [2]])  # positions grow past 100

@@ -86,6 +86,7 @@ from cogenesis.apps.bench.stats import (
     shared_limit,
     summarize,
 )
+from cogenesis.apps.bench.variants import DEFAULT_VARIANTS, VARIANTS
 from cogenesis.core.auth import bearer_header
 from cogenesis.core.errors import ConfigError
 from cogenesis.core.protocol import MAX_TOP_K
@@ -97,17 +98,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VARIANTS = (
-    "large-only",
-    "compute-limit",
-    "cogenesis-isolated",
-    "cogenesis-isolated-lookahead",
-    "cogenesis",
-    "cogenesis-lookahead",
-    "stateless",
-    "cogenesis-gateway",
-)
-DEFAULT_VARIANTS = VARIANTS[:6]  # stateless and cogenesis-gateway: by --variants
 IN_PROCESS = frozenset({"large-only", "compute-limit"})  # no cluster, no exchange
 ISOLATED = frozenset({"cogenesis-isolated", "cogenesis-isolated-lookahead"})  # InstantDevice: no edge compute
 REAL_DEVICE = frozenset({"cogenesis", "cogenesis-lookahead", "stateless", "cogenesis-gateway", "vllm"})

@@ -5,20 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cogenesis.apps.bench.variants import DEFAULT_VARIANTS, VARIANTS
 from cogenesis.apps.flags import BENCH_EXCHANGE
-
-# cogenesis.apps.bench.exchange's VARIANTS and DEFAULT_VARIANTS (not imported: building the parser stays light)
-VARIANTS = (
-    "large-only",
-    "compute-limit",
-    "cogenesis-isolated",
-    "cogenesis-isolated-lookahead",
-    "cogenesis",
-    "cogenesis-lookahead",
-    "stateless",
-    "cogenesis-gateway",
-)
-DEFAULT_VARIANTS = VARIANTS[:6]
 
 
 def register(sub) -> None:
