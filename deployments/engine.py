@@ -403,7 +403,7 @@ class TransformersCloudEngine:
                 f"session {r.session_id}: {len(self._sessions)} sessions are open (max_sessions={self.max_sessions})",
                 retry_after_s=_clamp_retry(self.session_idle_s - (now - lru.last_used)),
             )
-        needed = (n_ids + r.lookahead) * self._kv_token_bytes()
+        needed = (n_ids + r.lookahead) * self.store.token_bytes
         if protected > 0 and protected + needed > self.kv_budget_bytes:
             ages = [
                 now - s.last_used for s in self._sessions.values() if s.slot is not None and self._is_active(s, now)
@@ -426,9 +426,6 @@ class TransformersCloudEngine:
     def _held(self, slot: int | None) -> int:
         """KV bytes a slot's tokens take (0: none)."""
         return 0 if slot is None else self.store.length(slot) * self.store.token_bytes
-
-    def _kv_token_bytes(self) -> int:
-        return self.store.token_bytes
 
     def _release(self, slot: int | None) -> None:
         if slot is not None:

@@ -53,6 +53,24 @@ def _pack(pasts: Sequence[KV | None], lmax: int) -> list[tuple[torch.Tensor, tor
     return packed
 
 
+def cached_pass(
+    model, ids: torch.Tensor, mask, pos: torch.Tensor, cache, keep_last: int = 1
+) -> tuple[torch.Tensor, Any]:
+    """One forward pass over ``ids`` [B, N] at positions ``pos`` on top of ``cache`` (any object the model takes as
+    ``past_key_values``); returns the log-probs of the last ``keep_last`` positions [B, keep_last, V] (float32) and
+    the cache the model returned."""
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep_last,
+        )
+    return out.logits[:, -keep_last:].float().log_softmax(-1), out.past_key_values
+
+
 def batched_forward(
     model, pasts: Sequence[KV | None], new_tokens: Sequence[Sequence[int]], keep_last: int = 1, pad_id: int = 0
 ) -> tuple[torch.Tensor, list[KV]]:
@@ -86,17 +104,7 @@ def batched_forward(
         pos[b, nmax - n :] = torch.arange(pl, pl + n)
     packed = _pack(pasts, lmax)
     cache = DynamicCache(ddp_cache_data=packed) if packed else None
-    with torch.inference_mode():
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=keep_last,
-        )
-    logprobs = out.logits[:, -keep_last:].float().log_softmax(-1)  # [B, keep_last, V]
-    full = out.past_key_values
+    logprobs, full = cached_pass(model, ids, mask, pos, cache, keep_last)  # [B, keep_last, V]
     layers = [(layer.keys, layer.values) for layer in full.layers] if hasattr(full, "layers") else list(full)
     caches = []
     for b, (pl, n) in enumerate(zip(past_lens, lens)):
@@ -173,14 +181,5 @@ class PackedBatch:
         return len(self.lengths)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=self.mask,
-                position_ids=pos,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        self.cache = out.past_key_values
-        return out.logits[:, -1].float().log_softmax(-1)  # [B, V]
+        logprobs, self.cache = cached_pass(self.model, ids, self.mask, pos, self.cache)
+        return logprobs[:, -1]  # [B, V]

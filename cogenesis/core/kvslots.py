@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cogenesis.core.kvbatch import KV
+from cogenesis.core.kvbatch import KV, cached_pass
 
 GROW = 1.25  # growth factor of slots and positions (at least)
 ALIGN = 32  # positions are allocated in multiples of this
@@ -177,18 +177,10 @@ class SlotStore:
         start = int(slots[0])
         run = list(slots) == list(range(start, start + b))
         cache = _SlotCache(self, index, where, None if not run else slice(start, start + b), width)
-        with torch.inference_mode():
-            out = (self.model if model is None else model)(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=keep_last,
-            )
+        logprobs, _ = cached_pass(self.model if model is None else model, ids, mask, pos, cache, keep_last)
         for s, k in zip(slots, lens):
             self.lengths[s] += k
-        return out.logits[:, -keep_last:].float().log_softmax(-1)
+        return logprobs
 
     # ---- internals ------------------------------------------------------------------------------------
 
