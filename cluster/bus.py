@@ -80,7 +80,7 @@ IN_PREFIX = "cg:in:"
 
 
 def read_alive(r: redis.Redis, replicas: Iterable[str]) -> dict[str, dict | None]:
-    """Each replica's heartbeat (``{"pid", "at"}``), or None where its key is missing: the replica is dead
+    """Each replica's heartbeat (``{"pid", "at"}`` and what else it announces), or None where its key is missing: the replica is dead
     (or never started). One round trip."""
     names = list(dict.fromkeys(replicas))
     if not names:
@@ -97,6 +97,14 @@ def read_alive(r: redis.Redis, replicas: Iterable[str]) -> dict[str, dict | None
         # an older replica wrote the bare time: alive all the same
         out[name] = value if isinstance(value, dict) else {"pid": None, "at": value}
     return out
+
+
+def live_replicas(r: redis.Redis) -> dict[str, dict]:
+    """Every replica with a heartbeat on the bus, by name: its heartbeat (``pid``, ``at`` and, from current
+    replicas, ``node``, ``node_ip``, ``sessions``, ``outlines``, ``requests``)."""
+    prefix = alive_key("")
+    names = sorted(k.decode()[len(prefix) :] for k in r.scan_iter(match=prefix + "*", count=1000))
+    return {name: beat for name, beat in read_alive(r, names).items() if beat is not None}
 
 
 SOCKET_TIMEOUT_S = 10.0  # no command waits longer on the socket; blocking pops wait in shorter slices
@@ -747,11 +755,13 @@ class CloudBus:
             self.r.expire(stream, KEY_TTL_S)
         self.r.xgroup_createconsumer(OPEN_STREAM, GROUP, self.replica)
 
-    def heartbeat(self, ttl_s: float | None = None) -> None:
-        """Say this replica is alive for ``ttl_s`` more seconds (``{"pid", "at"}``); keep its streams alive."""
+    def heartbeat(self, ttl_s: float | None = None, fields: dict | None = None) -> None:
+        """Say this replica is alive for ``ttl_s`` more seconds (``{"pid", "at"}`` and ``fields``: where it runs
+        and what it holds, which ``cogenesis status`` shows); keep its streams alive."""
         ttl_ms = max(1, int((ttl_s if ttl_s is not None else self.heartbeat_ttl_s) * 1000))
+        beat = {**(fields or {}), "pid": os.getpid(), "at": round(time.time(), 3)}
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(alive_key(self.replica), json.dumps({"pid": os.getpid(), "at": round(time.time(), 3)}), px=ttl_ms)
+        pipe.set(alive_key(self.replica), json.dumps(beat), px=ttl_ms)
         for stream in self.streams:
             pipe.expire(stream, KEY_TTL_S)
         pipe.execute()

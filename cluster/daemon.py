@@ -49,6 +49,7 @@ class ClusterState:
     config: dict
     secrets_dir: str | None = None  # the cluster's secrets (a path; clients read their Redis password there)
     gateway_url: str | None = None  # where devices connect (None: no gateway deployed)
+    nodes: int = 1  # Ray nodes started on this machine (``cogenesis up --nodes``)
 
     @classmethod
     def read(cls, state_dir: Path) -> ClusterState | None:
@@ -100,9 +101,14 @@ def running(state_dir: Path | None = None) -> ClusterState | None:
 
 
 def up(
-    cloud: CloudConfig, state_dir: Path | None = None, timeout_s: float = 600.0, progress=lambda msg: None
+    cloud: CloudConfig,
+    state_dir: Path | None = None,
+    timeout_s: float = 600.0,
+    progress=lambda msg: None,
+    nodes: int = 1,
 ) -> tuple[ClusterState, bool]:
-    """Start the background cluster unless one runs; returns (state, started_now)."""
+    """Start the background cluster unless one runs; returns (state, started_now). ``nodes > 1``: that many Ray
+    nodes on this machine (``cogenesis.cluster.nodes``), their logs in ``state_dir/ray-nodes``."""
     state_dir = Path(state_dir or default_state_dir())
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state := running(state_dir)) is not None:
@@ -120,6 +126,8 @@ def up(
             str(state_dir),
             "--config",
             cloud.model_dump_json(),
+            "--nodes",
+            str(nodes),
         ],
         stdin=subprocess.DEVNULL,
         stdout=logf,
@@ -181,7 +189,7 @@ def _stop_pid(pid: int, timeout_s: float) -> None:
 
 
 def status(state_dir: Path | None = None, timeout_s: float = 5.0) -> dict:
-    """What runs: process, Redis, the Serve app's health and its replicas' stats."""
+    """What runs: the background cluster's process, then what ``cluster_status`` sees of it."""
     state = running(state_dir)
     if state is None:
         return {"running": False}
@@ -189,34 +197,107 @@ def status(state_dir: Path | None = None, timeout_s: float = 5.0) -> dict:
         "running": True,
         "pid": state.pid,
         "uptime_s": round(time.time() - state.started_at, 1),
-        "redis_url": state.redis_url,
-        "http_url": state.http_url,
         "ray_address": state.ray_address,
         "large_model": state.config.get("large_model"),
         "replicas": state.config.get("num_replicas"),
-        "gateway_url": state.gateway_url,
-        "secrets_dir": state.secrets_dir,
+        "autoscaling": state.config.get("autoscaling"),
     }
-    headers = _admin_headers(state.secrets_dir)
-    try:
-        out["healthy"] = httpx.get(f"{state.http_url}/healthz", timeout=timeout_s).status_code == 200
-        reply = httpx.get(f"{state.http_url}/v1/stats", headers=headers, timeout=timeout_s)
-        reply.raise_for_status()
-        out["stats"] = reply.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        out["healthy"], out["error"] = False, f"{type(exc).__name__}: {exc}"
-    try:
-        from cogenesis.cluster.bus import connect
+    ray_nodes = _read_nodes(Path(state_dir or default_state_dir()))
+    seen = cluster_status(state.redis_url, state.http_url, state.secrets_dir, state.gateway_url, timeout_s, ray_nodes)
+    return {**out, **seen}
 
-        client = connect(state.redis_url, timeout_s, role="admin", secrets=state.secrets_dir)
-        out["redis_keys"] = client.dbsize()
-        client.close()
-    except ClusterError as exc:
+
+def cluster_status(
+    redis_url: str,
+    http_url: str | None,
+    secrets_dir: str | None,
+    gateway_url: str | None = None,
+    timeout_s: float = 5.0,
+    ray_nodes: list[dict] | None = None,
+) -> dict:
+    """What any deployed cluster shows through its URLs (as its admin: the secrets directory's admin token and
+    Redis password): the cloud app's health and one replica's stats (HTTP), and from the replicas' heartbeats on
+    the bus every live replica, grouped by the Ray node it runs on (``nodes``: each node with its ``replicas`` and
+    the sessions each holds). ``ray_nodes`` (``cogenesis up`` records them) adds nodes that host no replica."""
+    from cogenesis.cluster.bus import live_replicas
+
+    out: dict = {
+        "redis_url": redis_url,
+        "http_url": http_url,
+        "gateway_url": gateway_url,
+        "secrets_dir": secrets_dir,
+    }
+    if http_url:
+        headers = _admin_headers(secrets_dir)
+        try:
+            out["healthy"] = httpx.get(f"{http_url}/healthz", timeout=timeout_s).status_code == 200
+            reply = httpx.get(f"{http_url}/v1/stats", headers=headers, timeout=timeout_s)
+            reply.raise_for_status()
+            out["stats"] = reply.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            out["healthy"], out["error"] = False, f"{type(exc).__name__}: {exc}"
+    try:
+        client = connect(redis_url, timeout_s, role="admin", secrets=secrets_dir)
+        try:
+            out["redis_keys"] = client.dbsize()
+            out["nodes"] = group_by_node(live_replicas(client), ray_nodes or [])
+        finally:
+            client.close()
+    except CoGenesisError as exc:  # unreachable, or refused (wrong secrets): said, not raised
         out["redis_error"] = exc.message
     return out
 
 
-def _serve(state_dir: Path, cloud: CloudConfig) -> int:
+def group_by_node(beats: dict[str, dict], ray_nodes: list[dict]) -> list[dict]:
+    """Live replicas (their heartbeats, by name) grouped by Ray node: ``[{"node", "address", "replicas": [{"replica",
+    "pid", "sessions", "outlines", "requests"}]}]`` (held now; bus requests served since it started), nodes in ``ray_nodes`` order first (those without replicas too), then any
+    other node a replica names; a replica that names none (outside Ray) under node ``"?"``."""
+    nodes: dict[str, dict] = {
+        n["node"]: {"node": n["node"], "address": n.get("address"), "replicas": []} for n in ray_nodes
+    }
+    for name, beat in sorted(beats.items()):
+        node = str(beat.get("node") or "?")
+        entry = nodes.setdefault(node, {"node": node, "address": beat.get("node_ip"), "replicas": []})
+        entry["address"] = entry["address"] or beat.get("node_ip")
+        entry["replicas"].append(
+            {
+                "replica": name,
+                "pid": beat.get("pid"),
+                "sessions": beat.get("sessions"),
+                "outlines": beat.get("outlines"),
+                "requests": beat.get("requests"),
+            }
+        )
+    return list(nodes.values())
+
+
+NODES_FILE = "nodes.json"
+
+
+def _read_nodes(state_dir: Path) -> list[dict]:
+    """The Ray nodes the daemon last saw alive (``nodes.json``; empty when unreadable)."""
+    try:
+        found = json.loads((state_dir / NODES_FILE).read_text())
+        return [n for n in found if isinstance(n, dict) and "node" in n]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _write_nodes(state_dir: Path) -> None:
+    """Ray's alive nodes (id, address, CPUs) to ``nodes.json``, for ``cogenesis status``."""
+    import ray
+
+    nodes = [
+        {"node": n["NodeID"], "address": n.get("NodeManagerAddress"), "cpus": (n.get("Resources") or {}).get("CPU")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    tmp = state_dir / (NODES_FILE + ".tmp")
+    tmp.write_text(json.dumps(nodes, indent=1))
+    tmp.replace(state_dir / NODES_FILE)
+
+
+def _serve(state_dir: Path, cloud: CloudConfig, nodes: int = 1) -> int:
     import ray
 
     from cogenesis.cluster.local import LocalCluster
@@ -224,7 +305,7 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    cluster = LocalCluster(cloud)
+    cluster = LocalCluster(cloud, nodes=nodes, log_dir=state_dir / "ray-nodes")
     try:
         info = cluster.start(progress=lambda msg: log.info("cluster: %s", msg))
         ClusterState(
@@ -236,15 +317,14 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
             cloud.model_dump(),
             _secrets_path(info, cloud),
             info.gateway_url,
+            nodes,
         ).write(state_dir)
         log.info("cluster: up (redis %s, http %s)", info.redis_url, info.http_url)
         write_prometheus_config(state_dir)
         bus = connect(info.redis_url, role="admin", secrets=_secrets_path(info, cloud))
-        while not stop.wait(5.0):  # keep Prometheus' file discovery current with what announces itself
-            try:
-                metrics.write_file_sd(state_dir / TARGETS_FILE, metrics.targets(bus))
-            except Exception as exc:  # discovery must not take the cluster down
-                log.warning("cluster: could not refresh %s: %s", TARGETS_FILE, exc)
+        _refresh(state_dir, bus)
+        while not stop.wait(5.0):  # keep Prometheus' file discovery and the node list current
+            _refresh(state_dir, bus)
         log.info("cluster: stopping")
         return 0
     except Exception as exc:
@@ -255,7 +335,21 @@ def _serve(state_dir: Path, cloud: CloudConfig) -> int:
     finally:
         cluster.stop()
         (state_dir / "state.json").unlink(missing_ok=True)
+        (state_dir / NODES_FILE).unlink(missing_ok=True)
         log.info("cluster: stopped")
+
+
+def _refresh(state_dir: Path, bus) -> None:
+    """Prometheus' discovery file (what announces itself on the bus) and the Ray node list; a failure is logged,
+    never fatal."""
+    for what, refresh in (
+        (TARGETS_FILE, lambda: metrics.write_file_sd(state_dir / TARGETS_FILE, metrics.targets(bus))),
+        (NODES_FILE, lambda: _write_nodes(state_dir)),
+    ):
+        try:
+            refresh()
+        except Exception as exc:  # discovery must not take the cluster down
+            log.warning("cluster: could not refresh %s: %s", what, exc)
 
 
 def _admin_headers(secrets_dir: str | None) -> dict[str, str]:
@@ -292,10 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="the background cluster process (started by `cogenesis up`)")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--config", required=True, help="CloudConfig as JSON")
+    parser.add_argument("--nodes", type=int, default=1, help="Ray nodes to start on this machine")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return _serve(Path(args.state_dir), CloudConfig.model_validate_json(args.config))
+    cloud = CloudConfig.model_validate_json(args.config)
+    if args.nodes > 1 and cloud.secrets_dir:  # Ray reads its authentication mode when first imported: set it now
+        from cogenesis.cluster.local import use_ray_env
+        from cogenesis.cluster.nodes import node_env
+        from cogenesis.core.secrets import SecretsDir
+
+        use_ray_env(node_env(SecretsDir.create(cloud.secrets_dir).ray_auth_env()))
+    return _serve(Path(args.state_dir), cloud, args.nodes)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +24,7 @@ from cogenesis.core.errors import ClusterError
 from cogenesis.core.secrets import ENV_DIR, RedisRole, SecretsDir
 
 if TYPE_CHECKING:
+    from cogenesis.cluster.nodes import RayNodes
     from cogenesis.deployments.engine import EngineFactory
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class ClusterInfo:
     ray_version: str
     gateway_url: str | None = None
     secrets_dir: str | None = None
+    ray_address: str | None = None
+    nodes: int = 1
 
 
 def _connect(url: str, role: RedisRole | None, secrets: SecretsDir | None):
@@ -78,7 +82,13 @@ class LocalCluster:
     ``$COGENESIS_SECRETS_DIR`` in this process and in Ray's workers while the cluster runs, so every process of
     the cluster finds its credentials; the bundled Redis is locked with its ACL users.
 
-    ``engine_factory`` replaces ``cloud.engine_factory`` (a callable Ray can pickle, e.g. a test's fake engine)."""
+    ``engine_factory`` replaces ``cloud.engine_factory`` (a callable Ray can pickle, e.g. a test's fake engine).
+
+    Ray: ``nodes == 1`` starts it in this process (``ray.init``); ``nodes > 1`` runs the documented multi-node
+    sequence on this machine (``cogenesis.cluster.nodes``: a ``ray start --head`` and ``nodes - 1`` ``ray start
+    --address`` processes, their logs in ``log_dir``) and connects to it; Serve's replicas spread over the nodes.
+    A multi-node cluster authenticates with the token of the cluster's secrets directory (``ray.token``); a
+    one-node one with Ray's default (``~/.ray/auth_token``, which ``ray.init`` makes where missing)."""
 
     def __init__(
         self,
@@ -87,8 +97,13 @@ class LocalCluster:
         start_timeout_s: float = 300.0,
         ray_temp_dir: str | None = None,
         engine_factory: EngineFactory | None = None,
+        nodes: int = 1,
+        log_dir: str | Path | None = None,
     ) -> None:
         self.cloud = cloud
+        self.nodes = nodes
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.ray_nodes: RayNodes | None = None
         self.engine_factory = engine_factory
         self.ray_temp_dir = ray_temp_dir
         self.external_redis = redis_url
@@ -141,25 +156,42 @@ class LocalCluster:
             update={"redis_url": redis_url, "http_port": http_port, "secrets_dir": str(secrets.path)}
         )
 
-        progress("starting Ray")
+        if self.nodes > 1:
+            from cogenesis.cluster.nodes import RayNodes, node_env
+
+            # Ray caches the token a process first loads: a multi-node cluster is one per process (the daemon's)
+            auth_env = secrets.ray_auth_env()
+            log_dir = self.log_dir or Path(self._own_secrets or secrets.path.parent) / "ray-nodes"
+            self.ray_nodes = RayNodes(self.nodes, auth_env, log_dir, temp_dir=self.ray_temp_dir)
+            address: str | None = self.ray_nodes.start(self.start_timeout_s, progress)
+            ray_env = node_env(auth_env)
+            use_ray_env(ray_env)
+        else:  # Ray's own default: ray.init() makes (or reuses) ~/.ray/auth_token
+            address, ray_env = None, dict(RAY_ENV)
+        progress("starting Ray" if address is None else f"connecting to the {self.nodes}-node Ray cluster")
         # ray.init() installs a native SIGTERM handler that dumps a stack and aborts, so nothing started
         # here would be stopped; keep the owner's Python handler (the CLI's turns `kill` into Ctrl-C).
         on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-        ray.init(
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            configure_logging=True,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": {**RAY_ENV, ENV_DIR: str(secrets.path)}},  # a path, not a secret
-            _temp_dir=self.ray_temp_dir,
-        )
+        runtime_env = {"env_vars": {**ray_env, ENV_DIR: str(secrets.path)}}  # paths, not secrets
+        if address is None:
+            ray.init(
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=True,
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                _temp_dir=self.ray_temp_dir,
+            )
+        else:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
         self._ray_started = True
         if callable(on_term):
             signal.signal(signal.SIGTERM, on_term)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         progress(f"deploying the large model on Ray Serve ({cfg.num_replicas} replica(s))")
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        # one HTTP proxy, on the head: on one machine, one per node would contend for the same port
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
         base = f"http://127.0.0.1:{http_port}"
         apps = {APP_NAME: f"{base}{cfg.route_prefix.rstrip('/')}"}
         try:
@@ -181,6 +213,8 @@ class LocalCluster:
             ray.__version__,
             gateway_url=apps.get(GATEWAY_APP),
             secrets_dir=str(secrets.path),
+            ray_address=ray.get_runtime_context().gcs_address,
+            nodes=self.nodes,
         )
         return self.info
 
@@ -246,18 +280,16 @@ class LocalCluster:
     def replica_pids(self) -> dict[str, int | None]:
         """The live replicas (a heartbeat on the bus, ``cg:alive:{replica}``) and their process ids, so a chaos
         run can kill one. A heartbeat without a pid (an older replica) is looked up in Ray's actor table."""
-        from cogenesis.cluster.bus import alive_key, read_alive
+        from cogenesis.cluster.bus import live_replicas
 
         if self.info is None:
             raise ClusterError("the cluster is not started", hint="call start() first")
         r = _connect(self.info.redis_url, "admin", self.secrets)
         try:
-            prefix = alive_key("")
-            names = sorted(k.decode()[len(prefix) :] for k in r.scan_iter(match=prefix + "*", count=1000))
-            alive = read_alive(r, names)
+            alive = live_replicas(r)
         finally:
             r.close()
-        pids = {name: beat.get("pid") for name, beat in alive.items() if beat is not None}
+        pids = {name: beat.get("pid") for name, beat in alive.items()}
         if any(pid is None for pid in pids.values()):
             actors = _replica_actor_pids()
             pids = {name: pid if pid is not None else actors.get(name) for name, pid in pids.items()}
@@ -274,6 +306,9 @@ class LocalCluster:
                 log.warning("serve.shutdown failed: %s", exc)
             ray.shutdown()
             self._ray_started = False
+        if self.ray_nodes is not None:
+            self.ray_nodes.stop()
+            self.ray_nodes = None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -304,6 +339,19 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def use_ray_env(env: dict[str, str]) -> None:
+    """Put Ray's settings in this process's environment, where Ray reads them. Ray reads its authentication mode
+    when first imported: set them before, or (a process that imported Ray already) have Ray read them again."""
+    os.environ.update(env)
+    if "ray" in sys.modules:
+        try:  # what Ray's own `_enable_token_auth` does; private, hence guarded (the env then suffices)
+            from ray._raylet import Config  # type: ignore[attr-defined]
+
+            Config.initialize("")
+        except (ImportError, AttributeError) as exc:
+            log.debug("could not refresh Ray's config: %s", exc)
 
 
 def _replica_actor_pids() -> dict[str, int]:

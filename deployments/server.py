@@ -267,6 +267,17 @@ def denied(exc: AuthError | Forbidden) -> Response:
     return error_json(401 if isinstance(exc, AuthError) else 403, exc.message, exc.hint)
 
 
+def _placement() -> dict[str, str]:
+    """Where this replica runs (its Ray node's id and address), announced with its heartbeat; empty outside Ray.
+    Defined before ``CloudServer``: Serve pickles the class, with the globals it uses, where it is decorated."""
+    try:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    except Exception:  # outside a Ray worker (tests of the shim)
+        return {}
+
+
 @serve.ingress(api)
 class CloudServer:
     """One replica: an engine from ``engine_factory`` (default: ``CloudConfig.engine_factory``) behind HTTP
@@ -300,7 +311,9 @@ class CloudServer:
         self.metrics_address = metrics.serve(metrics.CLOUD)  # announced on the bus by the heartbeat
         self.capture = RequestCapture(self.cfg.capture_http) if self.cfg.capture_http else None
         bus = CloudBus(self.cfg.redis_url, self.replica, heartbeat_ttl_s=self.cfg.heartbeat_ttl_s)
-        self.loop = StepLoop(self.engine, bus, self.lock, metrics_address=self.metrics_address, config=self.cfg).start()
+        self.loop = StepLoop(
+            self.engine, bus, self.lock, metrics_address=self.metrics_address, config=self.cfg, placement=_placement()
+        ).start()
         log.info("replica %s ready (pid %d)", self.replica, os.getpid())
 
     def _stateless_locked(self, ids: list[int], top_k: int) -> "tuple[TopK, int]":
@@ -443,6 +456,11 @@ class CloudServer:
         body = {"replica": self.replica, "metrics": self.metrics_address, **self.engine.stats(), **self.loop.stats()}
         return JSONResponse(body)
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What loads this replica (``StepLoop.load``), which Serve hands the autoscaling policy
+        (``cogenesis.deployments.autoscale``) when ``CloudConfig.autoscaling`` is set."""
+        return self.loop.load()
+
     def check_health(self) -> None:
         """Serve's health check: a replica whose loop died or hung, or that lost Redis past its grace, is
         replaced."""
@@ -466,6 +484,41 @@ CloudDeployment = serve.deployment(name="CloudServer", health_check_period_s=5, 
 )
 
 
+def deployment_options(cfg: CloudConfig) -> dict:
+    """The Serve options of the cloud deployment from its config: a fixed ``num_replicas``, or (``autoscaling``)
+    Serve's autoscaling with the session policy (``cogenesis.deployments.autoscale``); placement; admission.
+
+    A replica takes at least as many HTTP requests at once as outlines it can hold (being written plus
+    queued), so a full outline queue is answered 429 rather than waiting in Serve's queue."""
+    from cogenesis.deployments.autoscale import POLICY_PATH
+
+    opts: dict = {
+        "max_ongoing_requests": max(cfg.max_ongoing_requests, cfg.sketch_max_batch + cfg.sketch_max_queue + 1),
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus},
+    }
+    if cfg.max_replicas_per_node is not None:
+        opts["max_replicas_per_node"] = cfg.max_replicas_per_node
+    scale = cfg.autoscaling
+    if scale is None:
+        opts["num_replicas"] = cfg.num_replicas
+        return opts
+    opts["num_replicas"] = "auto"
+    opts["autoscaling_config"] = {
+        "min_replicas": scale.min_replicas,
+        "max_replicas": scale.max_replicas,
+        "initial_replicas": min(max(cfg.num_replicas, scale.min_replicas), scale.max_replicas),
+        "upscale_delay_s": scale.upscale_delay_s,
+        "downscale_delay_s": scale.downscale_delay_s,
+        "look_back_period_s": scale.look_back_period_s,
+        "metrics_interval_s": scale.metrics_interval_s,
+        "policy": {
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": {"target_sessions": scale.target_sessions, "max_open_wait_s": scale.max_open_wait_s},
+        },
+    }
+    return opts
+
+
 def serve_app(args: dict) -> Application:
     """The ``import_path`` builder (``cogenesis.deployments.server:serve_app``, configs/serve.yaml): Serve calls
     builders with exactly one argument, the app's ``args`` (a CloudConfig as a dict)."""
@@ -474,13 +527,6 @@ def serve_app(args: dict) -> Application:
 
 def build_app(args: dict | CloudConfig | None = None, engine_factory: "EngineFactory | None" = None) -> Application:
     """The cloud's Serve application from a CloudConfig; ``engine_factory`` replaces
-    ``CloudConfig.engine_factory`` (tests: a callable Ray can pickle).
-
-    A replica takes at least as many HTTP requests at once as outlines it can hold (being written plus
-    queued), so a full outline queue is answered 429 rather than waiting in Serve's queue."""
+    ``CloudConfig.engine_factory`` (tests: a callable Ray can pickle); the options: ``deployment_options``."""
     cfg = args if isinstance(args, CloudConfig) else validate(CloudConfig, dict(args or {}), "serve args")
-    return CloudDeployment.options(
-        num_replicas=cfg.num_replicas,
-        max_ongoing_requests=max(cfg.max_ongoing_requests, cfg.sketch_max_batch + cfg.sketch_max_queue + 1),
-        ray_actor_options={"num_cpus": cfg.replica_cpus},
-    ).bind(cfg.model_dump(), engine_factory)
+    return CloudDeployment.options(**deployment_options(cfg)).bind(cfg.model_dump(), engine_factory)

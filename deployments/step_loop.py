@@ -292,8 +292,10 @@ class StepLoop:
         metrics_address: str | None = None,
         config: CloudConfig | None = None,
         hang_s: float = HANG_S,
+        placement: dict[str, str] | None = None,
     ) -> None:
         self.engine = engine
+        self.placement = dict(placement or {})  # where this replica runs (Ray node id and address): in its heartbeat
         self.metrics_address = metrics_address  # announced on the bus with every heartbeat
         self.bus = bus
         self.lock = engine_lock
@@ -332,6 +334,8 @@ class StepLoop:
         self.refusals: dict[str, int] = {}
         self.claimed = self.swept = 0
         self.outlines_done = self.outlines_failed = 0
+        # load since the autoscaler last asked (``load``): the longest an admitted or refused open had waited
+        self._open_wait_ms = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -393,6 +397,17 @@ class StepLoop:
             "claimed_entries": self.claimed,
             "swept_sessions": self.swept,
             "outlines": {"active": len(self._outlines), "done": self.outlines_done, "failed": self.outlines_failed},
+        }
+
+    def load(self) -> dict[str, float]:
+        """What loads this replica, for the autoscaler (``cogenesis.deployments.autoscale``): the sessions and
+        outlines it holds and queues, and the longest an open waited on the bus before this replica took it (or
+        refused it ``busy``) since the last call. Thread-safe (read from Serve's metrics thread)."""
+        waited, self._open_wait_ms = self._open_wait_ms, 0
+        return {
+            "sessions": float(len(self._owners)),
+            "outlines": float(len(self._outlines) + self._commands.qsize()),  # held, and submitted not yet taken
+            "open_wait_s": waited / 1000.0,
         }
 
     # ---- outlines (called from HTTP handlers: thread-safe) ----------------------------------------------
@@ -474,7 +489,8 @@ class StepLoop:
         while not self._beat_stop.is_set():
             if self._thread.is_alive() and time.monotonic() - self.iterated <= self.hang_s:
                 try:
-                    self.bus.heartbeat(self.cfg.heartbeat_ttl_s)
+                    held = {"sessions": len(self._owners), "outlines": len(self._outlines), "requests": self.requests}
+                    self.bus.heartbeat(self.cfg.heartbeat_ttl_s, {**self.placement, **held})
                     if self.metrics_address:
                         metrics.announce(self.bus.r, "cloud", self.bus.replica, self.metrics_address)
                     self.redis.ok()
@@ -807,10 +823,12 @@ class StepLoop:
             if item.arrived_ms + msg.budget_ms <= now:  # the budget counts from arrival (a budget of 0 always is spent)
                 message = "the request's time budget ran out before it was served"
                 self._answer(out, item, _error(msg.session_id, item.step, "deadline", message))
-            elif isinstance(msg, OpenSession) and now - item.arrived_ms > max_age:
+            elif isinstance(msg, OpenSession) and (waited := now - item.arrived_ms) > max_age:
+                self._open_wait_ms = max(self._open_wait_ms, waited)
                 message = f"the open waited {(now - item.arrived_ms) / 1000:.1f} s on the bus: the replicas are behind"
                 self._answer(out, item, _error(msg.session_id, item.step, "busy", message, BUSY_RETRY_MS))
             elif isinstance(msg, OpenSession):
+                self._open_wait_ms = max(self._open_wait_ms, now - item.arrived_ms)
                 opens.append(item)
             else:
                 steps.append(item)

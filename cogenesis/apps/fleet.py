@@ -59,9 +59,11 @@ def run_fleet(
     ray_address: str | None = None,
     progress: Progress = _no_progress,
     secrets_dir: str | None = None,
+    ray_env: dict[str, str] | None = None,
 ) -> dict:
     """Start the pools, follow their progress, merge their summaries; returns the report.
-    ``progress`` gets the pools' summed counters about every second."""
+    ``progress`` gets the pools' summed counters about every second; ``ray_env``: what a driver of the cluster's Ray
+    needs in its environment (``--launcher ray`` on a multi-node cluster: ``Where.ray_env``)."""
     from cogenesis.edge_sim.device import resolve_device  # torch: not in the module a Ray task imports
 
     opts.validate()
@@ -72,7 +74,7 @@ def run_fleet(
     cmds = [pool_command(run_id, i, opts, redis_url, http_url, secrets_dir) for i in range(opts.pools)]
     rdb = connect(redis_url, role="edge", secrets=secrets_dir)
     t0 = time.perf_counter()
-    pools = _start_on_ray(cmds, ray_address) if opts.launcher == "ray" else _start_local(cmds)
+    pools = _start_on_ray(cmds, ray_address, ray_env) if opts.launcher == "ray" else _start_local(cmds)
     try:
         followed = _follow(rdb, run_id, opts, pools, t0, progress)
     finally:
@@ -134,13 +136,16 @@ def _start_local(cmds: list[list[str]]) -> _Pools:
     return _Pools(procs=[subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL) for cmd in cmds])
 
 
-def _start_on_ray(cmds: list[list[str]], ray_address: str | None) -> _Pools:
+def _start_on_ray(cmds: list[list[str]], ray_address: str | None, ray_env: dict[str, str] | None = None) -> _Pools:
     from cogenesis.cluster.local import RAY_ENV
 
     os.environ.update(RAY_ENV)
-    # Ray 2.60's local clusters authenticate with the token ray.init wrote (~/.ray/auth_token); a driver
-    # sends it only in token mode, which Ray reads when first imported
-    if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
+    # Ray 2.60 authenticates every driver with the cluster's token, sent only in token mode, which Ray reads when
+    # first imported: ``ray_env`` names a multi-node cluster's (its secrets directory's ray.token: ``Where.ray_env``);
+    # a one-node local cluster's is the one ray.init wrote (~/.ray/auth_token)
+    if ray_env:
+        os.environ.update(ray_env)
+    elif (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 

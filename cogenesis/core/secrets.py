@@ -6,6 +6,9 @@ A secrets directory (mode 0700, every file 0600)::
     redis/<role>.password    the password of each Redis ACL user (``cogenesis.cluster.acl``)
     admin.token              an operator token (``cogenesis status``, ``top`` and the tests use it)
     worker.token             a trusted edge worker's token (the cloud's own HTTP routes)
+    ray.token                Ray's own cluster token (token authentication, Ray >= 2.52): every ``ray start``,
+                             driver and ``serve`` CLI call of the cluster runs with ``RAY_AUTH_MODE=token`` and
+                             ``RAY_AUTH_TOKEN_PATH`` naming this file (``ray_auth_env``)
 
 ``cogenesis up`` (and every command that starts its own cluster) creates one; a deployed cluster mounts
 one (a Kubernetes Secret). A process finds it through ``CloudConfig.secrets_dir``, a ``--secrets-dir``
@@ -79,6 +82,8 @@ class SecretsDir:
         for role in REDIS_ROLES:
             if not out.password_file(role).exists():
                 _write_private(out.password_file(role), _random.token_urlsafe(32) + "\n")
+        if not out.ray_token_file.exists():
+            _write_private(out.ray_token_file, _random.token_hex(32) + "\n")
         for token_role in ("admin", "worker"):
             file = out.path / f"{token_role}.token"
             if not file.exists():
@@ -88,6 +93,15 @@ class SecretsDir:
     @property
     def key_file(self) -> Path:
         return self.path / "cluster.key"
+
+    @property
+    def ray_token_file(self) -> Path:
+        return self.path / "ray.token"
+
+    def ray_auth_env(self) -> dict[str, str]:
+        """The environment every Ray process of the cluster needs (nodes, drivers, the ``serve`` CLI): token
+        authentication with this directory's token. A path, not the token, so it may be logged."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file)}
 
     def password_file(self, role: RedisRole) -> Path:
         return self.path / "redis" / f"{role}.password"

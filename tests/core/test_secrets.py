@@ -14,13 +14,15 @@ def test_create_makes_private_files_and_keeps_them(tmp_path):
     d = secrets.SecretsDir.create(tmp_path / "s")
     assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
     files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
-    assert {p.name for p in files} == {"cluster.key", "admin.token", "worker.token"} | {
+    assert {p.name for p in files} == {"cluster.key", "admin.token", "worker.token", "ray.token"} | {
         f"{r}.password" for r in secrets.REDIS_ROLES
     }
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
-    key, admin = d.cluster_key(), d.token("admin")
+    key, admin, ray_token = d.cluster_key(), d.token("admin"), d.ray_token_file.read_text()
     again = secrets.SecretsDir.create(tmp_path / "s")  # a restarted cluster keeps its tokens
     assert again.cluster_key() == key and again.token("admin") == admin
+    assert again.ray_token_file.read_text() == ray_token and len(ray_token.strip()) == 64
+    assert d.ray_auth_env() == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(d.ray_token_file)}
     assert auth.verify(key, admin).role == "admin" and auth.verify(key, d.token("worker")).role == "worker"
 
 

@@ -415,6 +415,30 @@ def test_an_open_that_waited_too_long_is_refused_busy_without_the_engine(make_lo
     nothing_pending(r)
 
 
+def test_the_load_reports_held_sessions_and_the_longest_wait_once(make_loop, r, redis_url):
+    CloudBus(redis_url, "r1").close()
+    waited = f"{now_ms() - 3_000}-0"  # on the bus for 3 s before the loop took it (within max_queue_age_s)
+    post(r, OPEN_STREAM, OpenSession(session_id="w", instruction="a b", top_k=3, budget_ms=600_000), entry_id=waited)
+    loop = make_loop(FakeEngine(), heartbeat_s=0.05, max_queue_age_s=10)
+    collect(r, "w", ["w"])
+    opened(r, ["a", "b"])
+    load = loop.load()
+    assert load["sessions"] == 3 and load["outlines"] == 0
+    assert 3.0 <= load["open_wait_s"] < 10
+    assert loop.load()["open_wait_s"] < 3.0  # the window restarts at every report
+    eventually(lambda: (read_alive(r, ["r1"])["r1"] or {}).get("sessions") == 3, what="the heartbeat's sessions")
+
+
+def test_a_replica_announces_where_it_runs_in_its_heartbeat(redis_url, r):
+    bus = CloudBus(redis_url, "placed")
+    loop = StepLoop(FakeEngine(), bus, threading.Lock(), config=CloudConfig(heartbeat_s=0.05), placement={"node": "n1"})
+    loop.start()
+    try:
+        eventually(lambda: (read_alive(r, ["placed"])["placed"] or {}).get("node") == "n1", what="the node")
+    finally:
+        loop.stop(timeout_s=10)
+
+
 def test_the_engines_busy_becomes_a_busy_reply(make_loop, r):
     make_loop(FakeEngine(max_sessions=1))
     opened(r, ["a"])
@@ -518,7 +542,8 @@ def test_a_stream_written_after_its_replica_died_is_answered(make_loop, r, monke
 def test_the_heartbeat_is_json_with_a_ttl_and_stops_with_the_loop(make_loop, r):
     loop = make_loop(FakeEngine(), heartbeat_s=0.05, heartbeat_ttl_s=2.0)
     beat = read_alive(r, ["r1", "nobody"])
-    assert beat["nobody"] is None and set(beat["r1"]) == {"pid", "at"}
+    assert beat["nobody"] is None and {"pid", "at"} <= set(beat["r1"])  # and what it holds, once the loop beats
+    eventually(lambda: set(read_alive(r, ["r1"])["r1"] or {}) == {"pid", "at", "sessions", "outlines", "requests"})
     assert 0 < r.pttl(alive_key("r1")) <= 2000
     loop.stop()
     assert not r.exists(alive_key("r1"))  # a stopped replica is dead at once: its edges resume elsewhere

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from cogenesis.apps.commands.common import add_cluster_flags
 from cogenesis.apps.flags import UP
+from cogenesis.core.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -22,6 +24,29 @@ def register(sub) -> None:
     )
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting the bundled one")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to be healthy")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="Ray nodes on this machine: 1 runs Ray in the cluster's process; N > 1 runs the multi-node sequence "
+        "(`ray start --head`, then N-1 `ray start --address`), and the replicas spread over the nodes",
+    )
+    up.add_argument(
+        "--autoscale",
+        default=None,
+        metavar="MIN,MAX",
+        help="scale the large model's replicas between MIN and MAX on their sessions and queue (default: --replicas, "
+        "fixed); more knobs: the config's cloud.autoscaling",
+    )
+    up.add_argument(
+        "--target-sessions",
+        type=float,
+        default=None,
+        help="with --autoscale: sessions one replica should hold (the config's default otherwise)",
+    )
+    up.add_argument(
+        "--max-replicas-per-node", type=int, default=None, help="replicas one Ray node may host (1: one per node)"
+    )
     UP.add_to(up)
     up.set_defaults(handler=run_up)
     down = sub.add_parser("down", help="stop the background cluster started by `cogenesis up`")
@@ -29,8 +54,9 @@ def register(sub) -> None:
     down.set_defaults(handler=run_down)
     st = sub.add_parser("status", help="show the background cluster: process, Redis, Serve health, replica stats")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+    add_cluster_flags(st)
     st.set_defaults(handler=run_status)
-    for p in (up, down, st):
+    for p in (up, down):
         p.add_argument("--state-dir", default=None, help="state directory (default: $COGENESIS_HOME/cluster)")
 
 
@@ -38,12 +64,21 @@ def run_up(args) -> int:
     from rich.console import Console
 
     from cogenesis.cluster import daemon
+    from cogenesis.cluster.nodes import MAX_NODES
     from cogenesis.core.config import CloudConfig
 
-    cloud = UP.config(args, CloudConfig, {"cloud.redis_url": args.redis_url} if args.redis_url else None)
+    if not 1 <= args.nodes <= MAX_NODES:
+        raise ConfigError(f"--nodes must be 1..{MAX_NODES}, got {args.nodes}", hint="e.g. --nodes 3")
+    extra: dict = {"cloud.redis_url": args.redis_url} if args.redis_url else {}
+    extra.update(_autoscale(args))
+    if args.max_replicas_per_node is not None:
+        extra["cloud.max_replicas_per_node"] = args.max_replicas_per_node
+    cloud = UP.config(args, CloudConfig, extra)
     console = Console(stderr=True)
     with console.status("cogenesis up: starting") as st:
-        state, started = daemon.up(cloud, args.state_dir, args.timeout, lambda m: st.update(f"cogenesis up: {m}"))
+        state, started = daemon.up(
+            cloud, args.state_dir, args.timeout, lambda m: st.update(f"cogenesis up: {m}"), nodes=args.nodes
+        )
     state_dir = args.state_dir or daemon.default_state_dir()
     print(
         f"cluster {'up' if started else 'already running'} (pid {state.pid})\n  redis  {state.redis_url}\n"
@@ -60,6 +95,21 @@ def run_up(args) -> int:
     return 0
 
 
+def _autoscale(args) -> dict:
+    """The config paths ``--autoscale MIN,MAX`` and ``--target-sessions`` set."""
+    if args.autoscale is None:
+        if args.target_sessions is not None:
+            raise ConfigError("--target-sessions needs --autoscale MIN,MAX", hint="e.g. --autoscale 1,3")
+        return {}
+    parts = args.autoscale.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--autoscale {args.autoscale!r} is not MIN,MAX (two whole numbers)", hint="e.g. 1,3")
+    out = {"cloud.autoscaling.min_replicas": int(parts[0]), "cloud.autoscaling.max_replicas": int(parts[1])}
+    if args.target_sessions is not None:
+        out["cloud.autoscaling.target_sessions"] = args.target_sessions
+    return out
+
+
 def run_down(args) -> int:
     from cogenesis.cluster import daemon
 
@@ -71,26 +121,59 @@ def run_down(args) -> int:
 def run_status(args) -> int:
     import json
 
+    from cogenesis.apps.commands.common import cluster_of
     from cogenesis.cluster import daemon
 
-    st = daemon.status(args.state_dir)
+    if args.redis_url or args.http_url:  # any deployed cluster, through its URLs
+        where = cluster_of(args)
+        st = daemon.cluster_status(where.redis_url, where.http_url, where.secrets_dir, where.gateway_url or None)
+        st["running"] = bool(st.get("healthy")) or "redis_keys" in st
+    else:
+        st = daemon.status(args.state_dir)
     if args.json:
         print(json.dumps(st, indent=1))
+    elif not st["running"] and (args.redis_url or args.http_url):
+        why = st.get("redis_error") or st.get("error") or "no answer"
+        print(f"the cluster at {args.redis_url or args.http_url} does not answer: {why}")
     elif not st["running"]:
-        print("no cluster running (start one with `cogenesis up`)")
+        print("no cluster running (start one with `cogenesis up`, or name a deployed one with --redis-url/--http-url)")
     else:
-        print(
-            f"cluster running (pid {st['pid']}, up {st['uptime_s']:.0f} s): {st['replicas']} replica(s) of "
-            f"{st['large_model']}\n  redis  {st['redis_url']} ({st.get('redis_keys', '?')} keys)\n"
-            f"  http   {st['http_url']} ({'healthy' if st.get('healthy') else 'NOT healthy: ' + st.get('error', '')})\n"
-            f"  gateway {st.get('gateway_url') or '(none)'}\n"
-            f"  secrets {st.get('secrets_dir') or f'{args.state_dir or daemon.default_state_dir()}/secrets'}\n"
-            f"  ray    {st['ray_address']}"
-        )
-        stats = st.get("stats") or {}
-        if stats:
-            print(
-                f"  replica {stats.get('replica')}: "
-                + ", ".join(f"{k} {v}" for k, v in stats.items() if k != "replica")
-            )
+        print_status(st, args.state_dir)
     return 0 if st["running"] and st.get("healthy") else 1
+
+
+def print_status(st: dict, state_dir: str | None) -> None:
+    from cogenesis.cluster import daemon
+
+    if "pid" in st:
+        scale = st.get("autoscaling")
+        replicas = (
+            f"{scale['min_replicas']}..{scale['max_replicas']} replicas (autoscaling)"
+            if scale
+            else f"{st['replicas']} replica(s)"
+        )
+        print(f"cluster running (pid {st['pid']}, up {st['uptime_s']:.0f} s): {replicas} of {st['large_model']}")
+    else:
+        print("deployed cluster")
+    health = "healthy" if st.get("healthy") else "NOT healthy: " + st.get("error", "no HTTP URL")
+    print(
+        f"  redis  {st['redis_url']} ({st.get('redis_keys', '?')} keys{'; ' + st['redis_error'] if 'redis_error' in st else ''})\n"
+        f"  http   {st.get('http_url') or '(none)'} ({health})\n"
+        f"  gateway {st.get('gateway_url') or '(none)'}\n"
+        f"  secrets {st.get('secrets_dir') or f'{state_dir or daemon.default_state_dir()}/secrets'}"
+    )
+    if st.get("ray_address"):
+        print(f"  ray    {st['ray_address']}")
+    nodes = st.get("nodes") or []
+    if nodes:
+        hosting = sum(1 for n in nodes if n["replicas"])
+        print(f"  nodes  {len(nodes)} ({hosting} with replicas)")
+        for n in nodes:
+            held = ", ".join(
+                f"{r['replica']} ({r['sessions'] if r['sessions'] is not None else '?'} sessions)"
+                for r in n["replicas"]
+            )
+            print(f"    {n['node'][:12]} {n.get('address') or ''}: {held or 'no replica'}")
+    stats = st.get("stats") or {}
+    if stats:
+        print(f"  replica {stats.get('replica')}: " + ", ".join(f"{k} {v}" for k, v in stats.items() if k != "replica"))

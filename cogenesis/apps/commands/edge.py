@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import dataclass
 
+from cogenesis.apps.commands.common import add_cluster_flags, cluster_of
 from cogenesis.apps.flags import EDGE
 
 
@@ -55,27 +54,13 @@ def register(sub) -> None:
     )
     p.add_argument("--data", default=None, help="CoGenesis JSON file (None: the shipped sample, cycled)")
     p.add_argument("--json", dest="json_path", default=None, help="write the report to this JSON file")
-    p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
     p.add_argument(
         "--transport",
         choices=["ws", "redis"],
         default="ws",
         help="ws: devices through the gateway's WebSocket, a token each; redis: trusted workers on the bus",
     )
-    p.add_argument("--gateway-url", default=None, help="the gateway's URL (default: the running cluster's)")
-    p.add_argument(
-        "--token",
-        default=None,
-        help="one device token for every client (default: $COGENESIS_TOKEN, else one minted per client with the "
-        "cluster's key); prefer the environment variable, which stays off the process list",
-    )
-    p.add_argument("--redis-url", default=None, help="the bus (default: the running cluster's); pools report on it")
-    p.add_argument(
-        "--http-url", default=None, help="the cloud app's URL for --transport redis (default: the cluster's)"
-    )
-    p.add_argument(
-        "--secrets-dir", default=None, help="the cluster's secrets directory (default: the running cluster's)"
-    )
+    add_cluster_flags(p, token=True)
     EDGE.add_to(p)
     p.set_defaults(handler=run)
 
@@ -115,51 +100,13 @@ def run(args) -> int:
             where.ray_address,
             lambda c: st.update(fleet_line(c)),
             secrets_dir=where.secrets_dir,
+            ray_env=where.ray_env,
         )
     print_fleet(report)
     if args.json_path:
         write_json(args.json_path, report)
         print(f"wrote {args.json_path}")
     return 1 if report["sessions"]["failed"] else 0
-
-
-@dataclass(frozen=True)
-class Where:
-    """The cluster the devices run against: the running one's (``cogenesis up``) unless flags say otherwise."""
-
-    redis_url: str
-    http_url: str
-    gateway_url: str
-    ray_address: str | None
-    secrets_dir: str | None
-
-
-def cluster_of(args) -> Where:
-    """Where the cluster answers, from the flags and the running cluster's state; for ``--transport ws`` also checks
-    that every device can have a token (``--token``/``$COGENESIS_TOKEN``, or the secrets to mint them)."""
-    from cogenesis.cluster import daemon
-    from cogenesis.core.errors import ClusterError
-    from cogenesis.core.secrets import ENV_DIR, ENV_TOKEN
-    from cogenesis.edge_sim.session import gateway_of, token_source
-
-    state = daemon.running(args.state_dir)
-    redis_url = args.redis_url or (state.redis_url if state is not None else None)
-    http_url = args.http_url or (state.http_url if state is not None else "")
-    if not redis_url:
-        raise ClusterError(
-            "no cluster is running and no --redis-url given",
-            hint="start one with `cogenesis up` (stop it with `cogenesis down`), or pass --redis-url and --gateway-url",
-        )
-    gateway_url = args.gateway_url or getattr(state, "gateway_url", None) or gateway_of(http_url)
-    if args.transport == "ws" and not gateway_url:
-        raise ClusterError("no gateway URL", hint="pass --gateway-url (`cogenesis status` shows the cluster's)")
-    if args.transport == "redis" and not http_url:
-        raise ClusterError("no cloud URL for --transport redis", hint="pass --http-url")
-    secrets_dir = args.secrets_dir or getattr(state, "secrets_dir", None) or os.environ.get(ENV_DIR)
-    if args.token:
-        os.environ[ENV_TOKEN] = args.token  # the pools inherit it: never on their command lines
-    token_source(args.transport, secrets_dir)  # no way to a token: a clear error before any pool starts
-    return Where(redis_url, http_url, gateway_url or "", state.ray_address if state is not None else None, secrets_dir)
 
 
 def fleet_line(c: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cogenesis.apps.commands.common import add_cluster_flags
 from cogenesis.apps.flags import LOADTEST
 
 
@@ -13,7 +14,8 @@ def register(sub) -> None:
         help="headless Locust load test against the local cluster, with a summary",
         description=(
             "Run loadtest/locustfile.py headless against the cluster of `cogenesis up` (started first if "
-            "none runs, and stopped after unless --keep-cluster). Every Locust user is an edge device "
+            "none runs, and stopped after unless --keep-cluster), or against any deployed cluster named by "
+            "--redis-url/--http-url/--gateway-url/--secrets-dir. Every Locust user is an edge device "
             "running whole sessions. Writes Locust's CSV and HTML reports and its log to --out, and a "
             "summary JSON (users reached, sessions ok/failed, tokens/s, TTFT/ITL p50/p99, the device). "
             "For a bigger, distributed test run Locust itself: see the README."
@@ -42,20 +44,13 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/loadtest", help="directory for Locust's CSV/HTML reports, log and summary")
     p.add_argument("--json", dest="json_path", default=None, help="summary JSON path (default: OUT/summary.json)")
     p.add_argument("--keep-cluster", action="store_true", help="leave a cluster this command started running")
-    p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
     p.add_argument(
         "--transport",
         choices=["ws", "redis"],
         default="ws",
         help="ws: every user is a device on the gateway, a token each; redis: trusted workers on the bus",
     )
-    p.add_argument("--gateway-url", default=None, help="the gateway's URL (default: the cluster's)")
-    p.add_argument(
-        "--token",
-        default=None,
-        help="one device token for every user (default: $COGENESIS_TOKEN, else one minted per user with the "
-        "cluster's key)",
-    )
+    add_cluster_flags(p, token=True)
     LOADTEST.add_to(p)
     p.set_defaults(handler=run)
 
@@ -63,6 +58,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
 
+    from cogenesis.apps.commands.common import cluster_of
     from cogenesis.cluster import daemon
     from cogenesis.core.config import CloudConfig, EdgeConfig, command_config
     from cogenesis.loadtest.run import LoadtestOptions, run_loadtest
@@ -86,27 +82,27 @@ def run(args) -> int:
     )
     opts.validate()  # before starting anything
     console = Console(stderr=True)
-    state, started = daemon.running(args.state_dir), False
+    started = False
     try:
-        if state is None:
+        if not (args.redis_url or args.http_url) and daemon.running(args.state_dir) is None:
             with console.status("cogenesis loadtest: starting the cluster") as st:
-                state, started = daemon.up(
+                _, started = daemon.up(
                     command_config(CloudConfig, "up"),
                     args.state_dir,
                     progress=lambda m: st.update(f"cogenesis loadtest: {m}"),
                 )
+        where = cluster_of(args)
+        opts.gateway_url = where.gateway_url
         with console.status("cogenesis loadtest: starting Locust") as st:
-            if not opts.gateway_url:
-                opts.gateway_url = getattr(state, "gateway_url", None) or ""
             summary = run_loadtest(
                 opts,
-                state.redis_url,
-                state.http_url,
+                where.redis_url,
+                where.http_url,
                 lambda p: st.update(
                     f"loadtest {p['elapsed_s']:.0f}s | {p['users']} users | {p['requests']} requests | "
                     f"{p['failures']} failures"
                 ),
-                secrets_dir=getattr(state, "secrets_dir", None),
+                secrets_dir=where.secrets_dir,
                 token=args.token,
             )
     finally:

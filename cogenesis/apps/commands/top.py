@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from cogenesis.apps.commands.common import add_cluster_flags
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -22,8 +24,7 @@ def register(sub) -> None:
     p.add_argument("--once", action="store_true", help="print one snapshot (over one interval) and exit")
     p.add_argument("--json", action="store_true", help="with --once: print the figures as JSON")
     p.add_argument("--png", default=None, help="with --once: also save the table as a PNG (a terminal capture)")
-    p.add_argument("--redis-url", default=None, help="the bus (default: the `cogenesis up` cluster's)")
-    p.add_argument("--state-dir", default=None, help="cluster state directory (default: $COGENESIS_HOME/cluster)")
+    add_cluster_flags(p)
     p.set_defaults(handler=run)
 
 
@@ -34,21 +35,16 @@ def run(args) -> int:
     from rich.console import Console
     from rich.live import Live
 
+    from cogenesis.apps.commands.common import cluster_of
     from cogenesis.apps.top import figures, render, scrape
-    from cogenesis.cluster import daemon
     from cogenesis.cluster.bus import connect
     from cogenesis.core import metrics
     from cogenesis.core.errors import ClusterError, ConfigError
 
     if args.interval <= 0:
         raise ConfigError(f"--interval must be > 0, got {args.interval}")
-    url, secrets = args.redis_url, None
-    if not url:
-        state = daemon.running(args.state_dir)
-        if state is None:
-            raise ClusterError("no cluster is running", hint="start one with `cogenesis up`, or pass --redis-url")
-        url, secrets = state.redis_url, state.secrets_dir
-    bus = connect(url, role="admin", secrets=secrets)  # an operator's tool ($COGENESIS_SECRETS_DIR otherwise)
+    where = cluster_of(args)
+    bus = connect(where.redis_url, role="admin", secrets=where.secrets_dir)  # an operator's tool
 
     def addresses() -> list[str]:
         found = [a for addrs in metrics.targets(bus).values() for a in addrs]
