@@ -138,12 +138,52 @@ class GatewayConfig(_Cfg):
     )
 
 
+class AutoscalingConfig(_Cfg):
+    """Replicas scale on what loads them (``cogenesis.deployments.autoscale``): the sessions and outlines they hold
+    and how long opens wait on the bus, which every replica reports to Serve. Serve applies the bounds and delays;
+    a replica removed by a scale-down hands its sessions over (their edges resume them on another replica)."""
+
+    min_replicas: int = Field(1, ge=1, le=64, description="Fewest replicas of the large model.")
+    max_replicas: int = Field(4, ge=1, le=64, description="Most replicas of the large model.")
+    target_sessions: float = Field(
+        32, gt=0, le=100_000, description="Sessions (logits sessions and outlines) one replica should hold."
+    )
+    max_open_wait_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="Opens that waited longer than this on the bus ask for one more replica, whatever the sessions.",
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, le=3600, description="How long the load must ask for more first.")
+    downscale_delay_s: float = Field(60.0, ge=0, le=86_400, description="How long the load must ask for fewer first.")
+    look_back_period_s: float = Field(
+        10.0, gt=0, le=3600, description="The window Serve averages the replicas' reports over."
+    )
+    metrics_interval_s: float = Field(2.0, gt=0, le=600, description="How often a replica reports its load.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}); set min <= max"
+            )
+        return self
+
+
 class CloudConfig(_Cfg):
     """The large-model side: one Ray Serve application."""
 
     large_model: str = Field(EMBEDDED_LARGE, description="Large model: embedded:large, an HF directory or hub id.")
     redis_url: str = Field("redis://127.0.0.1:6380/0", description="Redis bus the replicas consume from.")
-    num_replicas: int = Field(1, ge=1, le=64, description="Serve replicas of the large model.")
+    num_replicas: int = Field(
+        1, ge=1, le=64, description="Serve replicas of the large model (with `autoscaling`: where it starts)."
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Scale replicas on load between its bounds (None: num_replicas, fixed)."
+    )
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, le=64, description="Replicas one Ray node may host (1: one per node); None: Serve spreads them."
+    )
     replica_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per replica.")
     torch_threads: int = Field(2, ge=1, le=256, description="torch intra-op threads per replica.")
     kv_budget_mb: float = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args, get_origin
 
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from cogenesis.apps.flags import COMMANDS, scalar_type
@@ -29,19 +30,36 @@ def text() -> str:
     lines = []
     for section, model in SECTIONS.items():
         lines.append(f"{model.__name__} ({section}.*): {(model.__doc__ or '').strip()}")
-        for path in field_paths(section):
-            info = field_info(path)
+        for path, info in documented_fields(section):
             notes = "; ".join(n for n in (type_text(info), flag_of(path), overrides_of(path, _text_value)) if n)
             lines.append(f"  {path.split('.', 1)[1]} = {info.default!r}  # {info.description}  [{notes}]")
     lines.append(f"[type; flag; {PER_COMMAND}]")
     return "\n".join(lines)
 
 
+def optional_model(info: FieldInfo) -> type[BaseModel] | None:
+    """The config model of a field that holds one or None (``CloudConfig.autoscaling``)."""
+    kinds = [a for a in get_args(info.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return kinds[0] if kinds and type(None) in get_args(info.annotation) else None
+
+
+def documented_fields(section: str) -> list[tuple[str, FieldInfo]]:
+    """Every field of a section with its path; an optional model's own fields follow it (``cloud.autoscaling.*``:
+    the values it takes when it is set)."""
+    out: list[tuple[str, FieldInfo]] = []
+    for path in field_paths(section):
+        info = field_info(path)
+        out.append((path, info))
+        model = optional_model(info)
+        if model is not None:
+            out += [(f"{path}.{name}", sub) for name, sub in model.model_fields.items()]
+    return out
+
+
 def markdown() -> str:
     rows = ["| setting | type | default | per command | flag | meaning |", "|---|---|---|---|---|---|"]
     for section in SECTIONS:
-        for path in field_paths(section):
-            info = field_info(path)
+        for path, info in documented_fields(section):
             flag = flag_of(path)
             cells = (
                 f"`{path}`",
