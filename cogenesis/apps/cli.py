@@ -22,6 +22,7 @@ from cogenesis.apps.commands import (
     evaluate,
     fuzz,
     loadtest,
+    manifests,
     models,
     soak,
     token,
@@ -45,6 +46,7 @@ COMMANDS = (
     evaluate,
     audit_privacy,
     config,
+    manifests,
 )
 
 
