@@ -175,6 +175,7 @@ class LocalCluster:
         runtime_env = {"env_vars": {**ray_env, ENV_DIR: str(secrets.path)}}  # paths, not secrets
         if address is None:
             ray.init(
+                address="local",  # a Ray of its own: never one a `ray start` left on this machine (Ray's default)
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=False,

@@ -118,6 +118,7 @@ class PoolCounts(msgspec.Struct):
     failed: int = 0
     cut: int = 0  # ended early by the duration's grace period, with what they wrote
     tokens: int = 0
+    resumes: int = 0  # re-opens by replay (a replica died or was scaled down, Redis lost the exchange)
 
 
 class PoolProgress(msgspec.Struct, frozen=True):
@@ -367,6 +368,7 @@ class PoolClients:
         else:
             self.counts.ok += 1
         self.counts.tokens += r.tokens
+        self.counts.resumes += r.resumes
         self.latency["session"].add(r.seconds)
         if r.ttft_s is not None:
             self.latency["ttft"].add(r.ttft_s)

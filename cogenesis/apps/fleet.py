@@ -258,6 +258,7 @@ def merge(
         },
         "tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "resumes": sum(d.counts.resumes for d in ok),
         "peak_connected": peak_connected,
         "peak_active": peak_active,
         "ttft_ms": percentiles(samples["ttft"]),

@@ -541,3 +541,55 @@ def test_redis_gone_for_good_ends_sessions_unreachable(tok, sample_records, rest
         replica.stop()
     assert [r.error_code for r in results] == ["unreachable", "unreachable"]
     assert all("unreachable" in (r.error or "") for r in results)
+
+
+def test_a_replica_stopped_by_a_scale_down_hands_its_sessions_to_another(tok, redis_url, sample_records, tiny_large):
+    """Serve stops a replica it scales down through its graceful shutdown (``CloudServer.__del__``:
+    ``StepLoop.stop``): the replica's heartbeat goes at once, the edges notice, and replay its sessions on the
+    replica that stays, so every session writes exactly what a run on that replica alone writes."""
+    from cogenesis.cluster.bus import CloudBus
+    from cogenesis.core.config import CloudConfig
+    from cogenesis.core.models import load_causal_lm
+    from cogenesis.deployments.engine import TransformersCloudEngine
+    from cogenesis.deployments.step_loop import StepLoop
+
+    model, large_tok = load_causal_lm(str(tiny_large))
+    cloud = CloudConfig(heartbeat_s=0.2)
+
+    def replica(name: str) -> StepLoop:
+        engine = TransformersCloudEngine(model, large_tok)
+        bus = CloudBus(redis_url, name, heartbeat_ttl_s=cloud.heartbeat_ttl_s)
+        return StepLoop(engine, bus, threading.Lock(), config=cloud).start()
+
+    cfg = config(max_new_tokens=40)
+    records = sample_records[:4]
+    alone = replica("stays")
+    try:
+        reference = run(tok, redis_url, records, cfg)
+    finally:
+        alone.stop()
+    assert [r.error for r in reference] == [None] * 4
+
+    leaving = replica("leaves")  # up first: the consumer group hands it the opens
+    time.sleep(0.3)
+    stays = replica("stays-2")
+
+    def scale_down() -> None:
+        deadline = time.monotonic() + 30
+        while leaving.requests < 12 and time.monotonic() < deadline:  # mid-session: some steps served
+            time.sleep(0.01)
+        leaving.stop()
+
+    stopper = threading.Thread(target=scale_down)
+    stopper.start()
+    try:
+        results = run(tok, redis_url, records, cfg)
+    finally:
+        stopper.join(60)
+        leaving.stop()
+        stays.stop()
+    assert leaving.requests >= 12, "the leaving replica served no session before it stopped"
+    assert [r.error for r in results] == [None] * 4
+    assert [r.text for r in results] == [r.text for r in reference]
+    assert [r.tokens for r in results] == [r.tokens for r in reference]
+    assert sum(r.resumes for r in results) >= 1  # what the leaving replica held was replayed, not lost

@@ -122,7 +122,8 @@ def print_fleet(r: dict) -> None:
     print(
         f"device: {r['device']}\nclients {r['clients']} in {r['pools']} pool(s), mode {r['mode']}, transport {r.get('transport', 'redis')}, think "
         f"{r['think_s'][0]:g}..{r['think_s'][1]:g} s, {r['seconds']:.0f} s\n"
-        f"sessions: {s['ok']} ok, {s['failed']} failed, {s['cut']} cut at the end | peak {r['peak_connected']} "
+        f"sessions: {s['ok']} ok, {s['failed']} failed, {s['cut']} cut at the end, {r.get('resumes', 0)} resumed on "
+        f"another replica | peak {r['peak_connected']} "
         f"connected, {r['peak_active']} in a session at once\n"
         f"tokens: {r['tokens']} ({r['tokens_per_s']} tok/s) | TTFT p50/p99 {r['ttft_ms']['p50']}/"
         f"{r['ttft_ms']['p99']} ms | ITL p50/p99 {r['itl_ms']['p50']}/{r['itl_ms']['p99']} ms"
