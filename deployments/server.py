@@ -310,7 +310,13 @@ class CloudServer:
             )
         self.metrics_address = metrics.serve(metrics.CLOUD)  # announced on the bus by the heartbeat
         self.capture = RequestCapture(self.cfg.capture_http) if self.cfg.capture_http else None
-        bus = CloudBus(self.cfg.redis_url, self.replica, heartbeat_ttl_s=self.cfg.heartbeat_ttl_s)
+        bus = CloudBus(  # as the `replica` Redis user, with the password of the cluster's secrets directory
+            self.cfg.redis_url,
+            self.replica,
+            heartbeat_ttl_s=self.cfg.heartbeat_ttl_s,
+            secrets=self.cfg.secrets_dir,
+            ca_file=self.cfg.redis_ca_file,
+        )
         self.loop = StepLoop(
             self.engine, bus, self.lock, metrics_address=self.metrics_address, config=self.cfg, placement=_placement()
         ).start()

@@ -145,11 +145,46 @@ def render_serve_config(overrides: Mapping[str, Any], path: Path = SERVE_CONFIG)
     out["applications"] = []
     for app in raw["applications"]:
         app = copy.deepcopy(app)
-        args = dict(app.get("args") or {})
-        args.update(overrides)
+        args = _merged(dict(app.get("args") or {}), copy.deepcopy(dict(overrides)))
         validate(CloudConfig, args, f"{path}, application {app.get('name', '?')}")
         app["args"] = args
         out["applications"].append(app)
+    return out
+
+
+def _merged(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` set; a nested mapping (``{"gateway": {"replica_cpus": 0.25}}``) is merged into
+    the one it overrides, not put in its place."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` flags as overrides: the value read as YAML (``2``, ``0.25``, ``true``, a path), a dotted
+    key as nested fields (``autoscaling.max_replicas=3``); a ConfigError naming a malformed one."""
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(
+                f"--set {item!r} is not KEY=VALUE", hint="e.g. --set num_replicas=2 (fields: `cogenesis config`)"
+            )
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        target = out
+        *parents, leaf = key.strip().split(".")
+        for name in parents:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {item!r} sets a field inside {name}, which another --set gave a value")
+        target[leaf] = value
     return out
 
 

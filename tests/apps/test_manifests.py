@@ -415,6 +415,22 @@ def test_serve_config_replaces_only_the_redis_url_and_secrets_dir(capsys):
     assert "invalid --redis-url" in capsys.readouterr().err
 
 
+def test_serve_config_sets_any_field_checked_as_a_cloud_config(capsys):
+    argv = ["manifests", "serve-config", "--redis-url", "redis://h:6380/0", "--set", "num_replicas=2"]
+    argv += ["--set", "autoscaling.max_replicas=3", "--set", "gateway.replica_cpus=0.1", "--set", "large_model=/m"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "&id" not in text  # each application has args of its own, not YAML aliases
+    for app in yaml.safe_load(text)["applications"]:
+        args = app["args"]
+        assert (args["num_replicas"], args["large_model"]) == (2, "/m")
+        assert args["autoscaling"] == {"max_replicas": 3} and args["gateway"] == {"replica_cpus": 0.1}
+    assert main(["manifests", "serve-config", "--redis-url", "redis://h:6380/0", "--set", "nokey"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+    assert main(["manifests", "serve-config", "--redis-url", "redis://h:6380/0", "--set", "num_replicas=x"]) == 2
+    assert "num_replicas" in capsys.readouterr().err
+
+
 # ---- the Ray cluster launcher: configs/cluster/*.yaml ----------------------------------------------------------------
 
 

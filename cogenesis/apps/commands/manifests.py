@@ -46,14 +46,23 @@ def register(sub) -> None:
         "serve-config",
         help="print (or write) configs/serve.yaml with another Redis URL, for `serve deploy`",
         description=(
-            "configs/serve.yaml with every application's redis_url (and optionally secrets_dir) replaced, checked "
-            "as CloudConfigs: what a Ray cluster launcher's head deploys with `serve deploy` once its Redis runs."
+            "configs/serve.yaml with every application's redis_url (and optionally secrets_dir, and any field with "
+            "--set) replaced, checked as CloudConfigs: what `serve deploy` deploys on a Ray cluster once its Redis "
+            "runs (a cluster launcher's head, or one you started with `ray start`)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument("--redis-url", required=True, help="the bus as every node reaches it: redis://HOST:PORT/0")
     serve.add_argument("--secrets-dir", default=m.SECRETS_MOUNT, help="where the secrets directory is on every node")
     serve.add_argument("--serve-config", default=str(m.SERVE_CONFIG), help="the Serve config to start from")
+    serve.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a CloudConfig field in every application's args (repeatable; dotted for nested fields: "
+        "--set num_replicas=2 --set autoscaling.max_replicas=4; the fields: `cogenesis config`)",
+    )
     serve.add_argument("--out", default=None, help="write it to this file (default: stdout)")
     acl = msub.add_parser(
         "redis-acl",
@@ -99,7 +108,8 @@ def run_serve_config(args) -> int:
 
     if not args.redis_url.startswith(("redis://", "rediss://")):
         raise ConfigError(f"invalid --redis-url {args.redis_url!r}", hint="redis://HOST:PORT/0 (or rediss:// for TLS)")
-    config = m.render_serve_config({"redis_url": args.redis_url, "secrets_dir": args.secrets_dir}, args.serve_config)
+    overrides = {**m.parse_sets(args.set), "redis_url": args.redis_url, "secrets_dir": args.secrets_dir}
+    config = m.render_serve_config(overrides, args.serve_config)
     text = yaml.safe_dump(config, sort_keys=False, width=120)
     _emit(text, args.out, private=False)
     return 0
