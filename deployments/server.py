@@ -485,7 +485,8 @@ class CloudServer:
             capture.close()
 
 
-CloudDeployment = serve.deployment(name="CloudServer", health_check_period_s=5, graceful_shutdown_timeout_s=10)(
+# Serve's graceful shutdown (``__del__``) outlasts the step loop's wait for its last pass (``STOP_S``)
+CloudDeployment = serve.deployment(name="CloudServer", health_check_period_s=5, graceful_shutdown_timeout_s=30)(
     CloudServer
 )
 

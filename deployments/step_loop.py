@@ -85,6 +85,7 @@ BACKOFF_BASE_S = 0.1  # Redis outages: first retry, doubled per failure ...
 BACKOFF_CAP_S = 5.0  # ... up to this
 ORPHAN_SCAN_S = 30.0  # a full keyspace scan for streams of dead replicas written to after their takeover
 HANG_S = 300.0  # a loop that made no iteration this long is hung (a pass that never ends): unhealthy
+STOP_S = 20.0  # a stopping replica waits this long for its pass to end (Serve gives its shutdown 30 s)
 MAX_UNFINISHED = 1000  # passes whose replies and acks wait for Redis to come back
 REPLY_TO = re.compile(r"[A-Za-z0-9_-]{1,80}")  # a reply list's name (``cg:reply:{name}``), whole
 MAX_SESSION_ID_CHARS = 128  # a session id is a key of the replica's tables: bounded like everything else
@@ -309,6 +310,7 @@ class StepLoop:
         self.hang_s = hang_s
         self._stop = threading.Event()
         self._stopped = False
+        self._retired = False  # stopped while a pass ran on: that pass posts and acknowledges nothing
         self._wake = threading.Event()  # an outline was submitted or cancelled: stop waiting
         self._thread = threading.Thread(target=self._run, name="cogenesis-step-loop", daemon=True)
         self._beat_stop = threading.Event()
@@ -347,18 +349,28 @@ class StepLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the loop and the heartbeat (each joined within ``timeout_s``), fail waiting outlines, hand
-        back what is left on this replica's input stream (answered ``unknown_session``: its edges resume
-        elsewhere) and close the bus. Idempotent."""
+    def stop(self, timeout_s: float = STOP_S) -> None:
+        """Stop the loop, then the heartbeat, fail waiting outlines, hand back what is left on this replica's
+        input stream (answered ``unknown_session``: its edges resume elsewhere) and close the bus. Idempotent.
+
+        The pass under way ends first (joined within ``timeout_s``) and the heartbeat beats until it has: its
+        replies reach edges that still see this replica alive (an edge drops a routed reply from a replica
+        without heartbeat, and the entries it answers are acknowledged). A pass that outlives ``timeout_s`` is
+        cut off: it posts and acknowledges nothing (``_retired``), so what it read is taken over as a dead
+        replica's (opens claimed by a survivor, steps answered ``unknown_session``) rather than lost."""
         if self._stopped:
             return
         self._stopped = True
         self._stop.set()
         self._wake.set()
-        self._beat_stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._retired = True
+            log.warning(
+                "the step loop's pass did not end within %.0f s of the stop: its results are dropped", timeout_s
+            )
+        self._beat_stop.set()
         if self._beater.is_alive():
             self._beater.join(timeout_s)
         gone = ClusterError("the replica is shutting down", hint="retry: another replica will serve it")
@@ -974,6 +986,9 @@ class StepLoop:
                 metrics.refusals.labels(reply.code).inc()
         payloads = _pack(replies)
         if not done and not payloads:
+            return
+        if self._retired:  # the replica left the bus: what this pass read is a dead replica's, taken over
+            log.info("a pass that outlived the stop: %d replies not posted, %d entries left", len(payloads), len(done))
             return
         try:
             self.bus.finish(done, payloads)

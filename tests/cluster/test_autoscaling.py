@@ -74,12 +74,15 @@ def test_load_starts_a_second_replica_and_its_fall_stops_one_without_losing_a_se
 ):
     state, state_dir = scaling_cluster
     assert _replicas(state) == 1
-    light = _fleet(state_dir, tiny_small, tmp_path / "light.json", clients=2, seconds=150)
-    heavy = _fleet(state_dir, tiny_small, tmp_path / "heavy.json", clients=6, seconds=45)
+    light = _fleet(state_dir, tiny_small, tmp_path / "light.json", clients=2, seconds=100)
+    heavy = _fleet(state_dir, tiny_small, tmp_path / "heavy.json", clients=6, seconds=35)
+    t0 = time.monotonic()
     try:
         _wait("a second replica", lambda: _replicas(state) == 2, [light, heavy], timeout_s=120)
+        up_s = time.monotonic() - t0
         heavy.wait(timeout=180)  # the load falls to the light fleet's two sessions: one replica's target
         _wait("the scale-down to one replica", lambda: _replicas(state) == 1, [light], timeout_s=90)
+        down_s = time.monotonic() - t0
         light.wait(timeout=240)
     finally:
         for p in (light, heavy):
@@ -92,3 +95,7 @@ def test_load_starts_a_second_replica_and_its_fall_stops_one_without_losing_a_se
         assert report["sessions"]["ok"] > 0
     # the light fleet ran through both changes; whatever the stopped replica held was resumed, not lost
     assert reports["light"]["sessions"]["ok"] >= 4
+    print(
+        f"second replica after {up_s:.0f} s, back to one after {down_s:.0f} s; resumes: light "
+        f"{reports['light']['resumes']}, heavy {reports['heavy']['resumes']}"
+    )

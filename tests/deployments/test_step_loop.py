@@ -565,6 +565,43 @@ def test_a_stopping_replica_answers_what_is_left_on_its_stream(make_loop, r, red
     assert not r.exists(in_stream("r1"))
 
 
+def test_a_pass_under_way_at_the_stop_ends_while_the_replica_still_beats(make_loop, r):
+    """A scale-down stops a replica mid-pass: its heartbeat goes on until the pass has posted its replies (an edge
+    drops a routed reply from a replica without heartbeat, and the open it answers is acknowledged)."""
+    engine = FakeEngine()
+    engine.block = True
+    loop = make_loop(engine, heartbeat_s=0.05, heartbeat_ttl_s=0.3)
+    post(r, OPEN_STREAM, OpenSession(session_id="o", instruction="a b", top_k=3, budget_ms=60_000, reply_to="o"))
+    assert engine.entered.wait(20)
+    seen: dict[str, bool] = {}
+
+    def finish_late() -> None:
+        loop._stop.wait(10)
+        time.sleep(1.0)  # past the heartbeat's TTL: alive only if it still beats
+        seen["alive"] = bool(r.exists(alive_key("r1")))
+        engine.hold.set()
+
+    threading.Thread(target=finish_late, daemon=True).start()
+    loop.stop(timeout_s=10)
+    assert seen["alive"], "the heartbeat stopped before the pass under way had ended"
+    assert isinstance(collect(r, "o", ["o"])["o"], StepReply)
+    assert not r.exists(alive_key("r1"))  # and then it left the bus
+
+
+def test_a_pass_that_outlives_the_stop_posts_nothing_and_is_taken_over(make_loop, r):
+    engine = FakeEngine()
+    engine.block = True
+    loop = make_loop(engine, heartbeat_s=0.05, heartbeat_ttl_s=1.0)
+    post(r, OPEN_STREAM, OpenSession(session_id="o", instruction="a b", top_k=3, budget_ms=60_000, reply_to="o"))
+    assert engine.entered.wait(20)
+    loop.stop(timeout_s=0.3)  # the pass is still running: cut off
+    engine.hold.set()
+    time.sleep(0.5)
+    assert r.llen(reply_key("o")) == 0  # it posted nothing, and left its open pending
+    make_loop(FakeEngine(), replica="r2", heartbeat_s=0.05, heartbeat_ttl_s=1.0)
+    assert isinstance(collect(r, "o", ["o"])["o"], StepReply)  # a survivor claimed and served it
+
+
 # ---- timers and health -----------------------------------------------------------------------------
 
 
