@@ -259,9 +259,42 @@ def test_loadtest_refuses_bad_input_before_starting_anything(capsys, tmp_path, f
     assert not (tmp_path / "state.json").exists() and not (tmp_path / "out").exists()
 
 
-def test_up_validates_its_flags(capsys, tmp_path):
-    assert main(["up", "--state-dir", str(tmp_path), "--replicas", "0"]) == 2
-    assert "num_replicas" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--replicas", "0"], "num_replicas"),
+        (["--nodes", "0"], "--nodes must be 1..16"),
+        (["--autoscale", "1"], "is not MIN,MAX"),
+        (["--autoscale", "3,2"], "min_replicas (3) is above max_replicas (2)"),
+        (["--target-sessions", "8"], "--target-sessions needs --autoscale"),
+        (["--autoscale", "1,2", "--target-sessions", "0"], "target_sessions"),
+    ],
+)
+def test_up_validates_its_flags(capsys, tmp_path, flags, message):
+    assert main(["up", "--state-dir", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "state.json").exists()
+
+
+def test_up_turns_its_scaling_flags_into_the_config():
+    import argparse
+
+    from cogenesis.apps.commands.cluster import _autoscale
+
+    args = argparse.Namespace(autoscale="1,4", target_sessions=16.0)
+    assert _autoscale(args) == {
+        "cloud.autoscaling.min_replicas": 1,
+        "cloud.autoscaling.max_replicas": 4,
+        "cloud.autoscaling.target_sessions": 16.0,
+    }
+    assert _autoscale(argparse.Namespace(autoscale=None, target_sessions=None)) == {}
+
+
+def test_a_cluster_named_by_url_that_does_not_answer_says_so(capsys, tmp_path):
+    assert main(["status", "--redis-url", "redis://127.0.0.1:9/0", "--state-dir", str(tmp_path)]) == 1
+    assert "does not answer: cannot reach Redis" in capsys.readouterr().out
+    assert main(["status", "--http-url", "http://127.0.0.1:9/cloud", "--state-dir", str(tmp_path)]) == 2
+    assert "--http-url needs --redis-url" in capsys.readouterr().err
 
 
 def test_top_and_dashboard_errors(capsys, tmp_path, redis_url):

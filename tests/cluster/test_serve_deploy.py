@@ -1,7 +1,8 @@
 """README "Deploying to a cluster", the steps on a Ray cluster you start yourself, followed here as a user would:
 secrets, the locked Redis, `ray start --head` and `ray start --address` (Ray's token authentication on), the Serve
 config from `cogenesis manifests serve-config`, `serve deploy`, then `cogenesis status` and `cogenesis edge` against
-the deployed cluster by its URLs (logits sessions through the gateway, sketch sessions). Every process it starts it
+the deployed cluster by its URLs (logits sessions through the gateway, sketch sessions), and a short
+`cogenesis loadtest` by the same URLs. Every process it starts it
 stops; none of Ray's state of any other cluster on the machine is touched (no `ray stop`)."""
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ def test_serve_deploy_on_a_ray_cluster_started_by_hand(tmp_path, tiny_large, tin
         fleet = json.loads(report.read_text())
         assert fleet["sessions"] == {"ok": 4, "failed": 0, "cut": 0}, fleet["errors"]
         assert fleet["transport"] == "ws"
+        summary = tmp_path / "loadtest.json"
+        _cogenesis(
+            "loadtest", *where, "--users", "2", "--spawn-rate", "2", "--run-time", "20s", "--think-time", "0..1",
+            "--device", "phone", "--max-new-tokens", "4", "--out", str(tmp_path / "lt"), "--json", str(summary),
+            env=env,
+        )  # fmt: skip
+        locust = json.loads(summary.read_text())
+        assert locust["sessions"]["ok"] > 0 and locust["sessions"]["failed"] == 0, locust
     finally:
         subprocess.run(
             [str(BIN / "serve"), "shutdown", "-y", "--address", dashboard_url],
