@@ -327,6 +327,7 @@ class ExchangeLost(ReplicaLost):
     in the middle of an exchange. The session is resumed (cause ``redis``), like one whose replica died."""
 
 
+GONE = "gone"  # ``_routable``: the reply's replica beat before and has stopped (it left after answering)
 ALIVE_CHECK_S = 1.0  # how often a wait checks the heartbeats of the replicas it waits on (and Redis's marker)
 ALIVE_GRACE_S = 5.0  # after Redis came back empty, replicas need a beat to write their heartbeat again
 RECONNECT_FIRST_S = 0.05  # reconnect backoff: the first wait, doubled up to RECONNECT_CAP_S
@@ -375,6 +376,7 @@ class EdgeBus:
         self._stash: dict[str, tuple[StepReply | ErrorReply, Received]] = {}
         self._forgotten: OrderedDict[str, None] = OrderedDict()
         self._dead: OrderedDict[str, None] = OrderedDict()  # replicas whose heartbeat was found missing
+        self._holders: OrderedDict[str, str] = OrderedDict()  # session -> the replica its last reply came from
         # Redis's data epoch: bumped when Redis came back without this bus's marker (it restarted empty);
         # a session sent in an older epoch lost its request or reply
         self._marker = f"cg:edge:{os.urandom(12).hex()}"  # (``secrets`` is the argument here)
@@ -584,6 +586,8 @@ class EdgeBus:
                 self._seen_beating(name)
             elif time.monotonic() >= self._grace_until:
                 self._dead[name] = None
+                if self._beating is not None:
+                    self._beating.pop(name, None)  # its heartbeat is gone: no longer taken as seen beating
                 while len(self._dead) > DEAD_MAX:
                     self._dead.popitem(last=False)
         for sid in pending:
@@ -617,6 +621,17 @@ class EdgeBus:
                 if sid in wanted and sid not in out and reply.step >= wanted[sid]:
                     out[sid] = ExchangeLost(f"session {sid}: Redis broke while checking the reply to step {reply.step}")
                 return
+            if routable == GONE:
+                if sid not in wanted or sid in out:
+                    self._keep(reply, got)  # judged again when its session waits for it
+                elif sid in opening and self._holders.get(sid) == reply.replica:
+                    pass  # the old holder's answer to its last request: stale, not the answer to this open
+                elif reply.step >= wanted[sid]:
+                    out[sid] = ReplicaLost(
+                        f"session {sid}: its replica answered and then stopped (no heartbeat)",
+                        hint="the session is re-opened on another replica",
+                    )
+                return
             if not routable:
                 return
         if sid not in wanted or sid in out:  # for a session not asked about now: keep the newest
@@ -630,6 +645,11 @@ class EdgeBus:
         ):
             return  # the old replica's (or a survivor's answer to its) request, not the answer to this open
         out[sid] = _result(reply)
+        if isinstance(reply, StepReply):
+            self._holders.pop(sid, None)
+            self._holders[sid] = reply.replica  # where the session lives now (its stale answers are told apart)
+            while len(self._holders) > STASH_MAX:
+                self._holders.popitem(last=False)
         self._sent_epoch.pop(sid, None)
         if arrivals is not None:
             arrivals[sid] = got
@@ -644,15 +664,18 @@ class EdgeBus:
         while len(self._beating) > DEAD_MAX:
             self._beating.popitem(last=False)
 
-    def _routable(self, reply: StepReply, holder: str | None, routing: bool) -> bool | None:
+    def _routable(self, reply: StepReply, holder: str | None, routing: bool) -> bool | None | str:
         """Whether a reply may say where its session lives (its ``replica``, where the session's next steps go):
         the name must be a replica name (``REPLICA_NAME``); for a session held by a known replica, that one;
         for any other session in a routing wait (``replicas`` given) a replica with a live heartbeat (seen in
         the last ``ALIVE_CHECK_S``, else one ``EXISTS``; right after Redis came back empty any name passes:
-        no replica has beaten again yet). A reply that fails is dropped (logged with its session and the name's
-        size, never the name) and its session waits on: the genuine reply is a message of its own, still to
-        come, and a session whose replica did die is failed by the heartbeat checks (``ReplicaLost``) and
-        resumed. None: Redis broke during the check."""
+        no replica has beaten again yet). A reply that fails the name checks is dropped (logged with its session
+        and the name's size, never the name) and its session waits on: the genuine reply is a message of its own,
+        still to come, and a session whose replica did die is failed by the heartbeat checks (``ReplicaLost``)
+        and resumed. ``GONE``: a routed reply from a replica this edge saw beating before and that has none now
+        (it took the open, answered it and left before the edge read the answer, as a replica scaled down
+        does): nobody else will answer that open, so the session is resumed (``ReplicaLost``) rather than left
+        to its deadline. None: Redis broke during the check."""
         sid, name = reply.session_id, reply.replica
         if not REPLICA_NAME.fullmatch(name):
             log.warning("dropped a reply for session %s naming no valid replica (%d characters)", sid, len(name))
@@ -676,6 +699,9 @@ class EdgeBus:
             return True
         if time.monotonic() < self._grace_until:
             return True
+        if name in self._dead or (self._beating is not None and name in self._beating):
+            log.warning("a reply for session %s came from a replica that has stopped since: it is resumed", sid)
+            return GONE
         log.warning("dropped a reply for session %s from a replica without heartbeat", sid)
         return False
 
@@ -697,6 +723,7 @@ class EdgeBus:
         for sid in session_ids:
             self._stash.pop(sid, None)
             self._sent_epoch.pop(sid, None)
+            self._holders.pop(sid, None)
             self._forgotten[sid] = None
         while len(self._forgotten) > FORGOTTEN_MAX:
             self._forgotten.popitem(last=False)

@@ -378,6 +378,15 @@ class StepLoop:
             self._deliver(outline, OutlineUpdate("failed", error=gone))
         self._outlines.clear()
         try:
+            if not self._retired and self.cfg.stop_linger_s > 0:
+                # still beating: what is left is answered now (edges take these replies), and edges that read
+                # this pass's last replies late still see the replica alive; what comes meanwhile is answered
+                # once it has left
+                self.bus.heartbeat(self.cfg.stop_linger_s + self.cfg.heartbeat_ttl_s)
+                left = self.bus.take_stream(self.bus.replica)
+                if left:
+                    self.bus.finish([], _pack(self._answer_lost(self.bus.replica, left, "the replica stopped")))
+                time.sleep(self.cfg.stop_linger_s)
             left = self.bus.retire()
             if left:
                 replies = self._answer_lost(self.bus.replica, left, "the replica stopped")

@@ -215,6 +215,13 @@ class CloudConfig(_Cfg):
         description="A replica silent this long is dead: edges resume its sessions elsewhere, survivors claim its "
         "pending entries.",
     )
+    stop_linger_s: float = Field(
+        1.5,
+        ge=0,
+        le=60,
+        description="A stopping replica (scaled down) answers what is left for it, then keeps its heartbeat this "
+        "long before it leaves the bus, so edges still take the replies it posted last.",
+    )
     redis_grace_s: float = Field(
         30.0,
         gt=0,

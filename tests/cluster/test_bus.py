@@ -433,6 +433,11 @@ def test_an_opening_session_takes_no_stale_answer(redis_url):
 
     edge = EdgeBus(redis_url)
     edge.r.set(alive_key("live"), "{}", px=60_000)
+    edge.r.set(alive_key("dead"), "{}", px=60_000)
+    edge.r.lpush(reply_key("s"), encode(_reply("s", 2, "dead")))
+    assert edge.wait_many({"s": 2}, deadline_in(2), replicas={})["s"].replica == "dead"  # s lived on "dead"
+    edge.r.delete(alive_key("dead"))
+    time.sleep(1.1)  # the next wait checks heartbeats (at most once a second)
     edge.wait_many({"x": 1}, deadline_in(0.1), replicas={"x": "dead"})  # finds "dead" dead
     for msg in (
         ErrorReply(session_id="s", step=3, code="unknown_session", message="no such session"),
@@ -442,6 +447,25 @@ def test_an_opening_session_takes_no_stale_answer(redis_url):
         edge.r.lpush(reply_key("s"), encode(msg))
     got = edge.wait_many({"s": 3}, deadline_in(2), replicas={})
     assert isinstance(got["s"], StepReply) and got["s"].replica == "live"
+
+
+def test_an_open_answered_by_a_replica_that_stopped_before_it_was_read_is_resumed(redis_url):
+    """A replica took the open, answered it and left the bus (scaled down) before the edge read the answer: nobody
+    else will answer that open, so the session fails ``ReplicaLost`` (and is resumed) instead of waiting to its
+    deadline. A name this edge never saw beating is still dropped as forged (its session waits on)."""
+    from cogenesis.cluster.bus import ReplicaLost, alive_key
+
+    edge = EdgeBus(redis_url)
+    edge.r.set(alive_key("leaving"), "{}", px=60_000)
+    edge.r.lpush(reply_key("a"), encode(_reply("a", 4, "leaving")))
+    assert edge.wait_many({"a": 4}, deadline_in(2), replicas={})["a"].replica == "leaving"  # seen beating
+    edge.r.delete(alive_key("leaving"))  # it stopped
+    time.sleep(1.1)  # a sighting counts for a second (then the heartbeat is read again)
+    edge.r.lpush(reply_key("b"), encode(_reply("b", 0, "leaving")))  # its answer to b's open, read only now
+    got = edge.wait_many({"b": 0}, deadline_in(5), replicas={})
+    assert isinstance(got["b"], ReplicaLost)
+    edge.r.lpush(reply_key("c"), encode(_reply("c", 0, "never-seen")))
+    assert isinstance(edge.wait_many({"c": 0}, deadline_in(1.5), replicas={})["c"], BusTimeout)
 
 
 def test_refusals_become_typed_errors(redis_url):

@@ -47,7 +47,7 @@ def make_loop(redis_url):
     started = []
 
     def make(engine, replica="r1", url=None, hang_s=300.0, **cfg):
-        config = CloudConfig(**cfg)
+        config = CloudConfig(**{"stop_linger_s": 0.0, **cfg})  # stopping at once unless a test asks
         bus = CloudBus(url or redis_url, replica, heartbeat_ttl_s=config.heartbeat_ttl_s)
         loop = StepLoop(engine, bus, threading.Lock(), config=config, hang_s=hang_s).start()
         started.append(loop)
@@ -586,6 +586,22 @@ def test_a_pass_under_way_at_the_stop_ends_while_the_replica_still_beats(make_lo
     assert seen["alive"], "the heartbeat stopped before the pass under way had ended"
     assert isinstance(collect(r, "o", ["o"])["o"], StepReply)
     assert not r.exists(alive_key("r1"))  # and then it left the bus
+
+
+def test_a_stopping_replica_answers_whats_left_while_it_still_beats_then_leaves(make_loop, r):
+    """``stop_linger_s``: what is left on its stream is answered while the replica still beats (edges take those
+    replies, and those that read its last pass's replies late still see it alive); then it leaves the bus."""
+    loop = make_loop(FakeEngine(), heartbeat_s=0.05, heartbeat_ttl_s=0.5, stop_linger_s=1.0)
+    loop._stop.set()  # the loop reads nothing more: the step below stays on its stream
+    loop._thread.join(5)
+    post(r, in_stream("r1"), StepRequest(session_id="q", step=3, tokens=pack_ids([1]), budget_ms=60_000))
+    stopping = threading.Thread(target=loop.stop)
+    stopping.start()
+    reply = collect(r, "q", ["q"])["q"]
+    assert (reply.code, reply.step) == ("unknown_session", 3)
+    assert r.exists(alive_key("r1"))  # answered while beating
+    stopping.join(10)
+    assert not r.exists(alive_key("r1")) and not r.exists(in_stream("r1"))
 
 
 def test_a_pass_that_outlives_the_stop_posts_nothing_and_is_taken_over(make_loop, r):
