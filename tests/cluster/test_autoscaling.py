@@ -74,8 +74,8 @@ def test_load_starts_a_second_replica_and_its_fall_stops_one_without_losing_a_se
 ):
     state, state_dir = scaling_cluster
     assert _replicas(state) == 1
-    light = _fleet(state_dir, tiny_small, tmp_path / "light.json", clients=2, seconds=100)
-    heavy = _fleet(state_dir, tiny_small, tmp_path / "heavy.json", clients=6, seconds=35)
+    light = _fleet(state_dir, tiny_small, tmp_path / "light.json", clients=2, seconds=75)
+    heavy = _fleet(state_dir, tiny_small, tmp_path / "heavy.json", clients=6, seconds=25)
     t0 = time.monotonic()
     try:
         _wait("a second replica", lambda: _replicas(state) == 2, [light, heavy], timeout_s=120)

@@ -144,7 +144,7 @@ def test_serve_deploy_on_a_ray_cluster_started_by_hand(tmp_path, tiny_large, tin
         assert fleet["transport"] == "ws"
         summary = tmp_path / "loadtest.json"
         _cogenesis(
-            "loadtest", *where, "--users", "2", "--spawn-rate", "2", "--run-time", "20s", "--think-time", "0..1",
+            "loadtest", *where, "--users", "2", "--spawn-rate", "2", "--run-time", "12s", "--think-time", "0..1",
             "--device", "phone", "--max-new-tokens", "4", "--out", str(tmp_path / "lt"), "--json", str(summary),
             env=env,
         )  # fmt: skip

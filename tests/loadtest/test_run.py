@@ -212,6 +212,7 @@ def test_cogenesis_loadtest_fails_and_says_so_when_it_had_to_kill_locust(fake_lo
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     ClusterState(os.getpid(), "redis://unused", "http://unused", "", 0.0, {}).write(state_dir)  # "a running cluster"
+    monkeypatch.setenv("COGENESIS_TOKEN", "a-device-token")  # devices need one: the command checks before it starts
     argv = ["loadtest", "--state-dir", str(state_dir), "--run-time", "1s", "--device", "phone", "--out"]
     assert main([*argv, str(tmp_path / "ok")]) == 0
     assert "did not exit" not in capsys.readouterr().out
