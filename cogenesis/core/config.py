@@ -216,7 +216,7 @@ class CloudConfig(_Cfg):
         "pending entries.",
     )
     stop_linger_s: float = Field(
-        1.5,
+        1.0,
         ge=0,
         le=60,
         description="A stopping replica (scaled down) answers what is left for it, then keeps its heartbeat this "

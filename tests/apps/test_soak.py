@@ -193,7 +193,7 @@ def test_soak_command_rejects_bad_flags_before_starting_anything(tmp_path):
 def test_a_short_soak_samples_every_role_and_leaves_nothing_running(tiny_large, tiny_small, tmp_path):
     out = tmp_path / "soak"
     proc = subprocess.run(
-        [sys.executable, "-m", "cogenesis.apps.cli", "soak", "--minutes", "1", "--interval", "5", "--clients", "2"]
+        [sys.executable, "-m", "cogenesis.apps.cli", "soak", "--minutes", "0.5", "--interval", "2", "--clients", "2"]
         + ["--think-time", "0..2", "--max-new-tokens", "4", "--sketch-max-tokens", "8", "--threads", "1"]
         + ["--large-model", str(tiny_large), "--small-model", str(tiny_small)]
         + ["--state-dir", str(tmp_path / "state"), "--out", str(out)],
