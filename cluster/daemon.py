@@ -250,8 +250,9 @@ def cluster_status(
 
 def group_by_node(beats: dict[str, dict], ray_nodes: list[dict]) -> list[dict]:
     """Live replicas (their heartbeats, by name) grouped by Ray node: ``[{"node", "address", "replicas": [{"replica",
-    "pid", "sessions", "outlines", "requests"}]}]`` (held now; bus requests served since it started), nodes in ``ray_nodes`` order first (those without replicas too), then any
-    other node a replica names; a replica that names none (outside Ray) under node ``"?"``."""
+    "pid", "sessions", "outlines", "requests"}]}]`` (what each holds now, and the bus requests it served since it
+    started). Nodes in ``ray_nodes`` order come first (those without replicas too), then any other node a replica
+    names; a replica that names none (outside Ray) is under node ``"?"``."""
     nodes: dict[str, dict] = {
         n["node"]: {"node": n["node"], "address": n.get("address"), "replicas": []} for n in ray_nodes
     }

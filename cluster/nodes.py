@@ -50,6 +50,14 @@ def worker_command(address: str, cpus: float) -> list[str]:
     return [ray_cli(), "start", "--block", f"--address={address}", f"--num-cpus={cpus:g}", "--disable-usage-stats"]
 
 
+def node_ip_of(log_text: str) -> str | None:
+    """The address a ``ray start`` names its node by, from its output (``Local node IP: ...``); None: not yet."""
+    for line in log_text.splitlines():
+        if "Local node IP" in line:
+            return _strip_ansi(line.rsplit(":", 1)[1]).strip()
+    return None
+
+
 def node_env(auth_env: dict[str, str]) -> dict[str, str]:
     """What every node and driver of a multi-node cluster on one machine needs in its environment."""
     from cogenesis.cluster.local import RAY_ENV
@@ -62,7 +70,8 @@ class RayNodes:
     """``count`` Ray nodes (a head and ``count - 1`` workers) of ``cpus`` logical CPUs each.
 
     ``start`` returns the head's address once every node is alive in the cluster; ``stop`` ends them, workers
-    first (SIGTERM to each node's process group, SIGKILL after ``stop_timeout_s``). A start that fails stops
+    first (SIGTERM to each ``ray start --block``, which stops its node's processes; SIGKILL to the node's process
+    group after ``stop_timeout_s``). A start that fails stops
     what it started and says which node failed, with the tail of its log (``log_dir/node-I.log``)."""
 
     count: int
@@ -127,10 +136,9 @@ class RayNodes:
         while time.monotonic() < deadline:
             if self.procs[0].poll() is not None:
                 raise self._failed(0, f"exited with code {self.procs[0].returncode}")
-            for line in head_log.read_text(errors="replace").splitlines():
-                if "Local node IP" in line:
-                    ip = line.rsplit(":", 1)[1].strip()
-                    return f"{_strip_ansi(ip)}:{gcs_port}"
+            ip = node_ip_of(head_log.read_text(errors="replace"))
+            if ip is not None:
+                return f"{ip}:{gcs_port}"
             time.sleep(0.5)
         raise self._failed(0, "did not come up in time")
 

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from cogenesis.cluster.nodes import node_ip_of
 from cogenesis.cluster.redis_server import free_port
 
 pytestmark = pytest.mark.slow
@@ -102,11 +103,8 @@ def test_serve_deploy_on_a_ray_cluster_started_by_hand(tmp_path, tiny_large, tin
     ray_auth = {"Authorization": f"Bearer {(secrets / 'ray.token').read_text().strip()}"}  # the dashboard's too
     _wait("Ray's head answers", lambda: _healthy(f"{dashboard_url}/api/version", ray_auth), 120)
     assert not _healthy(f"{dashboard_url}/api/version")  # and nothing without the token
-    address = next(
-        line.rsplit(":", 1)[1].strip().replace("\x1b[1m", "").replace("\x1b[22m", "")
-        for line in (logs / "head.log").read_text(errors="replace").splitlines()
-        if "Local node IP" in line
-    )
+    address = node_ip_of((logs / "head.log").read_text(errors="replace"))
+    assert address, "the head did not say its node's address"
     with open(logs / "worker.log", "wb") as out:
         worker = [str(BIN / "ray"), "start", "--block", f"--address={address}:{gcs}", "--num-cpus=1"]
         started.append(subprocess.Popen(worker, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
